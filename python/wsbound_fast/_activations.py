@@ -1,0 +1,101 @@
+"""Activation functions with their first and second derivatives (NumPy).
+
+The C++ core has its own implementation (cpp/wsbound/activations.hpp); the two are
+held to each other and to finite differences by the tests.  The integer codes below
+are the ones the core understands; keep them in sync with ``wsb::Act``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_C = 0.044715
+
+#: Name -> (code in the C++ core, default parameter).  The parameter is only used by
+#: ``leaky_relu`` (its negative slope; torch's default is 0.01).
+ACTIVATIONS: dict[str, tuple[int, float]] = {
+    "identity": (0, 0.0),
+    "tanh": (1, 0.0),
+    "sigmoid": (2, 0.0),
+    "softplus": (3, 0.0),
+    "gelu": (4, 0.0),
+    "gelu_tanh": (5, 0.0),
+    "silu": (6, 0.0),
+    "relu": (7, 0.0),
+    "leaky_relu": (8, 0.01),
+}
+
+
+class Activation(NamedTuple):
+    """A resolved hidden-layer activation: its name, core code and parameter."""
+
+    name: str
+    code: int
+    param: float
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    # exp of a non-positive argument only: no overflow for any finite z
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _erf(z: np.ndarray) -> np.ndarray:
+    try:  # SciPy's vectorised erf when present; the pure-NumPy path otherwise
+        from scipy.special import erf  # type: ignore[import-untyped]
+
+        return erf(z)
+    except ImportError:  # pragma: no cover - exercised only without SciPy
+        from math import erf as _e
+
+        return np.vectorize(_e, otypes=[float])(z)
+
+
+def evaluate(act: Activation, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (sigma(z), sigma'(z), sigma''(z)) elementwise, in float64."""
+    name = act.name
+    if name == "identity":
+        return z.copy(), np.ones_like(z), np.zeros_like(z)
+    if name == "tanh":
+        t = np.tanh(z)
+        d1 = 1.0 - t * t
+        return t, d1, -2.0 * t * d1
+    if name == "sigmoid":
+        s = _sigmoid(z)
+        d1 = s * (1.0 - s)
+        return s, d1, d1 * (1.0 - 2.0 * s)
+    if name == "softplus":
+        s = _sigmoid(z)
+        f = np.maximum(z, 0.0) + np.log1p(np.exp(-np.abs(z)))
+        return f, s, s * (1.0 - s)
+    if name == "gelu":
+        phi = _INV_SQRT_2PI * np.exp(-0.5 * z * z)
+        cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+        return z * cdf, cdf + z * phi, phi * (2.0 - z * z)
+    if name == "gelu_tanh":
+        u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z**3)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+        ddu = _SQRT_2_OVER_PI * 6.0 * _GELU_TANH_C * z
+        t = np.tanh(u)
+        sech2 = 1.0 - t * t
+        f = 0.5 * z * (1.0 + t)
+        d1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
+        d2 = sech2 * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
+        return f, d1, d2
+    if name == "silu":
+        s = _sigmoid(z)
+        d = s * (1.0 - s)
+        return z * s, s + z * d, d * (2.0 + z * (1.0 - 2.0 * s))
+    if name == "relu":
+        pos = z > 0
+        return np.where(pos, z, 0.0), pos.astype(np.float64), np.zeros_like(z)
+    if name == "leaky_relu":
+        pos = z > 0
+        k = act.param
+        return np.where(pos, z, k * z), np.where(pos, 1.0, k), np.zeros_like(z)
+    raise AssertionError(f"unhandled activation {name!r}")  # pragma: no cover

@@ -1,0 +1,90 @@
+"""The public entry point: bound()."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ._bounds import Bound, ws_bounds
+from ._validate import BACKENDS, Problem, _choice, validate
+
+
+def _moments_cpp(prob: Problem) -> tuple[float, float]:
+    from . import _load_core
+
+    core = _load_core()
+    return core.moments(
+        list(prob.weights),
+        list(prob.biases),
+        [a.code for a in prob.activations],
+        [a.param for a in prob.activations],
+        prob.X,
+        prob.labels,
+        prob.hessian,
+        prob.batch_size,
+        prob.group_blocks,
+        prob.threads,
+    )
+
+
+def _moments_numpy(prob: Problem) -> tuple[float, float]:
+    from ._numpy_backend import moments
+
+    return moments(prob)
+
+
+_BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy}
+
+
+def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: str = "hessian",
+          reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
+          backend: str = "cpp", memory_limit: int | None = None) -> Bound:
+    """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
+
+    Parameters
+    ----------
+    layers : sequence of (W, b)
+        W of shape (d_out, d_in) (torch.nn.Linear layout), b of shape (d_out,) or None.
+    X : array (N, d_0)
+        Inputs, float32 or float64, any memory layout.
+    y : array (N,) of class indices, or (N, C) of probability rows (soft labels).
+    activation : str or list of str
+        One name for every hidden layer or one per hidden layer: tanh, sigmoid, softplus,
+        gelu, gelu_tanh, silu, identity, relu, leaky_relu (or ("leaky_relu", slope)).
+    curvature : "hessian" (the full Hessian) or "ggn" (generalized Gauss-Newton).
+    reduction : "mean" (the loss is averaged over samples, as torch) or "sum".
+    batch_size : samples per streamed block; default chosen from ``memory_limit``.
+    threads : worker threads of the C++ backend (default: all cores available).  The NumPy
+        backend uses its BLAS's own threads.  Results do not depend on it.
+    backend : "cpp" (compiled core) or "numpy" (the same algorithm in NumPy).
+    memory_limit : bytes the engine may use for features and scratch (default: a quarter
+        of the machine's memory, at most 4 GiB).
+
+    Returns
+    -------
+    Bound
+        trace, trace_sq (exact to float64 rounding) and the Wolkowicz-Styan bounds on the
+        largest and smallest eigenvalue of the P x P curvature matrix.
+    """
+    which = _choice(backend, "backend", BACKENDS)
+    prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                    batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+    t0 = time.perf_counter()
+    tr, tr2 = _BACKENDS[which](prob)
+    elapsed = time.perf_counter() - t0
+    if prob.mean:
+        N = prob.n_samples
+        tr, tr2 = tr / N, tr2 / (N * N)
+    if not (math.isfinite(tr) and math.isfinite(tr2)):
+        raise FloatingPointError(
+            f"the curvature moments overflowed float64 (trace={tr!r}, trace_sq={tr2!r}); "
+            "the weights or inputs are too large in magnitude"
+        )
+    ws = ws_bounds(tr, max(tr2, 0.0), prob.n_params)
+    return Bound(
+        n_params=prob.n_params, n_samples=prob.n_samples, trace=tr, trace_sq=tr2, mean=ws.mean, std=ws.std,
+        lambda_max_lower=ws.lambda_max_lower, lambda_max_upper=ws.lambda_max_upper,
+        lambda_min_lower=ws.lambda_min_lower, lambda_min_upper=ws.lambda_min_upper,
+        curvature=prob.curvature, reduction=prob.reduction, backend=which, elapsed_s=elapsed,
+    )

@@ -1,0 +1,310 @@
+"""Input validation and normalisation, shared by every backend.
+
+Every input error is raised here, before any work, with a message that names the
+argument and says what was expected.  The result is a :class:`Problem`: float64
+C-contiguous weights, resolved activations, X as given (float32 or float64, any
+layout; integer X is converted once to float64), labels as int64 indices or float64
+probability rows, and the block plan (batch size, blocks cached at once).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._activations import ACTIVATIONS, Activation
+
+CURVATURES = ("hessian", "ggn")
+REDUCTIONS = ("mean", "sum")
+BACKENDS = ("cpp", "numpy")
+
+#: Default memory budget for the streamed engine: a quarter of the machine's memory,
+#: at most 4 GiB.
+_MAX_DEFAULT_BUDGET = 4 << 30
+#: Preferred number of samples per block (large enough for efficient GEMMs).
+_TARGET_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated problem, ready for a backend."""
+
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray | None, ...]
+    activations: tuple[Activation, ...]
+    X: np.ndarray
+    labels: np.ndarray
+    soft: bool
+    hessian: bool
+    mean: bool
+    batch_size: int
+    threads: int
+    group_blocks: int
+    memory_limit: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.weights)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.weights[-1].shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return n_params(self.weights, self.biases)
+
+    @property
+    def curvature(self) -> str:
+        return "hessian" if self.hessian else "ggn"
+
+    @property
+    def reduction(self) -> str:
+        return "mean" if self.mean else "sum"
+
+
+def n_params(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None]) -> int:
+    return int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real_array(value: Any, name: str) -> np.ndarray:
+    """np.asarray(value) that refuses anything but real numbers."""
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of real numbers; could not convert: {exc}") from None
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers (integer or floating dtype); got dtype {arr.dtype}")
+    return arr
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _float64(arr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def validate_layers(layers: Any) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray | None, ...]]:
+    if isinstance(layers, (str, bytes, np.ndarray)) or not isinstance(layers, Sequence):
+        raise TypeError("layers must be a sequence of (W, b) pairs, W of shape (d_out, d_in), b of shape (d_out,) or None")
+    if len(layers) == 0:
+        raise ValueError("layers must hold at least one (W, b) pair; got an empty sequence")
+    weights: list[np.ndarray] = []
+    biases: list[np.ndarray | None] = []
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, (tuple, list)) or len(layer) != 2:
+            raise TypeError(f"layers[{i}] must be a (W, b) pair; got {type(layer).__name__}")
+        W = _real_array(layer[0], f"layers[{i}] weight W")
+        if W.ndim != 2 or W.shape[0] < 1 or W.shape[1] < 1:
+            raise ValueError(f"layers[{i}] weight W must be a non-empty 2-D array (d_out, d_in); got shape {W.shape}")
+        _check_finite(W, f"layers[{i}] weight W")
+        if weights and W.shape[1] != weights[-1].shape[0]:
+            raise ValueError(
+                f"layer shapes do not chain: layers[{i}] weight W has shape {W.shape}, so it expects "
+                f"{W.shape[1]} inputs, but layers[{i - 1}] has {weights[-1].shape[0]} outputs"
+            )
+        weights.append(_float64(W))
+        if layer[1] is None:
+            biases.append(None)
+            continue
+        b = _real_array(layer[1], f"layers[{i}] bias b")
+        if b.shape != (W.shape[0],):
+            raise ValueError(f"layers[{i}] bias b must have shape ({W.shape[0]},) or be None; got shape {b.shape}")
+        _check_finite(b, f"layers[{i}] bias b")
+        biases.append(_float64(b))
+    return tuple(weights), tuple(biases)
+
+
+def resolve_activation(spec: Any, where: str) -> Activation:
+    param = None
+    name = spec
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+        name, param = spec
+    if not isinstance(name, str):
+        raise TypeError(f"{where} must be an activation name (str) or a (name, parameter) pair; got {spec!r}")
+    key = name.strip().lower()
+    if key not in ACTIVATIONS:
+        raise ValueError(f"{where}: unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+    code, default = ACTIVATIONS[key]
+    if param is None:
+        param = default
+    elif key != "leaky_relu":
+        raise ValueError(f"{where}: activation {key!r} takes no parameter; got {spec!r}")
+    elif not isinstance(param, numbers.Real) or isinstance(param, bool) or not math.isfinite(param):
+        raise ValueError(f"{where}: the leaky_relu negative slope must be a finite real number; got {param!r}")
+    return Activation(key, code, float(param))
+
+
+def validate_activations(activation: Any, n_layers: int) -> tuple[Activation, ...]:
+    n_hidden = n_layers - 1
+    if isinstance(activation, str) or (
+        isinstance(activation, tuple) and len(activation) == 2 and isinstance(activation[0], str)
+        and not isinstance(activation[1], str)
+    ):
+        act = resolve_activation(activation, "activation")
+        return (act,) * n_hidden
+    if isinstance(activation, Sequence):
+        if len(activation) != n_hidden:
+            raise ValueError(
+                f"activation: a list must hold one name per hidden layer, {n_hidden} for {n_layers} layers; "
+                f"got {len(activation)}"
+            )
+        return tuple(resolve_activation(a, f"activation[{i}]") for i, a in enumerate(activation))
+    raise TypeError(f"activation must be a name (str) or a list of {n_hidden} names; got {type(activation).__name__}")
+
+
+def validate_X(X: Any, d_in: int) -> np.ndarray:
+    arr = _real_array(X, "X")
+    if arr.ndim != 2:
+        raise ValueError(f"X must be a 2-D array (n_samples, {d_in}); got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError("X is empty: it must hold at least one sample")
+    if arr.shape[1] != d_in:
+        raise ValueError(f"X has {arr.shape[1]} features per sample but layers[0] expects {d_in}")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)  # integer pixels and the like: one explicit conversion
+    _check_finite(arr, "X")
+    if any(s % arr.itemsize for s in arr.strides):
+        arr = np.ascontiguousarray(arr)  # byte strides that are not whole elements (rare)
+    return arr
+
+
+def validate_labels(y: Any, n_samples: int, n_classes: int) -> tuple[np.ndarray, bool]:
+    arr = _real_array(y, "y")
+    if arr.ndim == 1:
+        if arr.shape[0] != n_samples:
+            raise ValueError(f"y must have one label per sample ({n_samples}); got {arr.shape[0]}")
+        if arr.dtype.kind == "f":
+            _check_finite(arr, "y")
+            if not np.all(arr == np.round(arr)):
+                raise ValueError("y must hold integer class indices (or be an (N, C) array of probability rows); got non-integer values")
+        if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+            raise ValueError(
+                f"y holds class indices out of range: expected 0 <= y < {n_classes} (the last layer's outputs); "
+                f"got min {arr.min()}, max {arr.max()}"
+            )
+        return np.ascontiguousarray(arr, dtype=np.int64), False
+    if arr.ndim == 2:
+        if arr.shape != (n_samples, n_classes):
+            raise ValueError(
+                f"y as probability rows must have shape ({n_samples}, {n_classes}) (samples, classes); got {arr.shape}"
+            )
+        soft = _float64(arr)
+        _check_finite(soft, "y")
+        if (soft < 0).any():
+            raise ValueError("y (soft labels) must be non-negative; found negative entries")
+        sums = soft.sum(axis=1)
+        bad = np.abs(sums - 1.0) > 1e-6
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"y (soft labels): every row must sum to 1; row {i} sums to {sums[i]!r}")
+        return soft, True
+    raise ValueError(f"y must be (N,) class indices or (N, C) probability rows; got shape {arr.shape}")
+
+
+def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {', '.join(map(repr, allowed))}; got {value!r}")
+    key = value.strip().lower()
+    if key not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return key
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive integer or None; got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+    return int(value)
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_memory_limit() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        total = 8 << 30
+    return int(min(_MAX_DEFAULT_BUDGET, total // 4))
+
+
+def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool) -> int:
+    """Float64 values held per sample by a block's features (see the backends)."""
+    L = len(dims) - 1
+    d = dims
+    f = sum(d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1))  # augmented inputs
+    f += 2 * sum(d[1:])  # delta and sigma'
+    f += sum(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))  # G blocks
+    if hessian:
+        f += sum(d[m - 1] * d[l] for l in range(1, L + 1) for m in range(l + 2, L + 1))  # dense Q
+        f += 2 * sum(d[l] * d[l + 1] for l in range(1, L))  # cross-term factors
+    return f
+
+
+def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool) -> int:
+    """Float64 scratch of one thread contracting a block pair."""
+    widest = max(dims[1:-1], default=0) if hessian and len(dims) > 3 else 0
+    return batch * batch * (8 + widest)
+
+
+def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool,
+                threads: int, batch_size: int | None, memory_limit: int) -> tuple[int, int]:
+    """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes."""
+    f = feature_doubles(dims, has_bias, hessian)
+    if batch_size is None:
+        n_blocks = max(1, math.ceil(n_samples / _TARGET_BATCH))
+        batch = math.ceil(n_samples / n_blocks)
+        # Shrink until two blocks of features and the pair scratch of every thread take at most
+        # half the budget; the other half caches features of further blocks.
+        while batch > 1 and 8 * (threads * (2 * batch * f + pair_scratch_doubles(dims, batch, hessian))) > memory_limit // 2:
+            batch = max(1, batch // 2)
+    else:
+        batch = min(batch_size, n_samples)
+    n_blocks = math.ceil(n_samples / batch)
+    spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian)
+    group = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
+    return batch, int(group)
+
+
+def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
+             batch_size: Any = None, threads: Any = None, memory_limit: Any = None) -> Problem:
+    weights, biases = validate_layers(layers)
+    acts = validate_activations(activation, len(weights))
+    Xa = validate_X(X, weights[0].shape[1])
+    n_classes = weights[-1].shape[0]
+    if n_classes < 2:
+        raise ValueError(f"the last layer must have at least 2 outputs (classes) for cross-entropy; got {n_classes}")
+    labels, soft = validate_labels(y, Xa.shape[0], n_classes)
+    curv = _choice(curvature, "curvature", CURVATURES)
+    red = _choice(reduction, "reduction", REDUCTIONS)
+    batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
+    nthreads = default_threads() if threads is None else _positive_int(threads, "threads")
+    budget = default_memory_limit() if memory_limit is None else _positive_int(memory_limit, "memory_limit")
+    dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+    has_bias = [b is not None for b in biases]
+    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], curv == "hessian", nthreads, batch, budget)
+    return Problem(weights, biases, acts, Xa, labels, soft, curv == "hessian", red == "mean",
+                   batch, nthreads, group, budget)
