@@ -1,0 +1,165 @@
+#include "engine.hpp"
+
+#include "features.hpp"
+
+#include <algorithm>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace wsb {
+
+void Model::validate() const {
+    if (W.empty()) throw std::invalid_argument("layers: at least one layer is required");
+    if (b.size() != W.size() || has_bias.size() != W.size())
+        throw std::invalid_argument("layers: one bias entry per layer is required");
+    if (act.size() + 1 != W.size())
+        throw std::invalid_argument("activation: one activation per hidden layer is required");
+    for (size_t l = 0; l < W.size(); ++l) {
+        if (W[l].rows() < 1 || W[l].cols() < 1)
+            throw std::invalid_argument("layers[" + std::to_string(l) + "]: W must be non-empty");
+        if (l > 0 && W[l].cols() != W[l - 1].rows())
+            throw std::invalid_argument("layers: shapes do not chain at layer " + std::to_string(l));
+        if (has_bias[l] && b[l].size() != W[l].rows())
+            throw std::invalid_argument("layers[" + std::to_string(l) + "]: bias has the wrong length");
+    }
+    if (W.back().rows() < 2) throw std::invalid_argument("layers: the last layer needs at least 2 outputs");
+}
+
+void InputView::gather(Index lo, Index hi, RowMat& out) const {
+    out.resize(hi - lo, cols);
+    for (Index i = lo; i < hi; ++i) {
+        const std::int64_t base = static_cast<std::int64_t>(i) * row_stride;
+        double* dst = out.row(i - lo).data();
+        if (is_float32) {
+            const float* src = static_cast<const float*>(data) + base;
+            for (Index j = 0; j < cols; ++j) dst[j] = static_cast<double>(src[j * col_stride]);
+        } else {
+            const double* src = static_cast<const double*>(data) + base;
+            for (Index j = 0; j < cols; ++j) dst[j] = src[j * col_stride];
+        }
+    }
+}
+
+void Labels::gather(Index lo, Index hi, Index n_classes, RowMat& out) const {
+    if (soft != nullptr) {
+        out = Eigen::Map<const RowMat>(soft + lo * n_classes, hi - lo, n_classes);
+        return;
+    }
+    out.setZero(hi - lo, n_classes);
+    for (Index i = lo; i < hi; ++i) {
+        const std::int64_t k = index[i];
+        if (k < 0 || k >= n_classes) throw std::invalid_argument("y: class index out of range");
+        out(i - lo, static_cast<Index>(k)) = 1.0;
+    }
+}
+
+namespace {
+
+// Runs task(t, worker) for t in [0, n) on up to `threads` workers (worker 0 is the caller).
+// Which worker runs which task varies; each task's result must depend only on t.
+template <class Task>
+void parallel_for(Index n, int threads, const std::atomic<bool>* cancel, Task&& task) {
+    std::atomic<Index> next{0};
+    std::exception_ptr error;
+    std::mutex error_mutex;
+    auto work = [&](int worker) {
+        for (;;) {
+            if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return;
+            const Index t = next.fetch_add(1);
+            if (t >= n) return;
+            try {
+                task(t, worker);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(error_mutex);
+                if (!error) error = std::current_exception();
+                next.store(n);
+            }
+        }
+    };
+    const int n_workers = static_cast<int>(std::min<Index>(std::max(threads, 1), n));
+    std::vector<std::thread> pool;
+    pool.reserve(static_cast<size_t>(std::max(n_workers - 1, 0)));
+    for (int w = 1; w < n_workers; ++w) pool.emplace_back(work, w);
+    work(0);
+    for (auto& th : pool) th.join();
+    if (error) std::rethrow_exception(error);
+    if (cancel != nullptr && cancel->load()) throw Cancelled();
+}
+
+}  // namespace
+
+Moments compute_moments(const Model& model, const InputView& X, const Labels& y, const Options& opt,
+                        const std::atomic<bool>* cancel, const ProgressFn& progress) {
+    model.validate();
+    if (X.rows < 1) throw std::invalid_argument("X: at least one sample is required");
+    if (X.cols != model.d(0)) throw std::invalid_argument("X: width does not match layers[0]");
+    if ((y.index == nullptr) == (y.soft == nullptr)) throw std::invalid_argument("y: give indices or soft rows");
+    if (opt.batch < 1) throw std::invalid_argument("batch_size must be >= 1");
+    if (opt.group < 1) throw std::invalid_argument("group must be >= 1");
+    if (opt.threads < 1) throw std::invalid_argument("threads must be >= 1");
+
+    const Index N = X.rows, B = opt.batch, C = model.d(model.n_layers());
+    const Index nb = (N + B - 1) / B;
+    const Index group = std::min(opt.group, nb);
+    const int threads = opt.threads;
+
+    std::vector<double> block_trace(static_cast<size_t>(nb), 0.0);
+    std::vector<double> row_sum(static_cast<size_t>(nb), 0.0);
+    std::vector<PairScratch> scratch(static_cast<size_t>(threads));
+    std::vector<BlockFeatures> rows(static_cast<size_t>(group)), cols(static_cast<size_t>(group));
+
+    auto features = [&](Index first, Index count, std::vector<BlockFeatures>& out) {
+        parallel_for(count, threads, cancel, [&](Index t, int) {
+            const Index k = first + t;
+            const Index lo = k * B, hi = std::min(lo + B, N);
+            RowMat Xb, Yb;
+            X.gather(lo, hi, Xb);
+            y.gather(lo, hi, C, Yb);
+            block_features(model, Xb, Yb, opt.hessian, out[static_cast<size_t>(t)]);
+        });
+    };
+
+    const std::int64_t total_pairs = static_cast<std::int64_t>(nb) * (nb + 1) / 2;
+    std::int64_t done = 0;
+    std::vector<std::pair<Index, Index>> tasks;
+    std::vector<double> results;
+    for (Index g0 = 0; g0 < nb; g0 += group) {
+        const Index ng = std::min(group, nb - g0);
+        features(g0, ng, rows);
+        for (Index i = 0; i < ng; ++i) block_trace[static_cast<size_t>(g0 + i)] = rows[static_cast<size_t>(i)].trace;
+        for (Index h0 = g0; h0 < nb; h0 += group) {
+            const Index nh = std::min(group, nb - h0);
+            const bool same = h0 == g0;
+            if (!same) features(h0, nh, cols);
+            const std::vector<BlockFeatures>& right = same ? rows : cols;
+            tasks.clear();
+            for (Index i = 0; i < ng; ++i)
+                for (Index j = same ? i : 0; j < nh; ++j) tasks.emplace_back(i, j);
+            results.assign(tasks.size(), 0.0);
+            parallel_for(static_cast<Index>(tasks.size()), threads, cancel, [&](Index t, int worker) {
+                const auto [i, j] = tasks[static_cast<size_t>(t)];
+                results[static_cast<size_t>(t)] =
+                    pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt.hessian,
+                             scratch[static_cast<size_t>(worker)]);
+            });
+            // Fixed order: row by row, columns increasing (the same for any group size or thread count).
+            for (size_t t = 0; t < tasks.size(); ++t) {
+                const Index gi = g0 + tasks[t].first, gj = h0 + tasks[t].second;
+                row_sum[static_cast<size_t>(gi)] += gi == gj ? results[t] : 2.0 * results[t];
+            }
+            done += static_cast<std::int64_t>(tasks.size());
+            if (progress) progress(done, total_pairs);
+        }
+    }
+    Moments out;
+    for (double t : block_trace) out.trace_sum += t;
+    for (double r : row_sum) out.trace_sq_sum += r;
+    return out;
+}
+
+}  // namespace wsb

@@ -1,0 +1,210 @@
+#include "features.hpp"
+
+#include "activations.hpp"
+
+#include <cmath>
+
+namespace wsb {
+namespace {
+
+using MapMat = Eigen::Map<RowMat>;
+using CMapMat = Eigen::Map<const RowMat>;
+using StridedMap = Eigen::Map<const RowMat, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+
+// inner(n, n') += b_n^T Q_{n'} G_n delta_{n'} for n in A, n' in Bf (swap: inner(n', n)).
+// Used where Q_lm is dense (m > l + 1).
+void add_dense_cross(const BlockFeatures& A, const BlockFeatures& Bf, Index l, Index m, Index d_l, Index d_m,
+                     Index d_prev, bool swap, PairScratch& s) {
+    const Index p = A.pair(l, m);
+    const Index nA = A.B, nB = Bf.B;
+    const CMapMat GA(A.G[p].data(), nA * d_l, d_m);
+    s.p2.noalias() = GA * Bf.delta[m].transpose();  // [n d_l + r, n'] = (G_n delta_{n'})[r]
+    for (Index k = 0; k < nB; ++k) {
+        const CMapMat Qk(Bf.Q[p].row(k).data(), d_prev, d_l);
+        s.z.noalias() = A.at[m].leftCols(d_prev) * Qk;  // [n, r] = (Q_k^T b_n)[r]
+        const StridedMap P(s.p2.data() + k, nA, d_l, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(d_l * nB, nB));
+        if (swap) {
+            s.inner.row(k) += (s.z.array() * P.array()).rowwise().sum().matrix().transpose();
+        } else {
+            s.inner.col(k) += (s.z.array() * P.array()).rowwise().sum().matrix();
+        }
+    }
+}
+
+}  // namespace
+
+void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool hessian, BlockFeatures& F) {
+    const Index L = model.n_layers();
+    const Index B = Xb.rows();
+    const auto nL = static_cast<size_t>(L + 1);
+    F.B = B;
+    F.L = L;
+    F.at.assign(nL, RowMat());
+    F.delta.assign(nL, RowMat());
+    F.sp.assign(nL, RowMat());
+    F.G.assign(nL * nL, RowMat());
+    F.Q.assign(nL * nL, RowMat());
+    F.X.assign(nL, RowMat());
+    F.Y.assign(nL, RowMat());
+    std::vector<RowMat> spp(nL), M(nL);
+
+    // Forward pass.
+    RowMat a = Xb, z;
+    for (Index l = 1; l <= L; ++l) {
+        const RowMat& W = model.W[static_cast<size_t>(l - 1)];
+        const bool bias = model.has_bias[static_cast<size_t>(l - 1)];
+        const Index d_in = W.cols(), d_out = W.rows();
+        RowMat& at = F.at[l];
+        at.resize(B, d_in + (bias ? 1 : 0));
+        at.leftCols(d_in) = a;
+        if (bias) at.col(d_in).setOnes();
+        z.noalias() = a * W.transpose();
+        if (bias) z.rowwise() += model.b[static_cast<size_t>(l - 1)].transpose();
+        if (l < L) {
+            const Activation& act = model.act[static_cast<size_t>(l - 1)];
+            a.resize(B, d_out);
+            F.sp[l].resize(B, d_out);
+            spp[l].resize(B, d_out);
+            double* pa = a.data();
+            double* p1 = F.sp[l].data();
+            double* p2 = spp[l].data();
+            const double* pz = z.data();
+            for (Index i = 0; i < z.size(); ++i) activate(act, pz[i], pa[i], p1[i], p2[i]);
+        }
+    }
+
+    // Output: p = softmax(z_L), delta_L = w p - y, M_L = w (diag p - p p^T), w = sum(y) (= 1).
+    const Index C = z.cols();
+    F.delta[L].resize(B, C);
+    M[L].resize(B, C * C);
+    Eigen::RowVectorXd p(C);
+    for (Index n = 0; n < B; ++n) {
+        p = (z.row(n).array() - z.row(n).maxCoeff()).exp().matrix();
+        p /= p.sum();
+        const double w = Yb.row(n).sum();
+        F.delta[L].row(n) = w * p - Yb.row(n);
+        MapMat A(M[L].row(n).data(), C, C);
+        A.noalias() = -w * p.transpose() * p;
+        A.diagonal() += w * p.transpose();
+    }
+
+    // Backward: delta_l and M_l = D W^T M_{l+1} W D + diag(sigma'' g)  (no diag for the GGN).
+    RowMat g, tmp;
+    for (Index l = L - 1; l >= 1; --l) {
+        const RowMat& Wn = model.W[static_cast<size_t>(l)];  // W_{l+1}: (d_{l+1}, d_l)
+        const Index d_l = Wn.cols(), d_n = Wn.rows();
+        g.noalias() = F.delta[l + 1] * Wn;
+        F.delta[l] = F.sp[l].cwiseProduct(g);
+        M[l].resize(B, d_l * d_l);
+        for (Index n = 0; n < B; ++n) {
+            const CMapMat Mn(M[l + 1].row(n).data(), d_n, d_n);
+            MapMat Ml(M[l].row(n).data(), d_l, d_l);
+            tmp.noalias() = Mn * Wn;
+            Ml.noalias() = Wn.transpose() * tmp;
+            Ml.array().rowwise() *= F.sp[l].row(n).array();
+            Ml.array().colwise() *= F.sp[l].row(n).transpose().array();
+            if (hessian) Ml.diagonal() += spp[l].row(n).cwiseProduct(g.row(n)).transpose();
+        }
+    }
+
+    // tr(H) share: sum_n sum_l |a~_{l-1}|^2 tr(M_l).
+    double trace = 0.0;
+    for (Index n = 0; n < B; ++n) {
+        for (Index l = 1; l <= L; ++l) {
+            const Index d = model.d(l);
+            trace += F.at[l].row(n).squaredNorm() * CMapMat(M[l].row(n).data(), d, d).trace();
+        }
+    }
+    F.trace = trace;
+
+    // G_{m,m} = M_m;  G_{l,m} = D_l W_{l+1}^T G_{l+1,m}.
+    for (Index m = 1; m <= L; ++m) {
+        const Index d_m = model.d(m);
+        F.G[F.pair(m, m)] = std::move(M[m]);
+        for (Index l = m - 1; l >= 1; --l) {
+            const RowMat& Wn = model.W[static_cast<size_t>(l)];
+            const Index d_l = Wn.cols(), d_n = Wn.rows();
+            const RowMat& Gn = F.G[F.pair(l + 1, m)];
+            RowMat& Gl = F.G[F.pair(l, m)];
+            Gl.resize(B, d_l * d_m);
+            for (Index n = 0; n < B; ++n) {
+                MapMat out(Gl.row(n).data(), d_l, d_m);
+                out.noalias() = Wn.transpose() * CMapMat(Gn.row(n).data(), d_n, d_m);
+                out.array().colwise() *= F.sp[l].row(n).transpose().array();
+            }
+        }
+    }
+    if (!hessian) return;
+
+    // Dense Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1} for m >= l + 2, from Q_{l,l+1} = D_l.
+    for (Index l = 1; l + 2 <= L; ++l) {
+        const Index d_l = model.d(l);
+        for (Index m = l + 2; m <= L; ++m) {
+            const RowMat& Wp = model.W[static_cast<size_t>(m - 2)];  // W_{m-1}: (d_{m-1}, d_{m-2})
+            const Index d_prev = Wp.rows(), d_pp = Wp.cols();
+            RowMat& Qc = F.Q[F.pair(l, m)];
+            Qc.resize(B, d_prev * d_l);
+            for (Index n = 0; n < B; ++n) {
+                MapMat out(Qc.row(n).data(), d_prev, d_l);
+                if (m == l + 2) {
+                    out = Wp;
+                    out.array().rowwise() *= F.sp[l].row(n).array();
+                } else {
+                    out.noalias() = Wp * CMapMat(F.Q[F.pair(l, m - 1)].row(n).data(), d_pp, d_l);
+                }
+                out.array().colwise() *= F.sp[m - 1].row(n).transpose().array();
+            }
+        }
+    }
+    // Cross-term factors for m = l + 1: X_l = diag(a_l) G_{l,l+1}, Y_l = sigma'_l delta_{l+1}^T.
+    for (Index l = 1; l < L; ++l) {
+        const Index d_l = model.d(l), d_m = model.d(l + 1);
+        const RowMat& Gl = F.G[F.pair(l, l + 1)];
+        F.X[l].resize(B, d_l * d_m);
+        F.Y[l].resize(B, d_l * d_m);
+        for (Index n = 0; n < B; ++n) {
+            MapMat x(F.X[l].row(n).data(), d_l, d_m);
+            x = CMapMat(Gl.row(n).data(), d_l, d_m);
+            x.array().colwise() *= F.at[l + 1].row(n).head(d_l).transpose().array();
+            MapMat y(F.Y[l].row(n).data(), d_l, d_m);
+            y.noalias() = F.sp[l].row(n).transpose() * F.delta[l + 1].row(n);
+        }
+    }
+}
+
+double pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, bool hessian, PairScratch& s) {
+    const Index L = model.n_layers();
+    double total = 0.0;
+    for (Index l = 1; l <= L; ++l) {
+        s.alpha.noalias() = I.at[l] * J.at[l].transpose();
+        for (Index m = l; m <= L; ++m) {
+            const Index p = I.pair(l, m);
+            s.gram.noalias() = I.G[p] * J.G[p].transpose();
+            if (l == m) {
+                total += (s.alpha.array().square() * s.gram.array()).sum();
+                continue;
+            }
+            s.beta.noalias() = I.at[m] * J.at[m].transpose();
+            s.inner.noalias() = s.beta.cwiseProduct(s.gram);
+            if (hessian) {
+                s.beta.noalias() = I.delta[m] * J.delta[m].transpose();  // gamma
+                if (m == l + 1) {
+                    s.gram.noalias() = I.sp[l] * J.sp[l].transpose();
+                    s.inner.array() += s.beta.array() * s.gram.array();
+                    s.inner.noalias() += I.X[l] * J.Y[l].transpose();
+                    s.inner.noalias() += I.Y[l] * J.X[l].transpose();
+                } else {
+                    s.gram.noalias() = I.Q[p] * J.Q[p].transpose();
+                    s.inner.array() += s.beta.array() * s.gram.array();
+                    const Index d_l = model.d(l), d_m = model.d(m), d_prev = model.d(m - 1);
+                    add_dense_cross(I, J, l, m, d_l, d_m, d_prev, false, s);
+                    add_dense_cross(J, I, l, m, d_l, d_m, d_prev, true, s);
+                }
+            }
+            total += 2.0 * (s.alpha.array() * s.inner.array()).sum();
+        }
+    }
+    return total;
+}
+
+}  // namespace wsb

@@ -1,0 +1,89 @@
+// wsbound_fast core: model, inputs and options.  Pure C++ (Eigen only), no Python.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace wsb {
+
+using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Vec = Eigen::VectorXd;
+using Index = Eigen::Index;
+
+// Codes shared with python/wsbound_fast/_activations.py (ACTIVATIONS).
+enum class Act : int {
+    Identity = 0,
+    Tanh = 1,
+    Sigmoid = 2,
+    Softplus = 3,
+    Gelu = 4,
+    GeluTanh = 5,
+    Silu = 6,
+    Relu = 7,
+    LeakyRelu = 8,
+};
+
+struct Activation {
+    Act kind = Act::Identity;
+    double param = 0.0;  // negative slope of LeakyRelu; unused otherwise
+};
+
+// An MLP: z_l = W_l a_{l-1} + b_l, a_l = act_l(z_l) for l < L, logits z_L.
+// Layers are stored 0-based here (W[0] is W_1 of DESIGN.md).
+struct Model {
+    std::vector<RowMat> W;          // W[l]: (d_{l+1}, d_l)
+    std::vector<Vec> b;             // b[l]: (d_{l+1}) or empty when !has_bias[l]
+    std::vector<bool> has_bias;
+    std::vector<Activation> act;    // one per hidden layer: W.size() - 1
+
+    Index n_layers() const { return static_cast<Index>(W.size()); }
+    // d(0) = input width, d(L) = number of classes.
+    Index d(Index l) const { return l == 0 ? W.front().cols() : W[static_cast<size_t>(l - 1)].rows(); }
+
+    // Throws std::invalid_argument when the shapes do not chain.
+    void validate() const;
+};
+
+// A read-only view of the inputs X (N, d_0): float32 or float64, any element strides.
+struct InputView {
+    const void* data = nullptr;
+    bool is_float32 = false;
+    Index rows = 0, cols = 0;
+    std::int64_t row_stride = 0, col_stride = 0;  // in elements; may be negative
+
+    // Copies rows [lo, hi) into out as float64.
+    void gather(Index lo, Index hi, RowMat& out) const;
+};
+
+// Labels: class indices (N) or probability rows (N, C) row-major; exactly one is set.
+struct Labels {
+    const std::int64_t* index = nullptr;
+    const double* soft = nullptr;
+
+    // Rows [lo, hi) as (hi - lo, C) label rows (one-hot for indices).
+    void gather(Index lo, Index hi, Index n_classes, RowMat& out) const;
+};
+
+struct Options {
+    bool hessian = true;     // full Hessian; false: generalized Gauss-Newton
+    Index batch = 256;       // samples per block
+    Index group = 1;         // blocks whose features are held at once (per side)
+    int threads = 1;         // worker threads over blocks and block pairs
+};
+
+// Unnormalised moments: sum_n tr(H_n) and sum_{n,n'} <H_n, H_n'>.
+struct Moments {
+    double trace_sum = 0.0;
+    double trace_sq_sum = 0.0;
+};
+
+// Thrown by the engine when the caller's cancel flag was raised.
+struct Cancelled : std::runtime_error {
+    Cancelled() : std::runtime_error("wsbound_fast: computation cancelled") {}
+};
+
+}  // namespace wsb
