@@ -29,6 +29,9 @@ BACKENDS = ("cpp", "numpy")
 _MAX_DEFAULT_BUDGET = 4 << 30
 #: Preferred number of samples per block (large enough for efficient GEMMs).
 _TARGET_BATCH = 256
+#: Largest flop count of one block pair, so that Ctrl-C (checked between block pairs) is
+#: honoured within about a second.
+_MAX_PAIR_FLOPS = 4e9
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,8 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes."""
     f = feature_doubles(dims, has_bias, hessian)
     if batch_size is None:
-        n_blocks = max(1, math.ceil(n_samples / _TARGET_BATCH))
+        target = min(_TARGET_BATCH, max(8, int(math.sqrt(_MAX_PAIR_FLOPS / (2.0 * f)))))
+        n_blocks = max(1, math.ceil(n_samples / target))
         batch = math.ceil(n_samples / n_blocks)
         # Shrink until two blocks of features and the pair scratch of every thread take at most
         # half the budget; the other half caches features of further blocks.
