@@ -144,7 +144,11 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
+#ifndef WSB_MODULE_NAME
+#define WSB_MODULE_NAME _core
+#endif
+
+PYBIND11_MODULE(WSB_MODULE_NAME, m) {
     m.doc() = "wsbound_fast compiled core: exact tr(H) and tr(H^2) of MLP cross-entropy curvature";
     py::register_exception<wsb::Cancelled>(m, "Cancelled", PyExc_KeyboardInterrupt);
     m.def("moments", &moments, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),

@@ -1,0 +1,21 @@
+"""Type stubs for the compiled core (_core, and its AVX2 + FMA build _core_avx2)."""
+
+from typing import Optional, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+class Cancelled(KeyboardInterrupt): ...
+
+def moments(
+    weights: Sequence[npt.NDArray[np.float64]],
+    biases: Sequence[Optional[npt.NDArray[np.float64]]],
+    act_codes: Sequence[int],
+    act_params: Sequence[float],
+    X: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64] | npt.NDArray[np.float64],
+    hessian: bool,
+    batch: int,
+    group: int,
+    threads: int,
+) -> tuple[float, float]: ...
