@@ -22,7 +22,7 @@ Parameter order everywhere: layer by layer, W row-major then b (the order of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -332,9 +332,10 @@ def _torch_act(name: str, param: float):
         "identity": lambda z: z,
         "tanh": torch.tanh,
         "sigmoid": torch.sigmoid,
-        # F.softplus switches to the identity above threshold=20 (second derivative 0 there);
-        # logaddexp(z, 0) is the exact log(1 + e^z) everywhere.
-        "softplus": lambda z: torch.logaddexp(z, torch.zeros_like(z)),
+        # F.softplus switches to the identity above threshold=20 (second derivative 0 there),
+        # and logaddexp's double backward gives NaN far below 0; relu(z) + log1p(e^-|z|) is
+        # exact with exact first and second derivatives for every z != 0.
+        "softplus": lambda z: torch.relu(z) + torch.log1p(torch.exp(-torch.abs(z))),
         "gelu": lambda z: F.gelu(z, approximate="none"),
         "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
         "silu": F.silu,
@@ -435,7 +436,6 @@ class ModelSpec:
     x_scale: float = 1.0
     margin: float = 0.0
     x_dtype: str = "float64"
-    extra: tuple = field(default=())
 
     @property
     def depth(self) -> int:

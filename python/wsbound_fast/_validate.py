@@ -300,7 +300,7 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     Xa = validate_X(X, weights[0].shape[1])
     n_classes = weights[-1].shape[0]
     if n_classes < 2:
-        raise ValueError(f"the last layer must have at least 2 outputs (classes) for cross-entropy; got {n_classes}")
+        raise ValueError(f"layers: the last layer must have at least 2 outputs (classes) for cross-entropy; got {n_classes}")
     labels, soft = validate_labels(y, Xa.shape[0], n_classes)
     curv = _choice(curvature, "curvature", CURVATURES)
     red = _choice(reduction, "reduction", REDUCTIONS)

@@ -1,0 +1,44 @@
+"""Both builds of the compiled core (baseline and AVX2+FMA) compute the same moments."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import wsbound_fast as wsb
+from wsbound_fast._loader import cpu_has_avx2_fma, load_core
+
+
+def _moments(core, depth: int, curvature: str) -> tuple[float, float]:
+    rng = np.random.default_rng(depth)
+    dims = [6, 7, 5, 4, 3][: depth] + [3]
+    layers = [(rng.normal(size=(dims[i + 1], dims[i])), rng.normal(size=dims[i + 1])) for i in range(depth)]
+    X = rng.normal(size=(23, dims[0]))
+    y = rng.integers(0, 3, size=23)
+    return core.moments([W for W, _ in layers], [b for _, b in layers], [1] * (depth - 1), [0.0] * (depth - 1),
+                        X, y.astype(np.int64), curvature == "hessian", 5, 2, 2)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_avx2_build_equals_baseline(depth: int, curvature: str) -> None:
+    if not cpu_has_avx2_fma():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    try:
+        fast = importlib.import_module("wsbound_fast._core_avx2")
+    except ImportError:
+        pytest.skip("the AVX2 build is not part of this installation")
+    base = importlib.import_module("wsbound_fast._core")
+    for a, b in zip(_moments(fast, depth, curvature), _moments(base, depth, curvature)):
+        assert a == pytest.approx(b, rel=1e-12)
+
+
+def test_variant_choice_is_validated() -> None:
+    with pytest.raises(ValueError, match="WSBOUND_FAST_CORE"):
+        load_core("sse9")
+
+
+def test_default_core_is_importable() -> None:
+    assert hasattr(wsb._load_core(), "moments")
