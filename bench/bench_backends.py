@@ -2,7 +2,7 @@
 
 Setting W1: a 64-128-10 tanh MLP (P = 9610) trained briefly on the bundled digits
 (N = 1797), full Hessian, mean reduction.  Times ``bound(backend="cpp")`` and
-``bound(backend="numpy")`` (best of ``--repeats`` wall-clock calls each, same process),
+``bound(backend="numpy")`` (best of ``--repeats`` wall-clock calls each, taking turns),
 checks that tr(H) and tr(H^2) agree to 1e-10 relative, prints a markdown table and writes
 bench/results/backends.json.
 
@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ except ImportError:  # not installed: use the source tree (the NumPy backend onl
     sys.path.insert(0, str(HERE.parent / "python"))
     import wsbound_fast as wsb
 
-from wsbound_fast._data import load_digits
-from wsbound_fast._demo import init_mlp, loss_and_grads, train
+from wsbound_fast._data import load_digits  # noqa: E402
+from wsbound_fast._demo import init_mlp, loss_and_grads, train  # noqa: E402
 
 HIDDEN = 128
 EPOCHS = 200
@@ -49,19 +50,26 @@ def setup(hidden: int = HIDDEN, epochs: int = EPOCHS, seed: int = SEED) -> dict[
     return {"X": X, "y": y, "layers": layers, "loss": loss, "accuracy": acc, "hidden": hidden, "epochs": epochs}
 
 
-def time_backend(problem: dict[str, Any], backend: str, repeats: int, threads: int | None) -> dict[str, Any]:
-    """Best and median wall-clock time of ``repeats`` bound() calls, and the last result."""
-    walls, engine = [], []
-    res = None
+def time_backends(problem: dict[str, Any], backends: Sequence[str], repeats: int,
+                  threads: int | None) -> dict[str, dict[str, Any]]:
+    """Best and median wall-clock time of ``repeats`` bound() calls per backend, and the last result.
+
+    The backends take turns (cpp, numpy, cpp, ...) so that a burst of load elsewhere on the
+    machine does not fall on one backend only.
+    """
+    walls: dict[str, list[float]] = {b: [] for b in backends}
+    engine: dict[str, list[float]] = {b: [] for b in backends}
+    results: dict[str, Any] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = wsb.bound(problem["layers"], problem["X"], problem["y"], activation="tanh", curvature="hessian",
-                        reduction="mean", backend=backend, threads=threads)
-        walls.append(time.perf_counter() - t0)
-        engine.append(res.elapsed_s)
-    assert res is not None
-    return {"backend": backend, "best_s": min(walls), "median_s": statistics.median(walls), "wall_s": walls,
-            "engine_s": engine, "result": res.to_dict()}
+        for backend in backends:
+            t0 = time.perf_counter()
+            res = wsb.bound(problem["layers"], problem["X"], problem["y"], activation="tanh",
+                            curvature="hessian", reduction="mean", backend=backend, threads=threads)
+            walls[backend].append(time.perf_counter() - t0)
+            engine[backend].append(res.elapsed_s)
+            results[backend] = res.to_dict()
+    return {b: {"backend": b, "best_s": min(walls[b]), "median_s": statistics.median(walls[b]), "wall_s": walls[b],
+                "engine_s": engine[b], "result": results[b]} for b in backends}
 
 
 def check_agree(a: dict[str, Any], b: dict[str, Any], rtol: float = RTOL) -> None:
@@ -71,6 +79,18 @@ def check_agree(a: dict[str, Any], b: dict[str, Any], rtol: float = RTOL) -> Non
         if not math.isclose(x, z, rel_tol=rtol, abs_tol=0.0):
             raise AssertionError(f"{key} differs between backends: {a['backend']} {x!r} vs {b['backend']} {z!r} "
                                  f"(relative {abs(x - z) / max(abs(x), abs(z)):.3g} > {rtol:g})")
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none): high values mean noisy timings."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _fmt_load(load: float | None) -> str:
+    return "n/a" if load is None else f"{load:.2f}"
 
 
 def _blas() -> str | None:
@@ -83,7 +103,7 @@ def _blas() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="calls per backend; the best is reported (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="threads of the cpp backend (default: all cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "backends.json", help="JSON output path")
@@ -99,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     problem = setup()
     X, layers = problem["X"], problem["layers"]
     P = sum(W.size + b.size for W, b in layers)
-    runs = {b: time_backend(problem, b, args.repeats, args.threads) for b in ("cpp", "numpy")}
+    load_before = _load()
+    runs = time_backends(problem, ("cpp", "numpy"), args.repeats, args.threads)
+    load_after = _load()
     check_agree(runs["cpp"], runs["numpy"])
     ratio = runs["numpy"]["best_s"] / runs["cpp"]["best_s"]
 
@@ -114,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {run['best_s']:.4f} | {run['median_s']:.4f} | {r['trace']:.12g} | {r['trace_sq']:.12g} "
               f"| {r['lambda_max_upper']:.6g} |")
     print()
-    print(f"numpy / cpp time: {ratio:.2f}x (best of {args.repeats}); tr(H), tr(H^2) agree to {RTOL:g} relative")
+    print(f"numpy / cpp time: {ratio:.2f}x (best of {args.repeats}, taking turns); "
+          f"tr(H), tr(H^2) agree to {RTOL:g} relative; 1-min load average {_fmt_load(load_before)} -> "
+          f"{_fmt_load(load_after)}")
 
     record = {
         "setting": {"name": "W1", "arch": arch, "activation": "tanh", "n_params": P, "n_samples": int(X.shape[0]),
@@ -125,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "ratio_numpy_over_cpp": ratio,
         "rtol_checked": RTOL,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-                    "numpy": np.__version__, "blas": _blas(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version(), "numpy": np.__version__, "blas": _blas(),
+                    "cpu_count": os.cpu_count(),
                     "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                    "loadavg_before": load_before, "loadavg_after": load_after,
                     "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
                             if k in os.environ}},
         "wsbound_fast": wsb.__version__,

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._bounds import Bound
 from ._data import load_digits
-from ._validate import BACKENDS
+from ._validate import BACKENDS, _choice
 
 __all__ = ["DemoRow", "checkpoint_epochs", "init_mlp", "loss_and_grads", "resolve_backend", "run_demo", "train"]
 
@@ -96,7 +96,7 @@ def checkpoint_epochs(epochs: int, count: int) -> list[int]:
     if epochs <= 0:
         return [0]
     ticks = np.geomspace(1, epochs, max(count, 2) - 1)
-    return sorted({0, *(int(round(t)) for t in ticks)})
+    return sorted({0, *np.rint(ticks).astype(int).tolist()})
 
 
 def resolve_backend(backend: str | None, notice: TextIO | None = None) -> str:
@@ -107,11 +107,10 @@ def resolve_backend(backend: str | None, notice: TextIO | None = None) -> str:
     from . import _load_core
 
     if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-        if backend == "cpp":
+        which = _choice(backend, "backend", BACKENDS)
+        if which == "cpp":
             _load_core()
-        return backend
+        return which
     try:
         _load_core()
     except ImportError as exc:
@@ -132,8 +131,8 @@ class DemoRow:
     bound: Bound
 
 
-_UNICODE = {"trH": "tr(H)", "trH2": "tr(H²)", "H2": "H²", "lo": "λ_max ≥", "hi": "λ_max ≤", "dash": "–"}
-_ASCII = {"trH": "tr(H)", "trH2": "tr(H^2)", "H2": "H^2", "lo": "lmax >=", "hi": "lmax <=", "dash": "-"}
+_UNICODE = {"trH": "tr(H)", "trH2": "tr(H²)", "H2": "H²", "lo": "λ_max ≥", "hi": "λ_max ≤"}
+_ASCII = {"trH": "tr(H)", "trH2": "tr(H^2)", "H2": "H^2", "lo": "lmax >=", "hi": "lmax <="}
 
 
 def _labels(out: TextIO) -> dict[str, str]:
@@ -201,9 +200,9 @@ def run_demo(hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS, seed: i
           checkpoints=checkpoint_epochs(epochs, checkpoints), on_checkpoint=report)
     total = time.perf_counter() - t_start
     in_bounds = sum(r.bound.elapsed_s for r in rows)
-    print(f"{lab['trH']}, {lab['trH2']}: exact trace of the Hessian H of the mean cross-entropy (all N samples) "
-          f"and of {lab['H2']};", file=out)
-    print(f"{lab['lo']} / {lab['hi']}: certified Wolkowicz{lab['dash']}Styan bounds on the largest eigenvalue of H; "
+    print(f"loss, acc: mean cross-entropy and accuracy on all N samples; {lab['trH']}, {lab['trH2']}: exact trace "
+          f"of its Hessian H and of {lab['H2']};", file=out)
+    print(f"{lab['lo']} / {lab['hi']}: certified Wolkowicz-Styan bounds on the largest eigenvalue of H; "
           f"s: seconds per bound() call.", file=out)
     print(f"total {total:.2f} s, of which {in_bounds:.2f} s in bound()", file=out)
     return rows
