@@ -139,7 +139,17 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
     }
     if (interrupted) throw py::error_already_set();
     if (error) std::rethrow_exception(error);
-    return py::make_tuple(result.trace_sum, result.trace_sq_sum);
+    // (trace per layer (L,), <H^{lm}, H^{lm}> summed over sample pairs (L, L), upper triangle)
+    const auto L = static_cast<py::ssize_t>(result.L);
+    py::array_t<double> trace(L), blocks({L, L});
+    auto t = trace.mutable_unchecked<1>();
+    auto q = blocks.mutable_unchecked<2>();
+    for (py::ssize_t l = 0; l < L; ++l) {
+        t(l) = result.trace[static_cast<size_t>(l + 1)];
+        for (py::ssize_t m = 0; m < L; ++m)
+            q(l, m) = m >= l ? result.block_sq[static_cast<size_t>((l + 1) * (L + 1) + m + 1)] : 0.0;
+    }
+    return py::make_tuple(trace, blocks);
 }
 
 }  // namespace
@@ -153,7 +163,8 @@ PYBIND11_MODULE(WSB_MODULE_NAME, m) {
     py::register_exception<wsb::Cancelled>(m, "Cancelled", PyExc_KeyboardInterrupt);
     m.def("moments", &moments, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),
           py::arg("X"), py::arg("labels"), py::arg("hessian"), py::arg("batch"), py::arg("group"), py::arg("threads"),
-          R"doc(Unnormalised moments (sum_n tr H_n, sum_{n,n'} <H_n, H_n'>) of the curvature.
+          R"doc(Unnormalised moments of the curvature per parameter block (layers 0..L-1):
+(trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m).
 
 Arguments are validated by wsbound_fast.bound(); this low-level entry point checks
 shapes again and raises ValueError (TypeError for dtypes) on inconsistent input.)doc");

@@ -108,8 +108,10 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     const Index group = std::min(opt.group, nb);
     const int threads = opt.threads;
 
-    std::vector<double> block_trace(static_cast<size_t>(nb), 0.0);
-    std::vector<double> row_sum(static_cast<size_t>(nb), 0.0);
+    const Index L = model.n_layers();
+    const auto np_ = static_cast<size_t>((L + 1) * (L + 1));
+    std::vector<double> block_trace(static_cast<size_t>(nb) * np_, 0.0);  // [block][l]
+    std::vector<double> row_sum(static_cast<size_t>(nb) * np_, 0.0);      // [block row][pair(l,m)]
     std::vector<PairScratch> scratch(static_cast<size_t>(threads));
     std::vector<BlockFeatures> rows(static_cast<size_t>(group)), cols(static_cast<size_t>(group));
 
@@ -131,7 +133,10 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     for (Index g0 = 0; g0 < nb; g0 += group) {
         const Index ng = std::min(group, nb - g0);
         features(g0, ng, rows);
-        for (Index i = 0; i < ng; ++i) block_trace[static_cast<size_t>(g0 + i)] = rows[static_cast<size_t>(i)].trace;
+        for (Index i = 0; i < ng; ++i) {
+            const auto& t = rows[static_cast<size_t>(i)].trace;
+            std::copy(t.begin(), t.end(), block_trace.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(g0 + i) * np_));
+        }
         for (Index h0 = g0; h0 < nb; h0 += group) {
             const Index nh = std::min(group, nb - h0);
             const bool same = h0 == g0;
@@ -140,25 +145,33 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
             tasks.clear();
             for (Index i = 0; i < ng; ++i)
                 for (Index j = same ? i : 0; j < nh; ++j) tasks.emplace_back(i, j);
-            results.assign(tasks.size(), 0.0);
+            results.assign(tasks.size() * np_, 0.0);
             parallel_for(static_cast<Index>(tasks.size()), threads, cancel, [&](Index t, int worker) {
                 const auto [i, j] = tasks[static_cast<size_t>(t)];
-                results[static_cast<size_t>(t)] =
-                    pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt.hessian,
-                             scratch[static_cast<size_t>(worker)]);
+                pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt.hessian,
+                         scratch[static_cast<size_t>(worker)], results.data() + static_cast<size_t>(t) * np_);
             });
-            // Fixed order: row by row, columns increasing (the same for any group size or thread count).
+            // Fixed order: row by row, columns increasing (the same for any group size or thread
+            // count).  kappa is symmetric in (n, n'), so an off-diagonal block pair counts twice.
             for (size_t t = 0; t < tasks.size(); ++t) {
                 const Index gi = g0 + tasks[t].first, gj = h0 + tasks[t].second;
-                row_sum[static_cast<size_t>(gi)] += gi == gj ? results[t] : 2.0 * results[t];
+                const double w = gi == gj ? 1.0 : 2.0;
+                double* row = row_sum.data() + static_cast<size_t>(gi) * np_;
+                const double* r = results.data() + t * np_;
+                for (size_t q = 0; q < np_; ++q) row[q] += w * r[q];
             }
             done += static_cast<std::int64_t>(tasks.size());
             if (progress) progress(done, total_pairs);
         }
     }
     Moments out;
-    for (double t : block_trace) out.trace_sum += t;
-    for (double r : row_sum) out.trace_sq_sum += r;
+    out.L = L;
+    out.trace.assign(static_cast<size_t>(L + 1), 0.0);
+    out.block_sq.assign(np_, 0.0);
+    for (Index k = 0; k < nb; ++k) {
+        for (size_t l = 0; l <= static_cast<size_t>(L); ++l) out.trace[l] += block_trace[static_cast<size_t>(k) * np_ + l];
+        for (size_t q = 0; q < np_; ++q) out.block_sq[q] += row_sum[static_cast<size_t>(k) * np_ + q];
+    }
     return out;
 }
 

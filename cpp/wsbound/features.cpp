@@ -108,14 +108,13 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
     }
 
     // tr(H) share: sum_n sum_l |a~_{l-1}|^2 tr(M_l).
-    double trace = 0.0;
-    for (Index n = 0; n < B; ++n) {
-        for (Index l = 1; l <= L; ++l) {
-            const Index d = model.d(l);
-            trace += F.at[l].row(n).squaredNorm() * CMapMat(M[l].row(n).data(), d, d).trace();
-        }
+    F.trace.assign(nL, 0.0);
+    for (Index l = 1; l <= L; ++l) {
+        const Index d = model.d(l);
+        double t = 0.0;
+        for (Index n = 0; n < B; ++n) t += F.at[l].row(n).squaredNorm() * CMapMat(M[l].row(n).data(), d, d).trace();
+        F.trace[static_cast<size_t>(l)] = t;
     }
-    F.trace = trace;
 
     // G_{m,m} = M_m;  G_{l,m} = D_l W_{l+1}^T G_{l+1,m}.
     for (Index m = 1; m <= L; ++m) {
@@ -172,16 +171,16 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
     }
 }
 
-double pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, bool hessian, PairScratch& s) {
+void pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, bool hessian, PairScratch& s,
+              double* out) {
     const Index L = model.n_layers();
-    double total = 0.0;
     for (Index l = 1; l <= L; ++l) {
         s.alpha.noalias() = I.at[l] * J.at[l].transpose();
         for (Index m = l; m <= L; ++m) {
             const Index p = I.pair(l, m);
             s.gram.noalias() = I.G[p] * J.G[p].transpose();
             if (l == m) {
-                total += (s.alpha.array().square() * s.gram.array()).sum();
+                out[p] = (s.alpha.array().square() * s.gram.array()).sum();
                 continue;
             }
             s.beta.noalias() = I.at[m] * J.at[m].transpose();
@@ -201,10 +200,9 @@ double pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures&
                     add_dense_cross(J, I, l, m, d_l, d_m, d_prev, true, s);
                 }
             }
-            total += 2.0 * (s.alpha.array() * s.inner.array()).sum();
+            out[p] = (s.alpha.array() * s.inner.array()).sum();
         }
     }
-    return total;
 }
 
 }  // namespace wsb

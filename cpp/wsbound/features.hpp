@@ -21,7 +21,7 @@ struct BlockFeatures {
     std::vector<RowMat> Q;      // Q[pair(l,m)]: dense Q_lm flattened, (B, d_{m-1} d_l), l < m - 1
     std::vector<RowMat> X;      // X[l]: a_l (row-scaled) G_{l,l+1}, (B, d_l d_{l+1})
     std::vector<RowMat> Y;      // Y[l]: sigma'_l outer delta_{l+1}, (B, d_l d_{l+1})
-    double trace = 0.0;         // sum over the block of sum_l |a~_{l-1}|^2 tr(M_l)
+    std::vector<double> trace;  // trace[l]: sum over the block of |a~_{l-1}|^2 tr(M_l) (= its share of tr H^{ll})
 
     Index pair(Index l, Index m) const { return l * (L + 1) + m; }
 };
@@ -35,8 +35,10 @@ struct PairScratch {
     RowMat alpha, beta, gram, inner, p2, z;
 };
 
-// sum over n in I, n' in J of sum_{l <= m} c_lm kappa_lm(n, n').
-double pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, bool hessian,
-                PairScratch& s);
+// out[pair(l, m)] = sum over n in I, n' in J of kappa_lm(n, n') for l <= m: the block pair's
+// share of <H^{lm}, H^{lm}> (the Frobenius product of the (l, m) parameter blocks).  Entries
+// with l > m are left untouched.
+void pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, bool hessian, PairScratch& s,
+              double* out);
 
 }  // namespace wsb

@@ -75,10 +75,15 @@ struct Options {
     int threads = 1;         // worker threads over blocks and block pairs
 };
 
-// Unnormalised moments: sum_n tr(H_n) and sum_{n,n'} <H_n, H_n'>.
+// Unnormalised moments per parameter block (layers 1..L; index 0 unused):
+//   trace[l]            = sum_n tr(H_n^{ll})
+//   block_sq[l(L+1)+m]  = sum_{n,n'} <H_n^{lm}, H_n'^{lm}>   for l <= m (0 elsewhere)
+// so that sum_n tr(H_n) = sum_l trace[l] and the full
+// sum_{n,n'} <H_n, H_n'> = sum_l block_sq[l,l] + 2 sum_{l<m} block_sq[l,m].
 struct Moments {
-    double trace_sum = 0.0;
-    double trace_sq_sum = 0.0;
+    Index L = 0;
+    std::vector<double> trace;
+    std::vector<double> block_sq;
 };
 
 // Thrown by the engine when the caller's cancel flag was raised.

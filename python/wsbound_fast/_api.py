@@ -6,11 +6,13 @@ import math
 import time
 from typing import Any
 
+import numpy as np
+
 from ._bounds import Bound, ws_bounds
 from ._validate import BACKENDS, Problem, _choice, validate
 
 
-def _moments_cpp(prob: Problem) -> tuple[float, float]:
+def _moments_cpp(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
     from . import _load_core
 
     core = _load_core()
@@ -28,14 +30,28 @@ def _moments_cpp(prob: Problem) -> tuple[float, float]:
     )
 
 
-def _moments_numpy(prob: Problem) -> tuple[float, float]:
-    import numpy as np
-
+def _moments_numpy(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
     from ._numpy_backend import moments
 
     # Overflow surfaces as the FloatingPointError raised in bound(), not as NumPy warnings.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return moments(prob)
+
+
+def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
+    """(tr H, tr H^2) from per-layer traces and the upper triangle of <H^{lm}, H^{lm}>.
+
+    Summed in a fixed order, so the totals are as reproducible as the blocks.
+    """
+    L = layer_trace.shape[0]
+    tr = 0.0
+    for t in layer_trace:
+        tr += float(t)
+    tr2 = 0.0
+    for l in range(L):
+        for m in range(l, L):
+            tr2 += float(blocks[l, m]) if l == m else 2.0 * float(blocks[l, m])
+    return tr, tr2
 
 
 _BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy}
@@ -75,7 +91,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
     prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                     batch_size=batch_size, threads=threads, memory_limit=memory_limit)
     t0 = time.perf_counter()
-    tr, tr2 = _BACKENDS[which](prob)
+    layer_trace, blocks = _BACKENDS[which](prob)
+    tr, tr2 = total_moments(layer_trace, blocks)
     elapsed = time.perf_counter() - t0
     if prob.mean:
         N = prob.n_samples

@@ -18,4 +18,6 @@ def moments(
     batch: int,
     group: int,
     threads: int,
-) -> tuple[float, float]: ...
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(trace per layer (L,), blocks (L, L)): sum_n tr H_n^{ll} and, for l <= m,
+    sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (lower triangle zero).  Unnormalised."""

@@ -40,7 +40,7 @@ class BlockFeatures:
     Q: dict[tuple[int, int], np.ndarray]  # Q[l, m]: (B, d_{m-1}, d_l), l < m - 1 (full Hessian)
     X: dict[int, np.ndarray]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
     Y: dict[int, np.ndarray]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
-    trace: float  # sum over the block's samples of sum_l |a~_{l-1}|^2 tr(M_l)
+    trace: np.ndarray  # trace[l-1]: sum over the block's samples of |a~_{l-1}|^2 tr(M_l)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -81,9 +81,8 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             idx = np.arange(Ml.shape[1])
             Ml[:, idx, idx] += spp[l] * g
         M[l] = Ml
-    trace = 0.0
-    for l in range(1, L + 1):
-        trace += float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * np.trace(M[l], axis1=1, axis2=2)))
+    trace = np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * np.trace(M[l], axis1=1, axis2=2)))
+                      for l in range(1, L + 1)])
     G: dict[tuple[int, int], np.ndarray] = {}
     for m in range(1, L + 1):
         Gc = M[m]
@@ -117,16 +116,16 @@ def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray)
     return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
 
 
-def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> float:
-    """sum_{n in I, n' in J} sum_{l <= m} c_lm kappa_lm(n, n')."""
+def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
+    """out[l-1, m-1] = sum_{n in I, n' in J} kappa_lm(n, n') for l <= m (zero below the diagonal)."""
     L = prob.n_layers
-    total = 0.0
+    out = np.zeros((L, L))
     for l in range(1, L + 1):
         alpha = FI.at[l] @ FJ.at[l].T
         for m in range(l, L + 1):
             KG = FI.G[l, m] @ FJ.G[l, m].T
             if l == m:
-                total += float(np.sum(alpha * alpha * KG))
+                out[l - 1, m - 1] = np.sum(alpha * alpha * KG)
                 continue
             inner = (FI.at[m] @ FJ.at[m].T) * KG
             if prob.hessian:
@@ -140,8 +139,8 @@ def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> float:
                     d_prev = QI.shape[1]
                     inner += _dense_cross(FI.at[m][:, :d_prev], FI.G[l, m], FJ.delta[m], QJ)
                     inner += _dense_cross(FJ.at[m][:, :d_prev], FJ.G[l, m], FI.delta[m], QI).T
-            total += 2.0 * float(np.sum(alpha * inner))
-    return total
+            out[l - 1, m - 1] = np.sum(alpha * inner)
+    return out
 
 
 def label_rows(prob: Problem, lo: int, hi: int) -> np.ndarray:
@@ -152,9 +151,12 @@ def label_rows(prob: Problem, lo: int, hi: int) -> np.ndarray:
     return rows
 
 
-def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:
-    """(sum_n tr H_n, sum_{n,n'} <H_n, H_n'>) over the data set, unnormalised."""
-    N, B = prob.n_samples, prob.batch_size
+def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unnormalised moments per parameter block, as the C++ core returns them.
+
+    (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m).
+    """
+    N, B, L = prob.n_samples, prob.batch_size, prob.n_layers
     bounds = [(lo, min(lo + B, N)) for lo in range(0, N, B)]
     nb = len(bounds)
     group = prob.group_blocks
@@ -163,8 +165,8 @@ def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -
         lo, hi = bounds[k]
         return block_features(prob, np.asarray(prob.X[lo:hi], dtype=np.float64), label_rows(prob, lo, hi))
 
-    block_trace = [0.0] * nb
-    row_sum = [0.0] * nb  # row i: sum over j >= i of the pair sums, j increasing, off-diagonal twice
+    block_trace = np.zeros((nb, L))
+    row_sum = np.zeros((nb, L, L))  # row i: sum over j >= i of the pair sums, j increasing, off-diagonal twice
     done, total_pairs = 0, nb * (nb + 1) // 2
     for g0 in range(0, nb, group):
         rows = {i: features(i) for i in range(g0, min(g0 + group, nb))}
@@ -180,10 +182,8 @@ def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -
                         done += 1
             if progress is not None:
                 progress(done, total_pairs)
-    trace_sum = 0.0
-    for t in block_trace:
-        trace_sum += t
-    trace_sq_sum = 0.0
-    for r in row_sum:
-        trace_sq_sum += r
-    return trace_sum, trace_sq_sum
+    trace, blocks = np.zeros(L), np.zeros((L, L))
+    for k in range(nb):
+        trace += block_trace[k]
+        blocks += row_sum[k]
+    return trace, blocks
