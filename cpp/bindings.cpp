@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -74,7 +75,8 @@ wsb::InputView make_input(const py::array& X) {
 
 py::tuple moments(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
                   const std::vector<double>& act_params, const py::array& X, const py::array& labels, bool hessian,
-                  std::int64_t batch, std::int64_t group, int threads) {
+                  bool structured, std::int64_t batch, std::int64_t group, int threads,
+                  const py::object& progress) {
     const wsb::Model model = make_model(weights, biases, act_codes, act_params);
     const wsb::InputView xv = make_input(X);
     const wsb::Index C = model.d(model.n_layers());
@@ -98,11 +100,15 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
     }
     wsb::Options opt;
     opt.hessian = hessian;
+    opt.structured = structured;
     opt.batch = batch;
     opt.group = group;
     opt.threads = threads;
 
     std::atomic<bool> cancel{false};
+    std::atomic<std::int64_t> pairs_done{0};
+    const std::int64_t total_pairs = wsb::block_pairs(xv.rows, std::max<std::int64_t>(batch, 1));
+    std::int64_t reported = -1;
     bool interrupted = false;
     wsb::Moments result;
     std::exception_ptr error;
@@ -113,7 +119,7 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
         bool done = false;
         std::thread runner([&] {
             try {
-                result = wsb::compute_moments(model, xv, y, opt, &cancel);
+                result = wsb::compute_moments(model, xv, y, opt, &cancel, &pairs_done);
             } catch (...) {
                 error = std::current_exception();
             }
@@ -127,7 +133,18 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
             lock.unlock();
             {
                 py::gil_scoped_acquire acquire;
-                if (PyErr_CheckSignals() != 0) {  // Ctrl-C: the error stays set for this thread
+                bool stop = PyErr_CheckSignals() != 0;  // Ctrl-C: the error stays set for this thread
+                const std::int64_t now = pairs_done.load(std::memory_order_relaxed);
+                if (!stop && !progress.is_none() && now != reported) {
+                    reported = now;
+                    try {
+                        progress(now, total_pairs);
+                    } catch (py::error_already_set& e) {
+                        e.restore();  // the callback's exception is re-raised below
+                        stop = true;
+                    }
+                }
+                if (stop) {
                     interrupted = true;
                     cancel.store(true);
                 }
@@ -139,6 +156,7 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
     }
     if (interrupted) throw py::error_already_set();
     if (error) std::rethrow_exception(error);
+    if (!progress.is_none() && reported != total_pairs) progress(total_pairs, total_pairs);
     // (trace per layer (L,), <H^{lm}, H^{lm}> summed over sample pairs (L, L), upper triangle)
     const auto L = static_cast<py::ssize_t>(result.L);
     py::array_t<double> trace(L), blocks({L, L});
@@ -162,7 +180,8 @@ PYBIND11_MODULE(WSB_MODULE_NAME, m) {
     m.doc() = "wsbound_fast compiled core: exact tr(H) and tr(H^2) of MLP cross-entropy curvature";
     py::register_exception<wsb::Cancelled>(m, "Cancelled", PyExc_KeyboardInterrupt);
     m.def("moments", &moments, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),
-          py::arg("X"), py::arg("labels"), py::arg("hessian"), py::arg("batch"), py::arg("group"), py::arg("threads"),
+          py::arg("X"), py::arg("labels"), py::arg("hessian"), py::arg("structured"), py::arg("batch"), py::arg("group"), py::arg("threads"),
+          py::arg("progress") = py::none(),
           R"doc(Unnormalised moments of the curvature per parameter block (layers 0..L-1):
 (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m).
 

@@ -11,19 +11,20 @@ import wsbound_fast as wsb
 from wsbound_fast._loader import cpu_has_avx2_fma, load_core
 
 
-def _moments(core, depth: int, curvature: str) -> tuple[np.ndarray, np.ndarray]:
+def _moments(core, depth: int, curvature: str, structured: bool) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(depth)
     dims = [6, 7, 5, 4, 3][: depth] + [3]
     layers = [(rng.normal(size=(dims[i + 1], dims[i])), rng.normal(size=dims[i + 1])) for i in range(depth)]
     X = rng.normal(size=(23, dims[0]))
     y = rng.integers(0, 3, size=23)
     return core.moments([W for W, _ in layers], [b for _, b in layers], [1] * (depth - 1), [0.0] * (depth - 1),
-                        X, y.astype(np.int64), curvature == "hessian", 5, 2, 2)
+                        X, y.astype(np.int64), curvature == "hessian", structured, 5, 2, 2)
 
 
+@pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_avx2_build_equals_baseline(depth: int, curvature: str) -> None:
+def test_avx2_build_equals_baseline(depth: int, curvature: str, structured: bool) -> None:
     if not cpu_has_avx2_fma():
         pytest.skip("this CPU has no AVX2 + FMA")
     try:
@@ -31,7 +32,7 @@ def test_avx2_build_equals_baseline(depth: int, curvature: str) -> None:
     except ImportError:
         pytest.skip("the AVX2 build is not part of this installation")
     base = importlib.import_module("wsbound_fast._core")
-    for a, b in zip(_moments(fast, depth, curvature), _moments(base, depth, curvature)):
+    for a, b in zip(_moments(fast, depth, curvature, structured), _moments(base, depth, curvature, structured)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * np.abs(b).max())
 
 

@@ -93,8 +93,13 @@ void parallel_for(Index n, int threads, const std::atomic<bool>* cancel, Task&& 
 
 }  // namespace
 
+std::int64_t block_pairs(Index n, Index batch) {
+    const std::int64_t nb = (n + batch - 1) / batch;
+    return nb * (nb + 1) / 2;
+}
+
 Moments compute_moments(const Model& model, const InputView& X, const Labels& y, const Options& opt,
-                        const std::atomic<bool>* cancel, const ProgressFn& progress) {
+                        const std::atomic<bool>* cancel, std::atomic<std::int64_t>* pairs_done) {
     model.validate();
     if (X.rows < 1) throw std::invalid_argument("X: at least one sample is required");
     if (X.cols != model.d(0)) throw std::invalid_argument("X: width does not match layers[0]");
@@ -122,12 +127,10 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
             RowMat Xb, Yb;
             X.gather(lo, hi, Xb);
             y.gather(lo, hi, C, Yb);
-            block_features(model, Xb, Yb, opt.hessian, out[static_cast<size_t>(t)]);
+            block_features(model, Xb, Yb, opt, out[static_cast<size_t>(t)]);
         });
     };
 
-    const std::int64_t total_pairs = static_cast<std::int64_t>(nb) * (nb + 1) / 2;
-    std::int64_t done = 0;
     std::vector<std::pair<Index, Index>> tasks;
     std::vector<double> results;
     for (Index g0 = 0; g0 < nb; g0 += group) {
@@ -148,8 +151,9 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
             results.assign(tasks.size() * np_, 0.0);
             parallel_for(static_cast<Index>(tasks.size()), threads, cancel, [&](Index t, int worker) {
                 const auto [i, j] = tasks[static_cast<size_t>(t)];
-                pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt.hessian,
+                pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt,
                          scratch[static_cast<size_t>(worker)], results.data() + static_cast<size_t>(t) * np_);
+                if (pairs_done != nullptr) pairs_done->fetch_add(1, std::memory_order_relaxed);
             });
             // Fixed order: row by row, columns increasing (the same for any group size or thread
             // count).  kappa is symmetric in (n, n'), so an off-diagonal block pair counts twice.
@@ -160,8 +164,6 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
                 const double* r = results.data() + t * np_;
                 for (size_t q = 0; q < np_; ++q) row[q] += w * r[q];
             }
-            done += static_cast<std::int64_t>(tasks.size());
-            if (progress) progress(done, total_pairs);
         }
     }
     Moments out;

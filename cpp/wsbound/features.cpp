@@ -2,6 +2,7 @@
 
 #include "activations.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace wsb {
@@ -31,9 +32,27 @@ void add_dense_cross(const BlockFeatures& A, const BlockFeatures& Bf, Index l, I
     }
 }
 
+// Vt[l] = Vt[l+1] W_{l+1}, each sample's C rows scaled by sigma'(z_l) column-wise.
+void propagate_vt(const Model& model, BlockFeatures& F, Index l) {
+    const Index C = F.C;
+    F.Vt[l].noalias() = F.Vt[l + 1] * model.W[static_cast<size_t>(l)];
+    for (Index n = 0; n < F.B; ++n) F.Vt[l].middleRows(n * C, C).array().rowwise() *= F.sp[l].row(n).array();
+}
+
+// K(n, n') = sum over the C x C block (n, n') of Pa o Pb, for rows [r0, r0 + rows) of I.
+void block_inner(const RowMat& Pa, const RowMat& Pb, Index C, Index rows, Index cols, RowMat& K) {
+    K.resize(rows, cols);
+    Eigen::RowVectorXd acc(cols * C);
+    for (Index n = 0; n < rows; ++n) {
+        acc.noalias() = (Pa.middleRows(n * C, C).array() * Pb.middleRows(n * C, C).array()).colwise().sum().matrix();
+        K.row(n) = Eigen::Map<const RowMat>(acc.data(), cols, C).rowwise().sum().transpose();
+    }
+}
+
 }  // namespace
 
-void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool hessian, BlockFeatures& F) {
+void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, const Options& opt, BlockFeatures& F) {
+    const bool hessian = opt.hessian;
     const Index L = model.n_layers();
     const Index B = Xb.rows();
     const auto nL = static_cast<size_t>(L + 1);
@@ -46,6 +65,9 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
     F.Q.assign(nL * nL, RowMat());
     F.X.assign(nL, RowMat());
     F.Y.assign(nL, RowMat());
+    F.Vt.assign(nL, RowMat());
+    F.rho.resize(0, 0);
+    F.u2.resize(0, 0);
     std::vector<RowMat> spp(nL), M(nL);
 
     // Forward pass.
@@ -75,9 +97,13 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
 
     // Output: p = softmax(z_L), delta_L = w p - y, M_L = w (diag p - p p^T), w = sum(y) (= 1).
     const Index C = z.cols();
+    const bool ggn_fast = opt.structured && !hessian;
+    const bool lowrank = opt.structured && hessian && L >= 2;
+    F.C = C;
     F.delta[L].resize(B, C);
     M[L].resize(B, C * C);
-    Eigen::RowVectorXd p(C);
+    if (ggn_fast || lowrank) F.Vt[L].resize(B * C, C);
+    Eigen::RowVectorXd p(C), q(C);
     for (Index n = 0; n < B; ++n) {
         p = (z.row(n).array() - z.row(n).maxCoeff()).exp().matrix();
         p /= p.sum();
@@ -86,6 +112,23 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
         MapMat A(M[L].row(n).data(), C, C);
         A.noalias() = -w * p.transpose() * p;
         A.diagonal() += w * p.transpose();
+        if (ggn_fast || lowrank) {  // S^T = sqrt(w) (diag sqrt p - sqrt p p^T)
+            q = p.array().sqrt().matrix();
+            auto St = F.Vt[L].middleRows(n * C, C);
+            St.noalias() = -std::sqrt(w) * q.transpose() * p;
+            St.diagonal() += std::sqrt(w) * q.transpose();
+        }
+    }
+    if (ggn_fast) {
+        // GGN through V_l: tr(G_ll) share = sum_n |a~_{l-1}|^2 |V_l|_F^2.
+        for (Index l = L - 1; l >= 1; --l) propagate_vt(model, F, l);
+        F.trace.assign(nL, 0.0);
+        for (Index l = 1; l <= L; ++l) {
+            double t = 0.0;
+            for (Index n = 0; n < B; ++n) t += F.at[l].row(n).squaredNorm() * F.Vt[l].middleRows(n * C, C).squaredNorm();
+            F.trace[static_cast<size_t>(l)] = t;
+        }
+        return;
     }
 
     // Backward: delta_l and M_l = D W^T M_{l+1} W D + diag(sigma'' g)  (no diag for the GGN).
@@ -95,6 +138,13 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
         const Index d_l = Wn.cols(), d_n = Wn.rows();
         g.noalias() = F.delta[l + 1] * Wn;
         F.delta[l] = F.sp[l].cwiseProduct(g);
+        if (lowrank && l == L - 1) {  // M_{L-1} = V V^T + diag(rho)
+            F.rho = spp[l].cwiseProduct(g);
+            propagate_vt(model, F, l);
+            F.u2.resize(B, d_l);
+            for (Index n = 0; n < B; ++n) F.u2.row(n) = F.Vt[l].middleRows(n * C, C).colwise().squaredNorm();
+            if (L == 2) continue;  // nothing below needs the dense d x d matrix
+        }
         M[l].resize(B, d_l * d_l);
         for (Index n = 0; n < B; ++n) {
             const CMapMat Mn(M[l + 1].row(n).data(), d_n, d_n);
@@ -112,7 +162,12 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
     for (Index l = 1; l <= L; ++l) {
         const Index d = model.d(l);
         double t = 0.0;
-        for (Index n = 0; n < B; ++n) t += F.at[l].row(n).squaredNorm() * CMapMat(M[l].row(n).data(), d, d).trace();
+        if (M[l].size() == 0) {  // low-rank M_1 of a one-hidden-layer net: tr = |V|_F^2 + sum(rho)
+            for (Index n = 0; n < B; ++n)
+                t += F.at[l].row(n).squaredNorm() * (F.Vt[l].middleRows(n * C, C).squaredNorm() + F.rho.row(n).sum());
+        } else {
+            for (Index n = 0; n < B; ++n) t += F.at[l].row(n).squaredNorm() * CMapMat(M[l].row(n).data(), d, d).trace();
+        }
         F.trace[static_cast<size_t>(l)] = t;
     }
 
@@ -133,6 +188,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
             }
         }
     }
+    if (lowrank) F.G[F.pair(L - 1, L - 1)] = RowMat();  // contracted through Vt, rho, u2 instead
     if (!hessian) return;
 
     // Dense Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1} for m >= l + 2, from Q_{l,l+1} = D_l.
@@ -171,13 +227,77 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, bool
     }
 }
 
-void pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, bool hessian, PairScratch& s,
-              double* out) {
+namespace {
+
+// Rows of I per chunk of the structured contraction, so that the C x C Gram blocks of one
+// chunk (rows * C x B' * C per layer) stay within a few tens of MB.
+Index chunk_rows(Index B, Index Bp, Index C, Index layers) {
+    const double cap = 4.0e6 / static_cast<double>(std::max<Index>(layers, 1));
+    const auto r = static_cast<Index>(cap / static_cast<double>(C * C * std::max<Index>(Bp, 1)));
+    return std::max<Index>(1, std::min(B, r));
+}
+
+// GGN: out[l,m] = sum_{n,n'} alpha_l beta_m <Psi_l, Psi_m>(n, n'), Psi_l = V_l^T V_l' (C x C).
+void pair_sum_ggn(const Model& model, const BlockFeatures& I, const BlockFeatures& J, PairScratch& s, double* out) {
+    const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B;
+    s.alphas.resize(static_cast<size_t>(L + 1));
+    s.psi.resize(static_cast<size_t>(L + 1));
+    for (Index l = 1; l <= L; ++l) s.alphas[static_cast<size_t>(l)].noalias() = I.at[l] * J.at[l].transpose();
+    const Index step = chunk_rows(B, Bp, C, L);
+    for (Index r0 = 0; r0 < B; r0 += step) {
+        const Index rows = std::min(step, B - r0);
+        for (Index l = 1; l <= L; ++l)
+            s.psi[static_cast<size_t>(l)].noalias() = I.Vt[l].middleRows(r0 * C, rows * C) * J.Vt[l].transpose();
+        for (Index l = 1; l <= L; ++l) {
+            const auto al = s.alphas[static_cast<size_t>(l)].middleRows(r0, rows).array();
+            for (Index m = l; m <= L; ++m) {
+                block_inner(s.psi[static_cast<size_t>(l)], s.psi[static_cast<size_t>(m)], C, rows, Bp, s.gram);
+                const auto bm = s.alphas[static_cast<size_t>(m)].middleRows(r0, rows).array();
+                out[I.pair(l, m)] += (al * bm * s.gram.array()).sum();
+            }
+        }
+    }
+}
+
+// Hessian, l = m = L - 1 with M = V V^T + diag(rho):
+// <M, M'> = |V^T V'|_F^2 + sum_k rho'_k |V_k|^2 + sum_k rho_k |V'_k|^2 + rho . rho'.
+double lowrank_diag_term(const BlockFeatures& I, const BlockFeatures& J, Index l, PairScratch& s) {
+    const Index C = I.C, B = I.B, Bp = J.B;
+    s.inner.noalias() = I.u2 * J.rho.transpose();
+    s.inner.noalias() += I.rho * J.u2.transpose();
+    s.inner.noalias() += I.rho * J.rho.transpose();
+    s.psi.resize(1);
+    double total = 0.0;
+    const Index step = chunk_rows(B, Bp, C, 1);
+    for (Index r0 = 0; r0 < B; r0 += step) {
+        const Index rows = std::min(step, B - r0);
+        s.psi[0].noalias() = I.Vt[l].middleRows(r0 * C, rows * C) * J.Vt[l].transpose();
+        block_inner(s.psi[0], s.psi[0], C, rows, Bp, s.gram);
+        total += (s.alpha.middleRows(r0, rows).array().square() *
+                  (s.gram.array() + s.inner.middleRows(r0, rows).array())).sum();
+    }
+    return total;
+}
+
+}  // namespace
+
+void pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, const Options& opt,
+              PairScratch& s, double* out) {
+    const bool hessian = opt.hessian;
     const Index L = model.n_layers();
+    if (opt.structured && !hessian) {
+        pair_sum_ggn(model, I, J, s, out);
+        return;
+    }
+    const bool lowrank = opt.structured && L >= 2;
     for (Index l = 1; l <= L; ++l) {
         s.alpha.noalias() = I.at[l] * J.at[l].transpose();
         for (Index m = l; m <= L; ++m) {
             const Index p = I.pair(l, m);
+            if (l == m && lowrank && l == L - 1) {
+                out[p] = lowrank_diag_term(I, J, l, s);
+                continue;
+            }
             s.gram.noalias() = I.G[p] * J.G[p].transpose();
             if (l == m) {
                 out[p] = (s.alpha.array().square() * s.gram.array()).sum();

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 
 from ._bounds import Bound, ws_bounds
+from ._progress import ProgressFn, Reporter
 from ._validate import BACKENDS, Problem, _choice, validate
 
 
-def _moments_cpp(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
+def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
     from . import _load_core
 
     core = _load_core()
@@ -24,18 +25,20 @@ def _moments_cpp(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
         prob.X,
         prob.labels,
         prob.hessian,
+        prob.structured,
         prob.batch_size,
         prob.group_blocks,
         prob.threads,
+        progress,
     )
 
 
-def _moments_numpy(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
+def _moments_numpy(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
     from ._numpy_backend import moments
 
     # Overflow surfaces as the FloatingPointError raised in bound(), not as NumPy warnings.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return moments(prob)
+        return moments(prob, progress)
 
 
 def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
@@ -59,7 +62,8 @@ _BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy}
 
 def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: str = "hessian",
           reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
-          backend: str = "cpp", memory_limit: int | None = None) -> Bound:
+          backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
+          callback: ProgressFn | None = None) -> Bound:
     """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -80,6 +84,10 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
     backend : "cpp" (compiled core) or "numpy" (the same algorithm in NumPy).
     memory_limit : bytes the engine may use for features and scratch (default: a quarter
         of the machine's memory, at most 4 GiB).
+    progress : show a progress bar over block pairs on stderr (tqdm when installed).
+    callback : called as ``callback(done, total)`` with the number of block pairs done,
+        about ten times a second at most and once at the end; an exception it raises stops
+        the computation and propagates.
 
     Returns
     -------
@@ -88,10 +96,14 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
         largest and smallest eigenvalue of the P x P curvature matrix.
     """
     which = _choice(backend, "backend", BACKENDS)
+    reporter = Reporter(progress, callback)
     prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                     batch_size=batch_size, threads=threads, memory_limit=memory_limit)
     t0 = time.perf_counter()
-    layer_trace, blocks = _BACKENDS[which](prob)
+    try:
+        layer_trace, blocks = _BACKENDS[which](prob, reporter if reporter.active else None)
+    finally:
+        reporter.close()
     tr, tr2 = total_moments(layer_trace, blocks)
     elapsed = time.perf_counter() - t0
     if prob.mean:

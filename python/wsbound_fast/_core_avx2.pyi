@@ -1,6 +1,6 @@
 """Type stubs for the compiled core (_core, and its AVX2 + FMA build _core_avx2)."""
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -15,9 +15,11 @@ def moments(
     X: npt.NDArray[np.floating],
     labels: npt.NDArray[np.int64] | npt.NDArray[np.float64],
     hessian: bool,
+    structured: bool,
     batch: int,
     group: int,
     threads: int,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(trace per layer (L,), blocks (L, L)): sum_n tr H_n^{ll} and, for l <= m,
     sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (lower triangle zero).  Unnormalised."""

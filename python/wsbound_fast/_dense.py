@@ -5,6 +5,7 @@ For small models and validation only: it takes P^2 float64 values of memory.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,9 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curv
     Parameters are ordered layer by layer, W row-major then b (as
     ``torch.nn.Sequential.parameters()``).  Refuses P > 20000; use :func:`bound` there.
     """
-    prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction)
+    # The explicit blocks need the generic features (dense G_lm for every l <= m).
+    prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction),
+                   structured=False)
     P = prob.n_params
     if P > MAX_DENSE_PARAMS:
         raise ValueError(

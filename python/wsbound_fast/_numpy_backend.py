@@ -41,6 +41,12 @@ class BlockFeatures:
     X: dict[int, np.ndarray]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
     Y: dict[int, np.ndarray]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: np.ndarray  # trace[l-1]: sum over the block's samples of |a~_{l-1}|^2 tr(M_l)
+    # Structured path (see cpp/wsbound/features.hpp): Vt[l] stacks V_l^T per sample, (B, C, d_l),
+    # V_L = S with A = S S^T, V_l = D_l W_{l+1}^T V_{l+1}; GGN: every l, Hessian: l = L - 1, with
+    # M_{L-1} = V V^T + diag(rho) and u2 the squared row norms of V_{L-1}.
+    Vt: dict[int, np.ndarray] | None = None
+    rho: np.ndarray | None = None
+    u2: np.ndarray | None = None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -70,19 +76,43 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
     w = Yb.sum(axis=1)  # 1 up to rounding; kept so the maths is exact for the given rows
     delta[L] = w[:, None] * p - Yb
     M: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    M[L] = w[:, None, None] * (np.einsum("ni,ij->nij", p, np.eye(p.shape[1])) - p[:, :, None] * p[:, None, :])
+    C = p.shape[1]
+    M[L] = w[:, None, None] * (np.einsum("ni,ij->nij", p, np.eye(C)) - p[:, :, None] * p[:, None, :])
+    ggn_fast = prob.structured and not prob.hessian
+    lowrank = prob.structured and prob.hessian and L >= 2
+    Vt: dict[int, np.ndarray] = {}
+    if ggn_fast or lowrank:  # S^T = sqrt(w) (diag sqrt p - sqrt p p^T)
+        q = np.sqrt(p)
+        Vt[L] = np.sqrt(w)[:, None, None] * (np.einsum("ni,ij->nij", q, np.eye(C)) - q[:, :, None] * p[:, None, :])
+    if ggn_fast:
+        for l in range(L - 1, 0, -1):
+            Vt[l] = (Vt[l + 1] @ W[l]) * sp[l][:, None, :]
+        trace = np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * np.einsum("nij,nij->n", Vt[l], Vt[l])))
+                          for l in range(1, L + 1)])
+        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, trace, Vt)
+    rho = u2 = None
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
         delta[l] = sp[l] * g
+        if lowrank and l == L - 1:  # M_{L-1} = V V^T + diag(rho)
+            rho = spp[l] * g
+            Vt[l] = (Vt[l + 1] @ Wn) * sp[l][:, None, :]
+            u2 = np.einsum("nik,nik->nk", Vt[l], Vt[l])
+            if L == 2:
+                continue  # nothing below needs the dense d x d matrix
         WMW = Wn.T @ M[l + 1] @ Wn  # (B, d_l, d_l)
         Ml = sp[l][:, :, None] * WMW * sp[l][:, None, :]
         if prob.hessian:
             idx = np.arange(Ml.shape[1])
             Ml[:, idx, idx] += spp[l] * g
         M[l] = Ml
-    trace = np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * np.trace(M[l], axis1=1, axis2=2)))
-                      for l in range(1, L + 1)])
+    def tr_m(l: int) -> np.ndarray:
+        if M[l].size == 0:  # low-rank M_1 of a one-hidden-layer net
+            return np.einsum("nik,nik->n", Vt[l], Vt[l]) + rho.sum(axis=1)
+        return np.trace(M[l], axis1=1, axis2=2)
+
+    trace = np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * tr_m(l))) for l in range(1, L + 1)])
     G: dict[tuple[int, int], np.ndarray] = {}
     for m in range(1, L + 1):
         Gc = M[m]
@@ -104,7 +134,9 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             a_l = at[l + 1][:, :d_l]
             Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
             Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+    if lowrank:
+        del G[L - 1, L - 1]  # contracted through Vt, rho, u2 instead
+    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, Vt, rho, u2)
 
 
 def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray) -> np.ndarray:
@@ -116,13 +148,63 @@ def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray)
     return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
 
 
+def _chunk_rows(B: int, Bp: int, C: int, layers: int) -> int:
+    """Rows of I per chunk of the structured contraction (as the C++ core)."""
+    return max(1, min(B, int(4.0e6 / max(layers, 1) / (C * C * max(Bp, 1)))))
+
+
+def _psi(VI: np.ndarray, VJ: np.ndarray) -> np.ndarray:
+    """Psi[n, i, n', j] = (V_n^T V_n')[i, j] from stacked V^T, (B, C, d) and (B', C, d)."""
+    B, C, d = VI.shape
+    return (VI.reshape(B * C, d) @ VJ.reshape(-1, d).T).reshape(B, C, VJ.shape[0], C)
+
+
+def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
+    """GGN: out[l, m] = sum alpha_l beta_m <Psi_l, Psi_m>."""
+    assert FI.Vt is not None and FJ.Vt is not None
+    L = prob.n_layers
+    out = np.zeros((L, L))
+    alphas = {l: FI.at[l] @ FJ.at[l].T for l in range(1, L + 1)}
+    B, C = FI.Vt[L].shape[:2]
+    step = _chunk_rows(B, FJ.Vt[L].shape[0], C, L)
+    for r0 in range(0, B, step):
+        rows = slice(r0, r0 + step)
+        psi = {l: _psi(FI.Vt[l][rows], FJ.Vt[l]) for l in range(1, L + 1)}
+        for l in range(1, L + 1):
+            for m in range(l, L + 1):
+                K = np.einsum("aibj,aibj->ab", psi[l], psi[m])
+                out[l - 1, m - 1] += np.sum(alphas[l][rows] * alphas[m][rows] * K)
+    return out
+
+
+def _lowrank_diag_term(FI: BlockFeatures, FJ: BlockFeatures, l: int, alpha: np.ndarray) -> float:
+    """<M, M'> = |V^T V'|^2 + sum rho' |V_k|^2 + sum rho |V'_k|^2 + rho . rho', weighted by alpha^2."""
+    assert FI.Vt is not None and FJ.Vt is not None
+    inner = FI.u2 @ FJ.rho.T + FI.rho @ FJ.u2.T + FI.rho @ FJ.rho.T
+    B, C = FI.Vt[l].shape[:2]
+    total = 0.0
+    step = _chunk_rows(B, FJ.Vt[l].shape[0], C, 1)
+    for r0 in range(0, B, step):
+        rows = slice(r0, r0 + step)
+        psi = _psi(FI.Vt[l][rows], FJ.Vt[l])
+        K = np.einsum("aibj,aibj->ab", psi, psi)
+        total += float(np.sum(alpha[rows] ** 2 * (K + inner[rows])))
+    return total
+
+
 def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
     """out[l-1, m-1] = sum_{n in I, n' in J} kappa_lm(n, n') for l <= m (zero below the diagonal)."""
     L = prob.n_layers
+    if prob.structured and not prob.hessian:
+        return _pair_sum_ggn(prob, FI, FJ)
+    lowrank = prob.structured and L >= 2
     out = np.zeros((L, L))
     for l in range(1, L + 1):
         alpha = FI.at[l] @ FJ.at[l].T
         for m in range(l, L + 1):
+            if l == m and lowrank and l == L - 1:
+                out[l - 1, m - 1] = _lowrank_diag_term(FI, FJ, l, alpha)
+                continue
             KG = FI.G[l, m] @ FJ.G[l, m].T
             if l == m:
                 out[l - 1, m - 1] = np.sum(alpha * alpha * KG)
@@ -180,8 +262,8 @@ def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -
                         s = pair_sum(prob, fi, fj)
                         row_sum[i] += s if i == j else 2.0 * s
                         done += 1
-            if progress is not None:
-                progress(done, total_pairs)
+                        if progress is not None:
+                            progress(done, total_pairs)
     trace, blocks = np.zeros(L), np.zeros((L, L))
     for k in range(nb):
         trace += block_trace[k]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._activations import ACTIVATIONS, Activation
+from ._cost import choose_structured, feature_doubles, pair_flops, pair_scratch_doubles
 
 CURVATURES = ("hessian", "ggn")
 REDUCTIONS = ("mean", "sum")
@@ -45,6 +46,7 @@ class Problem:
     labels: np.ndarray
     soft: bool
     hessian: bool
+    structured: bool
     mean: bool
     batch_size: int
     threads: int
@@ -254,41 +256,23 @@ def default_memory_limit() -> int:
     return int(min(_MAX_DEFAULT_BUDGET, total // 4))
 
 
-def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool) -> int:
-    """Float64 values held per sample by a block's features (see the backends)."""
-    L = len(dims) - 1
-    d = dims
-    f = sum(d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1))  # augmented inputs
-    f += 2 * sum(d[1:])  # delta and sigma'
-    f += sum(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))  # G blocks
-    if hessian:
-        f += sum(d[m - 1] * d[l] for l in range(1, L + 1) for m in range(l + 2, L + 1))  # dense Q
-        f += 2 * sum(d[l] * d[l + 1] for l in range(1, L))  # cross-term factors
-    return f
-
-
-def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool) -> int:
-    """Float64 scratch of one thread contracting a block pair."""
-    widest = max(dims[1:-1], default=0) if hessian and len(dims) > 3 else 0
-    return batch * batch * (8 + widest)
-
-
-def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool,
+def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
                 threads: int, batch_size: int | None, memory_limit: int) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes."""
-    f = feature_doubles(dims, has_bias, hessian)
+    f = feature_doubles(dims, has_bias, hessian, structured)
     if batch_size is None:
-        target = min(_TARGET_BATCH, max(8, int(math.sqrt(_MAX_PAIR_FLOPS / (2.0 * f)))))
+        flops = pair_flops(dims, has_bias, hessian, structured)
+        target = min(_TARGET_BATCH, max(8, int(math.sqrt(_MAX_PAIR_FLOPS / flops))))
         n_blocks = max(1, math.ceil(n_samples / target))
         batch = math.ceil(n_samples / n_blocks)
         # Shrink until two blocks of features and the pair scratch of every thread take at most
         # half the budget; the other half caches features of further blocks.
-        while batch > 1 and 8 * (threads * (2 * batch * f + pair_scratch_doubles(dims, batch, hessian))) > memory_limit // 2:
+        while batch > 1 and 8 * (threads * (2 * batch * f + pair_scratch_doubles(dims, batch, hessian, structured))) > memory_limit // 2:
             batch = max(1, batch // 2)
     else:
         batch = min(batch_size, n_samples)
     n_blocks = math.ceil(n_samples / batch)
-    spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian)
+    spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian, structured)
     group = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
     return batch, int(group)
 
@@ -309,6 +293,8 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     budget = default_memory_limit() if memory_limit is None else _positive_int(memory_limit, "memory_limit")
     dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     has_bias = [b is not None for b in biases]
-    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], curv == "hessian", nthreads, batch, budget)
-    return Problem(weights, biases, acts, Xa, labels, soft, curv == "hessian", red == "mean",
+    hessian = curv == "hessian"
+    structured = choose_structured(dims, has_bias, hessian)
+    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget)
+    return Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
                    batch, nthreads, group, budget)

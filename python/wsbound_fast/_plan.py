@@ -1,0 +1,93 @@
+"""wsb.plan(): what bound() will cost, before running it."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ._cost import feature_doubles, pair_flops, pair_scratch_doubles
+from ._validate import (CURVATURES, _choice, _positive_int, choose_structured, default_memory_limit,
+                        default_threads, plan_blocks, validate_layers)
+
+#: Fraction of NumPy's float64 GEMM rate the engine's pair phase is assumed to reach.
+ASSUMED_EFFICIENCY = 0.6
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Predicted cost of ``bound()`` on this machine (see ``wsb.plan``)."""
+
+    n_params: int
+    n_samples: int
+    curvature: str
+    structured: bool
+    batch_size: int
+    n_blocks: int
+    block_pairs: int
+    group_blocks: int
+    pair_flops: float
+    feature_bytes: int
+    memory_bytes: int
+    gemm_gflops: float
+    predicted_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __repr__(self) -> str:
+        return (f"Plan({self.curvature}, P={self.n_params}, N={self.n_samples}, "
+                f"{'structured' if self.structured else 'generic'} path, batch {self.batch_size} "
+                f"({self.block_pairs} block pairs), {self.pair_flops:.3g} flops, "
+                f"~{self.memory_bytes / 2**20:.0f} MiB, ~{self.predicted_seconds:.3g} s at "
+                f"{ASSUMED_EFFICIENCY:.0%} of {self.gemm_gflops:.1f} GFLOP/s)")
+
+
+@functools.lru_cache(maxsize=1)
+def gemm_rate() -> float:
+    """This machine's float64 GEMM rate in FLOP/s (NumPy matmul, best of 3; cached)."""
+    n = 768
+    a = np.random.default_rng(0).standard_normal((n, n))
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def plan(layers: Any, n_samples: int, *, curvature: str = "hessian", batch_size: int | None = None,
+         threads: int | None = None, memory_limit: int | None = None) -> Plan:
+    """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``.
+
+    The flop count is the pair phase's (Gram products over the upper triangle of sample
+    pairs, 2 flops per multiply-add) from the engine's cost model; seconds assume the
+    engine reaches 60% of this machine's float64 NumPy GEMM rate, measured once.
+    """
+    weights, biases = validate_layers(layers)
+    n = _positive_int(n_samples, "n_samples")
+    curv = _choice(curvature, "curvature", CURVATURES)
+    nthreads = default_threads() if threads is None else _positive_int(threads, "threads")
+    budget = default_memory_limit() if memory_limit is None else _positive_int(memory_limit, "memory_limit")
+    batch_arg = None if batch_size is None else _positive_int(batch_size, "batch_size")
+    dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+    has_bias = [b is not None for b in biases]
+    hessian = curv == "hessian"
+    structured = choose_structured(dims, has_bias, hessian)
+    batch, group = plan_blocks(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget)
+    n_blocks = math.ceil(n / batch)
+    sizes = [min(batch, n - k * batch) for k in range(n_blocks)]
+    # upper triangle of block pairs: sum_{I <= J} |I| |J| = (N^2 + sum |I|^2) / 2 sample pairs
+    sample_pairs = (n * n + sum(s * s for s in sizes)) / 2.0
+    flops = sample_pairs * pair_flops(dims, has_bias, hessian, structured)
+    f = feature_doubles(dims, has_bias, hessian, structured)
+    held = min(n_blocks, 2 * group) * batch * f
+    memory = 8 * (held + nthreads * pair_scratch_doubles(dims, batch, hessian, structured))
+    rate = gemm_rate()
+    P = int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
+    return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops,
+                8 * n * f, memory, rate / 1e9, flops / (ASSUMED_EFFICIENCY * rate))
