@@ -12,6 +12,7 @@ from ._bounds import Bound, WSBounds, ws_bounds
 from ._data import load_digits
 from ._dense import dense_hessian
 from ._loader import load_core as _load_core
+from ._torch import from_torch
 
-__all__ = ["Bound", "WSBounds", "bound", "dense_hessian", "load_digits", "ws_bounds", "__version__"]
+__all__ = ["Bound", "WSBounds", "bound", "dense_hessian", "from_torch", "load_digits", "ws_bounds", "__version__"]
 __version__ = "0.1.0"
