@@ -123,11 +123,7 @@ def _activation_of(m: Any, where: str) -> Any:
 
 
 def _linear_params(m: Any, where: str) -> tuple[np.ndarray, np.ndarray | None]:
-    torch = _import_torch()
-    W = m.weight
-    if isinstance(W, torch.nn.parameter.UninitializedParameter):
-        raise ValueError(f"{where}: the layer is not initialised yet (a lazy module); run one forward pass first")
-    Wn = tensor_to_numpy(W, dtype=np.float64)
+    Wn = tensor_to_numpy(m.weight, dtype=np.float64)
     bn = None if m.bias is None else tensor_to_numpy(m.bias, dtype=np.float64)
     return Wn, bn
 
@@ -197,6 +193,8 @@ def convert(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], li
                 raise ValueError(f"{pending[1]}: an activation after the last Linear layer is not supported")
             continue
         act = _activation_of(m, where)
+        if act is None and isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(f"{where}: the layer is not initialised yet (a lazy module); run one forward pass first")
         if act is None:
             raise ValueError(
                 f"unsupported module {where}; supported: Linear, Tanh, Sigmoid, Softplus, GELU, SiLU, ReLU, "
