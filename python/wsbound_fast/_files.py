@@ -109,7 +109,7 @@ def _npz_model(path: str) -> Model:
         if W.ndim != 2:
             raise ValueError(f"MODEL {path}: W{i} must be 2-D (d_out, d_in); got shape {W.shape}")
     dims = (int(layers[0][0].shape[1]),) + tuple(int(W.shape[0]) for W, _ in layers)
-    return Model("npz", layers, activation, dims, f"{path} (.npz)")
+    return Model("npz", layers, activation, dims, path)
 
 
 def load_model(path: str) -> Model:
