@@ -131,6 +131,11 @@ def test_float32_module_and_tensors(torch):
     res_mod = wsb.bound(model, X32, y)
     res_arr = wsb.bound(layers, X32.detach().numpy(), y.numpy(), activation="tanh")
     assert res_mod.trace == res_arr.trace and res_mod.trace_sq == res_arr.trace_sq
+    res_mixed = wsb.bound(layers, X32, y, activation="tanh")  # arrays for the model, tensors for the data
+    assert res_mixed.trace == res_arr.trace and res_mixed.trace_sq == res_arr.trace_sq
+    Xb = X.to(torch.bfloat16)  # no NumPy dtype: read as float64
+    res_bf = wsb.bound(layers, Xb, y, activation="tanh")
+    assert res_bf.trace == wsb.bound(layers, Xb.double().numpy(), y.numpy(), activation="tanh").trace
 
 
 def test_structure_variants(torch):

@@ -67,13 +67,21 @@ def _import_torch() -> Any:
     return torch
 
 
-def tensor_to_numpy(t: Any, *, dtype: Any = None) -> np.ndarray:
-    """A host NumPy copy of a tensor on any device (detached; bfloat16 and the like as float64)."""
+def tensor_to_numpy(t: Any, *, dtype: Any = None, copy: bool = True) -> np.ndarray:
+    """A host NumPy array of a tensor on any device (detached; bfloat16 and the like as float64).
+
+    ``copy=False`` may return a read-only view of a CPU tensor's memory (for X and y, which
+    are only read); weights are always copied.
+    """
     torch = _import_torch()
     t = t.detach()
     if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
         t = t.to(torch.float64)  # bfloat16, float8: no NumPy dtype
     arr = t.cpu().numpy()
+    if not copy:
+        view = np.asarray(arr, dtype=dtype)
+        view.flags.writeable = False
+        return view
     return np.array(arr, dtype=dtype)  # a copy: never a view of the tensor's memory
 
 
@@ -122,7 +130,7 @@ def _activation_of(m: Any, where: str) -> Any:
     return None
 
 
-def _linear_params(m: Any, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _linear_params(m: Any) -> tuple[np.ndarray, np.ndarray | None]:
     Wn = tensor_to_numpy(m.weight, dtype=np.float64)
     bn = None if m.bias is None else tensor_to_numpy(m.bias, dtype=np.float64)
     return Wn, bn
@@ -146,7 +154,7 @@ def convert(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], li
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_torch expects a torch.nn.Sequential (or nn.Linear); got {type(module).__name__}")
     if _is_linear(module):
-        return [_linear_params(module, _describe(module, "", 0))], [], False
+        return [_linear_params(module)], [], False
     if type(module) is not nn.Sequential:
         raise TypeError(
             f"from_torch supports torch.nn.Sequential stacks of Linear and activation modules (or one nn.Linear); "
@@ -170,7 +178,7 @@ def convert(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], li
                 )
             if pending is not None:
                 acts.append(pending[0])
-            W, b = _linear_params(m, where)
+            W, b = _linear_params(m)
             layers.append((W, b))
             pending, last_linear = None, path
             continue
@@ -256,15 +264,15 @@ def adapt(layers: Any, X: Any, y: Any, activation: Any) -> tuple[Any, Any, Any, 
         if flatten:
             X = _flattened(X)
     if is_tensor(X):
-        X = tensor_to_numpy(X)
+        X = tensor_to_numpy(X, copy=False)
     if is_tensor(y):
-        y = tensor_to_numpy(y)
+        y = tensor_to_numpy(y, copy=False)
     return layers, X, y, activation
 
 
 def _flattened(X: Any) -> Any:
     if is_tensor(X):
-        X = tensor_to_numpy(X)
+        X = tensor_to_numpy(X, copy=False)
     arr = np.asarray(X)
     if arr.ndim >= 2:
         return arr.reshape(arr.shape[0], -1)
