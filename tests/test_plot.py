@@ -71,6 +71,14 @@ def test_cli_demo_plot_missing_folder(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "folder does not exist" in err
 
 
+def test_cli_demo_plot_unknown_format(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code = _cli.main(["demo", "--epochs", "1", "--plot", str(tmp_path / "x.xyz")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""  # refused before training
+    assert len(err.strip().splitlines()) == 1 and "image format" in err and ".png" in err
+
+
 def test_cli_demo_plot_without_matplotlib(tmp_path):
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"

@@ -62,6 +62,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         require_matplotlib()  # before training: a missing extra is an input error (exit 2)
         _check_writable(args.plot)
+        from matplotlib.figure import Figure
+
+        suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            raise _UsageError(f"{PROG}: error: --plot: cannot tell the image format from {args.plot!r}; use a file "
+                              f"name ending in one of {', '.join('.' + f for f in sorted(formats))}")
         if checkpoints is None:
             checkpoints = _PLOT_CHECKPOINTS
     rows = run_demo(hidden=args.hidden, epochs=args.epochs, seed=args.seed,
