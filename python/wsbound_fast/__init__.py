@@ -13,6 +13,10 @@ from ._data import load_digits
 from ._dense import dense_hessian
 from ._loader import load_core as _load_core
 from ._plan import Plan, plan
+from ._torch import from_torch
 
-__all__ = ["Bound", "Plan", "WSBounds", "bound", "dense_hessian", "load_digits", "plan", "ws_bounds", "__version__"]
+__all__ = [
+    "Bound", "Plan", "WSBounds", "bound", "dense_hessian", "from_torch", "load_digits", "plan", "ws_bounds",
+    "__version__",
+]
 __version__ = "0.1.0"

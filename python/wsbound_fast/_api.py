@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _torch
 from ._bounds import Bound, ws_bounds
 from ._progress import ProgressFn, Reporter
 from ._validate import BACKENDS, Problem, _choice, validate
@@ -60,7 +61,7 @@ def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, f
 _BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy}
 
 
-def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: str = "hessian",
+def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
           reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
           backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
           callback: ProgressFn | None = None) -> Bound:
@@ -68,14 +69,18 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
 
     Parameters
     ----------
-    layers : sequence of (W, b)
+    layers : sequence of (W, b), or a torch.nn.Sequential
         W of shape (d_out, d_in) (torch.nn.Linear layout), b of shape (d_out,) or None.
-    X : array (N, d_0)
-        Inputs, float32 or float64, any memory layout.
-    y : array (N,) of class indices, or (N, C) of probability rows (soft labels).
-    activation : str or list of str
+        A torch module is read by :func:`from_torch` (weights copied to float64).
+    X : array (N, d_0), or a torch tensor (any device; copied to host)
+        Inputs, float32 or float64, any memory layout.  With a module that starts with
+        nn.Flatten, X of shape (N, ...) is flattened to (N, -1).
+    y : array (N,) of class indices, or (N, C) of probability rows (soft labels); or a tensor.
+    activation : str or list of str, or None
         One name for every hidden layer or one per hidden layer: tanh, sigmoid, softplus,
         gelu, gelu_tanh, silu, identity, relu, leaky_relu (or ("leaky_relu", slope)).
+        None (the default) means "tanh" for a list of layers, and the module's own
+        activations for a torch module (an explicit value must then agree with them).
     curvature : "hessian" (the full Hessian) or "ggn" (generalized Gauss-Newton).
     reduction : "mean" (the loss is averaged over samples, as torch) or "sum".
     batch_size : samples per streamed block; default chosen from ``memory_limit``.
@@ -97,6 +102,9 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
     """
     which = _choice(backend, "backend", BACKENDS)
     reporter = Reporter(progress, callback)
+    layers, X, y, activation = _torch.adapt(layers, X, y, activation)  # no-op without torch objects
+    if activation is None:
+        activation = "tanh"
     prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                     batch_size=batch_size, threads=threads, memory_limit=memory_limit)
     t0 = time.perf_counter()

@@ -33,11 +33,123 @@ def _int_at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+def _demo_lambda_max() -> Callable | None:
+    """HOOK(eigsh): the exact λ_max for the demo's plot, or None while there is no way to get it.
 
-    run_demo(hidden=args.hidden, epochs=args.epochs, seed=args.seed, checkpoints=args.checkpoints,
-             backend=args.backend, threads=args.threads)
+    When ``wsbound_fast.eigsh`` (being built for the "truth" issue) lands, return here a
+    function ``(layers, X, y) -> float`` computing the largest eigenvalue of the tanh MLP's
+    mean cross-entropy Hessian with it; run_demo stores it per checkpoint and the plot draws
+    it as a third curve between the WS bounds.  Nothing else needs to change.
+    """
+    return None
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any work when ``path`` cannot be written (missing folder, no permission)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise _UsageError(f"{PROG}: error: --plot: folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise _UsageError(f"{PROG}: error: --plot: folder is not writable: {folder}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import DEFAULT_CHECKPOINTS, run_demo
+
+    checkpoints = args.checkpoints
+    if args.plot is not None:
+        from ._plot import require_matplotlib
+
+        require_matplotlib()  # before training: a missing extra is an input error (exit 2)
+        _check_writable(args.plot)
+        from matplotlib.figure import Figure
+
+        suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            raise _UsageError(f"{PROG}: error: --plot: cannot tell the image format from {args.plot!r}; use a file "
+                              f"name ending in one of {', '.join('.' + f for f in sorted(formats))}")
+        if checkpoints is None:
+            checkpoints = _PLOT_CHECKPOINTS
+    rows = run_demo(hidden=args.hidden, epochs=args.epochs, seed=args.seed,
+                    checkpoints=DEFAULT_CHECKPOINTS if checkpoints is None else checkpoints,
+                    backend=args.backend, threads=args.threads, lambda_max=_demo_lambda_max())
+    if args.plot is not None:
+        from ._plot import plot_demo
+
+        N = rows[0].bound.n_samples
+        plot_demo(rows, args.plot, title=f"digits (N = {N}), tanh MLP 64-{args.hidden}-10: "
+                                         f"sharpness during training")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+#: Checkpoints of ``demo --plot`` unless --checkpoints is given (more points for a curve).
+_PLOT_CHECKPOINTS = 16
+
+
+def _format_table(res: object, model: object, n_classes: int, soft: bool, activation: object) -> str:
+    from ._bounds import Bound
+    from ._files import Model
+
+    assert isinstance(res, Bound) and isinstance(model, Model)
+    H = "H" if res.curvature == "hessian" else "G"
+    arch = "-".join(map(str, model.dims))
+    acts = activation if isinstance(activation, list) else [activation] * (len(model.dims) - 2)
+    act_text = ", ".join(a if isinstance(a, str) else f"{a[0]}({a[1]:g})" for a in acts) or "none (one layer)"
+    rows = [
+        ("model", f"{model.description}: {arch}, {len(model.dims) - 1} layer(s), P = {res.n_params:,}"),
+        ("activations", act_text),
+        ("data", f"N = {res.n_samples:,} samples, {'soft' if soft else 'hard'} labels, {n_classes} classes"),
+        ("curvature", f"{'Hessian' if H == 'H' else 'generalized Gauss-Newton'} of the {res.reduction} "
+                      f"cross-entropy; backend {res.backend}, {res.elapsed_s:.3g} s"),
+        (f"tr({H})", f"{res.trace:.12g}"),
+        (f"tr({H}^2)", f"{res.trace_sq:.12g}"),
+        ("eigenvalues", f"mean {res.mean:.6g}, std {res.std:.6g}"),
+        ("lambda_max", f"in [{res.lambda_max_lower:.6g}, {res.lambda_max_upper:.6g}]"),
+        ("lambda_min", f"in [{res.lambda_min_lower:.6g}, {res.lambda_min_upper:.6g}]"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append(f"{'':{width}}  (lambda_*: certified Wolkowicz-Styan bounds on the extreme eigenvalues of {H})")
+    return "\n".join(lines)
+
+
+def _cmd_bound(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from ._api import bound
+    from ._demo import resolve_backend
+    from ._files import load_data, load_model, parse_activation
+
+    activation = parse_activation(args.activation)
+    model = load_model(args.model)
+    X, y = load_data(args.data)
+    if model.source == "npz":
+        if activation is None:
+            activation = model.activation
+        if activation is None and len(model.dims) > 2:
+            raise _UsageError(
+                f"{PROG}: error: the model has hidden layers: give --activation (e.g. tanh, or tanh,relu for one "
+                "per hidden layer), or store an 'activation' array in the .npz"
+            )
+    which = resolve_backend(args.backend)
+    # a progress bar over block pairs on a terminal (stderr), unless --quiet
+    res = bound(model.layers, X, y, activation=activation, curvature=args.curvature, reduction=args.reduction,
+                batch_size=args.batch_size, threads=args.threads, backend=which,
+                progress=not args.quiet and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        if model.source == "torch":
+            from ._torch import convert
+
+            activation = convert(model.layers)[1]
+        elif activation is None:
+            activation = []
+        print(_format_table(res, model, model.dims[-1], np.ndim(y) == 2, activation))
     return 0
 
 
@@ -63,13 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "tr(H), tr(H^2) of the loss Hessian and the Wolkowicz-Styan bounds on its largest "
                     "eigenvalue.",
     )
+    demo.add_argument("--plot", metavar="FILE", default=None,
+                      help="also draw tr(H), the WS bounds and the loss against training steps into FILE "
+                           "(.png, .pdf, .svg; needs matplotlib)")
     demo.add_argument("--hidden", type=_int_at_least(1), default=DEFAULT_HIDDEN, metavar="H",
                       help="hidden units (default: %(default)s)")
     demo.add_argument("--epochs", type=_int_at_least(0), default=DEFAULT_EPOCHS, metavar="E",
                       help="gradient-descent steps on the full data set (default: %(default)s)")
-    demo.add_argument("--checkpoints", type=_int_at_least(2), default=DEFAULT_CHECKPOINTS, metavar="K",
+    demo.add_argument("--checkpoints", type=_int_at_least(2), default=None, metavar="K",
                       help="table rows: epoch 0, the last epoch and geometrically spaced ones between "
-                           "(default: %(default)s)")
+                           f"(default: {DEFAULT_CHECKPOINTS}, or {_PLOT_CHECKPOINTS} with --plot)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation (default: %(default)s)")
     demo.add_argument("--backend", choices=("cpp", "numpy"), default=None,
                       help="engine for the bounds (default: cpp, or numpy with a notice if the compiled "
@@ -77,6 +192,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_int_at_least(1), default=None, metavar="T",
                       help="worker threads of the cpp backend (default: all available cores)")
     demo.set_defaults(func=_cmd_demo)
+
+    bnd = sub.add_parser(
+        "bound",
+        help="tr(H), tr(H^2) and the WS bounds of a model file on a data file",
+        description="Exact tr(H), tr(H^2) of the cross-entropy loss curvature of the MLP in MODEL over the data "
+                    "in DATA, and the Wolkowicz-Styan bounds on its extreme eigenvalues. MODEL: an .npz of "
+                    "W0, b0, W1, b1, ... (W of shape (out, in) as torch.nn.Linear; b optional; optional "
+                    "'activation' strings), or a torch.save-d nn.Sequential (needs torch; read with "
+                    "weights_only=True, only the supported module classes are allowed). DATA: an .npz with X "
+                    "(N, d) and y (N,) class indices or (N, C) probability rows. Exit status 0 ok, 2 bad input.",
+    )
+    bnd.add_argument("model", metavar="MODEL", help="model file (.npz of W0, b0, ...; or a saved torch nn.Sequential)")
+    bnd.add_argument("data", metavar="DATA", help=".npz with arrays X and y")
+    bnd.add_argument("--activation", metavar="A", default=None,
+                     help="hidden activation: a name (tanh, sigmoid, softplus, gelu, gelu_tanh, silu, identity, relu, "
+                          "leaky_relu[:slope]) or one per hidden layer, comma-separated; required for an .npz model "
+                          "with hidden layers unless stored in it; for a torch model it must agree with the model")
+    bnd.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
+                     help="the Hessian or the generalized Gauss-Newton matrix (default: %(default)s)")
+    bnd.add_argument("--reduction", choices=("mean", "sum"), default="mean",
+                     help="loss averaged or summed over samples (default: %(default)s)")
+    bnd.add_argument("--json", action="store_true", help="print the result as a JSON object")
+    bnd.add_argument("--backend", choices=("cpp", "numpy"), default=None,
+                     help="engine (default: cpp, or numpy with a notice if the compiled core is unavailable)")
+    bnd.add_argument("--batch-size", type=_int_at_least(1), default=None, metavar="B",
+                     help="samples per streamed block (default: chosen from the memory budget)")
+    bnd.add_argument("--threads", type=_int_at_least(1), default=None, metavar="T",
+                     help="worker threads of the cpp backend (default: all available cores)")
+    bnd.add_argument("--quiet", action="store_true", help="no status line on a terminal")
+    bnd.set_defaults(func=_cmd_bound)
     return parser
 
 

@@ -129,6 +129,7 @@ class DemoRow:
     loss: float
     accuracy: float
     bound: Bound
+    lambda_max: float | None = None  # exact largest eigenvalue, when run_demo was given a way to get it
 
 
 _UNICODE = {"trH": "tr(H)", "trH2": "tr(H²)", "H2": "H²", "lo": "λ_max ≥", "hi": "λ_max ≤"}
@@ -156,12 +157,14 @@ def _fmt_row(cells: Sequence[str]) -> str:
 def run_demo(hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *,
              checkpoints: int = DEFAULT_CHECKPOINTS, lr: float = DEFAULT_LR, momentum: float = DEFAULT_MOMENTUM,
              backend: str | None = None, threads: int | None = None, out: TextIO | None = None,
-             notice: TextIO | None = None) -> list[DemoRow]:
+             notice: TextIO | None = None,
+             lambda_max: Callable[[Layers, np.ndarray, np.ndarray], float] | None = None) -> list[DemoRow]:
     """Train a 64-``hidden``-10 tanh MLP on the digits; print tr(H), tr(H^2) and WS bounds at checkpoints.
 
     ``backend=None`` uses the compiled core and falls back to NumPy (with a one-line notice
     on ``notice``, default stderr) when it cannot be imported.  The table goes to ``out``
-    (default stdout).  Returns the rows.
+    (default stdout).  Returns the rows.  ``lambda_max(layers, X, y)``, when given, is called
+    at each checkpoint and its value stored in the row (for plots; not printed).
     """
     from ._api import bound
 
@@ -190,7 +193,8 @@ def run_demo(hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS, seed: i
     def report(epoch: int, params: Layers, loss: float, acc: float) -> None:
         res = bound(params, X, y, activation="tanh", curvature="hessian", reduction="mean",
                     backend=which, threads=threads)
-        rows.append(DemoRow(epoch, loss, acc, res))
+        lmax = None if lambda_max is None else float(lambda_max(params, X, y))
+        rows.append(DemoRow(epoch, loss, acc, res, lmax))
         print(_fmt_row([str(epoch), f"{loss:.4f}", f"{100 * acc:.1f}%", f"{res.trace:.4g}", f"{res.trace_sq:.4g}",
                         f"{res.lambda_max_lower:.4g}", f"{res.lambda_max_upper:.4g}", f"{res.elapsed_s:.3f}"]),
               file=out)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _numpy_backend as nb
+from . import _torch
 from ._validate import validate
 
 #: Largest P for which dense_hessian builds the matrix (P^2 float64 = 3.2 GB at the limit).
@@ -26,13 +27,17 @@ def _param_index(d_out: int, d_in: int, bias: bool) -> np.ndarray:
     return idx
 
 
-def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: str = "hessian",
+def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
                   reduction: str = "mean") -> np.ndarray:
     """The P x P Hessian (or GGN) of the cross-entropy loss, as a dense NumPy array.
 
     Parameters are ordered layer by layer, W row-major then b (as
     ``torch.nn.Sequential.parameters()``).  Refuses P > 20000; use :func:`bound` there.
+    Takes the same inputs as :func:`bound` (a torch module and tensors too).
     """
+    layers, X, y, activation = _torch.adapt(layers, X, y, activation)
+    if activation is None:
+        activation = "tanh"
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
     prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction),
                    structured=False)

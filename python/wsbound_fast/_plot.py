@@ -1,0 +1,116 @@
+"""Pictures of sharpness during training (matplotlib, an optional extra: ``pip install .[plot]``).
+
+Uses ``matplotlib.figure.Figure`` directly (no pyplot): no GUI backend is touched and the
+caller's pyplot state is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_sharpness", "require_matplotlib"]
+
+
+def require_matplotlib() -> Any:
+    """Import matplotlib, or raise ImportError saying how to install it."""
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "plotting needs matplotlib, which is not installed: pip install 'wsbound_fast[plot]' "
+            f"(or pip install matplotlib) [{exc}]"
+        ) from None
+    return matplotlib
+
+
+def _series(values: Sequence[float] | None, n: int, name: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have one value per step ({n}); got shape {arr.shape}")
+    return arr
+
+
+def plot_sharpness(path: str, steps: Sequence[float], trace: Sequence[float], ws_upper: Sequence[float],
+                   loss: Sequence[float] | None = None, *, ws_lower: Sequence[float] | None = None,
+                   lambda_max: Sequence[float | None] | None = None, title: str | None = None,
+                   xlabel: str = "training step", curvature: str = "hessian", dpi: int = 100) -> None:
+    """Draw tr(H), the Wolkowicz-Styan bounds and (optionally) λ_max against training steps.
+
+    ``ws_lower`` / ``ws_upper``: the certified interval for λ_max (shaded); ``lambda_max``:
+    exact values (e.g. from Lanczos) where known (None entries are skipped); ``loss`` goes on
+    a second y-axis.  Curvature values use a log scale (values <= 0 are not drawn); the
+    x-axis is symmetric-log when the steps span more than two decades (geometric
+    checkpoints), linear otherwise.  Written to ``path`` (format from its suffix, e.g. .png).
+    """
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    x = np.asarray(steps, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"steps must be a non-empty 1-D sequence; got shape {x.shape}")
+    n = x.size
+    tr = _series(trace, n, "trace")
+    hi = _series(ws_upper, n, "ws_upper")
+    lo = _series(ws_lower, n, "ws_lower")
+    ls = _series(loss, n, "loss")
+    lm = None
+    if lambda_max is not None:
+        lm = _series([np.nan if v is None else v for v in lambda_max], n, "lambda_max")
+    H = "H" if curvature == "hessian" else "G"
+
+    fig = Figure(figsize=(7.0, 4.2), dpi=dpi, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(x, tr, "o-", color="tab:blue", ms=3.5, lw=1.6, label=f"tr({H}) (exact)")
+    ax.plot(x, hi, "s-", color="tab:red", ms=3.5, lw=1.6, label=r"WS upper bound on $\lambda_{max}$")
+    if lo is not None:
+        ax.plot(x, lo, "-", color="tab:red", lw=0.9, alpha=0.7, label=r"WS lower bound on $\lambda_{max}$")
+        ax.fill_between(x, lo, hi, color="tab:red", alpha=0.10, lw=0,
+                        label=r"certified interval for $\lambda_{max}$")
+    if lm is not None and np.isfinite(lm).any():
+        ok = np.isfinite(lm)
+        ax.plot(x[ok], lm[ok], "D-", color="black", ms=3.5, lw=1.2, label=r"$\lambda_{max}$ (exact)")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"curvature of the loss ({'Hessian' if H == 'H' else 'GGN'})")
+    positive = x[x > 0]
+    if positive.size and positive.max() / positive.min() > 100:
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if ls is not None:
+        ax2 = ax.twinx()
+        h2 = ax2.plot(x, ls, "^--", color="tab:gray", ms=3.5, lw=1.2, label="training loss")
+        if (ls > 0).all() and ls.max() / ls.min() > 20:
+            ax2.set_yscale("log")
+        ax2.set_ylabel("training loss (mean cross-entropy)", color="tab:gray")
+        ax2.tick_params(axis="y", colors="tab:gray")
+        handles += h2
+        labels += [h.get_label() for h in h2]
+    ax.legend(handles, labels, loc="best", fontsize="small", framealpha=0.85)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    fig.savefig(path, dpi=dpi)
+
+
+def plot_demo(rows: Sequence[Any], path: str, *, title: str | None = None) -> None:
+    """The demo's picture: its rows (``_demo.DemoRow``) against the training epoch."""
+    lmax = [r.lambda_max for r in rows]
+    plot_sharpness(
+        path,
+        steps=[r.epoch for r in rows],
+        trace=[r.bound.trace for r in rows],
+        ws_upper=[r.bound.lambda_max_upper for r in rows],
+        ws_lower=[r.bound.lambda_max_lower for r in rows],
+        loss=[r.loss for r in rows],
+        lambda_max=None if all(v is None for v in lmax) else lmax,
+        title=title,
+        xlabel="full-batch gradient-descent step (epoch)",
+        curvature=rows[0].bound.curvature if rows else "hessian",
+    )
