@@ -54,12 +54,18 @@ def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, f
     return tr, tr2
 
 
-_BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy}
+def _moments_torch(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
+    from ._torch_backend import moments
+
+    return moments(prob)  # type: ignore[arg-type]  # a TorchProblem (validate_torch)
+
+
+_BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy, "torch": _moments_torch}
 
 
 def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: str = "hessian",
           reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
-          backend: str = "cpp", memory_limit: int | None = None) -> Bound:
+          backend: str = "cpp", memory_limit: int | None = None, device: Any = None, dtype: Any = None) -> Bound:
     """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -77,9 +83,16 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
     batch_size : samples per streamed block; default chosen from ``memory_limit``.
     threads : worker threads of the C++ backend (default: all cores available).  The NumPy
         backend uses its BLAS's own threads.  Results do not depend on it.
-    backend : "cpp" (compiled core) or "numpy" (the same algorithm in NumPy).
+    backend : "cpp" (compiled core), "numpy" (the same algorithm in NumPy) or "torch" (the
+        same algorithm on torch tensors, CPU or GPU; needs torch installed).
     memory_limit : bytes the engine may use for features and scratch (default: a quarter
-        of the machine's memory, at most 4 GiB).
+        of the machine's memory, at most 4 GiB; for backend="torch" on CUDA, half of the
+        device's free memory).
+    device : backend="torch" only: where to compute ("cpu", "cuda", "cuda:1", a
+        torch.device).  Default: the device of X (or of the weights) if they are tensors,
+        else the CPU.  X is streamed to it block by block.
+    dtype : backend="torch" only: "float64" (default) or "float32" (features and Gram
+        products in float32, every sum accumulated in float64; about 1e-6 relative).
 
     Returns
     -------
@@ -88,8 +101,17 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
         largest and smallest eigenvalue of the P x P curvature matrix.
     """
     which = _choice(backend, "backend", BACKENDS)
-    prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                    batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+    if which == "torch":
+        from ._torch_backend import validate_torch
+
+        prob = validate_torch(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                              batch_size=batch_size, threads=threads, memory_limit=memory_limit,
+                              device=device, dtype=dtype)
+    else:
+        prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                        batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+        if device is not None or dtype is not None:
+            raise ValueError(f"device= and dtype= apply to backend='torch' only; got backend={which!r}")
     t0 = time.perf_counter()
     layer_trace, blocks = _BACKENDS[which](prob)
     tr, tr2 = total_moments(layer_trace, blocks)
