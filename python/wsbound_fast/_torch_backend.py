@@ -422,12 +422,11 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
     else:
         labels = torch.from_numpy(prob.labels).to(device=dev)
     X = prob.X
-    np_dtype = np.float64 if cdt == torch.float64 else np.float32
 
     def rows_of(lo: int, hi: int) -> torch.Tensor:
         if isinstance(X, torch.Tensor):
             return X[lo:hi].to(device=dev, dtype=cdt)
-        return torch.from_numpy(np.array(X[lo:hi], dtype=np_dtype)).to(device=dev)
+        return torch.from_numpy(np.array(X[lo:hi])).to(device=dev, dtype=cdt)  # a copy: X may be read-only
 
     def label_rows(lo: int, hi: int) -> torch.Tensor:
         if prob.soft:
