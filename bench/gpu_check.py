@@ -31,6 +31,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -211,11 +212,15 @@ def lanczos_time(layers: list, acts: list[str], X: torch.Tensor, y: torch.Tensor
     def hvp(v: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(grad, (theta0,), (v,))[1]
 
-    hvp(torch.ones_like(theta0))  # warm-up (kernels, autotuning)
-    sync(X.device)
-    t0 = time.perf_counter()
-    est, iters = lanczos_lambda_max(hvp, theta0)
-    sync(X.device)
+    with warnings.catch_warnings():
+        # forward-mode AD through nll_loss's backward uses a torch.jit.script decomposition,
+        # which recent torch flags as deprecated (torch's own business, once per process)
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        hvp(torch.ones_like(theta0))  # warm-up (kernels, autotuning)
+        sync(X.device)
+        t0 = time.perf_counter()
+        est, iters = lanczos_lambda_max(hvp, theta0)
+        sync(X.device)
     return time.perf_counter() - t0, est, iters
 
 

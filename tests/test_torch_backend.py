@@ -9,7 +9,6 @@ and with ``_numpy_backend`` block by block.  Skipped as a whole without torch.
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 import warnings
@@ -146,11 +145,10 @@ def test_bitwise_reproducible(refs):
 
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 @pytest.mark.parametrize("curvature", CURVATURES)
-@pytest.mark.parametrize("dtype", ["float32", torch.float32])
-def test_float32_mode(spec, curvature, dtype, refs):
+def test_float32_mode(spec, curvature, refs):
     layers, X, y = refs.model(spec)
     ref = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
-    res = _bound(layers, X, y, spec, curvature=curvature, backend="torch", dtype=dtype, batch_size=5)
+    res = _bound(layers, X, y, spec, curvature=curvature, backend="torch", dtype="float32", batch_size=5)
     assert_close(res, ref, FLOAT32_TOL)
 
 
@@ -162,7 +160,7 @@ def test_float32_mode_digits():
               (rng.standard_normal((10, 32)) / 6, np.zeros(10))]
     for curvature in CURVATURES:
         ref = wsb.bound(layers, X[:300], y[:300], curvature=curvature, backend="cpp")
-        res = wsb.bound(layers, X[:300], y[:300], curvature=curvature, backend="torch", dtype="float32")
+        res = wsb.bound(layers, X[:300], y[:300], curvature=curvature, backend="torch", dtype=torch.float32)
         assert_close(res, ref, FLOAT32_TOL)
 
 
@@ -311,6 +309,17 @@ def test_tensor_inputs_equal_numpy_inputs():
     assert_close(wsb.bound(bf, X, y, backend="torch"), wsb.bound(up, X, y, backend="cpp"))
 
 
+def test_read_only_arrays():
+    """Read-only NumPy inputs (memory maps, broadcasts) work without torch's sharing warning."""
+    layers, X, y = _small()
+    ref = wsb.bound(layers, X, y, backend="cpp")
+    Ysoft = np.eye(3)[y] * 0.9 + 0.1 / 3
+    for a in [X, y, Ysoft] + [v for layer in layers for v in layer if v is not None]:
+        a.flags.writeable = False
+    assert_close(wsb.bound(layers, X, y, backend="torch"), ref)
+    assert_close(wsb.bound(layers, X, Ysoft, backend="torch"), wsb.bound(layers, X, Ysoft, backend="cpp"))
+
+
 def test_soft_label_tensors():
     spec = R.ModelSpec((4, 6, 3), "silu", "all", n=9, labels="soft", seed=9)
     layers, X, y = spec.build()
@@ -436,10 +445,14 @@ def test_import_does_not_import_torch():
     assert out.returncode == 0, out.stderr
 
 
-def test_gpu_check_quick():
-    """bench/gpu_check.py --quick: the CPU self-check (what runs where there is no CUDA)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--quick"], capture_output=True,
-                         text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "self-check passed" in out.stdout
+def test_gpu_check_quick(capsys):
+    """bench/gpu_check.py --quick: the CPU self-check (what runs where there is no CUDA).
+    In-process, to save a second torch import; the script is also run as a program by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "self-check passed" in out and "Lanczos" in out

@@ -266,6 +266,11 @@ def evaluate(act: Activation, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------------------
 
 
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy, copying read-only arrays (torch warns about sharing those)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 @dataclass
 class DeviceWeights:
     """The weights and biases on the compute device, in the compute dtype (copied once)."""
@@ -276,7 +281,7 @@ class DeviceWeights:
     @classmethod
     def of(cls, prob: TorchProblem) -> DeviceWeights:
         def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(device=prob.device, dtype=prob.dtype)
+            return _from_numpy(a).to(device=prob.device, dtype=prob.dtype)
 
         return cls([put(W) for W in prob.weights], [None if b is None else put(b) for b in prob.biases])
 
@@ -418,9 +423,9 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
     group = prob.group_blocks
     net = DeviceWeights.of(prob)
     if prob.soft:
-        labels = torch.from_numpy(prob.labels).to(device=dev, dtype=cdt)
+        labels = _from_numpy(prob.labels).to(device=dev, dtype=cdt)
     else:
-        labels = torch.from_numpy(prob.labels).to(device=dev)
+        labels = _from_numpy(prob.labels).to(device=dev)
     X = prob.X
 
     def rows_of(lo: int, hi: int) -> torch.Tensor:
