@@ -58,13 +58,19 @@ def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, f
     return tr, tr2
 
 
-_BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy}
+def _moments_torch(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+    from ._torch_backend import moments
+
+    return moments(prob, progress)  # type: ignore[arg-type]  # a TorchProblem (validate_torch)
+
+
+_BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy, "torch": _moments_torch}
 
 
 def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
           reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
           backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
-          callback: ProgressFn | None = None) -> Bound:
+          callback: ProgressFn | None = None, device: Any = None, dtype: Any = None) -> Bound:
     """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -86,13 +92,20 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     batch_size : samples per streamed block; default chosen from ``memory_limit``.
     threads : worker threads of the C++ backend (default: all cores available).  The NumPy
         backend uses its BLAS's own threads.  Results do not depend on it.
-    backend : "cpp" (compiled core) or "numpy" (the same algorithm in NumPy).
+    backend : "cpp" (compiled core), "numpy" (the same algorithm in NumPy) or "torch" (the
+        same algorithm on torch tensors, CPU or GPU; needs torch installed).
     memory_limit : bytes the engine may use for features and scratch (default: a quarter
-        of the machine's memory, at most 4 GiB).
+        of the machine's memory, at most 4 GiB; for backend="torch" on CUDA, half of the
+        device's free memory).
     progress : show a progress bar over block pairs on stderr (tqdm when installed).
     callback : called as ``callback(done, total)`` with the number of block pairs done,
         about ten times a second at most and once at the end; an exception it raises stops
         the computation and propagates.
+    device : backend="torch" only: where to compute ("cpu", "cuda", "cuda:1", a
+        torch.device).  Default: the device of X (or of the weights) if they are tensors,
+        else the CPU.  X is streamed to it block by block.
+    dtype : backend="torch" only: "float64" (default) or "float32" (features and Gram
+        products in float32, every sum accumulated in float64; about 1e-6 relative).
 
     Returns
     -------
@@ -102,11 +115,21 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     """
     which = _choice(backend, "backend", BACKENDS)
     reporter = Reporter(progress, callback)
-    layers, X, y, activation = _torch.adapt(layers, X, y, activation)  # no-op without torch objects
+    # a torch module becomes (layers, activations); tensors become arrays except for the torch backend
+    layers, X, y, activation = _torch.adapt(layers, X, y, activation, keep_tensors=which == "torch")
     if activation is None:
         activation = "tanh"
-    prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                    batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+    if which == "torch":
+        from ._torch_backend import validate_torch
+
+        prob = validate_torch(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                              batch_size=batch_size, threads=threads, memory_limit=memory_limit,
+                              device=device, dtype=dtype)
+    else:
+        prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                        batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+        if device is not None or dtype is not None:
+            raise ValueError(f"device= and dtype= apply to backend='torch' only; got backend={which!r}")
     t0 = time.perf_counter()
     try:
         layer_trace, blocks = _BACKENDS[which](prob, reporter if reporter.active else None)

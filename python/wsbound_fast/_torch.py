@@ -242,10 +242,11 @@ def from_torch(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]],
     return layers, acts
 
 
-def adapt(layers: Any, X: Any, y: Any, activation: Any) -> tuple[Any, Any, Any, Any]:
+def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = False) -> tuple[Any, Any, Any, Any]:
     """bound()'s inputs with torch objects replaced by arrays; no-op (and no import) without torch.
 
     For a module, ``activation`` must be None (take the module's) or agree with the module.
+    With ``keep_tensors`` (the torch backend) X and y stay tensors, on their device.
     """
     if is_module(layers):
         layers, acts, flatten = convert(layers)
@@ -262,7 +263,9 @@ def adapt(layers: Any, X: Any, y: Any, activation: Any) -> tuple[Any, Any, Any, 
                 )
         activation = acts
         if flatten:
-            X = _flattened(X)
+            X = X.reshape(X.shape[0], -1) if keep_tensors and is_tensor(X) and X.ndim >= 2 else _flattened(X)
+    if keep_tensors:
+        return layers, X, y, activation
     if is_tensor(X):
         X = tensor_to_numpy(X, copy=False)
     if is_tensor(y):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from ._cost import choose_structured, feature_doubles, pair_flops, pair_scratch_
 
 CURVATURES = ("hessian", "ggn")
 REDUCTIONS = ("mean", "sum")
-BACKENDS = ("cpp", "numpy")
+BACKENDS = ("cpp", "numpy", "torch")
 
 #: Default memory budget for the streamed engine: a quarter of the machine's memory,
 #: at most 4 GiB.
@@ -257,12 +257,17 @@ def default_memory_limit() -> int:
 
 
 def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
-                threads: int, batch_size: int | None, memory_limit: int) -> tuple[int, int]:
-    """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes."""
+                threads: int, batch_size: int | None, memory_limit: int, *,
+                target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS) -> tuple[int, int]:
+    """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
+
+    ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
+    GPU asks for larger blocks than the CPU backends).
+    """
     f = feature_doubles(dims, has_bias, hessian, structured)
     if batch_size is None:
         flops = pair_flops(dims, has_bias, hessian, structured)
-        target = min(_TARGET_BATCH, max(8, int(math.sqrt(_MAX_PAIR_FLOPS / flops))))
+        target = min(target_batch, max(8, int(math.sqrt(max_pair_flops / flops))))
         n_blocks = max(1, math.ceil(n_samples / target))
         batch = math.ceil(n_samples / n_blocks)
         # Shrink until two blocks of features and the pair scratch of every thread take at most
@@ -278,10 +283,13 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
 
 
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
-             batch_size: Any = None, threads: Any = None, memory_limit: Any = None) -> Problem:
+             batch_size: Any = None, threads: Any = None, memory_limit: Any = None,
+             check_X: Callable[[Any, int], Any] | None = None) -> Problem:
+    """Validate everything; ``check_X`` replaces :func:`validate_X` (the torch backend checks
+    tensors on their own device, with the same errors, instead of copying them to NumPy)."""
     weights, biases = validate_layers(layers)
     acts = validate_activations(activation, len(weights))
-    Xa = validate_X(X, weights[0].shape[1])
+    Xa = (validate_X if check_X is None else check_X)(X, weights[0].shape[1])
     n_classes = weights[-1].shape[0]
     if n_classes < 2:
         raise ValueError(f"layers: the last layer must have at least 2 outputs (classes) for cross-entropy; got {n_classes}")

@@ -1,0 +1,344 @@
+"""GPU check of bound(backend="torch"): exactness on CUDA, then time, TFLOP/s and Lanczos.
+
+    python bench/gpu_check.py            # on a CUDA machine: the full check (< 5 minutes)
+    python bench/gpu_check.py --quick    # anywhere: the small CPU self-check only
+
+On a CUDA device:
+
+1. verifies torch-CUDA (float64) against the C++ backend (NumPy if the extension is not
+   built) on small models -- depths 1-4, full Hessian and GGN, hard and soft labels, layers
+   without bias, and a 784-1024-10 model at N = 256 -- to 1e-10 relative, and reports the
+   float32 mode's error on the same models;
+2. measures the card's float64 (and float32, TF32 off) GEMM rate with torch.matmul;
+3. prints a table for 784-1024-10 tanh at N = 4000 and N = 10000 and a deep
+   784-512-512-512-10 GELU model at N = 2000 (full Hessian, mean reduction, random weights
+   and pixel-like inputs; X and y already on the GPU): time to the bound, the flop count of
+   the pair phase (``_torch_backend.total_pair_flops``: the GEMMs that pair_sum performs,
+   for the block plan chosen) and the TFLOP/s that makes against the measured GEMM rate,
+   the float32 mode's time and error, and the time of a torch Hessian-vector-product
+   Lanczos estimate of lambda_max on the same card (forward-over-reverse HVP with
+   torch.func, full reorthogonalisation, stopped when the Ritz value changes by < 1e-6
+   relative), checked to lie below the certified upper bound.
+
+Without CUDA (or with --quick) it says so and runs the same code on the CPU with tiny
+models, finishing in seconds; the exit status is 0 when every check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+try:
+    import wsbound_fast as wsb
+except ImportError:  # not installed: use the source tree (no compiled backend)
+    sys.path.insert(0, str(HERE.parent / "python"))
+    import wsbound_fast as wsb
+
+import torch  # noqa: E402
+from wsbound_fast import _torch_backend  # noqa: E402
+
+RTOL = 1e-10
+FLOAT32_RTOL = 2e-5
+TIME_GUARD_S = 240.0  # skip the remaining rows past this (the whole script must stay < 5 min)
+
+
+def reference_backend() -> str:
+    try:
+        wsb._load_core()
+        return "cpp"
+    except Exception:  # pragma: no cover - extension not built
+        return "numpy"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+# --------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------
+
+
+def make_model(dims: tuple[int, ...], n: int, seed: int, *, bias: Any = True, soft: bool = False,
+               pixels: bool = False) -> tuple[list, np.ndarray, np.ndarray]:
+    """Random MLP (W ~ N(0, 1/d_in), b ~ 0.1 N(0, 1)) and data, as NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    L = len(dims) - 1
+    mask = [bias] * L if isinstance(bias, bool) else list(bias)
+    layers = []
+    for l in range(L):
+        W = rng.standard_normal((dims[l + 1], dims[l])) / math.sqrt(dims[l])
+        layers.append((W, 0.1 * rng.standard_normal(dims[l + 1]) if mask[l] else None))
+    X = rng.random((n, dims[0])) if pixels else rng.standard_normal((n, dims[0]))
+    y = rng.dirichlet(np.ones(dims[-1]), size=n) if soft else rng.integers(0, dims[-1], size=n)
+    return layers, X, y
+
+
+# --------------------------------------------------------------------------------------
+# 1. exactness against the C++ / NumPy backend
+# --------------------------------------------------------------------------------------
+
+
+def verify(device: torch.device, cases: list[dict[str, Any]]) -> bool:
+    ref_backend = reference_backend()
+    print(f"\n## 1. torch on {device} against backend={ref_backend!r} (float64 to {RTOL:g}; float32 reported)\n")
+    print("| model | curvature | labels | rel err tr(H) | rel err tr(H^2) | float32 rel err tr(H^2) | ok |")
+    print("|---|---|---|---:|---:|---:|:---:|")
+    ok_all = True
+    for c in cases:
+        layers, X, y = make_model(c["dims"], c["n"], c["seed"], bias=c.get("bias", True), soft=c.get("soft", False))
+        kw = dict(activation=c["act"], curvature=c["curv"])
+        ref = wsb.bound(layers, X, y, backend=ref_backend, **kw)
+        Xt, yt = torch.from_numpy(X).to(device), torch.from_numpy(y).to(device)
+        res = wsb.bound(layers, Xt, yt, backend="torch", device=device, **kw)
+        r32 = wsb.bound(layers, Xt, yt, backend="torch", device=device, dtype="float32", **kw)
+        scale = math.sqrt(ref.trace_sq)
+        e1 = abs(res.trace - ref.trace) / max(abs(ref.trace), scale, 1e-300)
+        e2 = rel(res.trace_sq, ref.trace_sq)
+        e32 = rel(r32.trace_sq, ref.trace_sq)
+        ok = e1 <= RTOL and e2 <= RTOL and e32 <= FLOAT32_RTOL
+        ok_all &= ok
+        name = "-".join(map(str, c["dims"])) + f" {c['act'] if isinstance(c['act'], str) else '+'.join(c['act'])}" \
+            + f" N={c['n']}" + ("" if c.get("bias", True) is True else " (no-bias layers)")
+        print(f"| {name} | {c['curv']} | {'soft' if c.get('soft') else 'hard'} | {e1:.1e} | {e2:.1e} | {e32:.1e} "
+              f"| {'yes' if ok else 'NO'} |")
+    return ok_all
+
+
+# --------------------------------------------------------------------------------------
+# 2. GEMM rate
+# --------------------------------------------------------------------------------------
+
+
+def gemm_rate(device: torch.device, n: int, dtype: torch.dtype, reps: int) -> float:
+    """Measured torch.matmul rate of an n x n x n product, flop/s (best of reps)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn((n, n), generator=g, device=device, dtype=dtype)
+    b = torch.randn((n, n), generator=g, device=device, dtype=dtype)
+    c = a @ b  # warm-up
+    sync(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        c = a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del a, b, c
+    return 2.0 * n**3 / best
+
+
+# --------------------------------------------------------------------------------------
+# 3. Lanczos on Hessian-vector products (the uncertified estimate, for comparison)
+# --------------------------------------------------------------------------------------
+
+
+def mlp_loss_fn(layers: list, acts: list[str], X: torch.Tensor, y: torch.Tensor):
+    """(theta0, loss(theta)): mean cross-entropy of the MLP with flat parameters theta
+    (layer by layer, W row-major then b, as torch.nn.Sequential.parameters())."""
+    shapes = [(W.shape, None if b is None else b.shape) for W, b in layers]
+    parts = []
+    for (W, b) in layers:
+        parts.append(torch.from_numpy(np.ascontiguousarray(W)).reshape(-1))
+        if b is not None:
+            parts.append(torch.from_numpy(np.ascontiguousarray(b)))
+    theta0 = torch.cat(parts).to(device=X.device, dtype=torch.float64)
+    fns = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu}
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        a, off = X, 0
+        for l, (ws, bs) in enumerate(shapes):
+            k = ws[0] * ws[1]
+            z = a @ theta[off:off + k].view(ws).T
+            off += k
+            if bs is not None:
+                z = z + theta[off:off + bs[0]]
+                off += bs[0]
+            a = fns[acts[l]](z) if l < len(shapes) - 1 else z
+        return torch.nn.functional.cross_entropy(a, y)
+
+    return theta0, loss
+
+
+def lanczos_lambda_max(hvp, theta0: torch.Tensor, max_iter: int = 60, tol: float = 1e-6,
+                       seed: int = 0) -> tuple[float, int]:
+    """Largest Ritz value of Lanczos with full reorthogonalisation; (estimate, iterations)."""
+    n = theta0.numel()
+    g = torch.Generator(device=theta0.device).manual_seed(seed)
+    q = torch.randn(n, generator=g, device=theta0.device, dtype=theta0.dtype)
+    q /= q.norm()
+    Qs = torch.empty((max_iter, n), device=theta0.device, dtype=theta0.dtype)
+    alphas: list[float] = []
+    betas: list[float] = []
+    prev = math.nan
+    for j in range(max_iter):
+        Qs[j] = q
+        w = hvp(q)
+        alpha = float(w @ q)
+        w = w - Qs[:j + 1].T @ (Qs[:j + 1] @ w)  # full reorthogonalisation (covers alpha q + beta q_prev)
+        w = w - Qs[:j + 1].T @ (Qs[:j + 1] @ w)
+        alphas.append(alpha)
+        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        est = float(np.linalg.eigvalsh(T)[-1])
+        if abs(est - prev) <= tol * abs(est):
+            return est, j + 1
+        prev = est
+        beta = float(w.norm())
+        if beta <= 1e-14 * max(1.0, abs(est)):
+            return est, j + 1
+        betas.append(beta)
+        q = w / beta
+    return prev, max_iter
+
+
+def lanczos_time(layers: list, acts: list[str], X: torch.Tensor, y: torch.Tensor) -> tuple[float, float, int]:
+    theta0, loss = mlp_loss_fn(layers, acts, X, y)
+    grad = torch.func.grad(loss)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(grad, (theta0,), (v,))[1]
+
+    with warnings.catch_warnings():
+        # forward-mode AD through nll_loss's backward uses a torch.jit.script decomposition,
+        # which recent torch flags as deprecated (torch's own business, once per process)
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        hvp(torch.ones_like(theta0))  # warm-up (kernels, autotuning)
+        sync(X.device)
+        t0 = time.perf_counter()
+        est, iters = lanczos_lambda_max(hvp, theta0)
+        sync(X.device)
+    return time.perf_counter() - t0, est, iters
+
+
+# --------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------
+
+
+def time_bound(layers, X, y, act, device, dtype, repeats: int, memory_limit: int) -> tuple[float, wsb.Bound]:
+    """Best wall-clock time of bound() (validation, transfers, features, pairs), and its result."""
+    best, res = math.inf, None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        res = wsb.bound(layers, X, y, activation=act, backend="torch", device=device, dtype=dtype,
+                        memory_limit=memory_limit)
+        best = min(best, time.perf_counter() - t0)
+    assert res is not None
+    return best, res
+
+
+def table(device: torch.device, workloads: list[dict[str, Any]], rate64: float, t_start: float) -> bool:
+    print("\n## 3. time to the certified bound vs Lanczos lambda_max (full Hessian, mean reduction)\n")
+    print("TFLOP/s = pair-phase flops / whole time to the bound (features and transfers included).\n")
+    print("| model | N | P | plan (batch x group) | pair TFLOP | bound f64 (s) | TFLOP/s | % of GEMM f64 "
+          "| bound f32 (s) | f32 rel err tr(H^2) | Lanczos (s) | iters | lambda_max: Lanczos <= WS upper |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    ok_all = True
+    for w in workloads:
+        if time.perf_counter() - t_start > TIME_GUARD_S:
+            print(f"| {w['name']} | {w['n']} | skipped: past the {TIME_GUARD_S:.0f} s guard |")
+            continue
+        dims, n, act = w["dims"], w["n"], w["act"]
+        layers, Xn, yn = make_model(dims, n, w["seed"], pixels=True)
+        X = torch.from_numpy(Xn).to(device)
+        y = torch.from_numpy(yn).to(device)
+        prob = _torch_backend.validate_torch(layers, X, y, activation=act, curvature="hessian", reduction="mean",
+                                             device=device)
+        has_bias = [b is not None for _, b in layers]
+        flops = _torch_backend.total_pair_flops(dims, has_bias, True, n, prob.batch_size)
+        # the plan (and so the flop count) fixed by passing its budget explicitly
+        t64, r64 = time_bound(layers, X, y, act, device, "float64", w["repeats"], prob.memory_limit)
+        t32, r32 = time_bound(layers, X, y, act, device, "float32", w["repeats"], prob.memory_limit)
+        e32 = rel(r32.trace_sq, r64.trace_sq)
+        acts = [act] * (len(dims) - 2)
+        tl, lam, iters = lanczos_time(layers, acts, X, y)
+        ok = lam <= r64.lambda_max_upper * (1 + 1e-9) and math.isfinite(r64.trace_sq)  # f32 error: reported
+        ok_all &= ok
+        tf = flops / t64 / 1e12
+        print(f"| {w['name']} | {n} | {r64.n_params} | {prob.batch_size} x {prob.group_blocks} | {flops / 1e12:.3g} "
+              f"| {t64:.3f} | {tf:.3g} | {100 * flops / t64 / rate64:.0f}% | {t32:.3f} | {e32:.1e} | {tl:.3f} | {iters} "
+              f"| {lam:.4g} <= {r64.lambda_max_upper:.4g} (WS lower {r64.lambda_max_lower:.4g}) {'ok' if ok else 'FAILED'} |")
+        del X, y
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return ok_all
+
+
+VERIFY_CASES = [
+    dict(dims=(6, 4), act="tanh", curv="hessian", n=37, seed=1),
+    dict(dims=(6, 9, 4), act="gelu", curv="hessian", n=41, seed=2, soft=True),
+    dict(dims=(6, 9, 4), act="silu", curv="ggn", n=41, seed=3, bias=[False, True]),
+    dict(dims=(5, 7, 6, 3), act=["tanh", "softplus"], curv="hessian", n=33, seed=4, bias=[True, False, True]),
+    dict(dims=(5, 7, 6, 5, 4), act="gelu", curv="hessian", n=29, seed=5, soft=True),
+    dict(dims=(5, 7, 6, 5, 4), act="sigmoid", curv="ggn", n=29, seed=6),
+]
+GPU_VERIFY_EXTRA = [dict(dims=(784, 1024, 10), act="tanh", curv="hessian", n=256, seed=7)]
+GPU_WORKLOADS = [
+    dict(name="784-1024-10 tanh", dims=(784, 1024, 10), act="tanh", n=4000, seed=10, repeats=2),
+    dict(name="784-1024-10 tanh", dims=(784, 1024, 10), act="tanh", n=10000, seed=11, repeats=1),
+    dict(name="784-512-512-512-10 gelu", dims=(784, 512, 512, 512, 10), act="gelu", n=2000, seed=12, repeats=1),
+]
+CPU_WORKLOADS = [
+    dict(name="64-32-10 tanh", dims=(64, 32, 10), act="tanh", n=150, seed=10, repeats=1),
+    dict(name="64-16-16-16-10 gelu", dims=(64, 16, 16, 16, 10), act="gelu", n=80, seed=12, repeats=1),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only the small CPU self-check (seconds; any machine)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    print(f"# wsbound_fast {wsb.__version__} GPU check -- torch {torch.__version__}, Python {platform.python_version()}")
+    if args.quick or not cuda:
+        if not cuda:
+            print("CUDA is not available on this machine: running the small CPU self-check only "
+                  "(no GPU numbers).")
+        else:
+            print("--quick: running the small CPU self-check only.")
+        device = torch.device("cpu")
+        print(f"device: CPU ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}")
+        ok = verify(device, VERIFY_CASES[:4])
+        rate = gemm_rate(device, 256, torch.float64, 3)
+        print(f"\n## 2. GEMM rate (torch.matmul, n = 256): float64 {rate / 1e9:.1f} GFLOP/s")
+        ok &= table(device, CPU_WORKLOADS, rate, t_start)
+    else:
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False  # the float32 rows measure true float32
+        props = torch.cuda.get_device_properties(device)
+        print(f"device: {torch.cuda.get_device_name(device)} ({props.total_memory / 2**30:.0f} GiB, "
+              f"{props.multi_processor_count} SMs), CUDA {torch.version.cuda}")
+        wsb.bound(*make_model((8, 8, 3), 16, 0)[:3], backend="torch", device=device)  # CUDA context, cuBLAS
+        ok = verify(device, VERIFY_CASES + GPU_VERIFY_EXTRA)
+        rate = gemm_rate(device, 8192, torch.float64, 5)
+        rate32 = gemm_rate(device, 8192, torch.float32, 5)
+        print(f"\n## 2. GEMM rate (torch.matmul, 8192^3): float64 {rate / 1e12:.1f} TFLOP/s, "
+              f"float32 (TF32 off) {rate32 / 1e12:.1f} TFLOP/s")
+        ok &= table(device, GPU_WORKLOADS, rate, t_start)
+    elapsed = time.perf_counter() - t_start
+    print(f"\ntotal {elapsed:.1f} s")
+    if ok:
+        print("self-check passed" if device.type == "cpu" else "GPU check passed")
+        return 0
+    print("CHECK FAILED")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""backend="torch" (on the CPU here): equal to the C++ backend, same errors, tensor inputs.
+
+The shared ``backend`` fixture stays (cpp, numpy); this file adds the torch backend by
+comparing it with ``backend="cpp"`` on the models of the foundation tests
+(tests/test_exact.py's sweep, tests/test_consistency.py's specs and extreme magnitudes)
+and with ``_numpy_backend`` block by block.  Skipped as a whole without torch.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import reference as R  # noqa: E402
+import wsbound_fast as wsb  # noqa: E402
+from test_consistency import EXTREME, SPEC_IDS, SPECS, _jacobian_scale  # noqa: E402
+from test_errors import CASES  # noqa: E402
+from test_exact import SWEEP  # noqa: E402
+from wsbound_fast import _api, _numpy_backend, _torch_backend, _validate  # noqa: E402
+
+TOL = 1e-10
+#: float32 mode against float64: measured up to ~2e-7 relative on these small models and
+#: ~1e-6 on the digits models of the README; the assertion leaves a margin.
+FLOAT32_TOL = 2e-5
+CURVATURES = ("hessian", "ggn")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(torch):  # the conftest fixture: torch with one intra-op thread
+    yield
+
+
+def _bound(layers, X, y, spec, **kw) -> wsb.Bound:
+    return wsb.bound(layers, X, y, activation=spec.activation_arg(), **kw)
+
+
+def assert_close(a: wsb.Bound, b: wsb.Bound, tol: float = TOL) -> None:
+    """trace relative to max(|trace|, ||H||_F) (cancellation-proof), trace_sq plain relative."""
+    scale = math.sqrt(max(a.trace_sq, b.trace_sq))
+    assert R.rel(a.trace, b.trace, scale) <= tol, (a.trace, b.trace)
+    assert R.rel(a.trace_sq, b.trace_sq) <= tol, (a.trace_sq, b.trace_sq)
+    assert a.n_params == b.n_params and a.n_samples == b.n_samples
+    assert a.curvature == b.curvature and a.reduction == b.reduction
+
+
+# ------------------------------------------------------------------------------------
+# exactness: torch == cpp on the foundation models
+# ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "curvature", "reduction"), SWEEP)
+def test_matches_cpp_sweep(spec, curvature, reduction, refs):
+    """Every activation, depths 1-4, both curvatures and reductions, hard / soft labels,
+    bias patterns (the sweep of test_exact.py)."""
+    layers, X, y = refs.model(spec)
+    kw = dict(curvature=curvature, reduction=reduction)
+    res = _bound(layers, X, y, spec, backend="torch", **kw)
+    assert res.backend == "torch"
+    assert_close(res, _bound(layers, X, y, spec, backend="cpp", **kw))
+
+
+@pytest.mark.parametrize(("spec", "curvature", "reduction"), SWEEP[::7])
+def test_matches_torch_autograd(spec, curvature, reduction, refs):
+    """A subset straight against the dense torch autograd reference (as test_exact does)."""
+    layers, X, y = refs.model(spec)
+    res = _bound(layers, X, y, spec, backend="torch", curvature=curvature, reduction=reduction)
+    ref = refs.torch(spec, curvature, reduction)
+    assert R.trace_err(res.trace, ref) <= 1e-9
+    assert R.trace_sq_err(res.trace_sq, ref) <= 1e-9
+
+
+@pytest.mark.parametrize("spec", EXTREME)
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_matches_cpp_extreme(spec, curvature, refs):
+    """Huge logits and saturated hidden units (the tolerance of test_cpp_matches_numpy_extreme)."""
+    layers, X, y = refs.model(spec)
+    a = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
+    b = _bound(layers, X, y, spec, curvature=curvature, backend="torch")
+    floor = 1e-14 * _jacobian_scale(layers, spec, X, "mean")
+    assert abs(a.trace - b.trace) <= TOL * max(abs(a.trace), math.sqrt(a.trace_sq)) + floor
+    assert abs(a.trace_sq - b.trace_sq) <= TOL * a.trace_sq + 2 * math.sqrt(a.trace_sq * a.n_params) * floor + floor**2
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_block_schedule(spec, curvature, refs):
+    """Any batch size and memory limit (features recomputed in groups) gives the same moments."""
+    layers, X, y = refs.model(spec)
+    base = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
+    for kw in (dict(batch_size=1), dict(batch_size=3), dict(batch_size=7), dict(batch_size=50),
+               dict(batch_size=3, memory_limit=1), dict(memory_limit=1)):
+        assert_close(_bound(layers, X, y, spec, curvature=curvature, backend="torch", **kw), base)
+
+
+def _torch_problem(layers, X, y, spec, curvature, **kw):
+    return _torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+                                         reduction="sum", **kw)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_moments_blockwise_equal_numpy_backend(spec, curvature, refs):
+    """Per-layer traces and every (l, m) block moment, for the same block plan, as the NumPy
+    backend (the module this one mirrors)."""
+    layers, X, y = refs.model(spec)
+    tprob = _torch_problem(layers, X, y, spec, curvature, batch_size=3)
+    tprob = _replace(tprob, group_blocks=2)
+    nprob = _validate.validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+                               reduction="sum", batch_size=3)
+    nprob = _replace(nprob, group_blocks=2)
+    t_trace, t_blocks = _torch_backend.moments(tprob)
+    n_trace, n_blocks = _numpy_backend.moments(nprob)
+    scale = max(float(np.abs(n_blocks).max()), 1e-300)
+    np.testing.assert_allclose(t_trace, n_trace, rtol=1e-12, atol=1e-12 * math.sqrt(scale))
+    np.testing.assert_allclose(t_blocks, n_blocks, rtol=1e-12, atol=1e-13 * scale)
+    assert np.all(np.tril(t_blocks, -1) == 0)
+
+
+def _replace(prob, **kw):
+    import dataclasses
+
+    return dataclasses.replace(prob, **kw)
+
+
+def test_bitwise_reproducible(refs):
+    spec = SPECS[3]
+    layers, X, y = refs.model(spec)
+    runs = [_bound(layers, X, y, spec, backend="torch", batch_size=4) for _ in range(3)]
+    assert len({(r.trace, r.trace_sq) for r in runs}) == 1
+
+
+# ------------------------------------------------------------------------------------
+# float32 mode
+# ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_float32_mode(spec, curvature, refs):
+    layers, X, y = refs.model(spec)
+    ref = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
+    res = _bound(layers, X, y, spec, curvature=curvature, backend="torch", dtype="float32", batch_size=5)
+    assert_close(res, ref, FLOAT32_TOL)
+
+
+def test_float32_mode_digits():
+    """A 64-32-10 tanh MLP on 300 digits: float32 within FLOAT32_TOL of float64."""
+    X, y = wsb.load_digits()
+    rng = np.random.default_rng(5)
+    layers = [(rng.standard_normal((32, 64)) / 8, rng.standard_normal(32) * 0.1),
+              (rng.standard_normal((10, 32)) / 6, np.zeros(10))]
+    for curvature in CURVATURES:
+        ref = wsb.bound(layers, X[:300], y[:300], curvature=curvature, backend="cpp")
+        res = wsb.bound(layers, X[:300], y[:300], curvature=curvature, backend="torch", dtype=torch.float32)
+        assert_close(res, ref, FLOAT32_TOL)
+
+
+# ------------------------------------------------------------------------------------
+# errors: the same type and message as the C++ backend
+# ------------------------------------------------------------------------------------
+
+
+def _error(fn):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+    except (ValueError, TypeError) as exc:
+        return type(exc), str(exc)
+    raise AssertionError("no error raised")  # pragma: no cover
+
+
+@pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_input_same_error_as_cpp(layers, X, y, kwargs, exc, match):
+    cpp = _error(lambda: wsb.bound(layers, X, y, backend="cpp", **kwargs))
+    tch = _error(lambda: wsb.bound(layers, X, y, backend="torch", **kwargs))
+    assert tch == cpp
+    assert tch[0] is exc
+
+
+def _as_tensor(a):
+    """A NumPy array as a tensor when torch has its dtype (strings / objects stay NumPy)."""
+    if isinstance(a, np.ndarray) and a.dtype.kind in "biufc":
+        return torch.from_numpy(a.copy())
+    return a
+
+
+def _tensor_layers(layers):
+    if not isinstance(layers, list):
+        return layers
+    return [tuple(_as_tensor(v) for v in layer) if isinstance(layer, tuple) else layer for layer in layers]
+
+
+@pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_tensor_input_same_error_as_cpp(layers, X, y, kwargs, exc, match):
+    """The same cases with X, y, W and b as tensors (X is checked on its device, not in NumPy)."""
+    cpp = _error(lambda: wsb.bound(layers, X, y, backend="cpp", **kwargs))
+    tch = _error(lambda: wsb.bound(_tensor_layers(layers), _as_tensor(X), _as_tensor(y), backend="torch", **kwargs))
+    assert tch == cpp
+
+
+def test_check_X_finite_in_chunks(monkeypatch):
+    """The NaN / Inf check of a tensor X walks it in chunks (no X-sized temporary)."""
+    monkeypatch.setattr(_torch_backend, "_FINITE_CHUNK", 8)
+    X = torch.zeros((50, 4), dtype=torch.float64)
+    assert _torch_backend.check_X(X, 4) is not None
+    X[49, 3] = math.inf
+    with pytest.raises(ValueError, match="X contains NaN or Inf"):
+        _torch_backend.check_X(X, 4)
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), [
+    ({"dtype": "float16"}, ValueError, r"dtype must be 'float64' or 'float32'"),
+    ({"dtype": torch.bfloat16}, ValueError, r"dtype"),
+    ({"dtype": 3}, TypeError, r"dtype"),
+    ({"dtype": np.float32}, TypeError, r"dtype"),
+    ({"device": "nonsense"}, ValueError, r"device.*nonsense"),
+    ({"device": 5}, TypeError, r"device"),
+    ({"device": "cuda:99"}, ValueError, r"device.*cuda"),
+])
+def test_bad_device_dtype(kwargs, exc, match):
+    layers, X, y = _small()
+    with pytest.raises(exc, match=match):
+        wsb.bound(layers, X, y, backend="torch", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_unavailable_is_a_value_error():
+    layers, X, y = _small()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        wsb.bound(layers, X, y, backend="torch", device="cuda")
+
+
+@pytest.mark.parametrize("kwargs", [{"device": "cpu"}, {"dtype": "float64"}, {"dtype": torch.float32}])
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_device_dtype_only_for_torch(kwargs, backend):
+    layers, X, y = _small()
+    with pytest.raises(ValueError, match=r"device= and dtype= apply to backend='torch' only"):
+        wsb.bound(layers, X, y, backend=backend, **kwargs)
+
+
+def test_raises_before_any_work(monkeypatch):
+    def boom(prob):  # pragma: no cover - must not run
+        raise AssertionError("the backend ran on invalid input")
+
+    monkeypatch.setitem(_api._BACKENDS, "torch", boom)
+    for c in CASES[::3]:
+        with pytest.raises(c[5], match=c[6]):
+            wsb.bound(c[1], c[2], c[3], backend="torch", **c[4])
+    layers, X, y = _small()
+    with pytest.raises(ValueError, match="dtype"):
+        wsb.bound(layers, torch.from_numpy(X), y, backend="torch", dtype="half")
+
+
+def test_overflow_raises_floating_point_error():
+    layers, X, y = _small()
+    for dtype in ("float64", "float32"):
+        with pytest.raises(FloatingPointError, match="overflow"):
+            wsb.bound(layers, X * 1e200, y, backend="torch", dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------
+# tensors as inputs, devices, dtypes
+# ------------------------------------------------------------------------------------
+
+
+def _small(seed: int = 3):
+    spec = R.ModelSpec((4, 5, 6, 3), ("gelu", "tanh"), "alt", n=11, labels="hard", seed=seed)
+    layers, X, y = spec.build()
+    return layers, X, y
+
+
+def test_tensor_inputs_equal_numpy_inputs():
+    layers, X, y = _small()
+    ref = wsb.bound(layers, X, y, backend="torch", batch_size=4)
+    assert_close(ref, wsb.bound(layers, X, y, backend="cpp"))
+    t_layers = [(torch.tensor(W, requires_grad=True), None if b is None else torch.tensor(b, requires_grad=True))
+                for W, b in layers]
+    variants = [
+        (t_layers, X, y),
+        (layers, torch.from_numpy(X), y),
+        (layers, X, torch.from_numpy(y)),
+        (t_layers, torch.tensor(X, requires_grad=True), torch.from_numpy(y).to(torch.int32)),
+        (tuple(t_layers), torch.from_numpy(np.asfortranarray(X)).T.contiguous().T, torch.from_numpy(y)),  # non-contiguous
+    ]
+    for lay, XX, yy in variants:
+        res = wsb.bound(lay, XX, yy, backend="torch", batch_size=4)
+        assert (res.trace, res.trace_sq) == (ref.trace, ref.trace_sq)
+    # float32 and integer X: converted per block exactly as NumPy converts them
+    X32 = X.astype(np.float32)
+    a = wsb.bound(layers, torch.from_numpy(X32), y, backend="torch", batch_size=4)
+    b = wsb.bound(layers, X32, y, backend="torch", batch_size=4)
+    assert (a.trace, a.trace_sq) == (b.trace, b.trace_sq)
+    Xi = np.round(X * 3).astype(np.int16)
+    a = wsb.bound(layers, torch.from_numpy(Xi), y, backend="torch", batch_size=4)
+    assert_close(a, wsb.bound(layers, Xi, y, backend="cpp"))
+    # bfloat16 weights (no NumPy dtype): widened exactly
+    bf = [(torch.from_numpy(W).to(torch.bfloat16), b) for W, b in layers]
+    up = [(W.to(torch.float32).numpy(), b) for W, b in bf]
+    assert_close(wsb.bound(bf, X, y, backend="torch"), wsb.bound(up, X, y, backend="cpp"))
+
+
+def test_read_only_arrays():
+    """Read-only NumPy inputs (memory maps, broadcasts) work without torch's sharing warning."""
+    layers, X, y = _small()
+    ref = wsb.bound(layers, X, y, backend="cpp")
+    Ysoft = np.eye(3)[y] * 0.9 + 0.1 / 3
+    for a in [X, y, Ysoft] + [v for layer in layers for v in layer if v is not None]:
+        a.flags.writeable = False
+    assert_close(wsb.bound(layers, X, y, backend="torch"), ref)
+    assert_close(wsb.bound(layers, X, Ysoft, backend="torch"), wsb.bound(layers, X, Ysoft, backend="cpp"))
+
+
+def test_soft_label_tensors():
+    spec = R.ModelSpec((4, 6, 3), "silu", "all", n=9, labels="soft", seed=9)
+    layers, X, y = spec.build()
+    ref = wsb.bound(layers, X, y, activation="silu", backend="cpp")
+    for yy in (torch.from_numpy(y), torch.from_numpy(y).to(torch.float32)):
+        res = wsb.bound(layers, torch.from_numpy(X), yy, activation="silu", backend="torch")
+        yy_np = yy.numpy()
+        assert_close(res, wsb.bound(layers, X, yy_np, activation="silu", backend="cpp"))
+    assert_close(wsb.bound(layers, X, y, activation="silu", backend="torch"), ref)
+
+
+def test_inputs_not_modified():
+    layers, X, y = _small()
+    tl = [(torch.from_numpy(W.copy()), None if b is None else torch.from_numpy(b.copy())) for W, b in layers]
+    tX, ty = torch.from_numpy(X.copy()), torch.from_numpy(y.copy())
+    wsb.bound(tl, tX, ty, backend="torch", batch_size=3)
+    wsb.bound(layers, X.astype(np.float32), y, backend="torch", batch_size=3, dtype="float32")
+    assert torch.equal(tX, torch.from_numpy(X)) and torch.equal(ty, torch.from_numpy(y))
+    for (W, b), (tW, tb) in zip(layers, tl):
+        assert torch.equal(tW, torch.from_numpy(W)) and (b is None or torch.equal(tb, torch.from_numpy(b)))
+
+
+def test_device_and_dtype_resolution():
+    layers, X, y = _small()
+    r = _torch_backend.resolve_device
+    assert r(None, layers, X, y) == torch.device("cpu")
+    assert r(None, layers, torch.from_numpy(X), y) == torch.device("cpu")
+    meta = torch.empty((3, 4), device="meta")
+    assert r(None, layers, meta, y) == torch.device("meta")  # X's device first
+    assert r(None, [(meta, None)], X, y) == torch.device("meta")  # then the weights'
+    assert r("cpu", layers, meta, y) == torch.device("cpu")  # an explicit device wins
+    assert r(torch.device("cpu"), layers, X, y) == torch.device("cpu")
+    assert _torch_backend.resolve_dtype(None) is torch.float64
+    assert _torch_backend.resolve_dtype(" Float32 ") is torch.float32
+    assert _torch_backend.resolve_dtype("torch.float64") is torch.float64
+    for kw in ({"device": "cpu"}, {"device": torch.device("cpu")}, {"dtype": torch.float64}):
+        assert wsb.bound(layers, X, y, backend="torch", **kw).backend == "torch"
+
+
+def test_plan_uses_device_budget(monkeypatch):
+    """memory_limit is the device budget; on CUDA the default comes from mem_get_info, and
+    an accelerator gets larger blocks."""
+    layers, X, y = _small()
+    X = np.tile(X, (400, 1))
+    y = np.tile(y, 400)
+    kw = dict(activation="tanh", curvature="hessian", reduction="mean")
+    p = _torch_backend.validate_torch(layers, X, y, memory_limit=1, **kw)
+    assert p.memory_limit == 1 and p.batch_size == 1 and p.group_blocks == 1
+    p = _torch_backend.validate_torch(layers, X, y, **kw)
+    assert p.memory_limit == _validate.default_memory_limit() and p.device == torch.device("cpu")
+    assert p.batch_size <= _validate._TARGET_BATCH
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
+    assert _torch_backend.default_budget(torch.device("cuda")) == int(0.5 * (12 << 30))
+    dims, has_bias = [4, 5, 6, 3], [True, False, True]
+    cpu = _validate.plan_blocks(dims, has_bias, len(y), True, False, 1, None, 1 << 30)
+    gpu = _validate.plan_blocks(dims, has_bias, len(y), True, False, 1, None, 1 << 30, **_torch_backend.GPU_PLAN)
+    assert gpu[0] > cpu[0]
+
+
+def test_progress_callback():
+    layers, X, y = _small()
+    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="sum",
+                                         batch_size=2)
+    prob = _replace(prob, group_blocks=2)
+    calls = []
+    trace, blocks = _torch_backend.moments(prob, progress=lambda d, t: calls.append((d, t)))
+    nb = math.ceil(11 / 2)
+    total = nb * (nb + 1) // 2
+    assert calls[-1] == (total, total)
+    assert all(t == total for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    t2, b2 = _torch_backend.moments(prob)
+    assert np.array_equal(trace, t2) and np.array_equal(blocks, b2)
+
+
+# ------------------------------------------------------------------------------------
+# the flop count used by bench/gpu_check.py follows what pair_sum does
+# ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dims", "bias", "curvature"), [
+    ((5, 3), "all", "hessian"),
+    ((4, 7, 3), "none", "hessian"),
+    ((4, 7, 3), "all", "ggn"),
+    ((4, 5, 6, 3, 4), "alt", "hessian"),
+    ((4, 5, 6, 3, 4), "all", "ggn"),
+])
+def test_pair_flops_match_flop_counter(dims, bias, curvature):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = R.ModelSpec(dims, "tanh", bias, n=13, seed=11)
+    layers, X, y = spec.build()
+    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature=curvature, reduction="sum")
+    net = _torch_backend.DeviceWeights.of(prob)
+    Y = torch.nn.functional.one_hot(torch.from_numpy(y), dims[-1]).to(torch.float64)
+    FI = _torch_backend.block_features(prob, net, torch.from_numpy(X[:5]), Y[:5])
+    FJ = _torch_backend.block_features(prob, net, torch.from_numpy(X[5:]), Y[5:])
+    with FlopCounterMode(display=False) as counter:
+        _torch_backend.pair_sum(prob, FI, FJ)
+    has_bias = [b is not None for _, b in layers]
+    assert counter.get_total_flops() == _torch_backend.pair_flops(dims, has_bias, curvature == "hessian", 5, 8)
+    assert _torch_backend.total_pair_flops(dims, has_bias, True, 13, 5) == sum(
+        _torch_backend.pair_flops(dims, has_bias, True, a, b) for a, b in [(5, 5), (5, 5), (5, 3), (5, 5), (5, 3), (3, 3)])
+
+
+# ------------------------------------------------------------------------------------
+# torch stays optional; the GPU check script's CPU path
+# ------------------------------------------------------------------------------------
+
+
+def test_import_does_not_import_torch():
+    code = ("import sys, numpy as np, wsbound_fast as wsb\n"
+            "assert 'torch' not in sys.modules, 'import'\n"
+            "L = [(np.ones((3, 2)), None)]\n"
+            "for b in ('cpp', 'numpy'):\n"
+            "    wsb.bound(L, np.ones((4, 2)), np.array([0, 1, 2, 0]), backend=b)\n"
+            "    assert 'torch' not in sys.modules, b\n"
+            "wsb.bound(L, np.ones((4, 2)), np.array([0, 1, 2, 0]), backend='torch')\n"
+            "assert 'torch' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_gpu_check_quick(capsys):
+    """bench/gpu_check.py --quick: the CPU self-check (what runs where there is no CUDA).
+    In-process, to save a second torch import; the script is also run as a program by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "self-check passed" in out and "Lanczos" in out
