@@ -73,8 +73,7 @@ def dense_autograd(layers: Layers, X: np.ndarray, y: np.ndarray, activation: str
     P x N x width intermediates (17 GB on W1); jacrev(grad, chunk_size=k) is the same
     reverse-over-reverse Hessian with k columns at a time, sized to ``chunk_bytes``.
     """
-    import torch
-
+    torch = _import("torch")
     if curvature != "hessian":
         raise PeerUnavailable("dense autograd route: only the full Hessian is run")
     P = sum(W.size + b.size for W, b in layers)
