@@ -227,7 +227,7 @@ def curvlinops_fro2(layers: Layers, X: np.ndarray, y: np.ndarray, activation: st
             break
     return {"time_s": time.perf_counter() - t0, "trace_sq_est": mean, "matvecs": n, "rel_se": se / abs(mean),
             "target_rel_se": rel_se, "capped": capped, "max_seconds": max_seconds,
-            "vectors_for_1pct_se": int(math.ceil((np.std(vals, ddof=1) / (0.01 * abs(mean))) ** 2))}
+            "vectors_for_1pct_se": math.ceil((np.std(vals, ddof=1) / (0.01 * abs(mean))) ** 2)}
 
 
 # ----------------------------------------------------------------------------- BackPACK

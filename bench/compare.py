@@ -37,7 +37,6 @@ import argparse
 import datetime
 import inspect
 import json
-import math
 import os
 import platform
 import sys
