@@ -1,25 +1,4 @@
-"""Type stubs for the compiled core (_core, and its AVX2 + FMA build _core_avx2)."""
+"""Type stubs for the AVX2 + FMA build of the compiled core: the same interface as _core."""
 
-from typing import Callable, Optional, Sequence
-
-import numpy as np
-import numpy.typing as npt
-
-class Cancelled(KeyboardInterrupt): ...
-
-def moments(
-    weights: Sequence[npt.NDArray[np.float64]],
-    biases: Sequence[Optional[npt.NDArray[np.float64]]],
-    act_codes: Sequence[int],
-    act_params: Sequence[float],
-    X: npt.NDArray[np.floating],
-    labels: npt.NDArray[np.int64] | npt.NDArray[np.float64],
-    hessian: bool,
-    structured: bool,
-    batch: int,
-    group: int,
-    threads: int,
-    progress: Optional[Callable[[int, int], None]] = None,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(trace per layer (L,), blocks (L, L)): sum_n tr H_n^{ll} and, for l <= m,
-    sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (lower triangle zero).  Unnormalised."""
+from ._core import *  # noqa: F403
+from ._core import Cancelled as Cancelled, moments as moments

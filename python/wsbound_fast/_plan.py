@@ -12,7 +12,7 @@ import numpy as np
 
 from ._cost import feature_doubles, pair_flops, pair_scratch_doubles
 from ._validate import (CURVATURES, _choice, _positive_int, choose_structured, default_memory_limit,
-                        default_threads, plan_blocks, validate_layers)
+                        default_threads, plan_blocks, validate_activations, validate_layers)
 
 #: Fraction of NumPy's float64 GEMM rate the engine's pair phase is assumed to reach.
 ASSUMED_EFFICIENCY = 0.6
@@ -60,15 +60,22 @@ def gemm_rate() -> float:
     return 2.0 * n**3 / best
 
 
-def plan(layers: Any, n_samples: int, *, curvature: str = "hessian", batch_size: int | None = None,
-         threads: int | None = None, memory_limit: int | None = None) -> Plan:
+def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str = "hessian",
+         batch_size: int | None = None, threads: int | None = None, memory_limit: int | None = None) -> Plan:
     """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``.
 
     The flop count is the pair phase's (Gram products over the upper triangle of sample
     pairs, 2 flops per multiply-add) from the engine's cost model; seconds assume the
     engine reaches 60% of this machine's float64 NumPy GEMM rate, measured once.
+    ``activation`` is accepted for symmetry with :func:`bound` and checked; the cost does not
+    depend on it.  ``layers`` may be a torch module.
     """
+    from . import _torch
+
+    layers, _, _, activation = _torch.adapt(layers, None, None, activation)
     weights, biases = validate_layers(layers)
+    if activation is not None:
+        validate_activations(activation, len(weights))
     n = _positive_int(n_samples, "n_samples")
     curv = _choice(curvature, "curvature", CURVATURES)
     nthreads = default_threads() if threads is None else _positive_int(threads, "threads")
