@@ -8,10 +8,13 @@
 from __future__ import annotations
 
 from ._api import bound
-from ._bounds import Bound, WSBounds, ws_bounds
+from ._bounds import Bound, LayerBound, WSBounds, ws_bounds
 from ._data import load_digits
 from ._dense import dense_hessian
+from ._hvp import hvp
+from ._lanczos import eigsh
 from ._loader import load_core as _load_core
 
-__all__ = ["Bound", "WSBounds", "bound", "dense_hessian", "load_digits", "ws_bounds", "__version__"]
+__all__ = ["Bound", "LayerBound", "WSBounds", "bound", "dense_hessian", "eigsh", "hvp", "load_digits", "ws_bounds",
+           "__version__"]
 __version__ = "0.1.0"

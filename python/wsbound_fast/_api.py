@@ -59,7 +59,9 @@ _BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy}
 
 def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: str = "hessian",
           reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
-          backend: str = "cpp", memory_limit: int | None = None) -> Bound:
+          backend: str = "cpp", memory_limit: int | None = None, exact: bool = False,
+          certify: int | None = None, lanczos_tol: float = 1e-10, lanczos_maxiter: int | None = None,
+          seed: int = 0) -> Bound:
     """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -80,16 +82,32 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
     backend : "cpp" (compiled core) or "numpy" (the same algorithm in NumPy).
     memory_limit : bytes the engine may use for features and scratch (default: a quarter
         of the machine's memory, at most 4 GiB).
+    exact : also run Lanczos (:func:`eigsh`) over the exact curvature-vector product and
+        report ``lambda_max``, ``lambda_min`` (Rayleigh quotients: lambda_max is a certified
+        lower bound on the largest eigenvalue, and converges to it) and the tightness ratio
+        ``lambda_max_upper / lambda_max``.
+    certify : k >= 1: the deflated certificate from (up to) the k Ritz pairs of largest
+        magnitude (implies ``exact``); reports ``lambda_max_upper_deflated``,
+        ``lambda_min_lower_deflated``, the k used (``certify_k``, the leading pairs that give
+        the smallest bound) and the residual norm (``certify_residual``).
+    lanczos_tol, lanczos_maxiter, seed : Lanczos options (see :func:`eigsh`); the default
+        maxiter is min(P, max(300, 10 k)).
 
     Returns
     -------
     Bound
         trace, trace_sq (exact to float64 rounding) and the Wolkowicz-Styan bounds on the
-        largest and smallest eigenvalue of the P x P curvature matrix.
+        largest and smallest eigenvalue of the P x P curvature matrix; the rank-aware bounds
+        (``rank``, ``lambda_max_upper_rank``, ``lambda_min_lower_rank``), the per-layer bounds
+        (``layer_bounds``) and the certified brackets ``lambda_max_bracket``,
+        ``lambda_min_bracket`` (the best of all the bounds above; docs/certificates.md).
     """
     which = _choice(backend, "backend", BACKENDS)
     prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                     batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+    from ._exact import check_exact_options
+
+    opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params)
     t0 = time.perf_counter()
     layer_trace, blocks = _BACKENDS[which](prob)
     tr, tr2 = total_moments(layer_trace, blocks)
@@ -103,9 +121,12 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
             "the weights or inputs are too large in magnitude"
         )
     ws = ws_bounds(tr, max(tr2, 0.0), prob.n_params)
-    return Bound(
+    res = Bound(
         n_params=prob.n_params, n_samples=prob.n_samples, trace=tr, trace_sq=tr2, mean=ws.mean, std=ws.std,
         lambda_max_lower=ws.lambda_max_lower, lambda_max_upper=ws.lambda_max_upper,
         lambda_min_lower=ws.lambda_min_lower, lambda_min_upper=ws.lambda_min_upper,
         curvature=prob.curvature, reduction=prob.reduction, backend=which, elapsed_s=elapsed,
     )
+    from ._exact import refine
+
+    return refine(res, prob, which, layer_trace, blocks, opts)
