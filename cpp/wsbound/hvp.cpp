@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -134,6 +135,28 @@ void block_direction(const Model& model, const std::vector<Index>& off, bool hes
     }
 }
 
+// A float64 buffer that starts on a 64-byte boundary.  Eigen's vectorised kernels peel a
+// different number of leading elements depending on the address alignment of a Map, which
+// changes the rounding; with every buffer aligned the same way, the result depends only on
+// the data (not on which buffer or which caller's array it went through).
+class AlignedBuffer {
+   public:
+    explicit AlignedBuffer(size_t n) : raw_(n + 8) {
+        const auto addr = reinterpret_cast<std::uintptr_t>(raw_.data());
+        data_ = raw_.data() + ((64 - addr % 64) % 64) / sizeof(double);
+    }
+    AlignedBuffer(const AlignedBuffer&) = delete;
+    AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+    AlignedBuffer(AlignedBuffer&&) = default;  // the heap block, hence data_, stays put
+    AlignedBuffer& operator=(AlignedBuffer&&) = default;
+    double* data() { return data_; }
+    const double* data() const { return data_; }
+
+   private:
+    std::vector<double> raw_;
+    double* data_;
+};
+
 }  // namespace
 
 Index n_params(const Model& model) { return layer_offsets(model).back(); }
@@ -155,9 +178,13 @@ void hvp(const Model& model, const InputView& X, const Labels& y, const double* 
     const Index slots = std::min<Index>(std::max(opt.threads, 1), nb);
     const auto kP = static_cast<size_t>(k) * static_cast<size_t>(P);
 
+    AlignedBuffer Vcopy(kP);  // the caller's array may sit at any alignment (see AlignedBuffer)
+    std::copy(V, V + kP, Vcopy.data());
     std::fill(out, out + kP, 0.0);
     std::vector<Scratch> scratch(static_cast<size_t>(slots));
-    std::vector<std::vector<double>> buffers(static_cast<size_t>(slots), std::vector<double>(kP));
+    std::vector<AlignedBuffer> buffers;
+    buffers.reserve(static_cast<size_t>(slots));
+    for (Index t = 0; t < slots; ++t) buffers.emplace_back(kP);
     for (Index r0 = 0; r0 < nb; r0 += slots) {
         const Index nr = std::min(slots, nb - r0);
         parallel_tasks(nr, opt.threads, cancel, [&](Index t, int worker) {
@@ -167,11 +194,11 @@ void hvp(const Model& model, const InputView& X, const Labels& y, const double* 
             X.gather(lo, hi, s.Xb);
             y.gather(lo, hi, C, s.Yb);
             forward_backward(model, s);
-            std::vector<double>& buf = buffers[static_cast<size_t>(t)];
-            std::fill(buf.begin(), buf.end(), 0.0);
+            double* buf = buffers[static_cast<size_t>(t)].data();
+            std::fill(buf, buf + kP, 0.0);
             for (Index j = 0; j < k; ++j)
-                block_direction(model, off, opt.hessian, V + static_cast<size_t>(j) * static_cast<size_t>(P),
-                                buf.data() + static_cast<size_t>(j) * static_cast<size_t>(P), s);
+                block_direction(model, off, opt.hessian, Vcopy.data() + static_cast<size_t>(j) * static_cast<size_t>(P),
+                                buf + static_cast<size_t>(j) * static_cast<size_t>(P), s);
         });
         // Fixed order: block by block, whatever the number of threads.
         for (Index t = 0; t < nr; ++t) {
