@@ -97,6 +97,9 @@ def ws_bounds(trace: float, trace_sq: float, n: int, rank: int | None = None) ->
     r = _count(rank, "rank", "an upper bound on the rank of the matrix")
     if r >= n:
         return WSBounds(n, t, t2, m, s, max_lo, max_hi, min_lo, min_hi, rank=n)
+    if r == 1 and abs(t2 - t * t) > 1e-9 * max(t2, t * t):
+        raise ValueError(f"no real symmetric matrix of rank <= 1 has trace {t!r} and trace_sq {t2!r}: "
+                         "its one non-zero eigenvalue is the trace, so trace_sq must equal trace^2")
     _, _, r_max_lo, r_max_hi, r_min_lo, r_min_hi = _ws(t, t2, r, f"matrix of rank <= {r}")
     return WSBounds(n, t, t2, m, s,
                     lambda_max_lower=max(max_lo, r_max_lo, 0.0),
