@@ -32,7 +32,11 @@ def _first_layer_inputs(prob: Problem) -> int:
     W_1[:, c] zero (each carries the factor x~_n[c]); it is an exact, cheap rank reduction.
     """
     X = prob.X
-    nonzero = int(np.count_nonzero(np.any(X != 0, axis=0)))
+    seen = np.zeros(X.shape[1], dtype=bool)
+    step = max(1, (1 << 22) // max(1, X.shape[1]))  # rows per chunk: ~4 MB of booleans
+    for lo in range(0, X.shape[0], step):
+        seen |= np.any(X[lo:lo + step] != 0, axis=0)
+    nonzero = int(np.count_nonzero(seen))
     return nonzero + int(prob.biases[0] is not None)
 
 
