@@ -91,7 +91,7 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
         ``lambda_min_lower_deflated``, the k used (``certify_k``, the leading pairs that give
         the smallest bound) and the residual norm (``certify_residual``).
     lanczos_tol, lanczos_maxiter, seed : Lanczos options (see :func:`eigsh`); the default
-        maxiter is min(P, max(300, 10 k)).
+        maxiter is min(P, max(300, 10 k)), within half of ``memory_limit`` for the basis.
 
     Returns
     -------
@@ -107,7 +107,7 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
                     batch_size=batch_size, threads=threads, memory_limit=memory_limit)
     from ._exact import check_exact_options
 
-    opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params)
+    opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params, prob.memory_limit)
     t0 = time.perf_counter()
     layer_trace, blocks = _BACKENDS[which](prob)
     tr, tr2 = total_moments(layer_trace, blocks)

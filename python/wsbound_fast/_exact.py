@@ -27,7 +27,8 @@ class ExactOptions(NamedTuple):
     seed: int
 
 
-def check_exact_options(exact: Any, certify: Any, tol: Any, maxiter: Any, seed: Any, n_params: int) -> ExactOptions:
+def check_exact_options(exact: Any, certify: Any, tol: Any, maxiter: Any, seed: Any, n_params: int,
+                        memory_limit: int | None = None) -> ExactOptions:
     if not isinstance(exact, (bool, np.bool_)):
         raise TypeError(f"exact must be True or False; got {exact!r}")
     k = 0
@@ -38,7 +39,7 @@ def check_exact_options(exact: Any, certify: Any, tol: Any, maxiter: Any, seed: 
             raise ValueError(f"certify must satisfy 1 <= k <= P = {n_params} (the number of parameters); got {certify}")
         k = int(certify)
     t = _tol(tol, "lanczos_tol")
-    mi = default_maxiter(n_params, max(k, 2)) if maxiter is None else _positive_int(maxiter, "lanczos_maxiter")
+    mi = default_maxiter(n_params, max(k, 2), memory_limit) if maxiter is None else _positive_int(maxiter, "lanczos_maxiter")
     return ExactOptions(bool(exact) or k > 0, k, t, mi, _seed(seed))
 
 

@@ -154,8 +154,13 @@ def _tol(tol: Any, name: str = "tol") -> float:
     return t
 
 
-def default_maxiter(n: int, k: int) -> int:
-    return min(n, max(300, 10 * k))
+def default_maxiter(n: int, k: int, memory_limit: int | None = None) -> int:
+    """min(n, max(300, 10 k)), and at most what half of memory_limit holds of the (m, n) basis
+    (but never fewer than k + 10 steps)."""
+    m = min(n, max(300, 10 * k))
+    if memory_limit is not None:
+        m = min(m, max(k + 10, memory_limit // (16 * n)))
+    return max(1, min(m, n))
 
 
 def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activation: Any = "tanh",
@@ -175,7 +180,8 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     tol : stop when every wanted Ritz pair has residual |H y - theta y| <= tol * max|theta|
         (an eigenvalue of H lies within that residual of theta).
     maxiter : at most this many Lanczos steps (curvature-vector products); default
-        min(P, max(300, 10 k)).  The basis takes maxiter * P float64 values.
+        min(P, max(300, 10 k)), reduced so that the basis (maxiter * P float64 values) takes
+        at most half of ``memory_limit``.
     seed : the random start vector; the result is deterministic for a seed.
     return_eigenvectors : also return the unit Ritz vectors as the columns of a (P, k) array.
 
@@ -202,7 +208,7 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     if wh not in WHICH:
         raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}; got {which!r}")
     t = _tol(tol)
-    mi = default_maxiter(P, k) if maxiter is None else _positive_int(maxiter, "maxiter")
+    mi = default_maxiter(P, k, prob.memory_limit) if maxiter is None else _positive_int(maxiter, "maxiter")
     if mi < k and mi < P:
         raise ValueError(f"maxiter must be >= k = {k} (each step adds one Ritz pair); got {mi}")
     s = _seed(seed)
