@@ -196,9 +196,11 @@ void hvp(const Model& model, const InputView& X, const Labels& y, const double* 
             forward_backward(model, s);
             double* buf = buffers[static_cast<size_t>(t)].data();
             std::fill(buf, buf + kP, 0.0);
-            for (Index j = 0; j < k; ++j)
+            for (Index j = 0; j < k; ++j) {
+                if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return;  // honoured below
                 block_direction(model, off, opt.hessian, Vcopy.data() + static_cast<size_t>(j) * static_cast<size_t>(P),
                                 buf + static_cast<size_t>(j) * static_cast<size_t>(P), s);
+            }
         });
         // Fixed order: block by block, whatever the number of threads.
         for (Index t = 0; t < nr; ++t) {

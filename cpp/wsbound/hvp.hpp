@@ -17,7 +17,7 @@ namespace wsb {
 // time, each into its own buffer; the buffers are added to out in block order, so the
 // result is bitwise identical for any thread count at a fixed batch size.  opt.group is
 // unused.  Throws std::invalid_argument for inconsistent inputs and Cancelled once *cancel
-// is set (checked between blocks).
+// is set (checked between blocks and between the vectors of a block).
 void hvp(const Model& model, const InputView& X, const Labels& y, const double* V, Index k, double* out,
          const Options& opt, const std::atomic<bool>* cancel = nullptr);
 
