@@ -85,7 +85,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = "tanh", curvature: s
     exact : also run Lanczos (:func:`eigsh`) over the exact curvature-vector product and
         report ``lambda_max``, ``lambda_min`` (Rayleigh quotients: lambda_max is a certified
         lower bound on the largest eigenvalue, and converges to it) and the tightness ratio
-        ``lambda_max_upper / lambda_max``.
+        ``lambda_max_upper / lambda_max``.  For the GGN (positive semi-definite) Lanczos waits
+        for the top end only; ``lambda_min`` is then the smallest Ritz value as it stands.
     certify : k >= 1: the deflated certificate from (up to) the k Ritz pairs of largest
         magnitude (implies ``exact``); reports ``lambda_max_upper_deflated``,
         ``lambda_min_lower_deflated``, the k used (``certify_k``, the leading pairs that give

@@ -83,7 +83,10 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
         matvec = make_matvec(prob, backend, max(kc, 2))
 
         def wanted(theta: np.ndarray) -> np.ndarray:
-            ends = np.array([0, theta.shape[0] - 1])
+            # The GGN is positive semi-definite (lambda_min >= 0 is certified, = 0 when r < P) and
+            # the bottom of its spectrum is a large cluster at or near 0 on which Lanczos converges
+            # slowly; only the top end (and the deflation set) is waited for there.
+            ends = np.array([theta.shape[0] - 1] if ggn else [0, theta.shape[0] - 1])
             return np.union1d(ends, select_indices(theta, "LM", kc)) if kc else ends
 
         run = lanczos(matvec, P, wanted=wanted, n_wanted=max(kc, 2), tol=opts.tol, maxiter=opts.maxiter,
