@@ -43,3 +43,29 @@ def test_variant_choice_is_validated() -> None:
 
 def test_default_core_is_importable() -> None:
     assert hasattr(wsb._load_core(), "moments")
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_both_builds_have_the_same_hvp(curvature: str) -> None:
+    base = importlib.import_module("wsbound_fast._core")
+    rng = np.random.default_rng(11)
+    dims = [6, 7, 5, 3]
+    layers = [(rng.normal(size=(dims[i + 1], dims[i])), rng.normal(size=dims[i + 1])) for i in range(3)]
+    X = rng.normal(size=(23, dims[0]))
+    y = rng.integers(0, 3, size=23).astype(np.int64)
+    P = sum(W.size + b.size for W, b in layers)
+    V = rng.normal(size=(2, P))
+
+    def run(core):
+        return core.hvp([W for W, _ in layers], [b for _, b in layers], [1, 1], [0.0, 0.0], X, y, V,
+                        curvature == "hessian", 5, 2)
+
+    ref = run(base)
+    assert ref.shape == (2, P)
+    if not cpu_has_avx2_fma():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    try:
+        fast = importlib.import_module("wsbound_fast._core_avx2")
+    except ImportError:
+        pytest.skip("the AVX2 build is not part of this installation")
+    np.testing.assert_allclose(run(fast), ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max())

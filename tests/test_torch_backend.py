@@ -456,3 +456,13 @@ def test_gpu_check_quick(capsys):
     assert mod.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "self-check passed" in out and "Lanczos" in out
+
+
+def test_curvature_vector_products_are_not_on_the_torch_backend_yet():
+    rng = np.random.default_rng(0)
+    layers = [(rng.normal(size=(4, 3)), rng.normal(size=4)), (rng.normal(size=(3, 4)), None)]
+    X, y = rng.normal(size=(6, 3)), rng.integers(0, 3, 6)
+    with pytest.raises(ValueError, match="backend"):
+        wsb.bound(layers, X, y, backend="torch", exact=True)
+    with pytest.raises(ValueError, match="backend"):
+        wsb.hvp(layers, X, y, np.ones(4 * 3 + 4 + 12), backend="torch")

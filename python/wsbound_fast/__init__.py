@@ -8,15 +8,17 @@
 from __future__ import annotations
 
 from ._api import bound
-from ._bounds import Bound, WSBounds, ws_bounds
+from ._bounds import Bound, LayerBound, WSBounds, ws_bounds
 from ._data import load_digits
 from ._dense import dense_hessian
+from ._hvp import hvp
+from ._lanczos import eigsh
 from ._loader import load_core as _load_core
 from ._plan import Plan, plan
 from ._torch import from_torch
 
 __all__ = [
-    "Bound", "Plan", "WSBounds", "bound", "dense_hessian", "from_torch", "load_digits", "plan", "ws_bounds",
-    "__version__",
+    "Bound", "LayerBound", "Plan", "WSBounds", "bound", "dense_hessian", "eigsh", "from_torch", "hvp", "load_digits",
+    "plan", "ws_bounds", "__version__",
 ]
 __version__ = "0.1.0"

@@ -70,7 +70,9 @@ _BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy, "torch": _moments_tor
 def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
           reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
           backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
-          callback: ProgressFn | None = None, device: Any = None, dtype: Any = None) -> Bound:
+          callback: ProgressFn | None = None, device: Any = None, dtype: Any = None, exact: bool = False,
+          certify: int | None = None, lanczos_tol: float = 1e-10, lanczos_maxiter: int | None = None,
+          seed: int = 0) -> Bound:
     """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -106,12 +108,26 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         else the CPU.  X is streamed to it block by block.
     dtype : backend="torch" only: "float64" (default) or "float32" (features and Gram
         products in float32, every sum accumulated in float64; about 1e-6 relative).
+    exact : also run Lanczos (:func:`eigsh`) over the exact curvature-vector product and
+        report ``lambda_max``, ``lambda_min`` (Rayleigh quotients: lambda_max is a certified
+        lower bound on the largest eigenvalue, and converges to it) and the tightness ratio
+        ``lambda_max_upper / lambda_max``.  For the GGN (positive semi-definite) Lanczos waits
+        for the top end only; ``lambda_min`` is then the smallest Ritz value as it stands.
+    certify : k >= 1: the deflated certificate from (up to) the k Ritz pairs of largest
+        magnitude (implies ``exact``); reports ``lambda_max_upper_deflated``,
+        ``lambda_min_lower_deflated``, the k used (``certify_k``, the leading pairs that give
+        the smallest bound) and the residual norm (``certify_residual``).
+    lanczos_tol, lanczos_maxiter, seed : Lanczos options (see :func:`eigsh`); the default
+        maxiter is min(P, max(300, 10 k)), within half of ``memory_limit`` for the basis.
 
     Returns
     -------
     Bound
         trace, trace_sq (exact to float64 rounding) and the Wolkowicz-Styan bounds on the
-        largest and smallest eigenvalue of the P x P curvature matrix.
+        largest and smallest eigenvalue of the P x P curvature matrix; the rank-aware bounds
+        (``rank``, ``lambda_max_upper_rank``, ``lambda_min_lower_rank``), the per-layer bounds
+        (``layer_bounds``) and the certified brackets ``lambda_max_bracket``,
+        ``lambda_min_bracket`` (the best of all the bounds above; docs/certificates.md).
     """
     which = _choice(backend, "backend", BACKENDS)
     reporter = Reporter(progress, callback)
@@ -130,6 +146,12 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
                         batch_size=batch_size, threads=threads, memory_limit=memory_limit)
         if device is not None or dtype is not None:
             raise ValueError(f"device= and dtype= apply to backend='torch' only; got backend={which!r}")
+    from ._exact import check_exact_options
+
+    opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params, prob.memory_limit)
+    if which == "torch" and (exact or certify is not None):
+        raise ValueError("exact= and certify= need the curvature-vector product, which the torch backend does not "
+                         "have yet; use backend='cpp' (or 'numpy')")
     t0 = time.perf_counter()
     try:
         layer_trace, blocks = _BACKENDS[which](prob, reporter if reporter.active else None)
@@ -146,9 +168,12 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
             "the weights or inputs are too large in magnitude"
         )
     ws = ws_bounds(tr, max(tr2, 0.0), prob.n_params)
-    return Bound(
+    res = Bound(
         n_params=prob.n_params, n_samples=prob.n_samples, trace=tr, trace_sq=tr2, mean=ws.mean, std=ws.std,
         lambda_max_lower=ws.lambda_max_lower, lambda_max_upper=ws.lambda_max_upper,
         lambda_min_lower=ws.lambda_min_lower, lambda_min_upper=ws.lambda_min_upper,
         curvature=prob.curvature, reduction=prob.reduction, backend=which, elapsed_s=elapsed,
     )
+    from ._exact import refine
+
+    return refine(res, prob, which, layer_trace, blocks, opts)

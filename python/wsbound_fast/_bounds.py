@@ -7,7 +7,7 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Bound", "WSBounds", "ws_bounds"]
+__all__ = ["Bound", "LayerBound", "WSBounds", "ws_bounds"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class WSBounds:
     lambda_max_upper: float
     lambda_min_lower: float
     lambda_min_upper: float
+    #: The rank bound the four bounds used (None: the plain bounds with dimension n).
+    rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,7 +39,33 @@ def _real(value: Any, name: str) -> float:
     return v
 
 
-def ws_bounds(trace: float, trace_sq: float, n: int) -> WSBounds:
+def _ws(t: float, t2: float, n: int, what: str) -> tuple[float, float, float, float, float, float]:
+    """(mean, std, lambda_max_lower, lambda_max_upper, lambda_min_lower, lambda_min_upper)."""
+    m = t / n
+    var = t2 / n - m * m
+    # Rounding in trace and trace_sq can make a zero variance slightly negative.
+    if var < -1e-12 * max(t2 / n, m * m):
+        raise ValueError(
+            f"no real symmetric {what} has trace {t!r} and trace_sq {t2!r}: "
+            f"trace_sq must be >= trace^2/{n} = {t * t / n!r}"
+        )
+    s = math.sqrt(max(var, 0.0))
+    if n == 1:
+        return m, s, m, m, m, m
+    r = math.sqrt(n - 1)
+    lo, hi = s / r, s * r
+    return m, s, m + lo, m + hi, m - hi, m - lo
+
+
+def _count(value: Any, name: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer ({what}); got {value!r}")
+    if int(value) < 1:
+        raise ValueError(f"{name} must be >= 1 ({what}); got {int(value)}")
+    return int(value)
+
+
+def ws_bounds(trace: float, trace_sq: float, n: int, rank: int | None = None) -> WSBounds:
     """Wolkowicz–Styan (1980) bounds on the extreme eigenvalues of a real symmetric matrix.
 
     With m = trace/n and s^2 = trace_sq/n - m^2 (the mean and variance of the eigenvalues)::
@@ -47,30 +75,65 @@ def ws_bounds(trace: float, trace_sq: float, n: int) -> WSBounds:
 
     For n = 1 all four equal m.  Raises ValueError when n < 1 or when no real symmetric
     matrix has these moments (trace_sq < trace^2/n beyond float64 rounding).
+
+    ``rank``: an upper bound r < n on the rank of the matrix (rank-aware bounds).  Its
+    non-zero eigenvalues, padded with zeros, are then r numbers with the same two moments,
+    so the bounds with n = r hold for them, and the matrix also has the eigenvalue 0::
+
+        max(WS_lower(r), 0) <= lambda_max <= max(WS_upper(r), 0)
+
+    (and the mirror image for lambda_min).  These are never looser than the plain bounds
+    with dimension n; the result is intersected with them anyway (proof: docs/certificates.md).
+    ``mean`` and ``std`` stay those of the n eigenvalues.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"n must be a positive integer (the matrix dimension); got {n!r}")
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1 (the matrix dimension); got {n}")
+    n = _count(n, "n", "the matrix dimension")
     t = _real(trace, "trace")
     t2 = _real(trace_sq, "trace_sq")
     if t2 < 0:
         raise ValueError(f"trace_sq is the squared Frobenius norm and cannot be negative; got {t2!r}")
-    m = t / n
-    var = t2 / n - m * m
-    # Rounding in trace and trace_sq can make a zero variance slightly negative.
-    if var < -1e-12 * max(t2 / n, m * m):
-        raise ValueError(
-            f"no real symmetric {n}x{n} matrix has trace {t!r} and trace_sq {t2!r}: "
-            f"trace_sq must be >= trace^2/n = {t * t / n!r}"
-        )
-    s = math.sqrt(max(var, 0.0))
-    if n == 1:
-        return WSBounds(n, t, t2, m, s, m, m, m, m)
-    r = math.sqrt(n - 1)
-    lo, hi = s / r, s * r
-    return WSBounds(n, t, t2, m, s, m + lo, m + hi, m - hi, m - lo)
+    m, s, max_lo, max_hi, min_lo, min_hi = _ws(t, t2, n, f"{n}x{n} matrix")
+    if rank is None:
+        return WSBounds(n, t, t2, m, s, max_lo, max_hi, min_lo, min_hi)
+    r = _count(rank, "rank", "an upper bound on the rank of the matrix")
+    if r >= n:
+        return WSBounds(n, t, t2, m, s, max_lo, max_hi, min_lo, min_hi, rank=n)
+    if r == 1 and abs(t2 - t * t) > 1e-9 * max(t2, t * t):
+        raise ValueError(f"no real symmetric matrix of rank <= 1 has trace {t!r} and trace_sq {t2!r}: "
+                         "its one non-zero eigenvalue is the trace, so trace_sq must equal trace^2")
+    _, _, r_max_lo, r_max_hi, r_min_lo, r_min_hi = _ws(t, t2, r, f"matrix of rank <= {r}")
+    return WSBounds(n, t, t2, m, s,
+                    lambda_max_lower=max(max_lo, r_max_lo, 0.0),
+                    lambda_max_upper=min(max_hi, max(r_max_hi, 0.0)),
+                    lambda_min_lower=max(min_lo, min(r_min_lo, 0.0)),
+                    lambda_min_upper=min(min_hi, r_min_hi, 0.0),
+                    rank=r)
+
+
+@dataclass(frozen=True)
+class LayerBound:
+    """Bounds on the extreme eigenvalues of one diagonal block H^{ll} of the curvature.
+
+    H^{ll} is the curvature restricted to the parameters of layer ``layer`` (1-based; its
+    ``n_params`` = d_l (d_{l-1} + bias) weights and biases).  The four ``lambda_*`` fields
+    are the rank-aware Wolkowicz–Styan bounds (``rank`` bounds the rank of H^{ll}); the
+    ``*_plain`` fields use the dimension alone.  Since H^{ll} is a principal submatrix of H,
+    lambda_max(H) >= lambda_max(H^{ll}) >= ``lambda_max_lower`` (Cauchy interlacing).
+    """
+
+    layer: int
+    n_params: int
+    rank: int
+    trace: float
+    trace_sq: float
+    lambda_max_lower: float
+    lambda_max_upper: float
+    lambda_min_lower: float
+    lambda_min_upper: float
+    lambda_max_upper_plain: float
+    lambda_min_lower_plain: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -95,6 +158,34 @@ class Bound:
     reduction: str
     backend: str
     elapsed_s: float
+    # ---- filled by bound() since issue 4; None where not computed ---------------------
+    #: Upper bound on the rank of the curvature matrix, and the rank-aware WS bounds.
+    rank: int | None = None
+    lambda_max_upper_rank: float | None = None
+    lambda_min_lower_rank: float | None = None
+    #: WS bounds of each diagonal block H^{ll} (per-layer sharpness), from the same pass.
+    layer_bounds: tuple[LayerBound, ...] | None = None
+    #: Certified intervals (lower, upper): the best of every bound computed (see the docs).
+    lambda_max_bracket: tuple[float, float] | None = None
+    lambda_min_bracket: tuple[float, float] | None = None
+    #: exact=True: extreme Rayleigh quotients from Lanczos (lambda_max is a lower bound on the
+    #: true largest eigenvalue, lambda_min an upper bound on the smallest; both converge to
+    #: them), the residual norms |H y - lambda y| of their unit vectors, and the tightness
+    #: ratio lambda_max_upper / lambda_max (None unless lambda_max > 0).
+    lambda_max: float | None = None
+    lambda_min: float | None = None
+    lambda_max_residual: float | None = None
+    lambda_min_residual: float | None = None
+    tightness: float | None = None
+    lanczos_iterations: int | None = None
+    lanczos_converged: bool | None = None
+    lanczos_s: float | None = None
+    #: certify=k: the deflated (Kahan) certificate from certify_k Ritz pairs whose residual
+    #: block has spectral norm certify_residual.
+    certify_k: int | None = None
+    certify_residual: float | None = None
+    lambda_max_upper_deflated: float | None = None
+    lambda_min_lower_deflated: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,4 +199,27 @@ class Bound:
             f"  tr({name}^2) = {self.trace_sq:.10g}\n"
             f"  lambda_max in [{self.lambda_max_lower:.6g}, {self.lambda_max_upper:.6g}]\n"
             f"  lambda_min in [{self.lambda_min_lower:.6g}, {self.lambda_min_upper:.6g}]"
+            + self._repr_extra()
         )
+
+    def _repr_extra(self) -> str:
+        lines = []
+        if self.rank is not None and self.lambda_max_upper_rank is not None:
+            lines.append(f"  rank <= {self.rank}: lambda_max <= {self.lambda_max_upper_rank:.6g}, "
+                         f"lambda_min >= {self.lambda_min_lower_rank:.6g}")
+        if self.certify_k is not None and self.lambda_max_upper_deflated is not None:
+            lines.append(f"  deflated (k={self.certify_k}, |R|={self.certify_residual:.3g}): "
+                         f"lambda_max <= {self.lambda_max_upper_deflated:.6g}, "
+                         f"lambda_min >= {self.lambda_min_lower_deflated:.6g}")
+        if self.lambda_max is not None:
+            tight = "" if self.tightness is None else f", tightness {self.tightness:.4g}"
+            lines.append(f"  Lanczos: lambda_max ~ {self.lambda_max:.8g}, lambda_min ~ {self.lambda_min:.8g} "
+                         f"({self.lanczos_iterations} iterations{tight})")
+        if self.lambda_max_bracket is not None and self.lambda_min_bracket is not None:
+            lines.append(f"  certified: lambda_max in [{self.lambda_max_bracket[0]:.6g}, {self.lambda_max_bracket[1]:.6g}], "
+                         f"lambda_min in [{self.lambda_min_bracket[0]:.6g}, {self.lambda_min_bracket[1]:.6g}]")
+        if self.layer_bounds:
+            for lb in self.layer_bounds:
+                lines.append(f"  layer {lb.layer} (P={lb.n_params}): lambda_max(H^ll) in "
+                             f"[{lb.lambda_max_lower:.6g}, {lb.lambda_max_upper:.6g}]")
+        return "".join("\n" + line for line in lines)

@@ -23,3 +23,18 @@ def moments(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(trace per layer (L,), blocks (L, L)): sum_n tr H_n^{ll} and, for l <= m,
     sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (lower triangle zero).  Unnormalised."""
+
+def hvp(
+    weights: Sequence[npt.NDArray[np.float64]],
+    biases: Sequence[Optional[npt.NDArray[np.float64]]],
+    act_codes: Sequence[int],
+    act_params: Sequence[float],
+    X: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64] | npt.NDArray[np.float64],
+    V: npt.NDArray[np.float64],
+    hessian: bool,
+    batch: int,
+    threads: int,
+) -> npt.NDArray[np.float64]:
+    """(k, P): row j is sum_n H_n V[j] (or the GGN) for V of shape (k, P), C-contiguous
+    float64.  Unnormalised."""

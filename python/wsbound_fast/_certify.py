@@ -1,0 +1,206 @@
+"""Certificates beyond the plain Wolkowicz–Styan bounds (proofs: docs/certificates.md).
+
+* :func:`rank_bound` / :func:`layer_rank_bounds`: upper bounds on the rank of the
+  curvature matrix and of its diagonal blocks, from the block structure of one sample's
+  Hessian;
+* :func:`deflated_bounds`: the deflated certificate from k Ritz pairs (Kahan's theorem for
+  Ritz clusters plus the exact tr(H), tr(H^2));
+* :func:`ritz_certificate`: Ritz vectors -> exact residual block -> the best deflated bound
+  over the leading pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._hvp import Matvec
+from ._validate import Problem
+
+
+def _dims(prob: Problem) -> list[int]:
+    return [prob.weights[0].shape[1]] + [w.shape[0] for w in prob.weights]
+
+
+def _first_layer_inputs(prob: Problem) -> int:
+    """Columns of the augmented input x~ that are not identically zero over the data set.
+
+    A column of X that is zero for every sample makes every Hessian entry of the weights
+    W_1[:, c] zero (each carries the factor x~_n[c]); it is an exact, cheap rank reduction.
+    """
+    X = prob.X
+    seen = np.zeros(X.shape[1], dtype=bool)
+    step = max(1, (1 << 22) // max(1, X.shape[1]))  # rows per chunk: ~4 MB of booleans
+    for lo in range(0, X.shape[0], step):
+        chunk = X[lo:lo + step]
+        if not isinstance(chunk, np.ndarray):  # a torch tensor (backend="torch"), on its device
+            chunk = (chunk != 0).any(dim=0).cpu().numpy()
+            seen |= chunk
+            continue
+        seen |= np.any(chunk != 0, axis=0)
+    nonzero = int(np.count_nonzero(seen))
+    return nonzero + int(prob.biases[0] is not None)
+
+
+def block_spans(prob: Problem) -> tuple[list[int], list[int]]:
+    """(p_l, s_l) per layer: the effective size of parameter block l, and the dimension of the
+    space that contains block l of every column of one sample's Hessian (docs, Theorem 2)."""
+    d = _dims(prob)
+    L, C = prob.n_layers, d[-1]
+    p, s = [], []
+    for l in range(1, L + 1):
+        width_in = _first_layer_inputs(prob) if l == 1 else d[l - 1] + int(prob.biases[l - 1] is not None)
+        p.append(d[l] * width_in)
+        if not prob.hessian:
+            s.append(C - 1)
+            continue
+        e = d[l] if l < L else C - 1  # the G-term: e_r (x) a~_{l-1}, or A's range at the output layer
+        s.append(e + (d[l - 1] if l >= 2 else 0))  # + the delta-term: delta_l (x) q, q in R^{d_{l-1}}
+    return p, s
+
+
+def sample_rank(prob: Problem) -> int:
+    """r_1: an upper bound on the rank of one sample's curvature H_n."""
+    p, s = block_spans(prob)
+    if not prob.hessian:
+        return min(sum(p), s[0])  # J^T A J with rank(A) <= C - 1
+    return sum(min(pl, sl) for pl, sl in zip(p, s))
+
+
+def rank_bound(prob: Problem) -> int:
+    """r: an upper bound on the rank of the curvature of the whole data set (<= P)."""
+    N, P = prob.n_samples, prob.n_params
+    p, s = block_spans(prob)
+    r = min(P, sum(p), N * sample_rank(prob))
+    if prob.hessian:
+        r = min(r, sum(min(pl, N * sl) for pl, sl in zip(p, s)))
+    return int(max(r, 1))
+
+
+def layer_rank_bounds(prob: Problem) -> list[int]:
+    """Upper bounds on rank(H^{ll}) = rank(sum_n E_l^T G_ll E_l): N * rank(G_ll) per sample."""
+    d = _dims(prob)
+    L, C, N = prob.n_layers, d[-1], prob.n_samples
+    p, _ = block_spans(prob)
+    out = []
+    for l in range(1, L + 1):
+        g = (d[l] if l < L else C - 1) if prob.hessian else min(d[l], C - 1)
+        out.append(int(max(1, min(p[l - 1], N * g))))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the deflated certificate
+# --------------------------------------------------------------------------------------
+
+
+def _ws_upper(m: int, t: float, t2: float) -> float:
+    """The WS upper bound of m numbers with sum t and sum of squares t2 (t^2 <= m t2)."""
+    if m == 1:
+        return t
+    return t / m + math.sqrt((m - 1) / m) * math.sqrt(max(t2 - t * t / m, 0.0))
+
+
+def _sup_upper(m: int, a: float, b: float, T2: float) -> float:
+    """sup of the WS upper bound over m numbers with sum in [a, b] and sum of squares <= T2.
+
+    The WS upper bound grows with the sum of squares, and for a fixed sum of squares T2 it
+    is concave in the sum with its maximum sqrt(T2) at sum = sqrt(T2); so the sup is at the
+    sum clamped into [a, b] (intersected with |sum| <= sqrt(m T2), where it is real).
+    """
+    root = math.sqrt(max(T2, 0.0))
+    lo, hi = max(a, -math.sqrt(m) * root), min(b, math.sqrt(m) * root)
+    if lo > hi:  # only through rounding (the true sum lies in both): fall back to |mu| <= sqrt(T2)
+        return root
+    return min(root, _ws_upper(m, min(max(root, lo), hi), T2))
+
+
+@dataclass(frozen=True)
+class Deflated:
+    """Deflated bounds: lambda_max <= max_upper, lambda_min >= min_lower."""
+
+    max_upper: float
+    min_lower: float
+    k: int
+    residual: float
+
+
+def deflated_bounds(trace: float, trace_sq: float, n: int, theta: Sequence[float], rho: float,
+                    rank: int | None = None) -> Deflated:
+    """Bounds on lambda_max and lambda_min of a symmetric n x n H from k Ritz values.
+
+    Assumptions (docs/certificates.md, Theorem 3): theta are the eigenvalues of Y^T H Y for
+    some Y (n x k) with orthonormal columns, rho >= ||H Y - Y (Y^T H Y)||_2, trace = tr H,
+    trace_sq = tr H^2, and rank (if given) >= rank(H).  Then (Kahan) k eigenvalues of H,
+    with distinct indices, lie within rho of the theta_i, and every other eigenvalue mu
+    satisfies mu^2 <= trace_sq - sum_i (|theta_i| - rho)_+^2; the remaining eigenvalues'
+    sum lies in trace - sum theta_i +- k rho, which the WS bound on the remainder uses.
+    """
+    th = np.asarray(theta, dtype=float)
+    k = int(th.shape[0])
+    rho = float(rho)
+    r = n if rank is None else min(int(rank), n)
+    matched_hi, matched_lo = float(th.max()) + rho, float(th.min()) - rho
+    n_rem = n - k
+    if n_rem <= 0:
+        return Deflated(matched_hi, matched_lo, k, rho)
+    k_nonzero = int(np.count_nonzero(np.abs(th) > rho))  # matched eigenvalues certainly non-zero
+    m = min(n_rem, max(r - k_nonzero, 0))  # room for the remainder's non-zero eigenvalues
+    zero = m < n_rem  # the remainder then contains the eigenvalue 0
+    T2 = max(float(trace_sq) - float(np.sum(np.maximum(np.abs(th) - rho, 0.0) ** 2)), 0.0)
+    centre = float(trace) - float(th.sum())
+    a, b = centre - k * rho, centre + k * rho
+    if m == 0:
+        rem_hi = rem_lo = 0.0
+    else:
+        rem_hi = _sup_upper(m, a, b, T2)
+        rem_lo = -_sup_upper(m, -b, -a, T2)
+        if zero:
+            rem_hi, rem_lo = max(rem_hi, 0.0), min(rem_lo, 0.0)
+    return Deflated(max(matched_hi, rem_hi), min(matched_lo, rem_lo), k, rho)
+
+
+@dataclass(frozen=True)
+class RitzCertificate:
+    deflated: Deflated
+    theta_max: float  # largest eigenvalue of Y^T H Y: a Rayleigh-Ritz lower bound on lambda_max
+    theta_min: float
+
+
+def ritz_certificate(matvec: Matvec, Y: np.ndarray, trace: float, trace_sq: float, n: int,
+                     rank: int | None) -> RitzCertificate:
+    """The best deflated certificate over the leading columns of Y (P x k, by |Ritz value|).
+
+    Y is re-orthonormalised, H Y computed with the exact product, Y rotated so that
+    Theta = Y^T H Y is diagonal; for each leading set of j columns the residual block
+    R_j = H Y_j - Y_j Theta_j gives a deflated bound, and the j with the smallest upper bound
+    on lambda_max is kept.  Its bound is then recomputed from scratch for those j columns
+    (fresh Theta, R and the spectral norm by SVD), so the certificate does not rest on the
+    selection arithmetic.
+    """
+    Yq, _ = np.linalg.qr(Y)
+    HY = matvec(Yq.T).T
+    Theta = Yq.T @ HY
+    Theta = 0.5 * (Theta + Theta.T)
+    theta, U = np.linalg.eigh(Theta)
+    order = np.argsort(-np.abs(theta), kind="stable")
+    theta, U = theta[order], U[:, order]
+    Yr, HYr = Yq @ U, HY @ U
+    R = HYr - Yr * theta
+    gram = R.T @ R
+    best_j, best = 1, math.inf
+    for j in range(1, theta.shape[0] + 1):
+        rho_j = math.sqrt(max(float(np.linalg.eigvalsh(gram[:j, :j])[-1]), 0.0))
+        hi = deflated_bounds(trace, trace_sq, n, theta[:j], rho_j, rank).max_upper
+        if hi < best:
+            best_j, best = j, hi
+    Yj, HYj = Yr[:, :best_j], HYr[:, :best_j]
+    Th = Yj.T @ HYj
+    Th = 0.5 * (Th + Th.T)
+    th_j = np.linalg.eigvalsh(Th)
+    rho = float(np.linalg.norm(HYj - Yj @ Th, 2))
+    return RitzCertificate(deflated_bounds(trace, trace_sq, n, th_j, rho, rank),
+                           float(theta.max()), float(theta.min()))

@@ -1,0 +1,122 @@
+"""bound()'s refinements: rank-aware and per-layer bounds, Lanczos (exact=True), the
+deflated certificate (certify=k) and the certified brackets.  Proofs: docs/certificates.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._bounds import Bound, LayerBound, ws_bounds
+from ._certify import layer_rank_bounds, rank_bound, ritz_certificate
+from ._hvp import make_matvec
+from ._lanczos import _seed, _tol, default_maxiter, lanczos, select_indices
+from ._validate import Problem, _positive_int
+
+
+class ExactOptions(NamedTuple):
+    exact: bool
+    certify: int  # 0: no deflated certificate
+    tol: float
+    maxiter: int
+    seed: int
+
+
+def check_exact_options(exact: Any, certify: Any, tol: Any, maxiter: Any, seed: Any, n_params: int,
+                        memory_limit: int | None = None) -> ExactOptions:
+    if not isinstance(exact, (bool, np.bool_)):
+        raise TypeError(f"exact must be True or False; got {exact!r}")
+    k = 0
+    if certify is not None and certify is not False:
+        if isinstance(certify, bool) or not isinstance(certify, numbers.Integral):
+            raise TypeError(f"certify must be None or a positive integer k (Ritz pairs to deflate); got {certify!r}")
+        if not 1 <= int(certify) <= n_params:
+            raise ValueError(f"certify must satisfy 1 <= k <= P = {n_params} (the number of parameters); got {certify}")
+        k = int(certify)
+    t = _tol(tol, "lanczos_tol")
+    mi = default_maxiter(n_params, max(k, 2), memory_limit) if maxiter is None else _positive_int(maxiter, "lanczos_maxiter")
+    return ExactOptions(bool(exact) or k > 0, k, t, mi, _seed(seed))
+
+
+def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[LayerBound, ...]:
+    N = prob.n_samples
+    f1, f2 = (1.0 / N, 1.0 / (N * N)) if prob.mean else (1.0, 1.0)
+    ranks = layer_rank_bounds(prob)
+    out = []
+    for l, (W, b) in enumerate(zip(prob.weights, prob.biases)):
+        n = int(W.size + (0 if b is None else b.size))
+        t, t2 = float(layer_trace[l]) * f1, max(float(blocks[l, l]) * f2, 0.0)
+        plain = ws_bounds(t, t2, n)
+        best = ws_bounds(t, t2, n, rank=min(ranks[l], n))
+        out.append(LayerBound(l + 1, n, min(ranks[l], n), t, t2, best.lambda_max_lower, best.lambda_max_upper,
+                              best.lambda_min_lower, best.lambda_min_upper, plain.lambda_max_upper,
+                              plain.lambda_min_lower))
+    return tuple(out)
+
+
+def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blocks: np.ndarray,
+           opts: ExactOptions) -> Bound:
+    P, tr, tr2 = res.n_params, res.trace, max(res.trace_sq, 0.0)
+    ggn = not prob.hessian
+    r = rank_bound(prob)
+    rk = ws_bounds(tr, tr2, P, rank=r)
+    layers = _layer_bounds(prob, layer_trace, blocks)
+    max_lo = [res.lambda_max_lower, rk.lambda_max_lower, *(lb.lambda_max_lower for lb in layers)]
+    max_hi = [res.lambda_max_upper, rk.lambda_max_upper]
+    min_lo = [res.lambda_min_lower, rk.lambda_min_lower]
+    min_hi = [res.lambda_min_upper, rk.lambda_min_upper, *(lb.lambda_min_upper for lb in layers)]
+    if ggn:  # positive semi-definite: tr(G^2) <= lambda_max tr(G), for G and each block G^{ll}
+        if tr > 0:
+            max_lo.append(tr2 / tr)
+        max_lo.extend(lb.trace_sq / lb.trace for lb in layers if lb.trace > 0)
+        min_lo.append(0.0)
+    extra: dict[str, Any] = {"rank": r, "lambda_max_upper_rank": rk.lambda_max_upper,
+                             "lambda_min_lower_rank": rk.lambda_min_lower, "layer_bounds": layers}
+    if opts.exact:
+        t0 = time.perf_counter()
+        kc = opts.certify
+        matvec = make_matvec(prob, backend, max(kc, 2))
+
+        def wanted(theta: np.ndarray) -> np.ndarray:
+            # The GGN is positive semi-definite (lambda_min >= 0 is certified, = 0 when r < P) and
+            # the bottom of its spectrum is a large cluster at or near 0 on which Lanczos converges
+            # slowly; only the top end (and the deflation set) is waited for there.
+            ends = np.array([theta.shape[0] - 1] if ggn else [0, theta.shape[0] - 1])
+            return np.union1d(ends, select_indices(theta, "LM", kc)) if kc else ends
+
+        run = lanczos(matvec, P, wanted=wanted, n_wanted=max(kc, 2), tol=opts.tol, maxiter=opts.maxiter,
+                      rng=np.random.default_rng(opts.seed))
+        ends = [int(np.argmax(run.theta)), int(np.argmin(run.theta))]
+        Y = run.vectors(np.array(ends))
+        Y /= np.linalg.norm(Y, axis=0)
+        HY = matvec(Y.T).T
+        rq = np.einsum("pi,pi->i", Y, HY)
+        resid = np.linalg.norm(HY - Y * rq, axis=0)
+        lam_max, lam_min = float(rq[0]), float(rq[1])
+        max_lo.append(lam_max)  # Rayleigh quotients: lambda_min <= y^T H y <= lambda_max
+        min_hi.append(lam_min)
+        extra.update(lambda_max=lam_max, lambda_min=lam_min, lambda_max_residual=float(resid[0]),
+                     lambda_min_residual=float(resid[1]), lanczos_iterations=run.iterations,
+                     lanczos_converged=run.converged,
+                     tightness=res.lambda_max_upper / lam_max if lam_max > 0 else None)
+        if kc:
+            idx = select_indices(run.theta, "LM", kc)
+            cert = ritz_certificate(matvec, run.vectors(idx), tr, tr2, P, r)
+            d = cert.deflated
+            max_hi.append(d.max_upper)
+            min_lo.append(d.min_lower)
+            max_lo.append(cert.theta_max)
+            min_hi.append(cert.theta_min)
+            extra.update(certify_k=d.k, certify_residual=d.residual, lambda_max_upper_deflated=d.max_upper,
+                         lambda_min_lower_deflated=d.min_lower)
+        extra["lanczos_s"] = time.perf_counter() - t0
+    extra["lambda_max_bracket"] = (float(max(max_lo)), float(min(max_hi)))
+    extra["lambda_min_bracket"] = (float(max(min_lo)), float(min(min_hi)))
+    if any(not math.isfinite(v) for v in (*extra["lambda_max_bracket"], *extra["lambda_min_bracket"])):
+        raise FloatingPointError("a certified bound is not finite")  # pragma: no cover
+    return dataclasses.replace(res, **extra)

@@ -1,0 +1,207 @@
+"""Exact curvature-vector products H v (or GGN v) over the whole data set.
+
+``hvp()`` validates like ``bound()`` and dispatches to the C++ core (``_core.hvp``:
+forward pass, forward R-propagation and backward pass with the second-order terms,
+Pearlmutter 1994, streamed over blocks of samples) or to the NumPy fallback below, which
+implements the same algorithm block by block.  Blocks are summed in block order, so for a
+fixed batch size the result does not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._activations import evaluate
+from ._numpy_backend import label_rows
+from . import _torch
+from ._validate import HVP_BACKENDS, Problem, _choice, _positive_int, _real_array, validate
+
+#: Samples per block of the curvature-vector product when the caller does not choose.
+_HVP_TARGET_BATCH = 256
+
+Matvec = Callable[[np.ndarray], np.ndarray]
+
+
+def _state_doubles(prob: Problem) -> int:
+    """Float64 values held per sample of a block (forward state and one direction)."""
+    dims = [prob.weights[0].shape[1]] + [w.shape[0] for w in prob.weights]
+    return dims[0] + 10 * sum(dims[1:])
+
+
+def plan_hvp(prob: Problem, k: int, batch_size: int | None) -> Problem:
+    """The problem with batch size and threads set for products with k vectors.
+
+    The C++ core holds one (k, P) buffer per concurrently processed block and one block's
+    state per thread; threads are reduced until both fit in the memory limit.
+    """
+    N, P = prob.n_samples, prob.n_params
+    per_sample = _state_doubles(prob)
+    batch = min(N, _HVP_TARGET_BATCH) if batch_size is None else min(batch_size, N)
+    threads = max(1, min(prob.threads, math.ceil(N / batch)))
+    while threads > 1 and 8 * threads * (k * P + batch * per_sample) > prob.memory_limit:
+        threads -= 1
+    if batch_size is None:
+        while batch > 16 and 8 * threads * batch * per_sample > prob.memory_limit // 2:
+            batch //= 2
+    return dataclasses.replace(prob, batch_size=batch, threads=threads)
+
+
+def validate_vectors(v: Any, n_params: int, name: str = "v") -> tuple[np.ndarray, bool]:
+    """v as a C-contiguous float64 (k, P) array, and whether it was one vector (P,)."""
+    arr = _real_array(v, name)
+    if arr.ndim == 1:
+        if arr.shape[0] != n_params:
+            raise ValueError(f"{name} must have shape ({n_params},) or ({n_params}, k) (P = {n_params} parameters); "
+                             f"got shape {arr.shape}")
+        single = True
+        arr = arr[None, :]
+    elif arr.ndim == 2:
+        if arr.shape[0] != n_params or arr.shape[1] < 1:
+            raise ValueError(f"{name} must have shape ({n_params},) or ({n_params}, k) with k >= 1 "
+                             f"(P = {n_params} parameters); got shape {arr.shape}")
+        single = False
+        arr = arr.T
+    else:
+        raise ValueError(f"{name} must be a vector ({n_params},) or a matrix ({n_params}, k); got shape {arr.shape}")
+    out = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return out, single
+
+
+# --------------------------------------------------------------------------------------
+# backends: V is (k, P) C-contiguous float64; they return sum_n H_n V[j] as (k, P)
+# --------------------------------------------------------------------------------------
+
+
+def _hvp_cpp(prob: Problem, V: np.ndarray) -> np.ndarray:
+    from . import _load_core
+
+    return _load_core().hvp(
+        list(prob.weights), list(prob.biases), [a.code for a in prob.activations],
+        [a.param for a in prob.activations], prob.X, prob.labels, V, prob.hessian, prob.batch_size, prob.threads,
+    )
+
+
+def _offsets(prob: Problem) -> list[int]:
+    off = [0]
+    for W, b in zip(prob.weights, prob.biases):
+        off.append(off[-1] + W.size + (0 if b is None else b.size))
+    return off
+
+
+def _block_hvp(prob: Problem, Xb: np.ndarray, Yb: np.ndarray, V: np.ndarray, off: list[int]) -> np.ndarray:
+    """sum over the block of H_n V[j] (mirrors cpp/wsbound/hvp.cpp; layers 1..L)."""
+    W, bias, L, hess = prob.weights, prob.biases, prob.n_layers, prob.hessian
+    A: list[np.ndarray] = [Xb]
+    S1: list[np.ndarray] = [np.empty(0)] * (L + 1)
+    S2: list[np.ndarray] = [np.empty(0)] * (L + 1)
+    z = Xb
+    for l in range(1, L + 1):
+        z = A[l - 1] @ W[l - 1].T
+        if bias[l - 1] is not None:
+            z = z + bias[l - 1]
+        if l < L:
+            a, S1[l], S2[l] = evaluate(prob.activations[l - 1], z)
+            A.append(a)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    w = Yb.sum(axis=1)
+    D: list[np.ndarray] = [np.empty(0)] * (L + 1)
+    G: list[np.ndarray] = [np.empty(0)] * (L + 1)
+    D[L] = w[:, None] * p - Yb
+    for l in range(L - 1, 0, -1):
+        G[l] = D[l + 1] @ W[l]
+        D[l] = S1[l] * G[l]
+    out = np.zeros_like(V)
+    for j in range(V.shape[0]):
+        v = V[j]
+        Vl = [v[off[l - 1]: off[l - 1] + W[l - 1].size].reshape(W[l - 1].shape) for l in range(1, L + 1)]
+        RZ: list[np.ndarray] = [np.empty(0)] * (L + 1)
+        RA: list[np.ndarray] = [np.empty(0)] * (L + 1)
+        for l in range(1, L + 1):
+            rz = A[l - 1] @ Vl[l - 1].T
+            if l > 1:
+                rz += RA[l - 1] @ W[l - 1].T
+            if bias[l - 1] is not None:
+                rz += v[off[l - 1] + W[l - 1].size: off[l]]
+            RZ[l] = rz
+            if l < L:
+                RA[l] = S1[l] * rz
+        RD: list[np.ndarray] = [np.empty(0)] * (L + 1)
+        u = RZ[L]
+        RD[L] = w[:, None] * p * (u - np.sum(p * u, axis=1, keepdims=True))  # A R{z_L}
+        for l in range(L - 1, 0, -1):
+            T = RD[l + 1] @ W[l]
+            if hess:
+                T += D[l + 1] @ Vl[l]
+                RD[l] = S1[l] * T + S2[l] * RZ[l] * G[l]
+            else:
+                RD[l] = S1[l] * T
+        for l in range(1, L + 1):
+            gW = RD[l].T @ A[l - 1]
+            if hess and l > 1:
+                gW += D[l].T @ RA[l - 1]
+            out[j, off[l - 1]: off[l - 1] + gW.size] = gW.ravel()
+            if bias[l - 1] is not None:
+                out[j, off[l - 1] + gW.size: off[l]] = RD[l].sum(axis=0)
+    return out
+
+
+def _hvp_numpy(prob: Problem, V: np.ndarray) -> np.ndarray:
+    off = _offsets(prob)
+    N, B = prob.n_samples, prob.batch_size
+    out = np.zeros_like(V)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for lo in range(0, N, B):
+            hi = min(lo + B, N)
+            out += _block_hvp(prob, np.asarray(prob.X[lo:hi], dtype=np.float64), label_rows(prob, lo, hi), V, off)
+    return out
+
+
+_BACKENDS = {"cpp": _hvp_cpp, "numpy": _hvp_numpy}
+
+
+def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None = None) -> Matvec:
+    """A function V (k', P) -> the curvature applied to each row, normalised as prob says."""
+    fn = _BACKENDS[backend]
+    planned = plan_hvp(prob, k, batch_size)
+    scale = 1.0 / prob.n_samples if prob.mean else 1.0
+
+    def matvec(V: np.ndarray) -> np.ndarray:
+        out = fn(planned, np.ascontiguousarray(V, dtype=np.float64))
+        if scale != 1.0:
+            out *= scale
+        if not np.isfinite(out).all():
+            raise FloatingPointError("the curvature-vector product overflowed float64; "
+                                     "the weights, inputs or v are too large in magnitude")
+        return out
+
+    return matvec
+
+
+def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvature: str = "hessian",
+        reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
+        backend: str = "cpp", memory_limit: int | None = None) -> np.ndarray:
+    """Exact curvature-vector product H v (or G v for the GGN) of the loss over the data set.
+
+    Same conventions as :func:`bound` (parameters ordered layer by layer, W row-major then
+    b, as ``torch.nn.Sequential.parameters()``).  ``v`` is one vector (P,) or k vectors as
+    the columns of a (P, k) array; the result has the same shape.  Computed exactly (to
+    float64 rounding) by R-propagation, streamed over blocks of ``batch_size`` samples
+    (default 256; results are bitwise identical for any ``threads`` at a fixed batch size),
+    in O(k N P) time and O(P k + batch x widths) memory.
+    """
+    which = _choice(backend, "backend", HVP_BACKENDS)
+    layers, X, y, activation = _torch.adapt(layers, X, y, activation)  # a torch module and tensors too
+    prob = validate(layers, X, y, activation="tanh" if activation is None else activation, curvature=curvature,
+                    reduction=reduction, threads=threads, memory_limit=memory_limit)
+    batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
+    V, single = validate_vectors(v, prob.n_params)
+    out = make_matvec(prob, which, V.shape[0], batch)(V)
+    return out[0] if single else np.ascontiguousarray(out.T)

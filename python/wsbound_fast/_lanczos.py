@@ -1,0 +1,233 @@
+"""Lanczos with full reorthogonalisation over the exact curvature-vector product.
+
+:func:`lanczos` is a plain symmetric Lanczos process on any matvec: every new vector is
+orthogonalised twice against all previous ones (classical Gram-Schmidt, twice), so the
+basis stays orthonormal to rounding and the Ritz values are those of the exact
+Rayleigh-Ritz projection onto the Krylov space.  When the Krylov space becomes invariant
+(beta ~ 0), the process continues from a fresh random vector orthogonal to the basis.
+Convergence of a Ritz pair (theta, y) is judged by the Lanczos residual estimate
+|H y - theta y| = beta_m |s_m| against ``tol`` times the largest |Ritz value|.
+
+:func:`eigsh` is the public entry point (scipy.sparse.linalg.eigsh-like).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._hvp import Matvec, make_matvec
+from . import _torch
+from ._validate import HVP_BACKENDS, _choice, _positive_int, validate
+
+WHICH = ("LA", "SA", "BE", "LM")
+
+Select = Callable[[np.ndarray], np.ndarray]
+
+
+def select_indices(theta: np.ndarray, which: str, k: int) -> np.ndarray:
+    """Indices of the wanted Ritz values among theta (ascending), at most len(theta)."""
+    m = theta.shape[0]
+    k = min(k, m)
+    if which == "LA":
+        return np.arange(m - k, m)
+    if which == "SA":
+        return np.arange(k)
+    if which == "BE":  # as scipy: half from each end, the extra one from the high end
+        lo = k // 2
+        return np.concatenate([np.arange(lo), np.arange(m - (k - lo), m)])
+    if which == "LM":
+        order = np.argsort(-np.abs(theta), kind="stable")
+        return np.sort(order[:k])
+    raise ValueError(which)  # pragma: no cover - validated before
+
+
+@dataclass
+class LanczosResult:
+    """State of a finished Lanczos run (basis rows Q[:m], tridiagonal T's eigenpairs)."""
+
+    theta: np.ndarray  # (m,) Ritz values, ascending
+    S: np.ndarray  # (m, m) eigenvectors of T
+    Q: np.ndarray  # (m, P) orthonormal Lanczos basis
+    residuals: np.ndarray  # (m,) estimated |H y_i - theta_i y_i|
+    iterations: int  # matvecs done
+    converged: bool
+
+    def vectors(self, idx: np.ndarray) -> np.ndarray:
+        """Ritz vectors for the given indices, as the columns of a (P, len(idx)) array."""
+        return self.Q.T @ self.S[:, idx]
+
+
+def _orthogonalise(w: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    for _ in range(2):  # "twice is enough"
+        w -= Q.T @ (Q @ w)
+    return w
+
+
+def lanczos(matvec: Matvec, n: int, *, wanted: Callable[[np.ndarray], np.ndarray], n_wanted: int, tol: float,
+            maxiter: int, rng: np.random.Generator) -> LanczosResult:
+    """Run Lanczos until the wanted Ritz pairs' residuals are <= tol * max|theta|.
+
+    ``wanted(theta)`` returns the indices of the wanted Ritz values; at least ``n_wanted``
+    iterations are done (fewer only when n is smaller).  Stops after ``maxiter`` matvecs,
+    or when the basis spans R^n (then the Ritz values are the eigenvalues).
+    """
+    maxiter = min(maxiter, n)
+    cap = min(maxiter, 64)
+    Q = np.empty((cap, n))
+    alpha: list[float] = []
+    beta: list[float] = []  # beta[j]: coupling between q_j and q_{j+1}
+    q = rng.standard_normal(n)
+    q /= np.linalg.norm(q)
+    scale = 0.0
+    theta = np.zeros(0)
+    S = np.zeros((0, 0))
+    res = np.zeros(0)
+    converged = False
+    last_check = 0
+    m = 0
+    while m < maxiter:
+        if m == cap:
+            cap = min(maxiter, 2 * cap)
+            Q2 = np.empty((cap, n))
+            Q2[:m] = Q[:m]
+            Q = Q2
+        Q[m] = q
+        w = matvec(q[None, :])[0]
+        a = float(q @ w)
+        w -= a * q
+        if m > 0:
+            w -= beta[-1] * Q[m - 1]
+        w = _orthogonalise(w, Q[: m + 1])
+        b = float(np.linalg.norm(w))
+        alpha.append(a)
+        m += 1
+        scale = max(scale, abs(a), b)
+        full = m == n
+        due = m >= min(n_wanted, n) and (m - last_check >= max(1, m // 12) or full or m == maxiter)
+        if due:
+            last_check = m
+            T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+            theta, S = np.linalg.eigh(T)
+            res = np.zeros(m) if full else b * np.abs(S[-1, :])
+            top = max(float(np.abs(theta).max()), np.finfo(float).tiny)
+            idx = wanted(theta)
+            if full or bool(np.all(res[idx] <= tol * top)):
+                converged = True
+                break
+        if m == maxiter:
+            break
+        if b <= 1e-12 * scale:  # invariant subspace: continue from a fresh random direction
+            q = _orthogonalise(rng.standard_normal(n), Q[:m])
+            nq = float(np.linalg.norm(q))
+            if nq <= 1e-8:  # pragma: no cover - the basis already spans R^n
+                break
+            q /= nq
+            beta.append(0.0)
+        else:
+            q = w / b
+            beta.append(b)
+    if last_check != m:  # ended without a check at the last step: final Ritz pairs
+        T = np.diag(alpha) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
+        theta, S = np.linalg.eigh(T)
+        res = b * np.abs(S[-1, :])
+    return LanczosResult(theta, S, Q[:m], res, m, converged)
+
+
+def _seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or int(seed) < 0:
+        raise TypeError(f"seed must be a non-negative integer; got {seed!r}")
+    return int(seed)
+
+
+def _tol(tol: Any, name: str = "tol") -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"{name} must be a non-negative real number; got {tol!r}")
+    t = float(tol)
+    if not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; got {tol!r}")
+    return t
+
+
+def default_maxiter(n: int, k: int, memory_limit: int | None = None) -> int:
+    """min(n, max(300, 10 k)), and at most what half of memory_limit holds of the (m, n) basis
+    (but never fewer than k + 10 steps)."""
+    m = min(n, max(300, 10 * k))
+    if memory_limit is not None:
+        m = min(m, max(k + 10, memory_limit // (16 * n)))
+    return max(1, min(m, n))
+
+
+def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activation: Any = None,
+          curvature: str = "hessian", reduction: str = "mean", tol: float = 1e-10, maxiter: int | None = None,
+          seed: int = 0, return_eigenvectors: bool = False, batch_size: int | None = None,
+          threads: int | None = None, backend: str = "cpp", memory_limit: int | None = None) -> Any:
+    """Extreme eigenvalues (and vectors) of the loss Hessian or GGN by Lanczos.
+
+    Lanczos with full reorthogonalisation over the exact curvature-vector product
+    (:func:`hvp`, same arguments and conventions as :func:`bound`).
+
+    Parameters
+    ----------
+    k : number of eigenvalues, 1 <= k <= P.
+    which : "LA" (largest algebraic), "SA" (smallest algebraic), "BE" (both ends: k // 2
+        from the bottom, the rest from the top) or "LM" (largest magnitude).
+    tol : stop when every wanted Ritz pair has residual |H y - theta y| <= tol * max|theta|
+        (an eigenvalue of H lies within that residual of theta).
+    maxiter : at most this many Lanczos steps (curvature-vector products); default
+        min(P, max(300, 10 k)), reduced so that the basis (maxiter * P float64 values) takes
+        at most half of ``memory_limit``.
+    seed : the random start vector; the result is deterministic for a seed.
+    return_eigenvectors : also return the unit Ritz vectors as the columns of a (P, k) array.
+
+    Returns
+    -------
+    The k Ritz values in ascending order (as scipy.sparse.linalg.eigsh), or (values, vectors).
+    Every Ritz value lies between lambda_min and lambda_max of H (a Rayleigh quotient), so
+    the largest is a certified lower bound on lambda_max.  If the wanted pairs have not
+    converged within ``maxiter`` steps, a RuntimeWarning says so and the current Ritz
+    pairs are returned.
+    """
+    which_b = _choice(backend, "backend", HVP_BACKENDS)
+    layers, X, y, activation = _torch.adapt(layers, X, y, activation)  # a torch module and tensors too
+    prob = validate(layers, X, y, activation="tanh" if activation is None else activation, curvature=curvature,
+                    reduction=reduction, threads=threads, memory_limit=memory_limit)
+    P = prob.n_params
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an integer, the number of eigenvalues; got {k!r}")
+    if not 1 <= int(k) <= P:
+        raise ValueError(f"k must satisfy 1 <= k <= P = {P} (the number of parameters); got {k}")
+    k = int(k)
+    if not isinstance(which, str):
+        raise TypeError(f"which must be a string, one of {', '.join(map(repr, WHICH))}; got {which!r}")
+    wh = which.strip().upper()
+    if wh not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}; got {which!r}")
+    t = _tol(tol)
+    mi = default_maxiter(P, k, prob.memory_limit) if maxiter is None else _positive_int(maxiter, "maxiter")
+    if mi < k and mi < P:
+        raise ValueError(f"maxiter must be >= k = {k} (each step adds one Ritz pair); got {mi}")
+    s = _seed(seed)
+    batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
+    if not isinstance(return_eigenvectors, (bool, np.bool_)):
+        raise TypeError(f"return_eigenvectors must be True or False; got {return_eigenvectors!r}")
+    matvec = make_matvec(prob, which_b, 1, batch)
+    res = lanczos(matvec, P, wanted=lambda th: select_indices(th, wh, k), n_wanted=k, tol=t, maxiter=mi,
+                  rng=np.random.default_rng(s))
+    idx = select_indices(res.theta, wh, k)
+    if not res.converged:
+        warnings.warn(
+            f"eigsh: {k} Ritz pair(s) ({wh}) did not reach tol={t:g} in maxiter={mi} Lanczos steps "
+            f"(largest residual {float(res.residuals[idx].max()):.3g}); returning the current Ritz values, "
+            "which are Rayleigh quotients (inside [lambda_min, lambda_max]) but not yet accurate",
+            RuntimeWarning, stacklevel=2)
+    values = res.theta[idx].copy()
+    if return_eigenvectors:
+        return values, res.vectors(idx)
+    return values
