@@ -82,3 +82,18 @@ def test_cli_bad_argument_exits_2_with_one_line() -> None:
 def test_cli_console_script_help() -> None:
     proc = _cli("--help")
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_demo_lambda_max_is_the_top_eigenvalue() -> None:
+    """The λ_max curve of demo --plot: Lanczos equals eigvalsh of the dense Hessian, inside the WS bounds."""
+    from wsbound_fast import _cli
+
+    X, y = wsb.load_digits()
+    X, y = X[:150], y[:150]
+    layers = _demo.init_mlp([64, 3, 10], np.random.default_rng(1))
+    lam = _cli._demo_lambda_max("cpp", 1)(layers, X, y)
+    H = wsb.dense_hessian(layers, X, y, activation="tanh")
+    top = np.linalg.eigvalsh(H)[-1]
+    assert lam == pytest.approx(top, rel=1e-7)
+    res = wsb.bound(layers, X, y, activation="tanh")
+    assert res.lambda_max_lower <= lam <= res.lambda_max_upper

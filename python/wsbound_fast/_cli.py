@@ -33,15 +33,24 @@ def _int_at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
-def _demo_lambda_max() -> Callable | None:
-    """HOOK(eigsh): the exact λ_max for the demo's plot, or None while there is no way to get it.
+def _demo_lambda_max(backend: str | None, threads: int | None) -> Callable:
+    """The exact lambda_max for the demo's plot: Lanczos (wsb.eigsh) over the exact Hessian-vector
+    product of the tanh MLP's mean cross-entropy; drawn between the WS bounds."""
+    from ._lanczos import eigsh
+    from ._loader import load_core
 
-    When ``wsbound_fast.eigsh`` (being built for the "truth" issue) lands, return here a
-    function ``(layers, X, y) -> float`` computing the largest eigenvalue of the tanh MLP's
-    mean cross-entropy Hessian with it; run_demo stores it per checkpoint and the plot draws
-    it as a third curve between the WS bounds.  Nothing else needs to change.
-    """
-    return None
+    if backend is None:  # as run_demo: the compiled core when it imports, else NumPy
+        try:
+            load_core()
+            backend = "cpp"
+        except ImportError:
+            backend = "numpy"
+
+    def lambda_max(layers: object, X: object, y: object) -> float:
+        return float(eigsh(layers, X, y, k=1, which="LA", activation="tanh", tol=1e-8, backend=backend,
+                           threads=threads)[-1])
+
+    return lambda_max
 
 
 def _check_writable(path: str) -> None:
@@ -73,7 +82,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             checkpoints = _PLOT_CHECKPOINTS
     rows = run_demo(hidden=args.hidden, epochs=args.epochs, seed=args.seed,
                     checkpoints=DEFAULT_CHECKPOINTS if checkpoints is None else checkpoints,
-                    backend=args.backend, threads=args.threads, lambda_max=_demo_lambda_max())
+                    backend=args.backend, threads=args.threads,
+                    lambda_max=None if args.plot is None else _demo_lambda_max(args.backend, args.threads))
     if args.plot is not None:
         from ._plot import plot_demo
 
