@@ -33,8 +33,9 @@ _MAX_DEFAULT_BUDGET = 4 << 30
 #: Preferred number of samples per block (large enough for efficient GEMMs).
 _TARGET_BATCH = 256
 #: Largest flop count of one block pair, so that Ctrl-C (checked between block pairs) is
-#: honoured within about a second.
-_MAX_PAIR_FLOPS = 4e9
+#: honoured within about a second (one core does 1.6e10 flops in ~0.4 s here); smaller
+#: blocks make the Gram GEMMs short and slow (deep nets: batch 38 at 4e9, 84 at 1.6e10).
+_MAX_PAIR_FLOPS = 1.6e10
 
 
 @dataclass(frozen=True)
