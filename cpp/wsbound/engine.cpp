@@ -1,6 +1,7 @@
 #include "engine.hpp"
 
 #include "features.hpp"
+#include "parallel.hpp"
 
 #include <algorithm>
 #include <exception>
@@ -58,40 +59,6 @@ void Labels::gather(Index lo, Index hi, Index n_classes, RowMat& out) const {
     }
 }
 
-namespace {
-
-// Runs task(t, worker) for t in [0, n) on up to `threads` workers (worker 0 is the caller).
-// Which worker runs which task varies; each task's result must depend only on t.
-template <class Task>
-void parallel_for(Index n, int threads, const std::atomic<bool>* cancel, Task&& task) {
-    std::atomic<Index> next{0};
-    std::exception_ptr error;
-    std::mutex error_mutex;
-    auto work = [&](int worker) {
-        for (;;) {
-            if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return;
-            const Index t = next.fetch_add(1);
-            if (t >= n) return;
-            try {
-                task(t, worker);
-            } catch (...) {
-                std::lock_guard<std::mutex> lock(error_mutex);
-                if (!error) error = std::current_exception();
-                next.store(n);
-            }
-        }
-    };
-    const int n_workers = static_cast<int>(std::min<Index>(std::max(threads, 1), n));
-    std::vector<std::thread> pool;
-    pool.reserve(static_cast<size_t>(std::max(n_workers - 1, 0)));
-    for (int w = 1; w < n_workers; ++w) pool.emplace_back(work, w);
-    work(0);
-    for (auto& th : pool) th.join();
-    if (error) std::rethrow_exception(error);
-    if (cancel != nullptr && cancel->load()) throw Cancelled();
-}
-
-}  // namespace
 
 std::int64_t block_pairs(Index n, Index batch) {
     const std::int64_t nb = (n + batch - 1) / batch;
@@ -121,7 +88,7 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     std::vector<BlockFeatures> rows(static_cast<size_t>(group)), cols(static_cast<size_t>(group));
 
     auto features = [&](Index first, Index count, std::vector<BlockFeatures>& out) {
-        parallel_for(count, threads, cancel, [&](Index t, int) {
+        parallel_tasks(count, threads, cancel, [&](Index t, int) {
             const Index k = first + t;
             const Index lo = k * B, hi = std::min(lo + B, N);
             RowMat Xb, Yb;
@@ -149,7 +116,7 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
             for (Index i = 0; i < ng; ++i)
                 for (Index j = same ? i : 0; j < nh; ++j) tasks.emplace_back(i, j);
             results.assign(tasks.size() * np_, 0.0);
-            parallel_for(static_cast<Index>(tasks.size()), threads, cancel, [&](Index t, int worker) {
+            parallel_tasks(static_cast<Index>(tasks.size()), threads, cancel, [&](Index t, int worker) {
                 const auto [i, j] = tasks[static_cast<size_t>(t)];
                 pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt,
                          scratch[static_cast<size_t>(worker)], results.data() + static_cast<size_t>(t) * np_);

@@ -1,5 +1,5 @@
-// A small fork-join helper: run task(t, worker) for t in [0, n) on up to `threads` workers.
-// (engine.cpp has its own copy in an anonymous namespace; it can switch to this header.)
+// A small fork-join helper: run task(t, worker) for t in [0, n) on up to `threads` workers
+// (the moments engine and the curvature-vector product share it).
 #pragma once
 
 #include "model.hpp"
