@@ -14,7 +14,7 @@ On a CUDA device:
    784-512-512-512-10 GELU model at N = 2000 (full Hessian, mean reduction, random weights
    and pixel-like inputs; X and y already on the GPU): time to the bound, the flop count of
    the pair phase (``_torch_backend.total_pair_flops``: the GEMMs that pair_sum performs,
-   for the block plan chosen) and the TFLOP/s that makes against the measured GEMM rate,
+   for the block plan and contraction path chosen) and the TFLOP/s that makes against the measured GEMM rate,
    the float32 mode's time and error, and the time of a torch Hessian-vector-product
    Lanczos estimate of lambda_max on the same card (forward-over-reverse HVP with
    torch.func, full reorthogonalisation, stopped when the Ritz value changes by < 1e-6
@@ -260,7 +260,7 @@ def table(device: torch.device, workloads: list[dict[str, Any]], rate64: float, 
         prob = _torch_backend.validate_torch(layers, X, y, activation=act, curvature="hessian", reduction="mean",
                                              device=device)
         has_bias = [b is not None for _, b in layers]
-        flops = _torch_backend.total_pair_flops(dims, has_bias, True, n, prob.batch_size)
+        flops = _torch_backend.total_pair_flops(dims, has_bias, True, n, prob.batch_size, prob.structured)
         # the plan (and so the flop count) fixed by passing its budget explicitly
         t64, r64 = time_bound(layers, X, y, act, device, "float64", w["repeats"], prob.memory_limit)
         t32, r32 = time_bound(layers, X, y, act, device, "float32", w["repeats"], prob.memory_limit)
@@ -270,7 +270,7 @@ def table(device: torch.device, workloads: list[dict[str, Any]], rate64: float, 
         ok = lam <= r64.lambda_max_upper * (1 + 1e-9) and math.isfinite(r64.trace_sq)  # f32 error: reported
         ok_all &= ok
         tf = flops / t64 / 1e12
-        print(f"| {w['name']} | {n} | {r64.n_params} | {prob.batch_size} x {prob.group_blocks} | {flops / 1e12:.3g} "
+        print(f"| {w['name']} | {n} | {r64.n_params} | {prob.batch_size} x {prob.group_blocks}{', structured' if prob.structured else ''} | {flops / 1e12:.3g} "
               f"| {t64:.3f} | {tf:.3g} | {100 * flops / t64 / rate64:.0f}% | {t32:.3f} | {e32:.1e} | {tl:.3f} | {iters} "
               f"| {lam:.4g} <= {r64.lambda_max_upper:.4g} (WS lower {r64.lambda_max_lower:.4g}) {'ok' if ok else 'FAILED'} |")
         del X, y

@@ -409,12 +409,14 @@ def test_progress_callback():
     ((4, 5, 6, 3, 4), "alt", "hessian"),
     ((4, 5, 6, 3, 4), "all", "ggn"),
 ])
-def test_pair_flops_match_flop_counter(dims, bias, curvature):
+@pytest.mark.parametrize("structured", [False, True], ids=["generic", "structured"])
+def test_pair_flops_match_flop_counter(dims, bias, curvature, structured):
     from torch.utils.flop_counter import FlopCounterMode
 
     spec = R.ModelSpec(dims, "tanh", bias, n=13, seed=11)
     layers, X, y = spec.build()
     prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature=curvature, reduction="sum")
+    prob = _replace(prob, structured=structured)
     net = _torch_backend.DeviceWeights.of(prob)
     Y = torch.nn.functional.one_hot(torch.from_numpy(y), dims[-1]).to(torch.float64)
     FI = _torch_backend.block_features(prob, net, torch.from_numpy(X[:5]), Y[:5])
@@ -422,9 +424,11 @@ def test_pair_flops_match_flop_counter(dims, bias, curvature):
     with FlopCounterMode(display=False) as counter:
         _torch_backend.pair_sum(prob, FI, FJ)
     has_bias = [b is not None for _, b in layers]
-    assert counter.get_total_flops() == _torch_backend.pair_flops(dims, has_bias, curvature == "hessian", 5, 8)
-    assert _torch_backend.total_pair_flops(dims, has_bias, True, 13, 5) == sum(
-        _torch_backend.pair_flops(dims, has_bias, True, a, b) for a, b in [(5, 5), (5, 5), (5, 3), (5, 5), (5, 3), (3, 3)])
+    hess = curvature == "hessian"
+    assert counter.get_total_flops() == _torch_backend.pair_flops(dims, has_bias, hess, 5, 8, structured)
+    assert _torch_backend.total_pair_flops(dims, has_bias, hess, 13, 5, structured) == sum(
+        _torch_backend.pair_flops(dims, has_bias, hess, a, b, structured)
+        for a, b in [(5, 5), (5, 5), (5, 3), (5, 5), (5, 3), (3, 3)])
 
 
 # ------------------------------------------------------------------------------------

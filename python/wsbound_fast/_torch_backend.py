@@ -13,6 +13,12 @@ can be read side by side:
    order: per-block partial sums stay on the device, are copied to the host once at the
    end and added up there exactly as the NumPy backend adds them.
 
+The contraction path is ``prob.structured``, chosen by the cost model in
+:func:`wsbound_fast._validate.validate` as for the other backends: the generic Gram
+contractions above, or the structured ones (:func:`_pair_sum_ggn` through C x C Gram
+blocks of V_l for the GGN; :func:`_lowrank_diag_term` for the Hessian's
+M_{L-1} = V V^T + diag(rho) when L >= 2), with the NumPy backend's row chunking.
+
 Precision (``dtype``): ``torch.float64`` (default) computes everything in float64, as the
 other backends do.  ``torch.float32`` computes the features and every Gram product (the
 GEMMs, which are all the heavy work) in float32, then converts each B x B' Gram matrix
@@ -55,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError("backend='torch' needs PyTorch (pip install torch, or the wsbound_fast[torch] extra)") from exc
 
 from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activation
+from ._numpy_backend import _chunk_rows
 from ._validate import Problem, default_memory_limit, plan_blocks, validate
 
 #: Accepted ``dtype=`` values (strings, or the torch dtypes themselves).
@@ -204,12 +211,12 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
     dims = [prob.weights[0].shape[1]] + [w.shape[0] for w in prob.weights]
     has_bias = [b is not None for b in prob.biases]
     shape = GPU_PLAN if dev.type != "cpu" else {}
-    # one block pair at a time (threads=1); features planned as float64 (conservative in float32)
-    # the torch backend contracts through the generic features (no structured path yet)
-    batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, False, 1,
+    # one block pair at a time (threads=1); features planned as float64 (conservative in float32);
+    # the contraction path is the one validate() chose (prob.structured)
+    batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, prob.structured, 1,
                                None if batch_size is None else prob.batch_size, budget, **shape)
     fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
-    fields.update(batch_size=batch, group_blocks=group, memory_limit=budget, structured=False)
+    fields.update(batch_size=batch, group_blocks=group, memory_limit=budget)
     return TorchProblem(**fields, device=dev, dtype=cdt)
 
 
@@ -303,6 +310,11 @@ class BlockFeatures:
     X: dict[int, torch.Tensor]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
     Y: dict[int, torch.Tensor]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: torch.Tensor  # trace[l-1]: sum over the block of |a~_{l-1}|^2 tr(M_l), float64, (L,)
+    # Structured path (as _numpy_backend.BlockFeatures): Vt[l] stacks V_l^T per sample, (B, C, d_l);
+    # GGN: every l, Hessian: l = L - 1, with M_{L-1} = V V^T + diag(rho), u2 the squared row norms of V.
+    Vt: dict[int, torch.Tensor] | None = None
+    rho: torch.Tensor | None = None
+    u2: torch.Tensor | None = None
 
 
 def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb: torch.Tensor) -> BlockFeatures:
@@ -329,20 +341,46 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
     delta[L] = w[:, None] * p - Yb
     M: list[torch.Tensor] = [none] * (L + 1)
     M[L] = w[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    ggn_fast = prob.structured and not prob.hessian
+    lowrank = prob.structured and prob.hessian and L >= 2
+    Vt: dict[int, torch.Tensor] = {}
+    if ggn_fast or lowrank:  # S^T = sqrt(w) (diag sqrt p - sqrt p p^T)
+        q = torch.sqrt(p)
+        Vt[L] = torch.sqrt(w)[:, None, None] * (torch.diag_embed(q) - q[:, :, None] * p[:, None, :])
+    if ggn_fast:
+        for l in range(L - 1, 0, -1):
+            Vt[l] = (Vt[l + 1] @ W[l]) * sp[l][:, None, :]
+        trace = torch.stack([((at[l] * at[l]).sum(dim=1) * (Vt[l] * Vt[l]).sum(dim=(1, 2))).to(ACC).sum()
+                             for l in range(1, L + 1)])
+        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, trace, Vt)
+    rho = u2 = None
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
         delta[l] = sp[l] * g
+        if lowrank and l == L - 1:  # M_{L-1} = V V^T + diag(rho)
+            rho = spp[l] * g
+            Vt[l] = (Vt[l + 1] @ Wn) * sp[l][:, None, :]
+            u2 = (Vt[l] * Vt[l]).sum(dim=1)
+            if L == 2:
+                continue  # nothing below needs the dense d x d matrix
         Ml = Wn.T @ M[l + 1] @ Wn  # (B, d_l, d_l)
         Ml.mul_(sp[l][:, :, None]).mul_(sp[l][:, None, :])  # D_l (W^T M W) D_l, in place
         if prob.hessian:
             Ml.diagonal(dim1=1, dim2=2).add_(spp[l] * g)
         M[l] = Ml
-    trace = torch.stack([((at[l] * at[l]).sum(dim=1) * M[l].diagonal(dim1=1, dim2=2).sum(dim=1)).to(ACC).sum()
-                         for l in range(1, L + 1)])
+
+    def tr_m(l: int) -> torch.Tensor:
+        if M[l].numel() == 0:  # low-rank M_1 of a one-hidden-layer net
+            return (Vt[l] * Vt[l]).sum(dim=(1, 2)) + rho.sum(dim=1)
+        return M[l].diagonal(dim1=1, dim2=2).sum(dim=1)
+
+    trace = torch.stack([((at[l] * at[l]).sum(dim=1) * tr_m(l)).to(ACC).sum() for l in range(1, L + 1)])
     G: dict[tuple[int, int], torch.Tensor] = {}
     for m in range(1, L + 1):
         Gc = M[m]
+        if Gc.numel() == 0:  # low-rank M_1 of a one-hidden-layer net (L = 2): no G[1, 1]
+            continue
         G[m, m] = Gc.reshape(B, -1)
         for l in range(m - 1, 0, -1):  # G_{l,m} = D_l W_{l+1}^T G_{l+1,m}
             Gc = sp[l][:, :, None] * (W[l].T @ Gc)
@@ -361,7 +399,9 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             a_l = at[l + 1][:, :d_l]
             Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
             Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+    if lowrank:
+        G.pop((L - 1, L - 1), None)  # contracted through Vt, rho, u2 instead
+    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, Vt, rho, u2)
 
 
 def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -378,14 +418,61 @@ def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch
     return torch.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp)).to(ACC)
 
 
+def _psi(VI: torch.Tensor, VJ: torch.Tensor) -> torch.Tensor:
+    """Psi[n, i, n', j] = (V_n^T V_n')[i, j] from stacked V^T, (B, C, d) and (B', C, d);
+    the GEMM in the compute dtype, the result in the accumulation dtype."""
+    B, C, d = VI.shape
+    return _gram(VI.reshape(B * C, d), VJ.reshape(-1, d)).reshape(B, C, VJ.shape[0], C)
+
+
+def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.Tensor:
+    """GGN: out[l, m] = sum alpha_l beta_m <Psi_l, Psi_m>."""
+    assert FI.Vt is not None and FJ.Vt is not None
+    L = prob.n_layers
+    out = torch.zeros((L, L), dtype=ACC, device=prob.device)
+    alphas = {l: _gram(FI.at[l], FJ.at[l]) for l in range(1, L + 1)}
+    B, C = FI.Vt[L].shape[:2]
+    step = _chunk_rows(B, FJ.Vt[L].shape[0], C, L)
+    for r0 in range(0, B, step):
+        rows = slice(r0, r0 + step)
+        psi = {l: _psi(FI.Vt[l][rows], FJ.Vt[l]) for l in range(1, L + 1)}
+        for l in range(1, L + 1):
+            for m in range(l, L + 1):
+                K = torch.einsum("aibj,aibj->ab", psi[l], psi[m])
+                out[l - 1, m - 1] += torch.sum(alphas[l][rows] * alphas[m][rows] * K)
+    return out
+
+
+def _lowrank_diag_term(FI: BlockFeatures, FJ: BlockFeatures, l: int, alpha: torch.Tensor) -> torch.Tensor:
+    """<M, M'> = |V^T V'|^2 + sum rho' |V_k|^2 + sum rho |V'_k|^2 + rho . rho', weighted by alpha^2
+    (a float64 scalar tensor)."""
+    assert FI.Vt is not None and FJ.Vt is not None
+    inner = _gram(FI.u2, FJ.rho) + _gram(FI.rho, FJ.u2) + _gram(FI.rho, FJ.rho)
+    B, C = FI.Vt[l].shape[:2]
+    total = torch.zeros((), dtype=ACC, device=alpha.device)
+    step = _chunk_rows(B, FJ.Vt[l].shape[0], C, 1)
+    for r0 in range(0, B, step):
+        rows = slice(r0, r0 + step)
+        psi = _psi(FI.Vt[l][rows], FJ.Vt[l])
+        K = torch.einsum("aibj,aibj->ab", psi, psi)
+        total += torch.sum(alpha[rows] ** 2 * (K + inner[rows]))
+    return total
+
+
 def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.Tensor:
     """out[l-1, m-1] = sum_{n in I, n' in J} kappa_lm(n, n') for l <= m (zero below the diagonal),
     a float64 (L, L) tensor on the compute device (no host synchronisation)."""
     L = prob.n_layers
+    if prob.structured and not prob.hessian:
+        return _pair_sum_ggn(prob, FI, FJ)
+    lowrank = prob.structured and L >= 2
     out = torch.zeros((L, L), dtype=ACC, device=prob.device)
     for l in range(1, L + 1):
         alpha = _gram(FI.at[l], FJ.at[l])
         for m in range(l, L + 1):
+            if l == m and lowrank and l == L - 1:
+                out[l - 1, m - 1] = _lowrank_diag_term(FI, FJ, l, alpha)
+                continue
             KG = _gram(FI.G[l, m], FJ.G[l, m])
             if l == m:
                 out[l - 1, m - 1] = torch.sum(alpha * alpha * KG)
@@ -478,21 +565,35 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
 # --------------------------------------------------------------------------------------
 
 
-def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI: int, bJ: int) -> int:
+def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI: int, bJ: int,
+               structured: bool = False) -> int:
     """Floating-point operations of the matrix products in one pair_sum of a bI x bJ block pair.
 
     Counts 2 flops per multiply-add of every GEMM / batched GEMM / einsum contraction that
-    :func:`pair_sum` performs, term by term; the O(bI * bJ) elementwise products and sums
-    are left out (they are a few per Gram matrix, against inner dimensions of d or d^2).
+    :func:`pair_sum` performs on the path ``structured`` selects, term by term; the
+    O(bI * bJ) elementwise products and sums are left out (they are a few per Gram matrix,
+    against inner dimensions of d or d^2).
     """
     L = len(dims) - 1
     d = list(dims)
+    C = d[L]
     na = [0] + [d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1)]  # len(at[l])
     pq = 2 * bI * bJ
     f = 0
+    if structured and not hessian:
+        for l in range(1, L + 1):
+            f += pq * na[l]  # alpha
+            f += pq * C * C * d[l]  # Psi_l = V_l^T V_l' (over the row chunks)
+        f += pq * C * C * L * (L + 1) // 2  # <Psi_l, Psi_m> (einsum over i, j)
+        return int(f)
+    lowrank = structured and L >= 2
     for l in range(1, L + 1):
         f += pq * na[l]  # alpha
         for m in range(l, L + 1):
+            if l == m and lowrank and l == L - 1:
+                f += 3 * pq * d[l]  # u2 rho^T, rho u2^T, rho rho^T
+                f += pq * C * C * d[l] + pq * C * C  # Psi, |Psi|^2 (einsum)
+                continue
             f += pq * d[l] * d[m]  # KG
             if l == m:
                 continue
@@ -511,8 +612,8 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
 
 
 def total_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, n_samples: int,
-                     batch_size: int) -> int:
+                     batch_size: int, structured: bool = False) -> int:
     """pair_flops summed over the block pairs I <= J that moments() visits."""
     sizes = [min(batch_size, n_samples - lo) for lo in range(0, n_samples, batch_size)]
-    return sum(pair_flops(dims, has_bias, hessian, sizes[i], sizes[j])
+    return sum(pair_flops(dims, has_bias, hessian, sizes[i], sizes[j], structured)
                for i in range(len(sizes)) for j in range(i, len(sizes)))

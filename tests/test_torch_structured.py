@@ -1,0 +1,80 @@
+"""backend="torch": both contraction paths (structured and generic) equal the C++ core.
+
+The torch backend honours ``prob.structured`` as chosen by validate() (the cost model);
+for the tiny test models that is usually the generic path, so here both paths are forced
+on every model of tests/test_structured.py and compared with ``_moments_cpp`` on the same
+forced problem.  Skipped as a whole without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import reference as R  # noqa: E402
+import wsbound_fast as wsb  # noqa: E402
+import wsbound_fast._api as api  # noqa: E402
+from test_structured import SPECS  # noqa: E402
+from test_torch_backend import FLOAT32_TOL  # noqa: E402
+from wsbound_fast import _torch_backend, _validate  # noqa: E402
+
+SPEC_IDS = ["-".join(map(str, s.dims)) + f"-{s.seed}" for s in SPECS]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(torch):  # the conftest fixture: torch with one intra-op thread
+    yield
+
+
+def _tprob(spec, layers, X, y, curvature, batch_size, structured, **kw):
+    prob = _torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+                                         reduction="sum", batch_size=batch_size, **kw)
+    return replace(prob, structured=structured)
+
+
+@pytest.mark.parametrize("batch_size", [3, 100])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "generic"])
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_torch_path_equals_cpp(spec, structured, curvature, batch_size, refs):
+    layers, X, y = refs.model(spec)
+    prob = _tprob(spec, layers, X, y, curvature, batch_size, structured)
+    t_t, b_t = _torch_backend.moments(prob)
+    t_c, b_c = api._moments_cpp(prob)
+    scale = np.abs(b_c).max()
+    np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * scale)
+    np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
+    assert np.all(np.tril(b_t, -1) == 0)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_float32_structured(spec, curvature, refs):
+    """float32 on the structured path: within the float32 tolerance of the float64 C++ core."""
+    layers, X, y = refs.model(spec)
+    p32 = _tprob(spec, layers, X, y, curvature, 4, True, dtype="float32")
+    p64 = replace(p32, dtype=torch.float64)
+    tr32, sq32 = api.total_moments(*_torch_backend.moments(p32))
+    tr64, sq64 = api.total_moments(*api._moments_cpp(p64))
+    assert R.rel(tr32, tr64, np.sqrt(sq64)) <= FLOAT32_TOL
+    assert R.rel(sq32, sq64) <= FLOAT32_TOL
+
+
+def test_validate_torch_keeps_structured_choice():
+    """A wide hidden layer with few classes: the cost model picks the structured path, and
+    the torch backend keeps it (and plans its blocks for it)."""
+    spec = R.ModelSpec((6, 64, 2), "tanh", "all", n=20, labels="hard", seed=9)
+    layers, X, y = spec.build()
+    for curvature in ("ggn", "hessian"):
+        kw = dict(activation="tanh", curvature=curvature, reduction="sum")
+        prob = _validate.validate(layers, X, y, **kw)
+        tprob = _torch_backend.validate_torch(layers, X, y, **kw)
+        assert prob.structured and tprob.structured
+        a = wsb.bound(layers, X, y, backend="torch", **kw)
+        b = wsb.bound(layers, X, y, backend="cpp", **kw)
+        assert a.trace == pytest.approx(b.trace, rel=1e-11)
+        assert a.trace_sq == pytest.approx(b.trace_sq, rel=1e-11)
