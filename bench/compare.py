@@ -204,8 +204,7 @@ def run_case(w: Workload, curvature: str, layers: Any, X: np.ndarray, y: np.ndar
     # -- wsbound_fast
     cpp = row("wsbound_fast cpp", "float64", lambda: _wsb_call(layers, X, y, act, curvature, "cpp", None))
     exact = cpp if "time_s" in cpp else None
-    # dtype= of bound() applies to backend="torch" only; the C++ engine computes in float64
-    row("wsbound_fast cpp", "float32", None, skip="the cpp backend has no float32 mode yet (dtype= is torch-only)")
+    row("wsbound_fast cpp", "float32", lambda: _wsb_call(layers, X, y, act, curvature, "cpp", "float32"))
 
     dense_flops = _flops.pair_flops(w.sizes, True, N, curvature, variant="dense")
     predicted_numpy = dense_flops / (0.5 * rates["float64"]["flops_per_s"])

@@ -16,7 +16,7 @@ namespace {
 py::tuple moments(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
                   const std::vector<double>& act_params, const py::array& X, const py::array& labels, bool hessian,
                   bool structured, std::int64_t batch, std::int64_t group, int threads,
-                  const py::object& progress) {
+                  const py::object& progress, bool f32) {
     const wsb::Model model = wsb_bind::make_model(weights, biases, act_codes, act_params);
     const wsb::InputView xv = wsb_bind::make_input(X);
     const wsb::Index C = model.d(model.n_layers());
@@ -25,6 +25,7 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
     wsb::Options opt;
     opt.hessian = hessian;
     opt.structured = structured;
+    opt.f32 = f32;
     opt.batch = batch;
     opt.group = group;
     opt.threads = threads;
@@ -70,7 +71,7 @@ PYBIND11_MODULE(WSB_MODULE_NAME, m) {
     py::register_exception<wsb::Cancelled>(m, "Cancelled", PyExc_KeyboardInterrupt);
     m.def("moments", &moments, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),
           py::arg("X"), py::arg("labels"), py::arg("hessian"), py::arg("structured"), py::arg("batch"), py::arg("group"),
-          py::arg("threads"), py::arg("progress") = py::none(),
+          py::arg("threads"), py::arg("progress") = py::none(), py::arg("f32") = false,
           R"doc(Unnormalised moments of the curvature per parameter block (layers 0..L-1):
 (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m).
 

@@ -85,16 +85,20 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     std::vector<double> block_trace(static_cast<size_t>(nb) * np_, 0.0);  // [block][l]
     std::vector<double> row_sum(static_cast<size_t>(nb) * np_, 0.0);      // [block row][pair(l,m)]
     std::vector<PairScratch> scratch(static_cast<size_t>(threads));
+    // Features of the blocks held at once (float32 copies of the Gram operands with opt.f32).
     std::vector<BlockFeatures> rows(static_cast<size_t>(group)), cols(static_cast<size_t>(group));
+    std::vector<BlockFeaturesF> rows_f(opt.f32 ? static_cast<size_t>(group) : 0), cols_f(rows_f.size());
 
-    auto features = [&](Index first, Index count, std::vector<BlockFeatures>& out) {
+    auto features = [&](Index first, Index count, std::vector<BlockFeatures>& out, std::vector<BlockFeaturesF>& out_f) {
         parallel_tasks(count, threads, cancel, [&](Index t, int) {
             const Index k = first + t;
             const Index lo = k * B, hi = std::min(lo + B, N);
             RowMat Xb, Yb;
             X.gather(lo, hi, Xb);
             y.gather(lo, hi, C, Yb);
-            block_features(model, Xb, Yb, opt, out[static_cast<size_t>(t)]);
+            BlockFeatures& F = out[static_cast<size_t>(t)];
+            block_features(model, Xb, Yb, opt, F);
+            if (opt.f32) to_single(F, out_f[static_cast<size_t>(t)]);  // keeps F.trace, releases F's matrices
         });
     };
 
@@ -102,7 +106,7 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     std::vector<double> results;
     for (Index g0 = 0; g0 < nb; g0 += group) {
         const Index ng = std::min(group, nb - g0);
-        features(g0, ng, rows);
+        features(g0, ng, rows, rows_f);
         for (Index i = 0; i < ng; ++i) {
             const auto& t = rows[static_cast<size_t>(i)].trace;
             std::copy(t.begin(), t.end(), block_trace.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(g0 + i) * np_));
@@ -110,16 +114,22 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
         for (Index h0 = g0; h0 < nb; h0 += group) {
             const Index nh = std::min(group, nb - h0);
             const bool same = h0 == g0;
-            if (!same) features(h0, nh, cols);
+            if (!same) features(h0, nh, cols, cols_f);
             const std::vector<BlockFeatures>& right = same ? rows : cols;
+            const std::vector<BlockFeaturesF>& right_f = same ? rows_f : cols_f;
             tasks.clear();
             for (Index i = 0; i < ng; ++i)
                 for (Index j = same ? i : 0; j < nh; ++j) tasks.emplace_back(i, j);
             results.assign(tasks.size() * np_, 0.0);
             parallel_tasks(static_cast<Index>(tasks.size()), threads, cancel, [&](Index t, int worker) {
                 const auto [i, j] = tasks[static_cast<size_t>(t)];
-                pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt,
-                         scratch[static_cast<size_t>(worker)], results.data() + static_cast<size_t>(t) * np_);
+                PairScratch& sc = scratch[static_cast<size_t>(worker)];
+                double* out = results.data() + static_cast<size_t>(t) * np_;
+                if (opt.f32) {
+                    pair_sum(model, rows_f[static_cast<size_t>(i)], right_f[static_cast<size_t>(j)], opt, sc, out);
+                } else {
+                    pair_sum(model, rows[static_cast<size_t>(i)], right[static_cast<size_t>(j)], opt, sc, out);
+                }
                 if (pairs_done != nullptr) pairs_done->fetch_add(1, std::memory_order_relaxed);
             });
             // Fixed order: row by row, columns increasing (the same for any group size or thread

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace wsb {
 namespace {
@@ -12,17 +13,39 @@ using MapMat = Eigen::Map<RowMat>;
 using CMapMat = Eigen::Map<const RowMat>;
 using StridedMap = Eigen::Map<const RowMat, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
 
+// out (=|+=) a * b, computed in the operands' precision and widened to float64.
+template <class A, class Bx>
+void product(const A& a, const Bx& b, RowMat& out, PairScratch& s, bool add = false) {
+    using T = typename A::Scalar;
+    if constexpr (std::is_same_v<T, double>) {
+        if (add) {
+            out.noalias() += a * b;
+        } else {
+            out.noalias() = a * b;
+        }
+    } else {
+        s.single.noalias() = a * b;
+        if (add) {
+            out += s.single.template cast<double>();
+        } else {
+            out = s.single.template cast<double>();
+        }
+    }
+}
+
 // inner(n, n') += b_n^T Q_{n'} G_n delta_{n'} for n in A, n' in Bf (swap: inner(n', n)).
 // Used where Q_lm is dense (m > l + 1).
-void add_dense_cross(const BlockFeatures& A, const BlockFeatures& Bf, Index l, Index m, Index d_l, Index d_m,
+template <class M>
+void add_dense_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, Index m, Index d_l, Index d_m,
                      Index d_prev, bool swap, PairScratch& s) {
+    using CMap = Eigen::Map<const M>;
     const Index p = A.pair(l, m);
     const Index nA = A.B, nB = Bf.B;
-    const CMapMat GA(A.G[p].data(), nA * d_l, d_m);
-    s.p2.noalias() = GA * Bf.delta[m].transpose();  // [n d_l + r, n'] = (G_n delta_{n'})[r]
+    const CMap GA(A.G[p].data(), nA * d_l, d_m);
+    product(GA, Bf.delta[m].transpose(), s.p2, s);  // [n d_l + r, n'] = (G_n delta_{n'})[r]
     for (Index k = 0; k < nB; ++k) {
-        const CMapMat Qk(Bf.Q[p].row(k).data(), d_prev, d_l);
-        s.z.noalias() = A.at[m].leftCols(d_prev) * Qk;  // [n, r] = (Q_k^T b_n)[r]
+        const CMap Qk(Bf.Q[p].row(k).data(), d_prev, d_l);
+        product(A.at[m].leftCols(d_prev), Qk, s.z, s);  // [n, r] = (Q_k^T b_n)[r]
         const StridedMap P(s.p2.data() + k, nA, d_l, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(d_l * nB, nB));
         if (swap) {
             s.inner.row(k) += (s.z.array() * P.array()).rowwise().sum().matrix().transpose();
@@ -238,16 +261,17 @@ Index chunk_rows(Index B, Index Bp, Index C, Index layers) {
 }
 
 // GGN: out[l,m] = sum_{n,n'} alpha_l beta_m <Psi_l, Psi_m>(n, n'), Psi_l = V_l^T V_l' (C x C).
-void pair_sum_ggn(const Model& model, const BlockFeatures& I, const BlockFeatures& J, PairScratch& s, double* out) {
+template <class M>
+void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s, double* out) {
     const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B;
     s.alphas.resize(static_cast<size_t>(L + 1));
     s.psi.resize(static_cast<size_t>(L + 1));
-    for (Index l = 1; l <= L; ++l) s.alphas[static_cast<size_t>(l)].noalias() = I.at[l] * J.at[l].transpose();
+    for (Index l = 1; l <= L; ++l) product(I.at[l], J.at[l].transpose(), s.alphas[static_cast<size_t>(l)], s);
     const Index step = chunk_rows(B, Bp, C, L);
     for (Index r0 = 0; r0 < B; r0 += step) {
         const Index rows = std::min(step, B - r0);
         for (Index l = 1; l <= L; ++l)
-            s.psi[static_cast<size_t>(l)].noalias() = I.Vt[l].middleRows(r0 * C, rows * C) * J.Vt[l].transpose();
+            product(I.Vt[l].middleRows(r0 * C, rows * C), J.Vt[l].transpose(), s.psi[static_cast<size_t>(l)], s);
         for (Index l = 1; l <= L; ++l) {
             const auto al = s.alphas[static_cast<size_t>(l)].middleRows(r0, rows).array();
             for (Index m = l; m <= L; ++m) {
@@ -261,17 +285,18 @@ void pair_sum_ggn(const Model& model, const BlockFeatures& I, const BlockFeature
 
 // Hessian, l = m = L - 1 with M = V V^T + diag(rho):
 // <M, M'> = |V^T V'|_F^2 + sum_k rho'_k |V_k|^2 + sum_k rho_k |V'_k|^2 + rho . rho'.
-double lowrank_diag_term(const BlockFeatures& I, const BlockFeatures& J, Index l, PairScratch& s) {
+template <class M>
+double lowrank_diag_term(const FeaturesOf<M>& I, const FeaturesOf<M>& J, Index l, PairScratch& s) {
     const Index C = I.C, B = I.B, Bp = J.B;
-    s.inner.noalias() = I.u2 * J.rho.transpose();
-    s.inner.noalias() += I.rho * J.u2.transpose();
-    s.inner.noalias() += I.rho * J.rho.transpose();
+    product(I.u2, J.rho.transpose(), s.inner, s);
+    product(I.rho, J.u2.transpose(), s.inner, s, true);
+    product(I.rho, J.rho.transpose(), s.inner, s, true);
     s.psi.resize(1);
     double total = 0.0;
     const Index step = chunk_rows(B, Bp, C, 1);
     for (Index r0 = 0; r0 < B; r0 += step) {
         const Index rows = std::min(step, B - r0);
-        s.psi[0].noalias() = I.Vt[l].middleRows(r0 * C, rows * C) * J.Vt[l].transpose();
+        product(I.Vt[l].middleRows(r0 * C, rows * C), J.Vt[l].transpose(), s.psi[0], s);
         block_inner(s.psi[0], s.psi[0], C, rows, Bp, s.gram);
         total += (s.alpha.middleRows(r0, rows).array().square() *
                   (s.gram.array() + s.inner.middleRows(r0, rows).array())).sum();
@@ -281,7 +306,8 @@ double lowrank_diag_term(const BlockFeatures& I, const BlockFeatures& J, Index l
 
 }  // namespace
 
-void pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J, const Options& opt,
+template <class M>
+void pair_sum(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, const Options& opt,
               PairScratch& s, double* out) {
     const bool hessian = opt.hessian;
     const Index L = model.n_layers();
@@ -291,29 +317,29 @@ void pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J
     }
     const bool lowrank = opt.structured && L >= 2;
     for (Index l = 1; l <= L; ++l) {
-        s.alpha.noalias() = I.at[l] * J.at[l].transpose();
+        product(I.at[l], J.at[l].transpose(), s.alpha, s);
         for (Index m = l; m <= L; ++m) {
             const Index p = I.pair(l, m);
             if (l == m && lowrank && l == L - 1) {
                 out[p] = lowrank_diag_term(I, J, l, s);
                 continue;
             }
-            s.gram.noalias() = I.G[p] * J.G[p].transpose();
+            product(I.G[p], J.G[p].transpose(), s.gram, s);
             if (l == m) {
                 out[p] = (s.alpha.array().square() * s.gram.array()).sum();
                 continue;
             }
-            s.beta.noalias() = I.at[m] * J.at[m].transpose();
+            product(I.at[m], J.at[m].transpose(), s.beta, s);
             s.inner.noalias() = s.beta.cwiseProduct(s.gram);
             if (hessian) {
-                s.beta.noalias() = I.delta[m] * J.delta[m].transpose();  // gamma
+                product(I.delta[m], J.delta[m].transpose(), s.beta, s);  // gamma
                 if (m == l + 1) {
-                    s.gram.noalias() = I.sp[l] * J.sp[l].transpose();
+                    product(I.sp[l], J.sp[l].transpose(), s.gram, s);
                     s.inner.array() += s.beta.array() * s.gram.array();
-                    s.inner.noalias() += I.X[l] * J.Y[l].transpose();
-                    s.inner.noalias() += I.Y[l] * J.X[l].transpose();
+                    product(I.X[l], J.Y[l].transpose(), s.inner, s, true);
+                    product(I.Y[l], J.X[l].transpose(), s.inner, s, true);
                 } else {
-                    s.gram.noalias() = I.Q[p] * J.Q[p].transpose();
+                    product(I.Q[p], J.Q[p].transpose(), s.gram, s);
                     s.inner.array() += s.beta.array() * s.gram.array();
                     const Index d_l = model.d(l), d_m = model.d(m), d_prev = model.d(m - 1);
                     add_dense_cross(I, J, l, m, d_l, d_m, d_prev, false, s);
@@ -323,6 +349,37 @@ void pair_sum(const Model& model, const BlockFeatures& I, const BlockFeatures& J
             out[p] = (s.alpha.array() * s.inner.array()).sum();
         }
     }
+}
+
+template void pair_sum<RowMat>(const Model&, const BlockFeatures&, const BlockFeatures&, const Options&, PairScratch&,
+                               double*);
+template void pair_sum<RowMatF>(const Model&, const BlockFeaturesF&, const BlockFeaturesF&, const Options&,
+                                PairScratch&, double*);
+
+void to_single(BlockFeatures& F, BlockFeaturesF& out) {
+    auto cast_all = [](std::vector<RowMat>& from, std::vector<RowMatF>& to) {
+        to.resize(from.size());
+        for (size_t i = 0; i < from.size(); ++i) {
+            to[i] = from[i].cast<float>();
+            from[i] = RowMat();
+        }
+    };
+    out.B = F.B;
+    out.L = F.L;
+    out.C = F.C;
+    cast_all(F.at, out.at);
+    cast_all(F.delta, out.delta);
+    cast_all(F.sp, out.sp);
+    cast_all(F.G, out.G);
+    cast_all(F.Q, out.Q);
+    cast_all(F.X, out.X);
+    cast_all(F.Y, out.Y);
+    cast_all(F.Vt, out.Vt);
+    out.rho = F.rho.cast<float>();
+    out.u2 = F.u2.cast<float>();
+    F.rho = RowMat();
+    F.u2 = RowMat();
+    out.trace = F.trace;
 }
 
 }  // namespace wsb

@@ -73,6 +73,9 @@ struct Options {
     // Structure-aware contraction (same result, other flop count): the GGN through C x C
     // Gram blocks of V_l = T_{L,l}^T S; for the Hessian, M_{L-1} as C-rank plus diagonal.
     bool structured = false;
+    // float32 Gram products (features computed in float64, rounded once per block; every
+    // product widened to float64 before elementwise products and sums).
+    bool f32 = false;
     Index batch = 256;       // samples per block
     Index group = 1;         // blocks whose features are held at once (per side)
     int threads = 1;         // worker threads over blocks and block pairs

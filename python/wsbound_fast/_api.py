@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from . import _torch
 from ._bounds import Bound, ws_bounds
 from ._progress import ProgressFn, Reporter
-from ._validate import BACKENDS, Problem, _choice, validate
+from ._validate import BACKENDS, Problem, _choice, compute_dtype, validate
 
 
 def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -31,6 +32,7 @@ def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.
         prob.group_blocks,
         prob.threads,
         progress,
+        prob.single,
     )
 
 
@@ -106,8 +108,10 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     device : backend="torch" only: where to compute ("cpu", "cuda", "cuda:1", a
         torch.device).  Default: the device of X (or of the weights) if they are tensors,
         else the CPU.  X is streamed to it block by block.
-    dtype : backend="torch" only: "float64" (default) or "float32" (features and Gram
-        products in float32, every sum accumulated in float64; about 1e-6 relative).
+    dtype : "float64" (default) or "float32", for backend="cpp" or "torch": the Gram products
+        in float32 (cpp: features computed in float64 and rounded once; torch: features in
+        float32 too), every product widened to float64 before the elementwise products and
+        all sums (float64 accumulation); about 1e-6 relative, see the README.
     exact : also run Lanczos (:func:`eigsh`) over the exact curvature-vector product and
         report ``lambda_max``, ``lambda_min`` (Rayleigh quotients: lambda_max is a certified
         lower bound on the largest eigenvalue, and converges to it) and the tightness ratio
@@ -144,8 +148,12 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     else:
         prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                         batch_size=batch_size, threads=threads, memory_limit=memory_limit)
-        if device is not None or dtype is not None:
-            raise ValueError(f"device= and dtype= apply to backend='torch' only; got backend={which!r}")
+        if device is not None:
+            raise ValueError(f"device= applies to backend='torch' only; got backend={which!r}")
+        if compute_dtype(dtype) == "float32":
+            if which != "cpp":
+                raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={which!r}")
+            prob = dataclasses.replace(prob, single=True)
     from ._exact import check_exact_options
 
     opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params, prob.memory_limit)

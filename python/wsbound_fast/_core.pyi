@@ -20,6 +20,7 @@ def moments(
     group: int,
     threads: int,
     progress: Optional[Callable[[int, int], None]] = None,
+    f32: bool = False,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(trace per layer (L,), blocks (L, L)): sum_n tr H_n^{ll} and, for l <= m,
     sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (lower triangle zero).  Unnormalised."""

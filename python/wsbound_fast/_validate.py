@@ -55,6 +55,7 @@ class Problem:
     threads: int
     group_blocks: int
     memory_limit: int
+    single: bool = False  # cpp backend: Gram products in float32, float64 accumulation
 
     @property
     def n_layers(self) -> int:
@@ -234,6 +235,21 @@ def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
     if key not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return key
+
+
+def compute_dtype(dtype: Any) -> str:
+    """'float64' or 'float32' from None, a name, or a NumPy dtype; else ValueError/TypeError."""
+    if dtype is None:
+        return "float64"
+    if type(dtype).__module__ == "torch":  # torch.float32 / torch.float64
+        dtype = str(dtype).removeprefix("torch.")
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        raise TypeError(f"dtype must be 'float64' or 'float32' (or a NumPy dtype); got {dtype!r}") from None
+    if name not in ("float64", "float32"):
+        raise ValueError(f"dtype must be 'float64' or 'float32'; got {dtype!r}")
+    return name
 
 
 def _positive_int(value: Any, name: str) -> int:
