@@ -125,12 +125,9 @@ def check_X(X: Any, d_in: int) -> Any:
         return validate_X(X, d_in)
     if X.dtype == torch.bool or X.is_complex() or not (X.is_floating_point() or _is_integer(X.dtype)):
         raise TypeError(f"X must hold real numbers (integer or floating dtype); got dtype {_dtype_name(X.dtype)}")
-    if X.ndim != 2:
-        raise ValueError(f"X must be a 2-D array (n_samples, {d_in}); got shape {tuple(X.shape)}")
-    if X.shape[0] == 0:
-        raise ValueError("X is empty: it must hold at least one sample")
-    if X.shape[1] != d_in:
-        raise ValueError(f"X has {X.shape[1]} features per sample but layers[0] expects {d_in}")
+    from ._validate import check_X_shape
+
+    check_X_shape(tuple(X.shape), d_in)
     X = X.detach()
     if X.is_floating_point():
         rows = max(1, _FINITE_CHUNK // max(1, X.shape[1]))

@@ -179,14 +179,19 @@ def validate_activations(activation: Any, n_layers: int) -> tuple[Activation, ..
     raise TypeError(f"activation must be a name (str) or a list of {n_hidden} names; got {type(activation).__name__}")
 
 
+def check_X_shape(shape: tuple[int, ...], d_in: int) -> None:
+    """X's shape checks, shared by arrays and tensors (same messages, same order)."""
+    if len(shape) != 2:
+        raise ValueError(f"X must be a 2-D array (n_samples, {d_in}); got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError("X is empty: it must hold at least one sample")
+    if shape[1] != d_in:
+        raise ValueError(f"X has {shape[1]} features per sample but layers[0] expects {d_in}")
+
+
 def validate_X(X: Any, d_in: int) -> np.ndarray:
     arr = _real_array(X, "X")
-    if arr.ndim != 2:
-        raise ValueError(f"X must be a 2-D array (n_samples, {d_in}); got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError("X is empty: it must hold at least one sample")
-    if arr.shape[1] != d_in:
-        raise ValueError(f"X has {arr.shape[1]} features per sample but layers[0] expects {d_in}")
+    check_X_shape(arr.shape, d_in)
     if arr.dtype not in (np.float32, np.float64):
         arr = arr.astype(np.float64)  # integer pixels and the like: one explicit conversion
     _check_finite(arr, "X")
