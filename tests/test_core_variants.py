@@ -11,6 +11,16 @@ import wsbound_fast as wsb
 from wsbound_fast._loader import cpu_has_avx2_fma, load_core
 
 
+def _avx2_core():
+    """The AVX2 + FMA build, or skip where this CPU or installation has none."""
+    if not cpu_has_avx2_fma():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    try:
+        return importlib.import_module("wsbound_fast._core_avx2")
+    except ImportError:
+        pytest.skip("the AVX2 build is not part of this installation")
+
+
 def _moments(core, depth: int, curvature: str, structured: bool) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(depth)
     dims = [6, 7, 5, 4, 3][: depth] + [3]
@@ -25,12 +35,7 @@ def _moments(core, depth: int, curvature: str, structured: bool) -> tuple[np.nda
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_avx2_build_equals_baseline(depth: int, curvature: str, structured: bool) -> None:
-    if not cpu_has_avx2_fma():
-        pytest.skip("this CPU has no AVX2 + FMA")
-    try:
-        fast = importlib.import_module("wsbound_fast._core_avx2")
-    except ImportError:
-        pytest.skip("the AVX2 build is not part of this installation")
+    fast = _avx2_core()
     base = importlib.import_module("wsbound_fast._core")
     for a, b in zip(_moments(fast, depth, curvature, structured), _moments(base, depth, curvature, structured)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * np.abs(b).max())
@@ -62,10 +67,5 @@ def test_both_builds_have_the_same_hvp(curvature: str) -> None:
 
     ref = run(base)
     assert ref.shape == (2, P)
-    if not cpu_has_avx2_fma():
-        pytest.skip("this CPU has no AVX2 + FMA")
-    try:
-        fast = importlib.import_module("wsbound_fast._core_avx2")
-    except ImportError:
-        pytest.skip("the AVX2 build is not part of this installation")
+    fast = _avx2_core()
     np.testing.assert_allclose(run(fast), ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max())
