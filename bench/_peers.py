@@ -115,9 +115,9 @@ def dense_autograd(layers: Layers, X: np.ndarray, y: np.ndarray, activation: str
 
 # ----------------------------------------------------------------------------- PyHessian
 
-def pyhessian_eig(layers: Layers, X: np.ndarray, y: np.ndarray, activation: str, curvature: str,
-                  dtype: str = "float32", max_iter: int = 100, tol: float = 1e-3) -> dict[str, Any]:
-    """PyHessian top eigenvalue: power iteration, its default maxIter=100, tol=1e-3 (relative change)."""
+def _pyhessian_run(layers: Layers, X: np.ndarray, y: np.ndarray, activation: str, curvature: str, dtype: str,
+                   work: Any) -> tuple[Any, float]:
+    """(work(PyHessian's hessian object), seconds), the object's set-up timed too."""
     if curvature != "hessian":
         raise PeerUnavailable("PyHessian has no GGN")
     pyh = _import("pyhessian")
@@ -128,26 +128,23 @@ def pyhessian_eig(layers: Layers, X: np.ndarray, y: np.ndarray, activation: str,
     with _default_dtype(dtype):
         t0 = time.perf_counter()
         hc = pyh.hessian(model, torch.nn.CrossEntropyLoss(), data=(Xt, yt), cuda=False)
-        ev, _ = hc.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)
-        t = time.perf_counter() - t0
+        out = work(hc)
+        return out, time.perf_counter() - t0
+
+
+def pyhessian_eig(layers: Layers, X: np.ndarray, y: np.ndarray, activation: str, curvature: str,
+                  dtype: str = "float32", max_iter: int = 100, tol: float = 1e-3) -> dict[str, Any]:
+    """PyHessian top eigenvalue: power iteration, its default maxIter=100, tol=1e-3 (relative change)."""
+    (ev, _), t = _pyhessian_run(layers, X, y, activation, curvature, dtype,
+                                lambda hc: hc.eigenvalues(maxIter=max_iter, tol=tol, top_n=1))
     return {"time_s": t, "lambda_max_est": float(ev[0]), "max_iter": max_iter, "tol": tol}
 
 
 def pyhessian_trace(layers: Layers, X: np.ndarray, y: np.ndarray, activation: str, curvature: str,
                     dtype: str = "float32", max_iter: int = 100, tol: float = 1e-3) -> dict[str, Any]:
     """PyHessian Hutchinson trace: Rademacher v^T H v, stops when the running mean moves < tol relative."""
-    if curvature != "hessian":
-        raise PeerUnavailable("PyHessian has no GGN")
-    pyh = _import("pyhessian")
-    import torch
-
-    model = torch_model(layers, activation, _torch_dtype(dtype))
-    Xt, yt = _tensors(X, y, dtype)
-    with _default_dtype(dtype):
-        t0 = time.perf_counter()
-        hc = pyh.hessian(model, torch.nn.CrossEntropyLoss(), data=(Xt, yt), cuda=False)
-        samples = hc.trace(maxIter=max_iter, tol=tol)
-        t = time.perf_counter() - t0
+    samples, t = _pyhessian_run(layers, X, y, activation, curvature, dtype,
+                                lambda hc: hc.trace(maxIter=max_iter, tol=tol))
     return {"time_s": t, "trace_est": float(np.mean(samples)), "matvecs": len(samples), "max_iter": max_iter,
             "tol": tol}
 
