@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from ._activations import evaluate
+from ._activations import Activation, evaluate
 from ._numpy_backend import label_rows
 from . import _torch
 from ._validate import HVP_BACKENDS, Problem, _choice, _positive_int, _real_array, validate
@@ -88,54 +88,84 @@ def _hvp_cpp(prob: Problem, V: np.ndarray) -> np.ndarray:
     )
 
 
-def _offsets(prob: Problem) -> list[int]:
+def offsets(prob: Problem) -> list[int]:
+    """Where each layer's parameters (W row-major, then b) start in the flat vector; P last."""
     off = [0]
     for W, b in zip(prob.weights, prob.biases):
         off.append(off[-1] + W.size + (0 if b is None else b.size))
     return off
 
 
-def _block_hvp(prob: Problem, Xb: np.ndarray, Yb: np.ndarray, V: np.ndarray, off: list[int]) -> np.ndarray:
-    """sum over the block of H_n V[j] (mirrors cpp/wsbound/hvp.cpp; layers 1..L)."""
-    W, bias, L, hess = prob.weights, prob.biases, prob.n_layers, prob.hessian
-    A: list[np.ndarray] = [Xb]
-    S1: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    S2: list[np.ndarray] = [np.empty(0)] * (L + 1)
+@dataclasses.dataclass(frozen=True)
+class ArrayOps:
+    """The operations of :func:`block_hvp` that NumPy and torch spell differently.
+
+    Everything else it uses (``@``, ``.T``, slicing, ``reshape``, ``ravel``,
+    ``sum(axis=..., keepdims=...)``, broadcasting, in-place ``+=``) is common to both.
+    """
+
+    evaluate: Callable[[Activation, Any], tuple[Any, Any, Any]]  # (sigma, sigma', sigma'') of z
+    softmax: Callable[[Any], Any]  # row-wise softmax of the logits
+    zeros_like: Callable[[Any], Any]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+NUMPY_OPS = ArrayOps(evaluate, _softmax, np.zeros_like)
+
+
+def block_hvp(prob: Problem, W: Sequence[Any], bias: Sequence[Any], Xb: Any, Yb: Any, V: Any, off: list[int],
+              ops: ArrayOps = NUMPY_OPS) -> Any:
+    """sum over the block of H_n V[j] (mirrors cpp/wsbound/hvp.cpp; layers 1..L).
+
+    One implementation for both array libraries: ``W``, ``bias`` (entries None for layers
+    without bias), ``Xb`` (B, d_0), ``Yb`` (B, C) label rows and ``V`` (k, P) are all NumPy
+    arrays (``ops`` = :data:`NUMPY_OPS`) or all tensors on one device (the torch backend's
+    ops); the result is a (k, P) array of the same kind.  ``off`` is :func:`offsets`.
+    """
+    L, hess = prob.n_layers, prob.hessian
+    nw = [0] + [Wl.shape[0] * Wl.shape[1] for Wl in W]  # entries of W_l (torch's .size is a method)
+    A: list[Any] = [Xb]
+    S1: list[Any] = [None] * (L + 1)
+    S2: list[Any] = [None] * (L + 1)
     z = Xb
     for l in range(1, L + 1):
         z = A[l - 1] @ W[l - 1].T
         if bias[l - 1] is not None:
             z = z + bias[l - 1]
         if l < L:
-            a, S1[l], S2[l] = evaluate(prob.activations[l - 1], z)
+            a, S1[l], S2[l] = ops.evaluate(prob.activations[l - 1], z)
             A.append(a)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    p = ops.softmax(z)
     w = Yb.sum(axis=1)
-    D: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    G: list[np.ndarray] = [np.empty(0)] * (L + 1)
+    D: list[Any] = [None] * (L + 1)
+    G: list[Any] = [None] * (L + 1)
     D[L] = w[:, None] * p - Yb
     for l in range(L - 1, 0, -1):
         G[l] = D[l + 1] @ W[l]
         D[l] = S1[l] * G[l]
-    out = np.zeros_like(V)
+    out = ops.zeros_like(V)
     for j in range(V.shape[0]):
         v = V[j]
-        Vl = [v[off[l - 1]: off[l - 1] + W[l - 1].size].reshape(W[l - 1].shape) for l in range(1, L + 1)]
-        RZ: list[np.ndarray] = [np.empty(0)] * (L + 1)
-        RA: list[np.ndarray] = [np.empty(0)] * (L + 1)
+        Vl = [v[off[l - 1]: off[l - 1] + nw[l]].reshape(W[l - 1].shape) for l in range(1, L + 1)]
+        RZ: list[Any] = [None] * (L + 1)
+        RA: list[Any] = [None] * (L + 1)
         for l in range(1, L + 1):
             rz = A[l - 1] @ Vl[l - 1].T
             if l > 1:
                 rz += RA[l - 1] @ W[l - 1].T
             if bias[l - 1] is not None:
-                rz += v[off[l - 1] + W[l - 1].size: off[l]]
+                rz += v[off[l - 1] + nw[l]: off[l]]
             RZ[l] = rz
             if l < L:
                 RA[l] = S1[l] * rz
-        RD: list[np.ndarray] = [np.empty(0)] * (L + 1)
+        RD: list[Any] = [None] * (L + 1)
         u = RZ[L]
-        RD[L] = w[:, None] * p * (u - np.sum(p * u, axis=1, keepdims=True))  # A R{z_L}
+        RD[L] = w[:, None] * p * (u - (p * u).sum(axis=1, keepdims=True))  # A R{z_L}
         for l in range(L - 1, 0, -1):
             T = RD[l + 1] @ W[l]
             if hess:
@@ -147,20 +177,21 @@ def _block_hvp(prob: Problem, Xb: np.ndarray, Yb: np.ndarray, V: np.ndarray, off
             gW = RD[l].T @ A[l - 1]
             if hess and l > 1:
                 gW += D[l].T @ RA[l - 1]
-            out[j, off[l - 1]: off[l - 1] + gW.size] = gW.ravel()
+            out[j, off[l - 1]: off[l - 1] + nw[l]] = gW.ravel()
             if bias[l - 1] is not None:
-                out[j, off[l - 1] + gW.size: off[l]] = RD[l].sum(axis=0)
+                out[j, off[l - 1] + nw[l]: off[l]] = RD[l].sum(axis=0)
     return out
 
 
 def _hvp_numpy(prob: Problem, V: np.ndarray) -> np.ndarray:
-    off = _offsets(prob)
+    off = offsets(prob)
     N, B = prob.n_samples, prob.batch_size
     out = np.zeros_like(V)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for lo in range(0, N, B):
             hi = min(lo + B, N)
-            out += _block_hvp(prob, np.asarray(prob.X[lo:hi], dtype=np.float64), label_rows(prob, lo, hi), V, off)
+            out += block_hvp(prob, prob.weights, prob.biases, np.asarray(prob.X[lo:hi], dtype=np.float64),
+                             label_rows(prob, lo, hi), V, off)
     return out
 
 

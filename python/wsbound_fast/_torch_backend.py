@@ -293,6 +293,41 @@ class DeviceWeights:
 
 
 @dataclass
+class DeviceData:
+    """X and the labels of a problem, served block by block on the compute device.
+
+    ``X`` is the problem's X (a NumPy array, or a tensor on any device), each block of rows
+    moved and converted when asked for, or, with ``resident``, all of it already on the
+    device in the compute dtype (for repeated passes over the data).
+    """
+
+    prob: TorchProblem
+    X: Any
+    labels: torch.Tensor  # on the device: int64 class indices, or probability rows in the compute dtype
+
+    @classmethod
+    def of(cls, prob: TorchProblem, *, resident: bool = False) -> DeviceData:
+        labels = _from_numpy(prob.labels).to(device=prob.device)
+        data = cls(prob, prob.X, labels.to(prob.dtype) if prob.soft else labels)
+        if resident:
+            data.X = data.rows(0, prob.n_samples)
+        return data
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """X[lo:hi] on the device, in the compute dtype (no copy when it is there already)."""
+        dev, cdt = self.prob.device, self.prob.dtype
+        if isinstance(self.X, torch.Tensor):
+            return self.X[lo:hi].to(device=dev, dtype=cdt)
+        return torch.from_numpy(np.array(self.X[lo:hi])).to(device=dev, dtype=cdt)  # a copy: X may be read-only
+
+    def label_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """The (hi - lo, C) label rows (one-hot for class indices), in the compute dtype."""
+        if self.prob.soft:
+            return self.labels[lo:hi]
+        return torch.nn.functional.one_hot(self.labels[lo:hi], self.prob.n_classes).to(self.prob.dtype)
+
+
+@dataclass
 class BlockFeatures:
     """Per-sample features of one block of B samples (index 0 of every tensor is n).
 
@@ -503,30 +538,16 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
     pairs, once that work has finished on the device.
     """
     N, B, L = prob.n_samples, prob.batch_size, prob.n_layers
-    dev, cdt = prob.device, prob.dtype
+    dev = prob.device
     bounds = [(lo, min(lo + B, N)) for lo in range(0, N, B)]
     nb = len(bounds)
     group = prob.group_blocks
     net = DeviceWeights.of(prob)
-    if prob.soft:
-        labels = _from_numpy(prob.labels).to(device=dev, dtype=cdt)
-    else:
-        labels = _from_numpy(prob.labels).to(device=dev)
-    X = prob.X
-
-    def rows_of(lo: int, hi: int) -> torch.Tensor:
-        if isinstance(X, torch.Tensor):
-            return X[lo:hi].to(device=dev, dtype=cdt)
-        return torch.from_numpy(np.array(X[lo:hi])).to(device=dev, dtype=cdt)  # a copy: X may be read-only
-
-    def label_rows(lo: int, hi: int) -> torch.Tensor:
-        if prob.soft:
-            return labels[lo:hi]
-        return torch.nn.functional.one_hot(labels[lo:hi], prob.n_classes).to(cdt)
+    data = DeviceData.of(prob)
 
     def features(k: int) -> BlockFeatures:
         lo, hi = bounds[k]
-        return block_features(prob, net, rows_of(lo, hi), label_rows(lo, hi))
+        return block_features(prob, net, data.rows(lo, hi), data.label_rows(lo, hi))
 
     with torch.no_grad():
         block_trace = torch.zeros((nb, L), dtype=ACC, device=dev)
