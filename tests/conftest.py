@@ -3,7 +3,8 @@
 Every test that computes something runs for both backends through the ``backend``
 fixture; its test ids end in ``[...-cpp]`` / ``[...-numpy]``, so
 ``pytest -k "not cpp"`` runs the NumPy backend alone (e.g. while the extension is not
-built).
+built).  Tests of the curvature-vector product (hvp, eigsh, errors) use ``hvp_backend``,
+which adds ``[...-torch]`` where torch is installed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS + ("torch",))
+def hvp_backend(request: pytest.FixtureRequest) -> str:
+    """cpp, numpy and torch (on the CPU; skipped without torch)."""
+    if request.param == "torch":
+        request.getfixturevalue("torch")
     return request.param
 
 

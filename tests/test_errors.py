@@ -203,3 +203,24 @@ def test_overflow_raises_floating_point_error(backend):
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(FloatingPointError, match="overflow"):
             wsb.bound(layers, X * 1e200, y, backend=backend)
+
+
+P_L = sum(W.size + (0 if b is None else b.size) for W, b in L)
+
+
+@pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_input_hvp_and_eigsh(layers, X, y, kwargs, exc, match, hvp_backend):
+    """hvp() and eigsh() validate as bound() does, on every backend of the product."""
+    with pytest.raises(exc, match=match):
+        wsb.hvp(layers, X, y, np.ones(P_L), backend=hvp_backend, **kwargs)
+    with pytest.raises(exc, match=match):
+        wsb.eigsh(layers, X, y, backend=hvp_backend, **kwargs)
+
+
+def test_hvp_overflow_raises_floating_point_error(hvp_backend):
+    """A finite v whose product overflows float64: a FloatingPointError, not inf / NaN results."""
+    layers, X, y = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match="overflow"):
+            wsb.hvp(layers, X, y, np.full(P_L, 1e308), reduction="sum", backend=hvp_backend)

@@ -30,13 +30,13 @@ def _rel_err(got: np.ndarray, want: np.ndarray, H: np.ndarray, v: np.ndarray) ->
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_hvp_equals_dense_reference(spec, curvature, backend, refs):
+def test_hvp_equals_dense_reference(spec, curvature, hvp_backend, refs):
     """H v equals the finite-difference Hessian (or backprop-Jacobian GGN) times v."""
     layers, X, y = refs.model(spec)
     H = refs.numpy(spec, curvature, "mean")
     rng = np.random.default_rng(1)
     v = rng.standard_normal(H.shape[0])
-    got = wsb.hvp(layers, X, y, v, activation=spec.activation_arg(), curvature=curvature, backend=backend)
+    got = wsb.hvp(layers, X, y, v, activation=spec.activation_arg(), curvature=curvature, backend=hvp_backend)
     assert got.shape == v.shape
     assert _rel_err(got, H @ v, H, v) < 1e-9
 
@@ -50,6 +50,22 @@ def test_hvp_equals_torch(spec, curvature, torch, refs):
     got = wsb.hvp(layers, X, y, V, activation=spec.activation_arg(), curvature=curvature, reduction="sum")
     assert got.shape == V.shape
     assert _rel_err(got, H @ V, H, V) < 1e-12
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_torch_hvp_equals_cpp_and_torch_autograd(spec, curvature, reduction, torch, refs):
+    """backend="torch" against the C++ core and the dense autograd Hessian / torch.func GGN:
+    depths 1-4, every activation kind, no-bias layers, soft labels, float32 X, both reductions."""
+    layers, X, y = refs.model(spec)
+    H = refs.torch(spec, curvature, reduction)
+    V = np.random.default_rng(7).standard_normal((H.shape[0], 2))
+    kw = dict(activation=spec.activation_arg(), curvature=curvature, reduction=reduction)
+    got = wsb.hvp(layers, X, y, V, backend="torch", **kw)
+    assert got.shape == V.shape and got.dtype == np.float64
+    assert _rel_err(got, wsb.hvp(layers, X, y, V, backend="cpp", **kw), H, V) < 1e-10
+    assert _rel_err(got, H @ V, H, V) < 1e-10
 
 
 def test_hvp_columns_reduction_and_backends_agree():
@@ -123,20 +139,25 @@ P0 = 4 * 3 + 4 + 3 * 4
     (np.ones(P0, dtype=bool), TypeError, "v must hold real numbers"),
     ([[1, 2], [3]], TypeError, "v must be an array"),
 ])
-def test_hvp_bad_vector(v, exc, match, backend):
+def test_hvp_bad_vector(v, exc, match, hvp_backend):
     layers, X, y = _model()
     with pytest.raises(exc, match=match):
-        wsb.hvp(layers, X, y, v, backend=backend)
+        wsb.hvp(layers, X, y, v, backend=hvp_backend)
 
 
-def test_hvp_bad_common_arguments():
+def test_hvp_bad_common_arguments(hvp_backend):
     layers, X, y = _model()
     v = np.ones(P0)
     with pytest.raises(ValueError, match="curvature"):
-        wsb.hvp(layers, X, y, v, curvature="fisher")
+        wsb.hvp(layers, X, y, v, curvature="fisher", backend=hvp_backend)
     with pytest.raises(ValueError, match="backend"):
         wsb.hvp(layers, X, y, v, backend="gpu")
     with pytest.raises(ValueError, match="batch_size"):
-        wsb.hvp(layers, X, y, v, batch_size=0)
+        wsb.hvp(layers, X, y, v, batch_size=0, backend=hvp_backend)
     with pytest.raises(ValueError, match="X has 2 features"):
-        wsb.hvp(layers, X[:, :2], y, v)
+        wsb.hvp(layers, X[:, :2], y, v, backend=hvp_backend)
+    with pytest.raises(ValueError, match=r"dtype='float32' is not available for the curvature-vector product"):
+        wsb.hvp(layers, X, y, v, dtype="float32", backend=hvp_backend)
+    if hvp_backend != "torch":
+        with pytest.raises(ValueError, match=r"device= applies to backend='torch' only"):
+            wsb.hvp(layers, X, y, v, device="cpu", backend=hvp_backend)

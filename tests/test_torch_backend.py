@@ -450,7 +450,9 @@ def test_import_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'import'\n"
             "L = [(np.ones((3, 2)), None)]\n"
             "for b in ('cpp', 'numpy'):\n"
-            "    wsb.bound(L, np.ones((4, 2)), np.array([0, 1, 2, 0]), backend=b)\n"
+            "    wsb.bound(L, np.ones((4, 2)), np.array([0, 1, 2, 0]), backend=b, certify=2)\n"
+            "    wsb.hvp(L, np.ones((4, 2)), np.array([0, 1, 2, 0]), np.ones(6), backend=b)\n"
+            "    wsb.eigsh(L, np.ones((4, 2)), np.array([0, 1, 2, 0]), backend=b)\n"
             "    assert 'torch' not in sys.modules, b\n"
             "wsb.bound(L, np.ones((4, 2)), np.array([0, 1, 2, 0]), backend='torch')\n"
             "assert 'torch' in sys.modules\n")
@@ -469,13 +471,3 @@ def test_gpu_check_quick(capsys):
     assert mod.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "self-check passed" in out and "Lanczos" in out
-
-
-def test_curvature_vector_products_are_not_on_the_torch_backend_yet():
-    rng = np.random.default_rng(0)
-    layers = [(rng.normal(size=(4, 3)), rng.normal(size=4)), (rng.normal(size=(3, 4)), None)]
-    X, y = rng.normal(size=(6, 3)), rng.integers(0, 3, 6)
-    with pytest.raises(ValueError, match="backend"):
-        wsb.bound(layers, X, y, backend="torch", exact=True)
-    with pytest.raises(ValueError, match="backend"):
-        wsb.hvp(layers, X, y, np.ones(4 * 3 + 4 + 12), backend="torch")

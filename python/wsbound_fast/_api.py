@@ -12,7 +12,7 @@ import numpy as np
 from . import _torch
 from ._bounds import Bound, ws_bounds
 from ._progress import ProgressFn, Reporter
-from ._validate import BACKENDS, Problem, _choice, compute_dtype, validate
+from ._validate import BACKENDS, Problem, _choice, compute_dtype
 
 
 def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +111,10 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     dtype : "float64" (default) or "float32", for backend="cpp" or "torch": the Gram products
         in float32 (cpp: features computed in float64 and rounded once; torch: features in
         float32 too), every product widened to float64 before the elementwise products and
-        all sums (float64 accumulation); about 1e-6 relative, see the README.
-    exact : also run Lanczos (:func:`eigsh`) over the exact curvature-vector product and
+        all sums (float64 accumulation); about 1e-6 relative, see the README.  It applies to
+        the moments only: the curvature-vector products of ``exact`` / ``certify`` are float64.
+    exact : also run Lanczos (:func:`eigsh`) over the exact curvature-vector product
+        (:func:`hvp`, on the same backend: for "torch" on ``device``, within ``memory_limit``) and
         report ``lambda_max``, ``lambda_min`` (Rayleigh quotients: lambda_max is a certified
         lower bound on the largest eigenvalue, and converges to it) and the tightness ratio
         ``lambda_max_upper / lambda_max``.  For the GGN (positive semi-definite) Lanczos waits
@@ -122,7 +124,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         ``lambda_min_lower_deflated``, the k used (``certify_k``, the leading pairs that give
         the smallest bound) and the residual norm (``certify_residual``).
     lanczos_tol, lanczos_maxiter, seed : Lanczos options (see :func:`eigsh`); the default
-        maxiter is min(P, max(300, 10 k)), within half of ``memory_limit`` for the basis.
+        maxiter is min(P, max(300, 10 k)), within half of ``memory_limit`` for the basis (which
+        stays in host memory: for "torch" with no memory_limit given, the host's default).
 
     Returns
     -------
@@ -136,30 +139,18 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     which = _choice(backend, "backend", BACKENDS)
     reporter = Reporter(progress, callback)
     # a torch module becomes (layers, activations); tensors become arrays except for the torch backend
-    layers, X, y, activation = _torch.adapt(layers, X, y, activation, keep_tensors=which == "torch")
-    if activation is None:
-        activation = "tanh"
-    if which == "torch":
-        from ._torch_backend import validate_torch
-
-        prob = validate_torch(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                              batch_size=batch_size, threads=threads, memory_limit=memory_limit,
-                              device=device, dtype=dtype)
-    else:
-        prob = validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                        batch_size=batch_size, threads=threads, memory_limit=memory_limit)
-        if device is not None:
-            raise ValueError(f"device= applies to backend='torch' only; got backend={which!r}")
-        if compute_dtype(dtype) == "float32":
-            if which != "cpp":
-                raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={which!r}")
-            prob = dataclasses.replace(prob, single=True)
+    prob = _torch.validate_for(which, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                               batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device,
+                               dtype=dtype)
+    if which != "torch" and compute_dtype(dtype) == "float32":
+        if which != "cpp":
+            raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={which!r}")
+        prob = dataclasses.replace(prob, single=True)
     from ._exact import check_exact_options
+    from ._lanczos import basis_memory_limit
 
-    opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params, prob.memory_limit)
-    if which == "torch" and (exact or certify is not None):
-        raise ValueError("exact= and certify= need the curvature-vector product, which the torch backend does not "
-                         "have yet; use backend='cpp' (or 'numpy')")
+    opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params,
+                               basis_memory_limit(prob))
     t0 = time.perf_counter()
     try:
         layer_trace, blocks = _BACKENDS[which](prob, reporter if reporter.active else None)

@@ -2,9 +2,12 @@
 
 ``hvp()`` validates like ``bound()`` and dispatches to the C++ core (``_core.hvp``:
 forward pass, forward R-propagation and backward pass with the second-order terms,
-Pearlmutter 1994, streamed over blocks of samples) or to the NumPy fallback below, which
-implements the same algorithm block by block.  Blocks are summed in block order, so for a
-fixed batch size the result does not depend on the number of threads.
+Pearlmutter 1994, streamed over blocks of samples), to the NumPy fallback below, which
+implements the same algorithm block by block (:func:`block_hvp`), or to the torch backend
+(``_torch_backend.hvp_products``), which runs that same :func:`block_hvp` on tensors.
+Blocks are summed in block order, so for a fixed batch size the result does not depend on
+the number of threads.  :func:`make_matvec` wraps any backend as the float64 NumPy matvec
+that the Lanczos of ``eigsh`` and ``bound(exact=..., certify=...)`` run on.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from ._activations import Activation, evaluate
 from ._numpy_backend import label_rows
 from . import _torch
-from ._validate import HVP_BACKENDS, Problem, _choice, _positive_int, _real_array, validate
+from ._validate import HVP_BACKENDS, Problem, _choice, _positive_int, _real_array, compute_dtype
 
 #: Samples per block of the curvature-vector product when the caller does not choose.
 _HVP_TARGET_BATCH = 256
@@ -33,15 +36,17 @@ def _state_doubles(prob: Problem) -> int:
     return dims[0] + 10 * sum(dims[1:])
 
 
-def plan_hvp(prob: Problem, k: int, batch_size: int | None) -> Problem:
+def plan_hvp(prob: Problem, k: int, batch_size: int | None, *, target_batch: int = _HVP_TARGET_BATCH) -> Problem:
     """The problem with batch size and threads set for products with k vectors.
 
     The C++ core holds one (k, P) buffer per concurrently processed block and one block's
-    state per thread; threads are reduced until both fit in the memory limit.
+    state per thread; threads are reduced until both fit in the memory limit.  The torch
+    backend plans with one thread (one block at a time) and, on an accelerator, a larger
+    ``target_batch``.
     """
     N, P = prob.n_samples, prob.n_params
     per_sample = _state_doubles(prob)
-    batch = min(N, _HVP_TARGET_BATCH) if batch_size is None else min(batch_size, N)
+    batch = min(N, target_batch) if batch_size is None else min(batch_size, N)
     threads = max(1, min(prob.threads, math.ceil(N / batch)))
     while threads > 1 and 8 * threads * (k * P + batch * per_sample) > prob.memory_limit:
         threads -= 1
@@ -52,7 +57,10 @@ def plan_hvp(prob: Problem, k: int, batch_size: int | None) -> Problem:
 
 
 def validate_vectors(v: Any, n_params: int, name: str = "v") -> tuple[np.ndarray, bool]:
-    """v as a C-contiguous float64 (k, P) array, and whether it was one vector (P,)."""
+    """v (an array or a tensor on any device) as a C-contiguous float64 (k, P) array, and
+    whether it was one vector (P,)."""
+    if _torch.is_tensor(v):
+        v = _torch.tensor_to_numpy(v, copy=False)
     arr = _real_array(v, name)
     if arr.ndim == 1:
         if arr.shape[0] != n_params:
@@ -198,14 +206,29 @@ def _hvp_numpy(prob: Problem, V: np.ndarray) -> np.ndarray:
 _BACKENDS = {"cpp": _hvp_cpp, "numpy": _hvp_numpy}
 
 
-def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None = None) -> Matvec:
-    """A function V (k', P) -> the curvature applied to each row, normalised as prob says."""
+def _products(prob: Problem, backend: str, k: int, batch_size: int | None) -> Matvec:
+    """The backend's unnormalised product V (k', P) -> sum_n H_n V[j], planned for k vectors."""
+    if backend == "torch":
+        from ._torch_backend import hvp_products
+
+        return hvp_products(prob, k, batch_size)  # type: ignore[arg-type]  # a TorchProblem (validate_torch)
     fn = _BACKENDS[backend]
     planned = plan_hvp(prob, k, batch_size)
+    return lambda V: fn(planned, V)
+
+
+def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None = None) -> Matvec:
+    """A function V (k', P) -> the curvature applied to each row, normalised as prob says.
+
+    Backend-agnostic for its callers (:func:`hvp`, the Lanczos of :func:`eigsh` and
+    ``bound(exact=..., certify=...)``): V and the result are float64 NumPy arrays whatever
+    the backend computes on.
+    """
+    products = _products(prob, backend, k, batch_size)
     scale = 1.0 / prob.n_samples if prob.mean else 1.0
 
     def matvec(V: np.ndarray) -> np.ndarray:
-        out = fn(planned, np.ascontiguousarray(V, dtype=np.float64))
+        out = products(np.ascontiguousarray(V, dtype=np.float64))
         if scale != 1.0:
             out *= scale
         if not np.isfinite(out).all():
@@ -216,22 +239,44 @@ def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None 
     return matvec
 
 
+def validate_for_products(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any,
+                          reduction: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any) -> Problem:
+    """Validation of :func:`hvp` and :func:`eigsh`: as :func:`bound` (torch objects, and for
+    backend="torch" the device and its memory budget), then dtype, which must mean float64."""
+    prob = _torch.validate_for(backend, layers, X, y, activation=activation, curvature=curvature,
+                               reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
+                               dtype=dtype)
+    if compute_dtype(dtype) == "float32":
+        raise ValueError("dtype='float32' is not available for the curvature-vector product (hvp, eigsh): it is "
+                         "computed in float64 on every backend; leave dtype=None")
+    return prob
+
+
 def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvature: str = "hessian",
         reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
-        backend: str = "cpp", memory_limit: int | None = None) -> np.ndarray:
+        backend: str = "cpp", memory_limit: int | None = None, device: Any = None, dtype: Any = None) -> np.ndarray:
     """Exact curvature-vector product H v (or G v for the GGN) of the loss over the data set.
 
     Same conventions as :func:`bound` (parameters ordered layer by layer, W row-major then
     b, as ``torch.nn.Sequential.parameters()``).  ``v`` is one vector (P,) or k vectors as
-    the columns of a (P, k) array; the result has the same shape.  Computed exactly (to
-    float64 rounding) by R-propagation, streamed over blocks of ``batch_size`` samples
-    (default 256; results are bitwise identical for any ``threads`` at a fixed batch size),
-    in O(k N P) time and O(P k + batch x widths) memory.
+    the columns of a (P, k) array (or tensor, on any device); the result is a float64 NumPy
+    array of the same shape.  Computed exactly (to float64 rounding) by R-propagation,
+    streamed over blocks of ``batch_size`` samples (default 256; results are bitwise
+    identical for any ``threads`` at a fixed batch size), in O(k N P) time and
+    O(P k + batch x widths) memory.
+
+    ``backend``: "cpp" (compiled core, threads), "numpy" (the same algorithm in NumPy) or
+    "torch" (the same algorithm on torch tensors, CPU or GPU).  For "torch", ``device``
+    is where to compute (default: the device of X, or of the weights, if they are tensors,
+    else the CPU), ``memory_limit`` is the budget on that device (as for :func:`bound`),
+    the default block on a GPU is larger (up to 2048 samples) and ``threads`` does not
+    apply.  ``dtype`` may only be None or "float64": the product is always float64
+    (float32 raises ValueError).  ``device=`` with another backend raises ValueError.
     """
     which = _choice(backend, "backend", HVP_BACKENDS)
-    layers, X, y, activation = _torch.adapt(layers, X, y, activation)  # a torch module and tensors too
-    prob = validate(layers, X, y, activation="tanh" if activation is None else activation, curvature=curvature,
-                    reduction=reduction, threads=threads, memory_limit=memory_limit)
+    prob = validate_for_products(which, layers, X, y, activation=activation, curvature=curvature,
+                                 reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
+                                 dtype=dtype)
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
     V, single = validate_vectors(v, prob.n_params)
     out = make_matvec(prob, which, V.shape[0], batch)(V)

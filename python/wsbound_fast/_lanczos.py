@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ._hvp import Matvec, make_matvec
-from . import _torch
-from ._validate import HVP_BACKENDS, _choice, _positive_int, validate
+from ._hvp import Matvec, make_matvec, validate_for_products
+from ._validate import HVP_BACKENDS, Problem, _choice, _positive_int
 
 WHICH = ("LA", "SA", "BE", "LM")
 
@@ -164,10 +163,19 @@ def default_maxiter(n: int, k: int, memory_limit: int | None = None) -> int:
     return max(1, min(m, n))
 
 
+def basis_memory_limit(prob: Problem) -> int:
+    """Bytes the Lanczos basis may take in host memory (half of it is used; see
+    :func:`default_maxiter`): ``memory_limit``, except for the torch backend, whose
+    ``memory_limit`` is the compute device's budget; there it is the host default unless
+    memory_limit was given."""
+    return int(getattr(prob, "host_memory_limit", prob.memory_limit))
+
+
 def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activation: Any = None,
           curvature: str = "hessian", reduction: str = "mean", tol: float = 1e-10, maxiter: int | None = None,
           seed: int = 0, return_eigenvectors: bool = False, batch_size: int | None = None,
-          threads: int | None = None, backend: str = "cpp", memory_limit: int | None = None) -> Any:
+          threads: int | None = None, backend: str = "cpp", memory_limit: int | None = None, device: Any = None,
+          dtype: Any = None) -> Any:
     """Extreme eigenvalues (and vectors) of the loss Hessian or GGN by Lanczos.
 
     Lanczos with full reorthogonalisation over the exact curvature-vector product
@@ -185,6 +193,10 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
         at most half of ``memory_limit``.
     seed : the random start vector; the result is deterministic for a seed.
     return_eigenvectors : also return the unit Ritz vectors as the columns of a (P, k) array.
+    backend, device, dtype, batch_size, threads, memory_limit : as for :func:`hvp`, which
+        computes the products ("cpp", "numpy" or "torch" on ``device``, e.g. "cuda"; float64
+        only).  The Lanczos basis and its reorthogonalisation stay in host memory (NumPy)
+        whatever the backend; one (P,) vector goes to the device and back per step.
 
     Returns
     -------
@@ -195,9 +207,9 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     pairs are returned.
     """
     which_b = _choice(backend, "backend", HVP_BACKENDS)
-    layers, X, y, activation = _torch.adapt(layers, X, y, activation)  # a torch module and tensors too
-    prob = validate(layers, X, y, activation="tanh" if activation is None else activation, curvature=curvature,
-                    reduction=reduction, threads=threads, memory_limit=memory_limit)
+    prob = validate_for_products(which_b, layers, X, y, activation=activation, curvature=curvature,
+                                 reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
+                                 dtype=dtype)
     P = prob.n_params
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an integer, the number of eigenvalues; got {k!r}")
@@ -210,7 +222,7 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     if wh not in WHICH:
         raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}; got {which!r}")
     t = _tol(tol)
-    mi = default_maxiter(P, k, prob.memory_limit) if maxiter is None else _positive_int(maxiter, "maxiter")
+    mi = default_maxiter(P, k, basis_memory_limit(prob)) if maxiter is None else _positive_int(maxiter, "maxiter")
     if mi < k and mi < P:
         raise ValueError(f"maxiter must be >= k = {k} (each step adds one Ritz pair); got {mi}")
     s = _seed(seed)

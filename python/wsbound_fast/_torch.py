@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ._validate import Problem
 
 __all__ = ["from_torch", "is_module", "is_tensor", "load_module"]
 
@@ -271,6 +274,32 @@ def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = 
     if is_tensor(y):
         y = tensor_to_numpy(y, copy=False)
     return layers, X, y, activation
+
+
+def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
+                 batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
+                 dtype: Any = None) -> Problem:
+    """:func:`adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
+
+    backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
+    ``device``, ``dtype`` and the device's memory budget (importing torch).  Any other
+    backend: ``validate`` on NumPy arrays, and ``device=`` is refused; ``dtype`` is left to
+    the caller, which knows what float32 means for it.  activation None means the torch
+    module's activations, or "tanh" for a list of layers.
+    """
+    layers, X, y, activation = adapt(layers, X, y, activation, keep_tensors=backend == "torch")
+    kw = dict(activation="tanh" if activation is None else activation, curvature=curvature, reduction=reduction,
+              batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+    if backend == "torch":
+        from ._torch_backend import validate_torch
+
+        return validate_torch(layers, X, y, device=device, dtype=dtype, **kw)
+    from ._validate import validate
+
+    prob = validate(layers, X, y, **kw)
+    if device is not None:
+        raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
+    return prob
 
 
 def _flattened(X: Any) -> Any:

@@ -61,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError("backend='torch' needs PyTorch (pip install torch, or the wsbound_fast[torch] extra)") from exc
 
 from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activation
+from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
 from ._numpy_backend import _chunk_rows
 from ._validate import Problem, default_memory_limit, plan_blocks, validate
 
@@ -85,6 +86,9 @@ class TorchProblem(Problem):
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float64
+    #: The host-side budget (validate()'s memory_limit: the given one, or the host default),
+    #: for what stays on the host whatever the device: the Lanczos basis of eigsh / exact=.
+    host_memory_limit: int = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
                                None if batch_size is None else prob.batch_size, budget, **shape)
     fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
     fields.update(batch_size=batch, group_blocks=group, memory_limit=budget)
-    return TorchProblem(**fields, device=dev, dtype=cdt)
+    return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit)
 
 
 # --------------------------------------------------------------------------------------
@@ -576,6 +580,49 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
         trace += bt[k]
         blocks += rs[k]
     return trace, blocks
+
+
+# --------------------------------------------------------------------------------------
+# curvature-vector products (hvp, eigsh, bound(exact=..., certify=...))
+# --------------------------------------------------------------------------------------
+
+#: _hvp.block_hvp's array operations on tensors.
+TORCH_OPS = ArrayOps(evaluate, lambda z: torch.softmax(z, dim=1), torch.zeros_like)
+#: Share of memory_limit that X and the labels may take when kept on the device between products.
+RESIDENT_DATA_SHARE = 0.25
+
+
+def hvp_products(prob: TorchProblem, k: int, batch_size: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """The unnormalised product V (k', P) -> sum_n H_n V[j] on ``prob.device``, as a function
+    of float64 NumPy arrays (what :func:`wsbound_fast._hvp.make_matvec` wraps).
+
+    Always in float64 (``prob.dtype`` is the moments' precision; see README).  The block of
+    :func:`wsbound_fast._hvp.block_hvp` -- the NumPy backend's code, run on tensors -- for
+    each block of samples, summed in block order on the device; one copy of the (k', P)
+    result to the host per call.  The plan is :func:`~wsbound_fast._hvp.plan_hvp`'s with
+    one block at a time within ``memory_limit`` on the device (larger preferred blocks on an
+    accelerator, as for the moments).  The weights are copied to the device once, and so
+    are X and the labels when they take at most ``RESIDENT_DATA_SHARE`` of memory_limit
+    (Lanczos calls the product hundreds of times); otherwise each block is moved when needed.
+    """
+    target = {"target_batch": GPU_PLAN["target_batch"]} if prob.device.type != "cpu" else {}
+    planned = plan_hvp(dataclasses.replace(prob, threads=1, dtype=ACC), k, batch_size, **target)
+    N, B = planned.n_samples, planned.batch_size
+    data_bytes = 8 * N * (planned.weights[0].shape[1] + planned.n_classes)
+    net = DeviceWeights.of(planned)
+    data = DeviceData.of(planned, resident=data_bytes <= RESIDENT_DATA_SHARE * planned.memory_limit)
+    off = offsets(planned)
+
+    def products(V: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            Vd = _from_numpy(V).to(device=planned.device, dtype=ACC)
+            out = torch.zeros_like(Vd)
+            for lo in range(0, N, B):
+                hi = min(lo + B, N)
+                out += block_hvp(planned, net.W, net.b, data.rows(lo, hi), data.label_rows(lo, hi), Vd, off, TORCH_OPS)
+            return out.cpu().numpy()
+
+    return products
 
 
 # --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ._cost import choose_structured, feature_doubles, pair_flops, pair_scratch_
 CURVATURES = ("hessian", "ggn")
 REDUCTIONS = ("mean", "sum")
 #: Backends of the curvature-vector product (hvp, eigsh, bound(exact=...)).
-HVP_BACKENDS = ("cpp", "numpy")
+HVP_BACKENDS = ("cpp", "numpy", "torch")
 BACKENDS = ("cpp", "numpy", "torch")
 
 #: Default memory budget for the streamed engine: a quarter of the machine's memory,

@@ -1,0 +1,230 @@
+"""The curvature-vector product on backend="torch" (CPU here): hvp, eigsh and
+bound(exact=..., certify=...) equal the C++ backend's; tensors, devices, plans, errors.
+
+tests/test_hvp.py holds the product against dense references for every backend (the
+``hvp_backend`` fixture) and tests/test_errors.py the bad inputs; this file adds what is
+specific to torch.  Skipped as a whole without torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import reference as R  # noqa: E402
+import wsbound_fast as wsb  # noqa: E402
+from test_certify import NET_SPECS  # noqa: E402
+from test_eigsh import IDS as EIG_IDS, SPECS as EIG_SPECS  # noqa: E402
+from test_errors import CASES, P_L  # noqa: E402
+from test_torch_backend import _as_tensor, _error, _tensor_layers  # noqa: E402
+from wsbound_fast import _hvp, _lanczos, _torch_backend, _validate  # noqa: E402
+
+#: Relative agreement with the C++ backend (the products differ by rounding, ~1e-15).
+TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(torch):  # the conftest fixture: torch with one intra-op thread
+    yield
+
+
+def _model(n: int = 23, seed: int = 4):
+    spec = R.ModelSpec((4, 6, 5, 3), ("gelu", "tanh"), "alt", n=n, labels="soft", seed=seed)
+    layers, X, y = spec.build()
+    return layers, X, y, spec
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+# --------------------------------------------------------------------------------------
+# eigsh and bound(exact=, certify=) equal the C++ backend's
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", EIG_SPECS, ids=EIG_IDS)
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_eigsh_matches_cpp(spec, curvature, refs):
+    layers, X, y = refs.model(spec)
+    kw = dict(k=3, which="BE", activation=spec.activation_arg(), curvature=curvature, return_eigenvectors=True)
+    vals, vecs = wsb.eigsh(layers, X, y, backend="torch", **kw)
+    ref_vals, ref_vecs = wsb.eigsh(layers, X, y, backend="cpp", **kw)
+    scale = float(np.abs(ref_vals).max())
+    np.testing.assert_allclose(vals, ref_vals, rtol=0, atol=TOL * scale)
+    # the same Lanczos run, so the same Ritz vectors (up to rounding), sign included
+    np.testing.assert_allclose(vecs, ref_vecs, rtol=0, atol=1e-7)
+
+
+EXACT_FIELDS = ("lambda_max", "lambda_min", "lambda_max_upper_deflated", "lambda_min_lower_deflated")
+
+
+@pytest.mark.parametrize("spec", NET_SPECS, ids=lambda s: f"{s.activation}-d{s.depth}")
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_exact_and_certify_match_cpp(spec, curvature, refs):
+    layers, X, y = refs.model(spec)
+    kw = dict(activation=spec.activation_arg(), curvature=curvature, certify=4)
+    got = wsb.bound(layers, X, y, backend="torch", **kw)
+    ref = wsb.bound(layers, X, y, backend="cpp", **kw)
+    assert got.backend == "torch" and got.lanczos_converged == ref.lanczos_converged
+    assert got.certify_k == ref.certify_k
+    scale = max(abs(ref.lambda_max), abs(ref.lambda_min))
+    for name in EXACT_FIELDS:
+        assert abs(getattr(got, name) - getattr(ref, name)) <= TOL * scale, name
+    for name in ("lambda_max_bracket", "lambda_min_bracket"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=0, atol=TOL * scale)
+    for name in ("lambda_max_residual", "lambda_min_residual", "certify_residual"):
+        assert getattr(got, name) <= getattr(ref, name) + TOL * scale, name
+
+
+def test_exact_with_float32_moments():
+    """dtype="float32" is the moments' precision; Lanczos still runs on the float64 product."""
+    layers, X, y, spec = _model()
+    kw = dict(activation=spec.activation_arg(), exact=True)
+    got = wsb.bound(layers, X, y, backend="torch", dtype="float32", **kw)
+    ref = wsb.bound(layers, X, y, backend="cpp", **kw)
+    assert abs(got.lambda_max - ref.lambda_max) <= TOL * abs(ref.lambda_max)
+    assert abs(got.trace_sq - ref.trace_sq) <= 2e-5 * ref.trace_sq
+
+
+# --------------------------------------------------------------------------------------
+# inputs: tensors, modules, devices; the block plan
+# --------------------------------------------------------------------------------------
+
+
+def test_tensor_inputs_and_vectors():
+    layers, X, y, spec = _model()
+    act = spec.activation_arg()
+    V = np.random.default_rng(0).standard_normal((R.n_params(layers), 3))
+    ref = wsb.hvp(layers, X, y, V, activation=act, backend="cpp")
+    t_layers = [(torch.tensor(W, requires_grad=True), None if b is None else torch.from_numpy(b)) for W, b in layers]
+    for lay, XX, yy, VV in [
+        (layers, X, y, V),
+        (t_layers, torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(V)),
+        (layers, torch.from_numpy(X).T.contiguous().T, y, torch.tensor(V, requires_grad=True)),  # non-contiguous X
+    ]:
+        got = wsb.hvp(lay, XX, yy, VV, activation=act, backend="torch")
+        assert isinstance(got, np.ndarray) and got.shape == V.shape
+        assert _rel(got, ref) <= TOL
+    # a tensor v is accepted by every backend; float32 v is widened exactly
+    v32 = torch.from_numpy(V[:, 0]).to(torch.float32)
+    want = wsb.hvp(layers, X, y, v32.double().numpy(), activation=act, backend="cpp")
+    for backend in ("cpp", "numpy", "torch"):
+        assert _rel(wsb.hvp(layers, X, y, v32, activation=act, backend=backend), want) <= TOL
+
+
+def test_torch_module():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3))
+    X = torch.randn(13, 2, 3)
+    y = torch.randint(0, 3, (13,))
+    P = sum(p.numel() for p in model.parameters())
+    v = torch.randn(P)
+    ref = wsb.hvp(model, X, y, v)
+    assert _rel(wsb.hvp(model, X, y, v, backend="torch"), ref) <= TOL
+    np.testing.assert_allclose(wsb.eigsh(model, X, y, backend="torch"), wsb.eigsh(model, X, y), rtol=TOL)
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size=1), dict(batch_size=5), dict(batch_size=23), dict(batch_size=500),
+                                dict(memory_limit=1), dict(memory_limit=1, batch_size=4)])
+def test_any_block_plan(kw):
+    """Any batch size or memory limit (one-sample blocks, X streamed) gives the same product."""
+    layers, X, y, spec = _model()
+    V = np.random.default_rng(1).standard_normal((R.n_params(layers), 2))
+    ref = wsb.hvp(layers, X, y, V, activation=spec.activation_arg(), backend="cpp")
+    assert _rel(wsb.hvp(layers, X, y, V, activation=spec.activation_arg(), backend="torch", **kw), ref) <= TOL
+
+
+def test_resident_and_streamed_data_agree_bitwise(monkeypatch):
+    """X on the device once (the default when it fits) or moved block by block: same numbers,
+    and the same on every call."""
+    layers, X, y, spec = _model()
+    V = np.random.default_rng(2).standard_normal((R.n_params(layers), 2))
+    kw = dict(activation=spec.activation_arg(), backend="torch", batch_size=6)
+    resident = wsb.hvp(layers, X, y, V, **kw)
+    assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **kw))
+    monkeypatch.setattr(_torch_backend, "RESIDENT_DATA_SHARE", 0.0)
+    assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **kw))
+
+
+def test_plan_and_host_budget():
+    layers, X, y, spec = _model()
+    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="mean")
+    # the Lanczos basis lives on the host: its budget is the host's, whatever the device's
+    assert prob.host_memory_limit == _validate.default_memory_limit()
+    assert _lanczos.basis_memory_limit(prob) == prob.host_memory_limit
+    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="mean",
+                                         memory_limit=12345)
+    assert _lanczos.basis_memory_limit(prob) == prob.memory_limit == 12345
+    big = _validate.validate(layers, np.tile(X, (200, 1)), np.tile(y, (200, 1)), activation="tanh",
+                             curvature="hessian", reduction="mean")
+    assert _hvp.plan_hvp(big, 1, None).batch_size == 256
+    assert _hvp.plan_hvp(big, 1, None, target_batch=_torch_backend.GPU_PLAN["target_batch"]).batch_size == 2048
+
+
+# --------------------------------------------------------------------------------------
+# errors: the same type and message as the C++ backend, arrays or tensors
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("layers", "X", "y", "kwargs"), [pytest.param(*c[1:5], id=c[0]) for c in CASES[::2]])
+def test_bad_input_same_error_as_cpp(layers, X, y, kwargs):
+    v = np.ones(P_L)
+    cpp = _error(lambda: wsb.hvp(layers, X, y, v, backend="cpp", **kwargs))
+    assert _error(lambda: wsb.hvp(layers, X, y, v, backend="torch", **kwargs)) == cpp
+    assert _error(lambda: wsb.hvp(_tensor_layers(layers), _as_tensor(X), _as_tensor(y), torch.from_numpy(v),
+                                  backend="torch", **kwargs)) == cpp
+    assert _error(lambda: wsb.eigsh(layers, X, y, backend="torch", **kwargs)) == \
+        _error(lambda: wsb.eigsh(layers, X, y, backend="cpp", **kwargs))
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), [
+    ({"dtype": "float32"}, ValueError, r"dtype='float32' is not available for the curvature-vector product"),
+    ({"dtype": torch.float32}, ValueError, r"dtype='float32' is not available"),
+    ({"dtype": "float16"}, ValueError, r"dtype must be 'float64' or 'float32'"),
+    ({"dtype": 3}, TypeError, r"dtype"),
+    ({"device": "nonsense"}, ValueError, r"device.*nonsense"),
+    ({"device": 5}, TypeError, r"device"),
+    ({"device": "cuda:99"}, ValueError, r"device.*cuda"),
+])
+@pytest.mark.parametrize("fn", ["hvp", "eigsh"])
+def test_bad_device_dtype(kwargs, exc, match, fn):
+    layers, X, y, _ = _model()
+    args = (np.ones(R.n_params(layers)),) if fn == "hvp" else ()
+    with pytest.raises(exc, match=match):
+        getattr(wsb, fn)(layers, X, y, *args, backend="torch", **kwargs)
+
+
+def test_float64_dtype_accepted_by_every_backend():
+    layers, X, y, _ = _model()
+    v = np.ones(R.n_params(layers))
+    ref = wsb.hvp(layers, X, y, v)
+    for backend, dtype in [("cpp", "float64"), ("numpy", np.float64), ("torch", torch.float64)]:
+        assert _rel(wsb.hvp(layers, X, y, v, backend=backend, dtype=dtype), ref) <= TOL
+
+
+def test_raises_before_any_work(monkeypatch):
+    def boom(*args):  # pragma: no cover - must not run
+        raise AssertionError("the product ran on invalid input")
+
+    monkeypatch.setattr(_torch_backend, "hvp_products", boom)
+    for c in CASES[::5]:
+        with pytest.raises(c[5], match=c[6]):
+            wsb.hvp(c[1], c[2], c[3], np.ones(P_L), backend="torch", **c[4])
+    layers, X, y, _ = _model()
+    with pytest.raises(ValueError, match="v must have shape"):
+        wsb.hvp(layers, X, y, np.ones(3), backend="torch")
+    with pytest.raises(ValueError, match="certify must satisfy"):
+        wsb.bound(layers, X, y, backend="torch", certify=0)
+
+
+def test_not_converged_warning():
+    layers, X, y, spec = _model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wsb.eigsh(layers, X, y, activation=spec.activation_arg(), backend="torch", tol=0.0, maxiter=3)
+    assert any(issubclass(w.category, RuntimeWarning) and "did not reach tol" in str(w.message) for w in caught)
