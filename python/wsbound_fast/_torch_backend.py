@@ -1,8 +1,10 @@
 """torch backend: the streamed algorithm of ``_numpy_backend.py`` on torch tensors (CPU or GPU).
 
-This module is imported only for ``bound(..., backend="torch")``; ``import wsbound_fast``
-never imports torch.  It mirrors ``_numpy_backend.py`` function by function, so the two
-can be read side by side:
+This module is imported only for ``backend="torch"`` (``bound``, ``hvp``, ``eigsh``);
+``import wsbound_fast`` never imports torch.  The curvature-vector product
+(:func:`hvp_products`) does not mirror the NumPy code but runs it: ``_hvp.block_hvp`` is
+written for NumPy arrays and tensors alike.  The moments mirror ``_numpy_backend.py``
+function by function, so the two can be read side by side:
 
 1. :func:`block_features` -- every per-sample quantity of DESIGN.md section 3 for one
    block of samples, and the block's share of tr(H) (same arrays, same names);
@@ -601,9 +603,10 @@ def hvp_products(prob: TorchProblem, k: int, batch_size: int | None) -> Callable
     each block of samples, summed in block order on the device; one copy of the (k', P)
     result to the host per call.  The plan is :func:`~wsbound_fast._hvp.plan_hvp`'s with
     one block at a time within ``memory_limit`` on the device (larger preferred blocks on an
-    accelerator, as for the moments).  The weights are copied to the device once, and so
-    are X and the labels when they take at most ``RESIDENT_DATA_SHARE`` of memory_limit
-    (Lanczos calls the product hundreds of times); otherwise each block is moved when needed.
+    accelerator, as for the moments).  The weights and labels are copied to the device once,
+    and so is X when X and the labels take at most ``RESIDENT_DATA_SHARE`` of memory_limit
+    (Lanczos calls the product hundreds of times); otherwise each block of X is moved when
+    needed.
     """
     target = {"target_batch": GPU_PLAN["target_batch"]} if prob.device.type != "cpu" else {}
     planned = plan_hvp(dataclasses.replace(prob, threads=1, dtype=ACC), k, batch_size, **target)
