@@ -80,9 +80,15 @@ def test_pair_flops_follow_the_cost_model():
     gemm += h * C + (h + 1) + C + h + 2 * h * C  # G_12 Gram, beta_2, gamma_2, sigma' Gram, cross
     gemm += C * C  # <A, A'>
     assert pair_flops([d0, h, C], [True, True], True, False) == 2 * gemm
-    # GGN through C x C blocks: alpha, Psi_1, Psi_2 and three block sums
-    ggn = (d0 + 1) + (h + 1) + C * C * (h + C) + 3 * C * C
+    # structured (docs/structured.md), R = C(C+1)/2 distinct entries of K_1 = W diag(s o s') W^T.
+    R = C * (C + 1) // 2
+    # GGN: alpha_1, alpha_2, K_1 packed; elementwise: unpack + kh, u, v of K_1, three identity terms
+    ggn = (d0 + 1) + (h + 1) + R * h + 4 * C * C + 3 * (C * C + 2 * C)
     assert pair_flops([d0, h, C], [True, True], False, True) == 2 * ggn
+    # Hessian: alphas; s.s', K_1, E, E' (1 + R + 2C rows over h), the three rho Grams, beta_2, gamma_2;
+    # <A, A'> generic; elementwise: K_1's identity terms and the cross terms
+    hess = (d0 + 1) + (h + 1) + (1 + R + 2 * C) * h + 3 * h + (h + 1) + C + C * C + 6 * C * C + 8 * C
+    assert pair_flops([d0, h, C], [True, True], True, True) == 2 * hess
 
 
 @pytest.mark.parametrize("bad, match", [({"n_samples": 0}, "n_samples"), ({"curvature": "x"}, "curvature"),

@@ -55,21 +55,20 @@ void add_dense_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, I
     }
 }
 
-// Vt[l] = Vt[l+1] W_{l+1}, each sample's C rows scaled by sigma'(z_l) column-wise.
-void propagate_vt(const Model& model, BlockFeatures& F, Index l) {
+// Tt[l] = Tt[l+1] W_{l+1}, each sample's C rows scaled by sigma'(z_l) column-wise (T_l = T_{l+1} W_{l+1} D_l).
+void propagate_t(const Model& model, BlockFeatures& F, Index l) {
     const Index C = F.C;
-    F.Vt[l].noalias() = F.Vt[l + 1] * model.W[static_cast<size_t>(l)];
-    for (Index n = 0; n < F.B; ++n) F.Vt[l].middleRows(n * C, C).array().rowwise() *= F.sp[l].row(n).array();
+    F.Tt[l].noalias() = F.Tt[l + 1] * model.W[static_cast<size_t>(l)];
+    for (Index n = 0; n < F.B; ++n) F.Tt[l].middleRows(n * C, C).array().rowwise() *= F.sp[l].row(n).array();
 }
 
-// K(n, n') = sum over the C x C block (n, n') of Pa o Pb, for rows [r0, r0 + rows) of I.
-void block_inner(const RowMat& Pa, const RowMat& Pb, Index C, Index rows, Index cols, RowMat& K) {
-    K.resize(rows, cols);
-    Eigen::RowVectorXd acc(cols * C);
-    for (Index n = 0; n < rows; ++n) {
-        acc.noalias() = (Pa.middleRows(n * C, C).array() * Pb.middleRows(n * C, C).array()).colwise().sum().matrix();
-        K.row(n) = Eigen::Map<const RowMat>(acc.data(), cols, C).rowwise().sum().transpose();
-    }
+// u2 = squared row norms of V = D W^T S (A = S S^T):  u2_k = w s_k^2 (sum_i p_i W_ik^2 - (sum_i p_i W_ik)^2).
+void squared_v_rows(const RowMat& W, BlockFeatures& F, Index l) {
+    const RowMat pw = F.p * W;
+    F.u2.noalias() = F.p * W.array().square().matrix();
+    F.u2.array() -= pw.array().square();
+    F.u2.array() *= F.sp[l].array().square();
+    F.u2.array().colwise() *= F.w.col(0).array();
 }
 
 }  // namespace
@@ -88,7 +87,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     F.Q.assign(nL * nL, RowMat());
     F.X.assign(nL, RowMat());
     F.Y.assign(nL, RowMat());
-    F.Vt.assign(nL, RowMat());
+    F.Tt.assign(nL, RowMat());
     F.rho.resize(0, 0);
     F.u2.resize(0, 0);
     std::vector<RowMat> spp(nL), M(nL);
@@ -118,39 +117,52 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         }
     }
 
-    // Output: p = softmax(z_L), delta_L = w p - y, M_L = w (diag p - p p^T), w = sum(y) (= 1).
+    // Output: p = softmax(z_L), delta_L = w p - y, M_L = A = w (diag p - p p^T), w = sum(y) (= 1).
     const Index C = z.cols();
     const bool ggn_fast = opt.structured && !hessian;
     const bool lowrank = opt.structured && hessian && L >= 2;
     F.C = C;
     F.delta[L].resize(B, C);
+    F.p.resize(B, C);
+    F.w.resize(B, 1);
     M[L].resize(B, C * C);
-    if (ggn_fast || lowrank) F.Vt[L].resize(B * C, C);
-    Eigen::RowVectorXd p(C), q(C);
     for (Index n = 0; n < B; ++n) {
+        auto p = F.p.row(n);
         p = (z.row(n).array() - z.row(n).maxCoeff()).exp().matrix();
         p /= p.sum();
         const double w = Yb.row(n).sum();
+        F.w(n, 0) = w;
         F.delta[L].row(n) = w * p - Yb.row(n);
         MapMat A(M[L].row(n).data(), C, C);
         A.noalias() = -w * p.transpose() * p;
         A.diagonal() += w * p.transpose();
-        if (ggn_fast || lowrank) {  // S^T = sqrt(w) (diag sqrt p - sqrt p p^T)
-            q = p.array().sqrt().matrix();
-            auto St = F.Vt[L].middleRows(n * C, C);
-            St.noalias() = -std::sqrt(w) * q.transpose() * p;
-            St.diagonal() += std::sqrt(w) * q.transpose();
-        }
     }
     if (ggn_fast) {
-        // GGN through V_l: tr(G_ll) share = sum_n |a~_{l-1}|^2 |V_l|_F^2.
-        for (Index l = L - 1; l >= 1; --l) propagate_vt(model, F, l);
+        // GGN through K_l = T_l T_l'^T (docs/structured.md); tr(G_ll) share = sum_n |a~_{l-1}|^2 tr(A T_l T_l^T).
         F.trace.assign(nL, 0.0);
-        for (Index l = 1; l <= L; ++l) {
+        for (Index n = 0; n < B; ++n) {
+            const auto p = F.p.row(n);
+            F.trace[static_cast<size_t>(L)] += F.at[L].row(n).squaredNorm() * F.w(n, 0) * (p.sum() - p.squaredNorm());
+        }
+        if (L < 2) return;
+        const RowMat& WL = model.W[static_cast<size_t>(L - 1)];
+        squared_v_rows(WL, F, L - 1);
+        for (Index n = 0; n < B; ++n) F.trace[static_cast<size_t>(L - 1)] += F.at[L - 1].row(n).squaredNorm() * F.u2.row(n).sum();
+        if (L < 3) return;
+        F.Tt[L - 1].resize(B * C, WL.cols());
+        for (Index n = 0; n < B; ++n) F.Tt[L - 1].middleRows(n * C, C) = WL.array().rowwise() * F.sp[L - 1].row(n).array();
+        for (Index l = L - 2; l >= 1; --l) {
+            propagate_t(model, F, l);
             double t = 0.0;
-            for (Index n = 0; n < B; ++n) t += F.at[l].row(n).squaredNorm() * F.Vt[l].middleRows(n * C, C).squaredNorm();
+            for (Index n = 0; n < B; ++n) {
+                const auto T = F.Tt[l].middleRows(n * C, C);
+                const auto p = F.p.row(n);
+                t += F.at[l].row(n).squaredNorm() * F.w(n, 0) *
+                     ((T.rowwise().squaredNorm().transpose().array() * p.array()).sum() - (p * T).squaredNorm());
+            }
             F.trace[static_cast<size_t>(l)] = t;
         }
+        F.Tt[L - 1] = RowMat();  // K_{L-1} comes from sigma'_{L-1} and W_L (Omega) instead
         return;
     }
 
@@ -161,11 +173,9 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         const Index d_l = Wn.cols(), d_n = Wn.rows();
         g.noalias() = F.delta[l + 1] * Wn;
         F.delta[l] = F.sp[l].cwiseProduct(g);
-        if (lowrank && l == L - 1) {  // M_{L-1} = V V^T + diag(rho)
+        if (lowrank && l == L - 1) {  // M_{L-1} = V V^T + diag(rho), V = D W^T S
             F.rho = spp[l].cwiseProduct(g);
-            propagate_vt(model, F, l);
-            F.u2.resize(B, d_l);
-            for (Index n = 0; n < B; ++n) F.u2.row(n) = F.Vt[l].middleRows(n * C, C).colwise().squaredNorm();
+            squared_v_rows(Wn, F, l);
             if (L == 2) continue;  // nothing below needs the dense d x d matrix
         }
         M[l].resize(B, d_l * d_l);
@@ -185,9 +195,8 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     for (Index l = 1; l <= L; ++l) {
         const Index d = model.d(l);
         double t = 0.0;
-        if (M[l].size() == 0) {  // low-rank M_1 of a one-hidden-layer net: tr = |V|_F^2 + sum(rho)
-            for (Index n = 0; n < B; ++n)
-                t += F.at[l].row(n).squaredNorm() * (F.Vt[l].middleRows(n * C, C).squaredNorm() + F.rho.row(n).sum());
+        if (lowrank && l == L - 1) {  // M_{L-1} = V V^T + diag(rho): tr = |V|_F^2 + sum(rho)
+            for (Index n = 0; n < B; ++n) t += F.at[l].row(n).squaredNorm() * (F.u2.row(n).sum() + F.rho.row(n).sum());
         } else {
             for (Index n = 0; n < B; ++n) t += F.at[l].row(n).squaredNorm() * CMapMat(M[l].row(n).data(), d, d).trace();
         }
@@ -211,7 +220,10 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             }
         }
     }
-    if (lowrank) F.G[F.pair(L - 1, L - 1)] = RowMat();  // contracted through Vt, rho, u2 instead
+    if (lowrank) {  // the (L-1, L-1) and (L-1, L) blocks are contracted through K_{L-1} instead
+        F.G[F.pair(L - 1, L - 1)] = RowMat();
+        F.G[F.pair(L - 1, L)] = RowMat();
+    }
     if (!hessian) return;
 
     // Dense Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1} for m >= l + 2, from Q_{l,l+1} = D_l.
@@ -235,7 +247,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         }
     }
     // Cross-term factors for m = l + 1: X_l = diag(a_l) G_{l,l+1}, Y_l = sigma'_l delta_{l+1}^T.
-    for (Index l = 1; l < L; ++l) {
+    for (Index l = 1; l < (lowrank ? L - 1 : L); ++l) {
         const Index d_l = model.d(l), d_m = model.d(l + 1);
         const RowMat& Gl = F.G[F.pair(l, l + 1)];
         F.X[l].resize(B, d_l * d_m);
@@ -252,56 +264,210 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
 
 namespace {
 
-// Rows of I per chunk of the structured contraction, so that the C x C Gram blocks of one
-// chunk (rows * C x B' * C per layer) stay within a few tens of MB.
-Index chunk_rows(Index B, Index Bp, Index C, Index layers) {
-    const double cap = 4.0e6 / static_cast<double>(std::max<Index>(layers, 1));
-    const auto r = static_cast<Index>(cap / static_cast<double>(C * C * std::max<Index>(Bp, 1)));
-    return std::max<Index>(1, std::min(B, r));
+using RowArr = Eigen::Array<double, 1, Eigen::Dynamic>;
+
+// Omega = [W_i o W_j] for i <= j (i-major), so that (Omega o s_n) s_n'^T packs the C(C+1)/2
+// distinct entries of K_{L-1} = W diag(s_n o s_n') W^T.
+template <class M>
+void make_omega(const RowMat& W, KBuffers<M>& k) {
+    using T = typename M::Scalar;
+    const Index C = W.rows();
+    k.omega.resize(C * (C + 1) / 2, W.cols());
+    Index r = 0;
+    for (Index i = 0; i < C; ++i)
+        for (Index j = i; j < C; ++j) k.omega.row(r++) = W.row(i).cwiseProduct(W.row(j)).template cast<T>();
+    k.wl = W.template cast<T>();
 }
 
-// GGN: out[l,m] = sum_{n,n'} alpha_l beta_m <Psi_l, Psi_m>(n, n'), Psi_l = V_l^T V_l' (C x C).
+// Rows of I whose K-route GEMMs run together (h output rows each over B' columns): enough to
+// amortise the packing of J's operand, few enough for the outputs to stay in cache.
+Index rows_per_gemm(Index h, Index Bp) {
+    return std::max<Index>(1, std::min<Index>(16, 131072 / std::max<Index>(h * Bp, 1)));
+}
+
+// For one sample n of I, the C x C matrices K of its pairs with every n' of J, stored as
+// C*C rows over n' (row i C + j holds K_ij), and what the identity of docs/structured.md
+// needs: kh = p_i p'_j K_ij, u = K p', v = K^T p, c = p^T K p'.  K = I is kept implicit.
+struct KRows {
+    bool identity = false;
+    RowMat k, kh, u, v;
+    RowArr c;
+
+    // K from the packed upper triangle (C(C+1)/2 rows, i-major).
+    void unpack_symmetric(const RowMat& packed, Index r0, Index C) {
+        k.resize(C * C, packed.cols());
+        for (Index i = 0; i < C; ++i)
+            for (Index j = i; j < C; ++j) {
+                k.row(i * C + j) = packed.row(r0++);
+                if (j != i) k.row(j * C + i) = k.row(i * C + j);
+            }
+    }
+    // p: the C probabilities of n; pt: p'^T, (C, B').
+    void prepare(const double* p, const RowMat& pt, Index C) {
+        const Index Bp = pt.cols();
+        if (identity) {
+            u = pt;
+            v.resize(C, Bp);
+            for (Index i = 0; i < C; ++i) v.row(i).setConstant(p[i]);
+            c = (pt.array().colwise() * Eigen::Map<const Eigen::ArrayXd>(p, C)).colwise().sum();
+            return;
+        }
+        kh.resize(C * C, Bp);
+        u.setZero(C, Bp);
+        v.setZero(C, Bp);
+        for (Index i = 0; i < C; ++i)
+            for (Index j = 0; j < C; ++j) {
+                const auto kij = k.row(i * C + j).array();
+                u.row(i).array() += kij * pt.row(j).array();
+                v.row(j).array() += p[i] * kij;
+                kh.row(i * C + j).array() = p[i] * kij * pt.row(j).array();
+            }
+        c = (u.array().colwise() * Eigen::Map<const Eigen::ArrayXd>(p, C)).colwise().sum();
+    }
+};
+
+// tr(A K_a A' K_b^T) / (w w') for every n' (docs/structured.md):
+// sum p_i p'_j Ka_ij Kb_ij - sum_i p_i ua_i ub_i - sum_j p'_j va_j vb_j + ca cb.
+RowArr identity_term(const KRows& a, const KRows& b, const double* p, const RowMat& pt, Index C) {
+    RowArr t = a.c * b.c;
+    if (a.identity || b.identity) {  // only the diagonal of the other (kh of I is diag(p_i p'_i))
+        for (Index i = 0; i < C; ++i) {
+            if (b.identity) {
+                t += a.identity ? (p[i] * pt.row(i).array()).eval() : a.kh.row(i * C + i).array().eval();
+            } else {
+                t += p[i] * pt.row(i).array() * b.k.row(i * C + i).array();
+            }
+        }
+    } else {
+        for (Index q = 0; q < C * C; ++q) t += a.kh.row(q).array() * b.k.row(q).array();
+    }
+    for (Index i = 0; i < C; ++i)
+        t -= p[i] * a.u.row(i).array() * b.u.row(i).array() + pt.row(i).array() * a.v.row(i).array() * b.v.row(i).array();
+    return t;
+}
+
+// GGN (docs/structured.md): out[l,m] = sum_{n,n'} alpha_l alpha_m w w' tr(A K_l A' K_m^T),
+// K_L = I, K_{L-1} from (Omega o s_n) s_n'^T, K_l = T_l T_l'^T (l <= L - 2).
 template <class M>
 void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s, double* out) {
     const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B;
-    s.alphas.resize(static_cast<size_t>(L + 1));
-    s.psi.resize(static_cast<size_t>(L + 1));
+    const auto nL = static_cast<size_t>(L + 1);
+    s.alphas.resize(nL);
     for (Index l = 1; l <= L; ++l) product(I.at[l], J.at[l].transpose(), s.alphas[static_cast<size_t>(l)], s);
-    const Index step = chunk_rows(B, Bp, C, L);
-    for (Index r0 = 0; r0 < B; r0 += step) {
-        const Index rows = std::min(step, B - r0);
-        for (Index l = 1; l <= L; ++l)
-            product(I.Vt[l].middleRows(r0 * C, rows * C), J.Vt[l].transpose(), s.psi[static_cast<size_t>(l)], s);
-        for (Index l = 1; l <= L; ++l) {
-            const auto al = s.alphas[static_cast<size_t>(l)].middleRows(r0, rows).array();
-            for (Index m = l; m <= L; ++m) {
-                block_inner(s.psi[static_cast<size_t>(l)], s.psi[static_cast<size_t>(m)], C, rows, Bp, s.gram);
-                const auto bm = s.alphas[static_cast<size_t>(m)].middleRows(r0, rows).array();
-                out[I.pair(l, m)] += (al * bm * s.gram.array()).sum();
+    KBuffers<M>& kb = s.template kbuf<M>();
+    if (L >= 2) make_omega(model.W[static_cast<size_t>(L - 1)], kb);
+    kb.tj.resize(nL);
+    for (Index l = 1; l + 2 <= L; ++l) {  // class-major copy of J's T_l: row j B' + n'
+        M& tj = kb.tj[static_cast<size_t>(l)];
+        tj.resize(C * Bp, model.d(l));
+        for (Index j = 0; j < C; ++j)
+            for (Index k = 0; k < Bp; ++k) tj.row(j * Bp + k) = J.Tt[l].row(k * C + j);
+    }
+    s.pt = J.p.transpose();
+    std::vector<KRows> lev(nL);
+    lev[static_cast<size_t>(L)].identity = true;
+    const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, Bp);
+    s.kt.resize(nL);
+    for (Index n = 0; n < B; ++n) {
+        const Index nl = n % step, rows = std::min(step, B - (n - nl));
+        if (nl == 0) {  // the GEMMs for rows [n, n + rows) of I
+            if (L >= 2) {
+                kb.left.resize(rows * R, model.d(L - 1));
+                for (Index r = 0; r < rows; ++r)
+                    kb.left.middleRows(r * R, R) = kb.omega.array().rowwise() * I.sp[L - 1].row(n + r).array();
+                product(kb.left, J.sp[L - 1].transpose(), s.k1, s);
             }
+            for (Index l = 1; l + 2 <= L; ++l)  // (rows C, d_l) x (d_l, C B'): row r C + i, column j B' + n'
+                product(I.Tt[l].middleRows(n * C, rows * C), kb.tj[static_cast<size_t>(l)].transpose(),
+                        s.kt[static_cast<size_t>(l)], s);
+        }
+        const double* p = I.p.row(n).data();
+        for (Index l = 1; l <= L; ++l) {
+            KRows& K = lev[static_cast<size_t>(l)];
+            if (l == L - 1) {
+                K.unpack_symmetric(s.k1, nl * R, C);
+            } else if (l + 2 <= L) {
+                K.k = Eigen::Map<const RowMat>(s.kt[static_cast<size_t>(l)].row(nl * C).data(), C * C, Bp);
+            }
+            K.prepare(p, s.pt, C);
+        }
+        const RowArr ww = I.w(n, 0) * J.w.col(0).transpose().array();
+        for (Index l = 1; l <= L; ++l) {
+            const auto al = s.alphas[static_cast<size_t>(l)].row(n).array();
+            for (Index m = l; m <= L; ++m)
+                out[I.pair(l, m)] += (al * s.alphas[static_cast<size_t>(m)].row(n).array() * ww *
+                                      identity_term(lev[static_cast<size_t>(l)], lev[static_cast<size_t>(m)], p, s.pt, C))
+                                         .sum();
         }
     }
 }
 
-// Hessian, l = m = L - 1 with M = V V^T + diag(rho):
-// <M, M'> = |V^T V'|_F^2 + sum_k rho'_k |V_k|^2 + sum_k rho_k |V'_k|^2 + rho . rho'.
+// Hessian, the blocks (L-1, L-1) and (L-1, L) through K = K_{L-1} (docs/structured.md);
+// alpha is the Gram of a~_{L-2}.
 template <class M>
-double lowrank_diag_term(const FeaturesOf<M>& I, const FeaturesOf<M>& J, Index l, PairScratch& s) {
-    const Index C = I.C, B = I.B, Bp = J.B;
+void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, const RowMat& alpha,
+                     PairScratch& s, double& out_ll, double& out_lm) {
+    const Index L = model.n_layers(), C = I.C, B = I.B, d = model.d(L - 1), R = C * (C + 1) / 2;
+    product(I.at[L], J.at[L].transpose(), s.beta, s);
+    product(I.delta[L], J.delta[L].transpose(), s.gram, s);  // gamma
     product(I.u2, J.rho.transpose(), s.inner, s);
     product(I.rho, J.u2.transpose(), s.inner, s, true);
     product(I.rho, J.rho.transpose(), s.inner, s, true);
-    s.psi.resize(1);
-    double total = 0.0;
-    const Index step = chunk_rows(B, Bp, C, 1);
-    for (Index r0 = 0; r0 < B; r0 += step) {
-        const Index rows = std::min(step, B - r0);
-        product(I.Vt[l].middleRows(r0 * C, rows * C), J.Vt[l].transpose(), s.psi[0], s);
-        block_inner(s.psi[0], s.psi[0], C, rows, Bp, s.gram);
-        total += (s.alpha.middleRows(r0, rows).array().square() *
-                  (s.gram.array() + s.inner.middleRows(r0, rows).array())).sum();
+    KBuffers<M>& kb = s.template kbuf<M>();
+    make_omega(model.W[static_cast<size_t>(L - 1)], kb);
+    const M& sI = I.sp[L - 1];
+    const M& sJ = J.sp[L - 1];
+    kb.sa_j = sJ.cwiseProduct(J.at[L].leftCols(d));
+    s.pt = J.p.transpose();
+    s.dt = J.delta[L].transpose().template cast<double>();
+    const RowArr wJ = J.w.col(0).transpose().array();
+    KRows K, E;
+    E.identity = true;
+    const Index H = 1 + R + C, step = rows_per_gemm(H, J.B);
+    double ll = 0.0, lm = 0.0;
+    for (Index n = 0; n < B; ++n) {
+        const Index nl = n % step;
+        if (nl == 0) {
+            // per row r of I: s_r (-> s.s'), Omega o s_r (-> K packed), W o s_r o a_r (-> E), each against s';
+            // then W o s_r against s' o a' (-> E')
+            const Index rows = std::min(step, B - n);
+            kb.left.resize(rows * H, d);
+            kb.left2.resize(rows * C, d);
+            for (Index r = 0; r < rows; ++r) {
+                const auto sr = sI.row(n + r).array();
+                kb.left.row(r * H) = sI.row(n + r);
+                kb.left.middleRows(r * H + 1, R) = kb.omega.array().rowwise() * sr;
+                kb.left.middleRows(r * H + 1 + R, C) = kb.wl.array().rowwise() * (sr * I.at[L].row(n + r).head(d).array());
+                kb.left2.middleRows(r * C, C) = kb.wl.array().rowwise() * sr;
+            }
+            product(kb.left, sJ.transpose(), s.k1, s);
+            product(kb.left2, kb.sa_j.transpose(), s.k2, s);
+        }
+        const Index base = nl * H;
+        const double* p = I.p.row(n).data();
+        const double w = I.w(n, 0);
+        K.unpack_symmetric(s.k1, base + 1, C);
+        K.prepare(p, s.pt, C);
+        E.prepare(p, s.pt, C);
+        const RowArr t4 = identity_term(K, K, p, s.pt, C), t2 = identity_term(K, E, p, s.pt, C);
+        // cross terms: w sum_i p_i (delta'_i - p.delta') E_i and w' sum_i p'_i (delta_i - p'.delta) E'_i
+        RowArr pd = RowArr::Zero(s.pt.cols()), pd2 = pd, c1 = pd, c2 = pd;
+        for (Index i = 0; i < C; ++i) {
+            const double di = static_cast<double>(I.delta[L](n, i));
+            pd += p[i] * s.dt.row(i).array();
+            pd2 += di * s.pt.row(i).array();
+        }
+        for (Index i = 0; i < C; ++i) {
+            const double di = static_cast<double>(I.delta[L](n, i));
+            c1 += p[i] * (s.dt.row(i).array() - pd) * s.k1.row(base + 1 + R + i).array();
+            c2 += s.pt.row(i).array() * (di - pd2) * s.k2.row(nl * C + i).array();
+        }
+        const auto a = alpha.row(n).array();
+        ll += (a * a * (w * wJ * t4 + s.inner.row(n).array())).sum();
+        lm += (a * (s.beta.row(n).array() * w * wJ * t2 + s.gram.row(n).array() * s.k1.row(base).array() + w * c1 + wJ * c2)).sum();
     }
-    return total;
+    out_ll = ll;
+    out_lm = lm;
 }
 
 }  // namespace
@@ -318,12 +484,12 @@ void pair_sum(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J
     const bool lowrank = opt.structured && L >= 2;
     for (Index l = 1; l <= L; ++l) {
         product(I.at[l], J.at[l].transpose(), s.alpha, s);
+        if (lowrank && l == L - 1) {
+            k_route_hessian(model, I, J, s.alpha, s, out[I.pair(l, l)], out[I.pair(l, L)]);
+            continue;
+        }
         for (Index m = l; m <= L; ++m) {
             const Index p = I.pair(l, m);
-            if (l == m && lowrank && l == L - 1) {
-                out[p] = lowrank_diag_term(I, J, l, s);
-                continue;
-            }
             product(I.G[p], J.G[p].transpose(), s.gram, s);
             if (l == m) {
                 out[p] = (s.alpha.array().square() * s.gram.array()).sum();
@@ -374,7 +540,9 @@ void to_single(BlockFeatures& F, BlockFeaturesF& out) {
     cast_all(F.Q, out.Q);
     cast_all(F.X, out.X);
     cast_all(F.Y, out.Y);
-    cast_all(F.Vt, out.Vt);
+    cast_all(F.Tt, out.Tt);
+    out.p = F.p;
+    out.w = F.w;
     out.rho = F.rho.cast<float>();
     out.u2 = F.u2.cast<float>();
     F.rho = RowMat();

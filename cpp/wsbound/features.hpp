@@ -4,6 +4,7 @@
 
 #include "model.hpp"
 
+#include <type_traits>
 #include <vector>
 
 namespace wsb {
@@ -25,14 +26,13 @@ struct FeaturesOf {
     std::vector<M> Q;      // Q[pair(l,m)]: dense Q_lm flattened, (B, d_{m-1} d_l), l < m - 1
     std::vector<M> X;      // X[l]: a_l (row-scaled) G_{l,l+1}, (B, d_l d_{l+1})
     std::vector<M> Y;      // Y[l]: sigma'_l outer delta_{l+1}, (B, d_l d_{l+1})
-    // Structured path.  A = S S^T (S = sqrt(w) (diag sqrt p - p sqrt p^T)), V_L = S,
-    // V_l = D_l W_{l+1}^T V_{l+1} (so the GGN block G_lm = V_l V_m^T and, for the Hessian,
-    // M_{L-1} = V_{L-1} V_{L-1}^T + diag(rho)).  Vt[l] stacks the per-sample V_l^T:
-    // rows n C .. n C + C - 1 belong to sample n, (B C, d_l).
+    // Structured path (docs/structured.md).  K_l = T_l T_l'^T with T_l = dz_L/dz_l (C x d_l).
     Index C = 0;
-    std::vector<M> Vt;     // GGN: every l; Hessian: l = L - 1 only
+    RowMat p;              // softmax(z_L), (B, C), always float64 (the O(C^2) identity)
+    RowMat w;              // label weight w = sum(y) per sample, (B, 1)
+    std::vector<M> Tt;     // GGN: Tt[l] stacks T_l, rows n C .. n C + C - 1 for sample n, (B C, d_l), l <= L - 2
     M rho;                 // Hessian: sigma''(z_{L-1}) * g_{L-1}, (B, d_{L-1})
-    M u2;                  // Hessian: squared row norms of V_{L-1}, (B, d_{L-1})
+    M u2;                  // squared row norms of V_{L-1} = D W_L^T S, (B, d_{L-1})
     std::vector<double> trace;  // trace[l]: sum over the block of |a~_{l-1}|^2 tr(M_l) (= its share of tr H^{ll})
 
     Index pair(Index l, Index m) const { return l * (L + 1) + m; }
@@ -47,11 +47,33 @@ void to_single(BlockFeatures& F, BlockFeaturesF& out);
 void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, const Options& opt,
                     BlockFeatures& out);
 
+// Operands of the K route (docs/structured.md) in the precision of the Gram products.
+template <class M>
+struct KBuffers {
+    M omega;       // W_i o W_j (i <= j, i-major), (C(C+1)/2, d_{L-1})
+    M wl;          // W_L, (C, d_{L-1})
+    M left, left2;  // per sample n of I: rows scaled by s_n (and s_n o a_n), (., d_{L-1})
+    M sa_j;        // s o a_{L-1} of every sample of J, (B', d_{L-1})
+    std::vector<M> tj;  // T_l of J stacked class-major: row j B' + n', (C B', d_l)
+};
+
 // Scratch for pair_sum, reused across block pairs by one thread (no allocation once warm).
 struct PairScratch {
     RowMat alpha, beta, gram, inner, p2, z;
-    RowMatF single;                   // float32 products before they are widened to float64
-    std::vector<RowMat> alphas, psi;  // structured path: Gram of each layer's inputs, C x C blocks
+    RowMatF single;                    // float32 products before they are widened to float64
+    std::vector<RowMat> alphas;       // structured path: Gram of each layer's inputs
+    RowMat k1, k2, pt, dt;            // K route: GEMM outputs over n'; p^T and delta^T of J
+    std::vector<RowMat> kt;           // K route (GGN): Grams of T_l for a few rows of I
+    KBuffers<RowMat> kd;
+    KBuffers<RowMatF> kf;
+    template <class M>
+    KBuffers<M>& kbuf() {
+        if constexpr (std::is_same_v<M, RowMat>) {
+            return kd;
+        } else {
+            return kf;
+        }
+    }
 };
 
 // out[pair(l, m)] = sum over n in I, n' in J of kappa_lm(n, n') for l <= m: the block pair's

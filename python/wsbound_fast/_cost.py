@@ -5,20 +5,22 @@ feature value: ``pair_flops`` counts them (2 flops each).  ``feature_doubles`` i
 float64 storage of one sample's features.  Both depend on the contraction path:
 
 - generic: dense G_lm = T_ml^T M_m blocks (and dense Q_lm, cross factors for the Hessian);
-- structured: the GGN through C x C Gram blocks of V_l = T_{L,l}^T S (A = S S^T), and for
-  the Hessian M_{L-1} = V V^T + diag(rho) (C-rank plus diagonal) for the (L-1, L-1) block.
+- structured (docs/structured.md): the curvature blocks that touch A = w (diag p - p p^T)
+  through the C x C matrices K_l = T_l T_l'^T and an O(C^2) identity per sample pair: the
+  whole GGN, and the Hessian's (L-1, L-1) and (L-1, L) blocks (M_{L-1} = V V^T + diag(rho)).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-#: Relative cost of a memory-bound elementwise multiply-add against one inside a GEMM,
-#: used only to choose a path.
-_ELEMENTWISE_WEIGHT = 4.0
-#: The structured path's GEMMs are short (inner dimension d_l rather than d_l d_m) and run
-#: at a lower rate, so it is chosen only when it saves at least this fraction of the work.
-_STRUCTURED_MAX_RATIO = 0.6
+#: Relative cost of an elementwise multiply-add (vectorised over n', outside a GEMM) against
+#: one inside a GEMM, used only to choose a path (fitted on this machine: 64-16-10 ... 64-512-10,
+#: depths 2-4, C = 3 ... 100, both curvatures; bench/calibrate_paths.py).
+_ELEMENTWISE_WEIGHT = 2.5
+#: The structured path is chosen only when its weighted cost is below this fraction of the
+#: generic one (its GEMMs are shorter; near a tie the generic path is the safer choice).
+_STRUCTURED_MAX_RATIO = 0.85
 
 
 def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool) -> tuple[float, float]:
@@ -27,21 +29,26 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
     d = dims
     aug = [0] + [d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1)]
     C = d[L]
+    R = C * (C + 1) // 2  # distinct entries of the symmetric K_{L-1}
     gemm = float(sum(aug[1:]))  # alpha_l
     elem = 0.0
-    if structured and not hessian:
-        gemm += C * C * sum(d[1:])  # Psi_l = V_l^T V_l'
-        elem += C * C * L * (L + 1) / 2  # <Psi_l, Psi_m> block sums
+    if structured and not hessian:  # docs/structured.md: K_l for every l, O(C^2) identity per (l, m)
+        if L >= 2:
+            gemm += R * d[L - 1]
+            elem += 4 * C * C  # unpack K_{L-1}, then kh, u, v
+        gemm += C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
+        elem += 3 * C * C * max(L - 2, 0) + (C * C + 2 * C) * L * (L + 1) / 2
         return gemm, elem
     lowrank = structured and L >= 2
     for l in range(1, L + 1):
         for m in range(l, L + 1):
+            if lowrank and l == L - 1:
+                if m == l:  # (L-1, L-1) and (L-1, L) together through K_{L-1}
+                    gemm += (1 + R + 2 * C) * d[l] + 3 * d[l] + aug[L] + C
+                    elem += 6 * C * C + 8 * C
+                continue
             if l == m:
-                if lowrank and l == L - 1:
-                    gemm += C * C * d[l] + 3 * d[l]
-                    elem += C * C
-                else:
-                    gemm += d[l] * d[m]
+                gemm += d[l] * d[m]
                 continue
             gemm += d[l] * d[m] + aug[m]  # G Gram, beta
             if hessian:
@@ -77,22 +84,23 @@ def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool
     d = dims
     C = d[L]
     f = sum(d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1))  # augmented inputs
-    if structured and not hessian:
-        return f + C * sum(d[1:])  # V_l^T stacks
+    if structured and not hessian:  # sigma', delta, p, w and the stacked T_l for l <= L - 2
+        return f + 2 * sum(d[1:]) + C + 1 + C * sum(d[1:L - 1])
     f += 2 * sum(d[1:])  # delta and sigma'
     f += sum(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))  # G blocks
     if hessian:
         f += sum(d[m - 1] * d[l] for l in range(1, L + 1) for m in range(l + 2, L + 1))  # dense Q
         f += 2 * sum(d[l] * d[l + 1] for l in range(1, L))  # cross-term factors
-        if structured and L >= 2:
-            f += (C + 2) * d[L - 1] - d[L - 1] ** 2  # V, rho, u2 instead of dense M_{L-1}
+        if structured and L >= 2:  # rho, u, p, w instead of G_{L-1,L-1}, G_{L-1,L} and its cross factors
+            f += 2 * d[L - 1] + C + 1 - d[L - 1] ** 2 - 3 * d[L - 1] * C
     return f
 
 
 def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool) -> int:
-    """Float64 scratch of one thread contracting a block pair (the structured path's C x C
-    Gram blocks are computed in row chunks of at most about 4e6 values)."""
+    """Float64 scratch of one thread contracting a block pair (the structured path's GEMM
+    outputs cover at most 16 rows of the first block, about 131072 values per product)."""
     L = len(dims) - 1
+    C = dims[-1]
     widest = max(dims[1:-1], default=0) if hessian and L > 2 else 0
-    psi = min(4_000_000, L * (batch * dims[-1]) ** 2) if structured else 0
-    return batch * batch * (8 + widest) + psi
+    k_route = (4 * C * C + 2 * C) * batch + 3 * 131072 * max(1, L - 1) if structured else 0
+    return batch * batch * (8 + widest) + k_route
