@@ -96,6 +96,27 @@ def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool
     return f
 
 
+def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float:
+    """Flops (2 per multiply-add) of one sample's features (forward and backward pass, the
+    curvature blocks the path keeps); used to decide how many blocks' features to cache."""
+    L = len(dims) - 1
+    d = dims
+    C = d[L]
+    ma = float(sum(d[l - 1] * d[l] for l in range(1, L + 1)))  # forward
+    if structured and not hessian:
+        ma += C * sum(d[l] * d[l + 1] for l in range(1, L - 1)) + 2 * C * d[L - 1] * (L >= 2)
+        return 2.0 * ma
+    lowrank = structured and L >= 2
+    for l in range(L - 1, 0, -1):
+        ma += d[l] * d[l + 1]  # g_l
+        if not (lowrank and l == L - 1 and L == 2):
+            ma += d[l + 1] ** 2 * d[l] + d[l + 1] * d[l] ** 2  # M_l
+        ma += sum(d[l + 1] * d[l] * d[m] for m in range(l + 1, L + 1))  # G_{l,m}
+        if hessian:
+            ma += sum(d[m - 1] * d[m - 2] * d[l] for m in range(l + 3, L + 1)) + 2 * d[l] * d[l + 1]  # Q, X, Y
+    return 2.0 * ma
+
+
 def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool) -> int:
     """Float64 scratch of one thread contracting a block pair (the structured path's GEMM
     outputs cover at most 16 rows of the first block, about 131072 values per product)."""

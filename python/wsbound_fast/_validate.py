@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._activations import ACTIVATIONS, Activation
-from ._cost import choose_structured, feature_doubles, pair_flops, pair_scratch_doubles
+from ._cost import choose_structured, feature_doubles, feature_flops, pair_flops, pair_scratch_doubles
 
 CURVATURES = ("hessian", "ggn")
 REDUCTIONS = ("mean", "sum")
@@ -36,6 +36,11 @@ _TARGET_BATCH = 256
 #: honoured within about a second (one core does 1.6e10 flops in ~0.4 s here); smaller
 #: blocks make the Gram GEMMs short and slow (deep nets: batch 38 at 4e9, 84 at 1.6e10).
 _MAX_PAIR_FLOPS = 1.6e10
+#: Smallest block the planner splits N into to give every thread block pairs.
+_MIN_BATCH = 32
+#: Blocks of features cached at once: enough that recomputing the features of the other
+#: groups costs at most 1/_RECOMPUTE_FACTOR of the pair phase.
+_RECOMPUTE_FACTOR = 50.0
 
 
 @dataclass(frozen=True)
@@ -293,6 +298,8 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
         flops = pair_flops(dims, has_bias, hessian, structured)
         target = min(target_batch, max(8, int(math.sqrt(max_pair_flops / flops))))
         n_blocks = max(1, math.ceil(n_samples / target))
+        if threads > 1:  # enough block pairs to keep every thread busy (small N)
+            n_blocks = max(n_blocks, min(2 * threads, math.ceil(n_samples / _MIN_BATCH)))
         batch = math.ceil(n_samples / n_blocks)
         # Shrink until two blocks of features and the pair scratch of every thread take at most
         # half the budget; the other half caches features of further blocks.
@@ -302,8 +309,12 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
         batch = min(batch_size, n_samples)
     n_blocks = math.ceil(n_samples / batch)
     spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian, structured)
-    group = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
-    return batch, int(group)
+    fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
+    # Cache no more blocks than it takes to keep the recomputation of features below ~2 % of
+    # the pair phase (and the threads busy), so that memory stays flat in N beyond that.
+    ratio = feature_flops(dims, hessian, structured) / pair_flops(dims, has_bias, hessian, structured)
+    useful = max(2 * threads, math.ceil(_RECOMPUTE_FACTOR * ratio / batch))
+    return batch, int(min(fits, useful))
 
 
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
