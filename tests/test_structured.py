@@ -85,15 +85,17 @@ def test_k_route_features(spec, refs):
     np.testing.assert_allclose(gkro.trace, ggen.trace, rtol=1e-12)
 
 
-@pytest.mark.parametrize("values", [1.0, 300.0])
+@pytest.mark.parametrize(("scratch", "values"), [(1.0, 1.0), (400.0, 150.0), (4e6, 1.0)])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("spec", DEEP, ids=lambda s: "-".join(map(str, s.dims)))
-def test_k_route_chunks(spec, curvature, values, refs, monkeypatch):
-    """Cutting the block pairs into chunks of single pairs (or a few rows and columns) leaves
-    the NumPy K route's sums unchanged (the test models fit one chunk otherwise)."""
+def test_k_route_chunks(spec, curvature, scratch, values, refs, monkeypatch):
+    """Cutting the block pairs into chunks (GEMMs) and sub-chunks (elementwise work) of single
+    pairs, or of a few rows and columns, leaves the NumPy K route's sums unchanged (the test
+    models fit one chunk otherwise)."""
     layers, X, y = refs.model(spec)
     whole = _moments(spec, layers, X, y, curvature, "numpy", True, 4)
-    monkeypatch.setattr(nb, "_CHUNK_VALUES", values)
+    monkeypatch.setattr(nb, "_SCRATCH_VALUES", scratch)  # GEMM outputs of a chunk
+    monkeypatch.setattr(nb, "_CHUNK_VALUES", values)  # elementwise sub-chunks
     chunked = _moments(spec, layers, X, y, curvature, "numpy", True, 4)
     np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-12, atol=1e-14 * np.abs(whole[1]).max())
     np.testing.assert_array_equal(chunked[0], whole[0])

@@ -81,17 +81,18 @@ def test_validate_torch_keeps_structured_choice():
         assert a.trace_sq == pytest.approx(b.trace_sq, rel=1e-11)
 
 
-@pytest.mark.parametrize("values", [1.0, 300.0])
+@pytest.mark.parametrize(("scratch", "values"), [(1.0, 1.0), (400.0, 150.0), (4e6, 1.0)])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
-def test_k_route_chunks(spec, curvature, values, refs, monkeypatch):
-    """The torch K route cut into chunks of single pairs (or a few rows and columns; the test
-    models fit one chunk otherwise) still equals the C++ core."""
+def test_k_route_chunks(spec, curvature, scratch, values, refs, monkeypatch):
+    """The torch K route cut into chunks (GEMMs) and sub-chunks (elementwise work) of single pairs,
+    or of a few rows and columns (the test models fit one chunk otherwise), still equals the C++ core."""
     from wsbound_fast import _numpy_backend
 
     layers, X, y = refs.model(spec)
     prob = _tprob(spec, layers, X, y, curvature, 4, True)
-    monkeypatch.setattr(_numpy_backend, "_CHUNK_VALUES", values)
+    monkeypatch.setattr(_torch_backend, "_SCRATCH_VALUES", scratch)  # GEMM outputs of a chunk
+    monkeypatch.setattr(_numpy_backend, "_CHUNK_VALUES", values)  # elementwise sub-chunks
     t_t, b_t = _torch_backend.moments(prob)
     t_c, b_c = api._moments_cpp(prob)
     np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * np.abs(b_c).max())

@@ -176,8 +176,10 @@ def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray)
     return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
 
 
-#: Values the temporaries of one chunk of the K route may hold: the cost model budgets 4e6
-#: (_cost.pair_scratch_doubles); on a CPU about a million stay in cache and run faster.
+#: Values that the temporaries of the K route may hold at once: the GEMM outputs of a chunk
+#: of pairs within the 4e6 that the cost model budgets (_cost.pair_scratch_doubles), the
+#: elementwise work on them in sub-chunks of about a million values, which stay in cache.
+#: (Few large GEMMs: each call of a multithreaded BLAS costs a wake-up of its threads.)
 _SCRATCH_VALUES = 4.0e6
 _CHUNK_VALUES = 1.0e6
 
@@ -192,7 +194,12 @@ def _pair_chunks(B: int, Bp: int, per_pair: int, per_row: int = 0,
     rows = max(1, min(B, int(budget // (per_pair * cols + per_row))))
     for r0 in range(0, B, rows):
         for c0 in range(0, Bp, cols):
-            yield slice(r0, r0 + rows), slice(c0, c0 + cols)
+            yield slice(r0, min(B, r0 + rows)), slice(c0, min(Bp, c0 + cols))
+
+
+def _within(outer: slice, inner: slice) -> slice:
+    """The block pair's indices of the sub-chunk ``inner`` of the chunk ``outer``."""
+    return slice(outer.start + inner.start, outer.start + inner.stop)
 
 
 # The K route (docs/structured.md).  Per chunk of pairs (r rows n of I, c columns n' of J)
@@ -228,10 +235,15 @@ def _unpack(packed: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def _t_gram(TI: np.ndarray, TJ: np.ndarray) -> np.ndarray:
-    """K[n, i, j, n'] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, C, c)."""
+    """G[n, i, n', j] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, c, C);
+    K of a sub-chunk is _t_layout(G[rows, :, cols])."""
     r, C, d = TI.shape
-    K = (TI.reshape(r * C, d) @ TJ.reshape(-1, d).T).reshape(r, C, TJ.shape[0], C)
-    return np.ascontiguousarray(K.transpose(0, 1, 3, 2))
+    return (TI.reshape(r * C, d) @ TJ.reshape(-1, d).T).reshape(r, C, TJ.shape[0], C)
+
+
+def _t_layout(G: np.ndarray) -> np.ndarray:
+    """K (r, C, C, c) from _t_gram's (r, C, c, C)."""
+    return np.ascontiguousarray(G.transpose(0, 1, 3, 2))
 
 
 class _KTerms(NamedTuple):
@@ -279,23 +291,25 @@ def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.nda
     alphas = {l: FI.at[l] @ FJ.at[l].T for l in range(1, L + 1)}
     ww = np.outer(FI.w, FJ.w)
     pp = FI.p @ FJ.p.T
-    B, C = FI.p.shape
-    omega, pos = _omega(FI.W, ones_row=False)  # (unused when L = 1: K_L = I only)
-    per_pair = omega.shape[0] + (2 * L - 1) * C * C + 8 * L * C
-    for rows, cols in _pair_chunks(B, FJ.p.shape[0], per_pair, omega.size):
-        pI, pJT = FI.p[rows], FJ.p[cols].T
-        terms = {L: _identity_terms(pI, pJT, pp[rows, cols])}
-        for l in range(1, L):
-            if l == L - 1:
-                K = _unpack(_stacked_gram(omega[None, :, :] * FI.sp[l][rows, None, :], FJ.sp[l][cols]), pos)
-            else:
-                K = _t_gram(FI.T[l][rows], FJ.T[l][cols])
-            terms[l] = _k_terms(K, pI, pJT)
-        weight = ww[rows, cols]
-        for l in range(1, L + 1):
-            for m in range(l, L + 1):
-                tr = _tr_akak(pI, pJT, terms[l], terms[m])
-                out[l - 1, m - 1] += np.sum(alphas[l][rows, cols] * alphas[m][rows, cols] * weight * tr)
+    (B, C), Bp = FI.p.shape, FJ.p.shape[0]
+    omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
+    gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
+    per_pair = (2 * L - 1) * C * C + 8 * L * C
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.size, _SCRATCH_VALUES):
+        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
+        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            pI, pJT = FI.p[rr], FJ.p[cc].T
+            terms = {L: _identity_terms(pI, pJT, pp[rr, cc])}
+            for l in range(1, L):
+                K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
+                terms[l] = _k_terms(K, pI, pJT)
+            weight = ww[rr, cc]
+            for l in range(1, L + 1):
+                for m in range(l, L + 1):
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m])
+                    out[l - 1, m - 1] += np.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
 
@@ -323,24 +337,28 @@ def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[float,
     n_k = omega.shape[0]
     omega = np.vstack([omega, W])
     total = np.zeros(2)
-    per_pair = omega.shape[0] + 3 * C * C + 16 * C
-    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], per_pair, omega.size + C * d):
-        pI, pJT = FI.p[rows], FJ.p[cols].T
+    per_pair = 3 * C * C + 16 * C
+    gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.size + C * d  # [s . s'; K; E] and E', their left sides
+    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, _SCRATCH_VALUES):
         YI = omega[None, :, :] * sI[rows, None, :]
         YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
-        R = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
-        k = _k_terms(_unpack(R, pos), pI, pJT)
-        t_kk = _tr_akak(pI, pJT, k, k)
-        t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rows, cols]))
-        E = R[:, n_k:, :]
-        cross = FI.w[rows, None] * (np.einsum("aib,ai->ab", E * FJ.delta[L][cols].T, pI)
-                                    - p_dJ[rows, cols] * np.einsum("aib,ai->ab", E, pI))
-        Ep = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
-        cross += FJ.w[None, cols] * (np.einsum("aib,ib->ab", Ep * FI.delta[L][rows, :, None], pJT)
-                                     - dI_p[rows, cols] * np.einsum("aib,ib->ab", Ep, pJT))
-        a, w2 = alpha[rows, cols], ww[rows, cols]
-        total[0] += np.sum(a * a * (w2 * t_kk + inner[rows, cols]))
-        total[1] += np.sum(a * (beta[rows, cols] * w2 * t_ki + gamma[rows, cols] * R[:, 0, :] + cross))
+        R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
+        Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
+            pI, pJT = FI.p[rr], FJ.p[cc].T
+            k = _k_terms(_unpack(R, pos), pI, pJT)
+            t_kk = _tr_akak(pI, pJT, k, k)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc]))
+            E = R[:, n_k:, :]
+            cross = FI.w[rr, None] * (np.einsum("aib,ai->ab", E * FJ.delta[L][cc].T, pI)
+                                      - p_dJ[rr, cc] * np.einsum("aib,ai->ab", E, pI))
+            cross += FJ.w[None, cc] * (np.einsum("aib,ib->ab", Ep * FI.delta[L][rr, :, None], pJT)
+                                       - dI_p[rr, cc] * np.einsum("aib,ib->ab", Ep, pJT))
+            a, w2 = alpha[rr, cc], ww[rr, cc]
+            total[0] += np.sum(a * a * (w2 * t_kk + inner[rr, cc]))
+            total[1] += np.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
     return float(total[0]), float(total[1])
 
 

@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError("backend='torch' needs PyTorch (pip install torch, or the wsbound_fast[torch] extra)") from exc
 
 from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activation
-from ._numpy_backend import _SCRATCH_VALUES, _pair_chunks
+from ._numpy_backend import _SCRATCH_VALUES, _pair_chunks, _within
 from ._validate import Problem, default_memory_limit, plan_blocks, validate
 
 #: Accepted ``dtype=`` values (strings, or the torch dtypes themselves).
@@ -437,8 +437,8 @@ def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch
 
 
 def _chunk_budget(device: torch.device) -> float | None:
-    """Values per chunk of pairs: the NumPy backend's on the CPU (sized for its caches); on an
-    accelerator all the cost model allows, for fewer and larger kernels."""
+    """Values per sub-chunk of the elementwise work: the NumPy backend's on the CPU (sized for
+    its caches); on an accelerator all the cost model allows, for fewer and larger kernels."""
     return None if device.type == "cpu" else _SCRATCH_VALUES
 
 
@@ -467,11 +467,16 @@ def _unpack(packed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def _t_gram(TI: torch.Tensor, TJ: torch.Tensor) -> torch.Tensor:
-    """K[n, i, j, n'] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, C, c),
-    the GEMM in the compute dtype, K in the accumulation dtype."""
+    """G[n, i, n', j] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, c, C),
+    the GEMM in the compute dtype, G in the accumulation dtype; K of a sub-chunk is
+    _t_layout(G[rows, :, cols])."""
     r, C, d = TI.shape
-    K = _gram(TI.reshape(r * C, d), TJ.reshape(-1, d)).reshape(r, C, TJ.shape[0], C)
-    return K.permute(0, 1, 3, 2).contiguous()
+    return _gram(TI.reshape(r * C, d), TJ.reshape(-1, d)).reshape(r, C, TJ.shape[0], C)
+
+
+def _t_layout(G: torch.Tensor) -> torch.Tensor:
+    """K (r, C, C, c) from _t_gram's (r, C, c, C)."""
+    return G.permute(0, 1, 3, 2).contiguous()
 
 
 class _KTerms(NamedTuple):
@@ -517,23 +522,26 @@ def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> t
     pI_all, pJ_all = FI.p.to(ACC), FJ.p.to(ACC)
     ww = FI.w.to(ACC)[:, None] * FJ.w.to(ACC)[None, :]
     pp = _gram(FI.p, FJ.p)
-    B, C = FI.p.shape
-    omega, pos = _omega(FI.W, ones_row=False)  # (unused when L = 1: K_L = I only)
-    per_pair = omega.shape[0] + (2 * L - 1) * C * C + 8 * L * C
-    for rows, cols in _pair_chunks(B, FJ.p.shape[0], per_pair, omega.numel(), _chunk_budget(omega.device)):
-        pI, pJT = pI_all[rows], pJ_all[cols].T
-        terms = {L: _identity_terms(pI, pJT, pp[rows, cols])}
-        for l in range(1, L):
-            if l == L - 1:
-                K = _unpack(_stacked_gram(omega[None, :, :] * FI.sp[l][rows, None, :], FJ.sp[l][cols]), pos)
-            else:
-                K = _t_gram(FI.T[l][rows], FJ.T[l][cols])
-            terms[l] = _k_terms(K, pI, pJT)
-        weight = ww[rows, cols]
-        for l in range(1, L + 1):
-            for m in range(l, L + 1):
-                tr = _tr_akak(pI, pJT, terms[l], terms[m])
-                out[l - 1, m - 1] += torch.sum(alphas[l][rows, cols] * alphas[m][rows, cols] * weight * tr)
+    (B, C), Bp = FI.p.shape, FJ.p.shape[0]
+    omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
+    gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
+    per_pair = (2 * L - 1) * C * C + 8 * L * C
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.numel(), _SCRATCH_VALUES):
+        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
+        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair,
+                                   budget=_chunk_budget(prob.device)):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            pI, pJT = pI_all[rr], pJ_all[cc].T
+            terms = {L: _identity_terms(pI, pJT, pp[rr, cc])}
+            for l in range(1, L):
+                K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
+                terms[l] = _k_terms(K, pI, pJT)
+            weight = ww[rr, cc]
+            for l in range(1, L + 1):
+                for m in range(l, L + 1):
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m])
+                    out[l - 1, m - 1] += torch.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
 
@@ -558,24 +566,28 @@ def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[torch.
     n_k = omega.shape[0]
     omega = torch.cat([omega, W])
     total = torch.zeros(2, dtype=ACC, device=W.device)
-    per_pair = omega.shape[0] + 3 * C * C + 16 * C
-    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], per_pair, omega.numel() + C * d, _chunk_budget(W.device)):
-        pI, pJT = pI_all[rows], pJ_all[cols].T
+    per_pair = 3 * C * C + 16 * C
+    gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.numel() + C * d  # [s . s'; K; E] and E', their left sides
+    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, _SCRATCH_VALUES):
         YI = omega[None, :, :] * sI[rows, None, :]
         YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
-        R = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
-        k = _k_terms(_unpack(R, pos), pI, pJT)
-        t_kk = _tr_akak(pI, pJT, k, k)
-        t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rows, cols]))
-        E = R[:, n_k:, :]
-        cross = wI[rows, None] * (torch.einsum("aib,ai->ab", E * dJ_all[cols].T, pI)
-                                  - p_dJ[rows, cols] * torch.einsum("aib,ai->ab", E, pI))
-        Ep = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
-        cross += wJ[None, cols] * (torch.einsum("aib,ib->ab", Ep * dI_all[rows, :, None], pJT)
-                                   - dI_p[rows, cols] * torch.einsum("aib,ib->ab", Ep, pJT))
-        a, w2 = alpha[rows, cols], ww[rows, cols]
-        total[0] += torch.sum(a * a * (w2 * t_kk + inner[rows, cols]))
-        total[1] += torch.sum(a * (beta[rows, cols] * w2 * t_ki + gamma[rows, cols] * R[:, 0, :] + cross))
+        R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
+        Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, budget=_chunk_budget(W.device)):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
+            pI, pJT = pI_all[rr], pJ_all[cc].T
+            k = _k_terms(_unpack(R, pos), pI, pJT)
+            t_kk = _tr_akak(pI, pJT, k, k)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc]))
+            E = R[:, n_k:, :]
+            cross = wI[rr, None] * (torch.einsum("aib,ai->ab", E * dJ_all[cc].T, pI)
+                                    - p_dJ[rr, cc] * torch.einsum("aib,ai->ab", E, pI))
+            cross += wJ[None, cc] * (torch.einsum("aib,ib->ab", Ep * dI_all[rr, :, None], pJT)
+                                     - dI_p[rr, cc] * torch.einsum("aib,ib->ab", Ep, pJT))
+            a, w2 = alpha[rr, cc], ww[rr, cc]
+            total[0] += torch.sum(a * a * (w2 * t_kk + inner[rr, cc]))
+            total[1] += torch.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
     return total[0], total[1]
 
 
