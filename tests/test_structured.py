@@ -1,5 +1,5 @@
-"""The structure-aware contraction (GGN through C x C Gram blocks; the Hessian's
-M_{L-1} as C-rank plus diagonal) equals the generic one and the dense references.
+"""The structure-aware contraction (the "K route" of docs/structured.md: every GGN block, and
+the Hessian's blocks (L-1, L-1) and (L-1, L)) equals the generic one and the dense references.
 
 bound() picks the cheaper path by the cost model, which for tiny test models is usually
 the generic one; here both paths are forced on every model.
@@ -14,6 +14,7 @@ import pytest
 
 import reference as R
 import wsbound_fast._api as api
+import wsbound_fast._numpy_backend as nb
 from wsbound_fast._validate import validate
 
 SPECS = [
@@ -47,3 +48,69 @@ def test_structured_equals_generic_and_dense(spec, curvature, backend, batch_siz
     H = ref(layers, spec.activation_arg(), X, y, reduction="sum")
     assert api.total_moments(t_s, b_s)[0] == pytest.approx(np.trace(H), rel=1e-10, abs=1e-12)
     assert api.total_moments(t_s, b_s)[1] == pytest.approx(np.sum(H * H), rel=1e-10)
+
+
+DEEP = [s for s in SPECS if s.depth >= 2]
+
+
+def _features(spec, layers, X, y, curvature, structured):
+    prob = replace(validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum"),
+                   structured=structured)
+    return prob, nb.block_features(prob, X, nb.label_rows(prob, 0, X.shape[0]))
+
+
+@pytest.mark.parametrize("spec", DEEP, ids=lambda s: "-".join(map(str, s.dims)))
+def test_k_route_features(spec, refs):
+    """The K route keeps p, w, rho, u (Hessian) and the stacked T_l (GGN) instead of the dense
+    blocks; they reproduce the generic path's dense M_{L-1} diagonal and G_ll = T_l^T A T_l."""
+    layers, X, y = refs.model(spec)
+    L, C = spec.depth, spec.dims[-1]
+    _, gen = _features(spec, layers, X, y, "hessian", False)
+    _, kro = _features(spec, layers, X, y, "hessian", True)
+    assert {(L - 1, L - 1), (L - 1, L)}.isdisjoint(kro.G) and L - 1 not in kro.X and L - 1 not in kro.Y
+    assert set(kro.G) | {(L - 1, L - 1), (L - 1, L)} == set(gen.G)
+    d = spec.dims[L - 1]
+    M = gen.G[L - 1, L - 1].reshape(-1, d, d)
+    np.testing.assert_allclose(kro.u + kro.rho, np.diagonal(M, axis1=1, axis2=2), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(kro.trace, gen.trace, rtol=1e-12)
+    A = gen.G[L, L].reshape(-1, C, C)  # the softmax curvature of every sample
+    np.testing.assert_allclose(kro.w[:, None, None] * (np.einsum("ni,ij->nij", kro.p, np.eye(C))
+                                                       - kro.p[:, :, None] * kro.p[:, None, :]), A, atol=1e-15)
+    _, ggen = _features(spec, layers, X, y, "ggn", False)
+    _, gkro = _features(spec, layers, X, y, "ggn", True)
+    assert not gkro.G and set(gkro.T) == set(range(1, L - 1))
+    for l, T in gkro.T.items():
+        G = np.einsum("nik,nij,njm->nkm", T, A, T).reshape(X.shape[0], -1)
+        np.testing.assert_allclose(G, ggen.G[l, l], rtol=1e-12, atol=1e-14 * np.abs(G).max())
+    np.testing.assert_allclose(gkro.trace, ggen.trace, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("scratch", "values"), [(1.0, 1.0), (400.0, 150.0), (4e6, 1.0)])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("spec", DEEP, ids=lambda s: "-".join(map(str, s.dims)))
+def test_k_route_chunks(spec, curvature, scratch, values, refs, monkeypatch):
+    """Cutting the block pairs into chunks (GEMMs) and sub-chunks (elementwise work) of single
+    pairs, or of a few rows and columns, leaves the NumPy K route's sums unchanged (the test
+    models fit one chunk otherwise)."""
+    layers, X, y = refs.model(spec)
+    whole = _moments(spec, layers, X, y, curvature, "numpy", True, 4)
+    monkeypatch.setattr(nb, "_SCRATCH_VALUES", scratch)  # GEMM outputs of a chunk
+    monkeypatch.setattr(nb, "_CHUNK_VALUES", values)  # elementwise sub-chunks
+    chunked = _moments(spec, layers, X, y, curvature, "numpy", True, 4)
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-12, atol=1e-14 * np.abs(whole[1]).max())
+    np.testing.assert_array_equal(chunked[0], whole[0])
+
+
+@pytest.mark.parametrize(("B", "Bp", "per_pair", "per_row"),
+                         [(7, 9, 1e7, 0), (7, 9, 1e6, 0), (50, 40, 3e4, 0), (5, 3, 4e5, 0), (50, 40, 100, 2e5)])
+def test_pair_chunks_cover_the_block_pair(B, Bp, per_pair, per_row, monkeypatch):
+    """Every pair of the block pair in exactly one chunk, each chunk within the budget
+    (or a single row of pairs when one row needs more)."""
+    monkeypatch.setattr(nb, "_CHUNK_VALUES", 1e6)
+    seen = np.zeros((B, Bp), dtype=int)
+    for rows, cols in nb._pair_chunks(B, Bp, int(per_pair), int(per_row)):
+        block = seen[rows, cols]
+        size = block.size * per_pair + block.shape[0] * per_row
+        assert size <= nb._CHUNK_VALUES or block.shape[0] == 1
+        block += 1
+    assert np.all(seen == 1)

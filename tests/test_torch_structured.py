@@ -1,4 +1,5 @@
-"""backend="torch": both contraction paths (structured and generic) equal the C++ core.
+"""backend="torch": both contraction paths (structured, i.e. the K route of docs/structured.md,
+and generic) equal the C++ core.
 
 The torch backend honours ``prob.structured`` as chosen by validate() (the cost model);
 for the tiny test models that is usually the generic path, so here both paths are forced
@@ -78,3 +79,44 @@ def test_validate_torch_keeps_structured_choice():
         b = wsb.bound(layers, X, y, backend="cpp", **kw)
         assert a.trace == pytest.approx(b.trace, rel=1e-11)
         assert a.trace_sq == pytest.approx(b.trace_sq, rel=1e-11)
+
+
+@pytest.mark.parametrize(("scratch", "values"), [(1.0, 1.0), (400.0, 150.0), (4e6, 1.0)])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
+def test_k_route_chunks(spec, curvature, scratch, values, refs, monkeypatch):
+    """The torch K route cut into chunks (GEMMs) and sub-chunks (elementwise work) of single pairs,
+    or of a few rows and columns (the test models fit one chunk otherwise), still equals the C++ core."""
+    from wsbound_fast import _numpy_backend
+
+    layers, X, y = refs.model(spec)
+    prob = _tprob(spec, layers, X, y, curvature, 4, True)
+    monkeypatch.setattr(_torch_backend, "_SCRATCH_VALUES", scratch)  # GEMM outputs of a chunk
+    monkeypatch.setattr(_numpy_backend, "_CHUNK_VALUES", values)  # elementwise sub-chunks
+    t_t, b_t = _torch_backend.moments(prob)
+    t_c, b_c = api._moments_cpp(prob)
+    np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * np.abs(b_c).max())
+    np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
+def test_k_route_features_match_numpy(spec, curvature, refs):
+    """The torch K route's features (p, w, rho, u, the stacked T_l) are the NumPy backend's."""
+    from wsbound_fast import _numpy_backend
+
+    layers, X, y = refs.model(spec)
+    prob = _tprob(spec, layers, X, y, curvature, 100, True)
+    Y = _numpy_backend.label_rows(prob, 0, X.shape[0])
+    fn = _numpy_backend.block_features(prob, X, Y)
+    ft = _torch_backend.block_features(prob, _torch_backend.DeviceWeights.of(prob), torch.from_numpy(X),
+                                       torch.from_numpy(Y))
+    for name in ("p", "w", "rho", "u"):
+        a, b = getattr(fn, name), getattr(ft, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_allclose(b.numpy(), a, rtol=1e-13, atol=1e-15, err_msg=name)
+    assert set(ft.G) == set(fn.G) and set(ft.T or {}) == set(fn.T or {})
+    for l in fn.T or {}:
+        np.testing.assert_allclose(ft.T[l].numpy(), fn.T[l], rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ft.trace.numpy(), fn.trace, rtol=1e-13)

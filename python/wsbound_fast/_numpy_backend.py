@@ -8,6 +8,9 @@ Structure (mirrors cpp/wsbound/engine.cpp):
    and the block's share of tr(H).
 2. For every block pair I <= J, :func:`pair_sum` contracts the two blocks' features
    into sum_{n in I, n' in J} sum_{l<=m} c_lm kappa_lm(n, n') with Gram matrices.
+   On the structured path (``prob.structured``, chosen by the cost model) the blocks that
+   touch the softmax curvature A go through the "K route" of docs/structured.md instead:
+   every block of the GGN, and the (L-1, L-1) and (L-1, L) blocks of the Hessian (L >= 2).
 3. Partial sums are added in a fixed order: blocks for tr(H), block pairs (I, J)
    row by row for tr(H^2), the off-diagonal pairs counted twice by symmetry.
 
@@ -17,8 +20,9 @@ Only blocks of features (never an N x N or P x P array) are held; at most
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,12 +45,17 @@ class BlockFeatures:
     X: dict[int, np.ndarray]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
     Y: dict[int, np.ndarray]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: np.ndarray  # trace[l-1]: sum over the block's samples of |a~_{l-1}|^2 tr(M_l)
-    # Structured path (see cpp/wsbound/features.hpp): Vt[l] stacks V_l^T per sample, (B, C, d_l),
-    # V_L = S with A = S S^T, V_l = D_l W_{l+1}^T V_{l+1}; GGN: every l, Hessian: l = L - 1, with
-    # M_{L-1} = V V^T + diag(rho) and u2 the squared row norms of V_{L-1}.
-    Vt: dict[int, np.ndarray] | None = None
+    # Structured path (docs/structured.md): p = softmax(z_L) and w = sum of the label row
+    # (A = w (diag p - p p^T)); W = W_L, (C, d_{L-1}), the same array for every block.
+    # GGN: T[l] = T_{L,l} = dz_L/dz_l stacked per sample, (B, C, d_l), l <= L - 2.
+    # Hessian (L >= 2): M_{L-1} = V V^T + diag(rho), u_k = |V_k|^2 (V = D_{L-1} W_L^T S, A = S S^T);
+    # G[L-1, L-1], G[L-1, L], X[L-1], Y[L-1] are not kept.
+    p: np.ndarray | None = None
+    w: np.ndarray | None = None
+    W: np.ndarray | None = None
+    T: dict[int, np.ndarray] | None = None
     rho: np.ndarray | None = None
-    u2: np.ndarray | None = None
+    u: np.ndarray | None = None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -75,30 +84,29 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
     p = _softmax(z)
     w = Yb.sum(axis=1)  # 1 up to rounding; kept so the maths is exact for the given rows
     delta[L] = w[:, None] * p - Yb
+    if prob.structured and not prob.hessian:  # GGN, K route: T_{L-1} = W_L D_{L-1}, T_l = T_{l+1} W_{l+1} D_l
+        T: dict[int, np.ndarray] = {}
+        tr_m = [np.empty(0)] * (L + 1)
+        tr_m[L] = w * np.sum(p * (1.0 - p), axis=1)  # tr(A)
+        Tl = np.empty(0)
+        for l in range(L - 1, 0, -1):
+            Tl = (W[L - 1][None, :, :] if l == L - 1 else Tl @ W[l]) * sp[l][:, None, :]
+            tr_m[l] = _diag_tat(p, w, Tl).sum(axis=1)
+            if l <= L - 2:
+                T[l] = Tl
+        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
     M: list[np.ndarray] = [np.empty(0)] * (L + 1)
     C = p.shape[1]
     M[L] = w[:, None, None] * (np.einsum("ni,ij->nij", p, np.eye(C)) - p[:, :, None] * p[:, None, :])
-    ggn_fast = prob.structured and not prob.hessian
-    lowrank = prob.structured and prob.hessian and L >= 2
-    Vt: dict[int, np.ndarray] = {}
-    if ggn_fast or lowrank:  # S^T = sqrt(w) (diag sqrt p - sqrt p p^T)
-        q = np.sqrt(p)
-        Vt[L] = np.sqrt(w)[:, None, None] * (np.einsum("ni,ij->nij", q, np.eye(C)) - q[:, :, None] * p[:, None, :])
-    if ggn_fast:
-        for l in range(L - 1, 0, -1):
-            Vt[l] = (Vt[l + 1] @ W[l]) * sp[l][:, None, :]
-        trace = np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * np.einsum("nij,nij->n", Vt[l], Vt[l])))
-                          for l in range(1, L + 1)])
-        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, trace, Vt)
-    rho = u2 = None
+    kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
+    rho = u = None
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
         delta[l] = sp[l] * g
-        if lowrank and l == L - 1:  # M_{L-1} = V V^T + diag(rho)
+        if kroute and l == L - 1:  # M_{L-1} = V V^T + diag(rho), |V_k|^2 = (T^T A T)_kk
             rho = spp[l] * g
-            Vt[l] = (Vt[l + 1] @ Wn) * sp[l][:, None, :]
-            u2 = np.einsum("nik,nik->nk", Vt[l], Vt[l])
+            u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
         WMW = Wn.T @ M[l + 1] @ Wn  # (B, d_l, d_l)
@@ -107,17 +115,19 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             idx = np.arange(Ml.shape[1])
             Ml[:, idx, idx] += spp[l] * g
         M[l] = Ml
-    def tr_m(l: int) -> np.ndarray:
-        if M[l].size == 0:  # low-rank M_1 of a one-hidden-layer net
-            return np.einsum("nik,nik->n", Vt[l], Vt[l]) + rho.sum(axis=1)
-        return np.trace(M[l], axis1=1, axis2=2)
-
-    trace = np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * tr_m(l))) for l in range(1, L + 1)])
+    tr_m = [np.empty(0)] + [np.trace(M[l], axis1=1, axis2=2) if M[l].size else np.empty(0) for l in range(1, L + 1)]
+    if kroute:
+        tr_m[L - 1] = u.sum(axis=1) + rho.sum(axis=1)
+    trace = _layer_traces(at, tr_m)
     G: dict[tuple[int, int], np.ndarray] = {}
     for m in range(1, L + 1):
         Gc = M[m]
+        if Gc.size == 0:  # M_1 of a one-hidden-layer net on the K route: never formed
+            continue
         G[m, m] = Gc.reshape(B, -1)
         for l in range(m - 1, 0, -1):  # G_{l,m} = D_l W_{l+1}^T G_{l+1,m}
+            if kroute and L == 2:
+                break  # G_{1,2} goes by the K route and nothing lies below it
             Gc = sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
     Q: dict[tuple[int, int], np.ndarray] = {}
@@ -129,14 +139,32 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-        for l in range(1, L):
+        for l in range(1, L - 1 if kroute else L):
             d_l, d_m = W[l].shape[1], W[l].shape[0]
             a_l = at[l + 1][:, :d_l]
             Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
             Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
-    if lowrank:
-        del G[L - 1, L - 1]  # contracted through Vt, rho, u2 instead
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, Vt, rho, u2)
+    if not kroute:
+        return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+    G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
+    G.pop((L - 1, L), None)
+    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+
+
+def _diag_tat(p: np.ndarray, w: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """diag(T^T A T) per sample, (B, d), for T stacked (B, C, d) and A = w (diag p - p p^T).
+
+    w sum_i p_i (T_ik - (T^T p)_k)^2, which equals w (sum_i p_i T_ik^2 - (T^T p)_k^2) as sum p = 1
+    but does not cancel when p is peaked.  For T = T_{L-1} = W_L D_{L-1} that is u of
+    docs/structured.md; summed over k, tr(A T T^T).
+    """
+    Tc = T - np.einsum("ni,nik->nk", p, T)[:, None, :]
+    return w[:, None] * np.einsum("ni,nik->nk", p, Tc * Tc)
+
+
+def _layer_traces(at: list[np.ndarray], tr_m: list[np.ndarray]) -> np.ndarray:
+    """trace[l-1] = sum over the block of |a~_{l-1}|^2 tr(M_l), from tr(M_l) per sample."""
+    return np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * tr_m[l])) for l in range(1, len(at))])
 
 
 def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray) -> np.ndarray:
@@ -148,48 +176,190 @@ def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray)
     return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
 
 
-def _chunk_rows(B: int, Bp: int, C: int, layers: int) -> int:
-    """Rows of I per chunk of the structured contraction (as the C++ core)."""
-    return max(1, min(B, int(4.0e6 / max(layers, 1) / (C * C * max(Bp, 1)))))
+#: Values that the temporaries of the K route may hold at once: the GEMM outputs of a chunk
+#: of pairs within the 4e6 that the cost model budgets (_cost.pair_scratch_doubles), the
+#: elementwise work on them in sub-chunks of about a million values, which stay in cache.
+#: (Few large GEMMs: each call of a multithreaded BLAS costs a wake-up of its threads.)
+_SCRATCH_VALUES = 4.0e6
+_CHUNK_VALUES = 1.0e6
 
 
-def _psi(VI: np.ndarray, VJ: np.ndarray) -> np.ndarray:
-    """Psi[n, i, n', j] = (V_n^T V_n')[i, j] from stacked V^T, (B, C, d) and (B', C, d)."""
-    B, C, d = VI.shape
-    return (VI.reshape(B * C, d) @ VJ.reshape(-1, d).T).reshape(B, C, VJ.shape[0], C)
+def _pair_chunks(B: int, Bp: int, per_pair: int, per_row: int = 0,
+                 budget: float | None = None) -> Iterator[tuple[slice, slice]]:
+    """(rows of I, columns of J) chunks of a B x B' block pair whose temporaries, per_pair values
+    per sample pair plus per_row per row of I, stay within budget values (default _CHUNK_VALUES;
+    at least one pair a chunk)."""
+    budget = _CHUNK_VALUES if budget is None else budget
+    cols = max(1, min(Bp, int(budget // per_pair)))
+    rows = max(1, min(B, int(budget // (per_pair * cols + per_row))))
+    for r0 in range(0, B, rows):
+        for c0 in range(0, Bp, cols):
+            yield slice(r0, min(B, r0 + rows)), slice(c0, min(Bp, c0 + cols))
+
+
+def _within(outer: slice, inner: slice) -> slice:
+    """The block pair's indices of the sub-chunk ``inner`` of the chunk ``outer``."""
+    return slice(outer.start + inner.start, outer.start + inner.stop)
+
+
+# The K route (docs/structured.md).  Per chunk of pairs (r rows n of I, c columns n' of J)
+# every per-pair quantity is laid out with n first and n' last: scalars (r, c), vectors
+# (r, C, c), the C x C matrices K (r, C, C, c).  The GEMMs then write them in place and
+# the elementwise work runs along the contiguous n' axis.
+
+
+def _omega(W: np.ndarray, ones_row: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Omega, the rows W_i * W_j (i <= j, i-major) of W = W_L (C, d), after a row of ones if
+    ones_row; and pos (C, C), the row of Omega that holds (i, j) (see _unpack)."""
+    C, d = W.shape
+    i, j = np.triu_indices(C)
+    pos = np.empty((C, C), dtype=np.intp)
+    pos[i, j] = pos[j, i] = np.arange(i.size) + int(ones_row)
+    rows = W[i] * W[j]
+    return (np.vstack([np.ones((1, d)), rows]) if ones_row else rows), pos
+
+
+def _stacked_gram(YI: np.ndarray, sJ: np.ndarray) -> np.ndarray:
+    """out[n, q, n'] = Y_n[q] . s_n' for Y stacked (r, q, d) and s (c, d): one GEMM, (r, q, c).
+
+    With Y_n = Omega diag(s_n) that is the packed K_{L-1} = Z Omega^T of docs/structured.md
+    (Z = s_n * s_n'), without forming Z: the same C(C+1)/2 d multiply-adds per pair."""
+    r, q, d = YI.shape
+    return (YI.reshape(r * q, d) @ sJ.T).reshape(r, q, sJ.shape[0])
+
+
+def _unpack(packed: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The symmetric K (r, C, C, c) from its packed rows (r, q, c): K[:, i, j] = packed[:, pos[i, j]]."""
+    C = pos.shape[0]
+    return np.take(packed, pos.ravel(), axis=1).reshape(packed.shape[0], C, C, packed.shape[2])
+
+
+def _t_gram(TI: np.ndarray, TJ: np.ndarray) -> np.ndarray:
+    """G[n, i, n', j] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, c, C);
+    K of a sub-chunk is _t_layout(G[rows, :, cols])."""
+    r, C, d = TI.shape
+    return (TI.reshape(r * C, d) @ TJ.reshape(-1, d).T).reshape(r, C, TJ.shape[0], C)
+
+
+def _t_layout(G: np.ndarray) -> np.ndarray:
+    """K (r, C, C, c) from _t_gram's (r, C, c, C)."""
+    return np.ascontiguousarray(G.transpose(0, 1, 3, 2))
+
+
+class _KTerms(NamedTuple):
+    """What the identity of docs/structured.md needs of one C x C matrix K per pair of a chunk;
+    K = None stands for the identity K_L = I."""
+
+    K: np.ndarray | None  # (r, C, C, c)
+    Kp: np.ndarray  # K p', (r, C, c)
+    Ktp: np.ndarray  # K^T p, (r, C, c)
+    pKp: np.ndarray  # p^T K p', (r, c)
+
+
+def _k_terms(K: np.ndarray, pI: np.ndarray, pJT: np.ndarray) -> _KTerms:
+    """_KTerms of K (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c)."""
+    Kp = np.einsum("aijb,jb->aib", K, pJT)
+    return _KTerms(K, Kp, np.einsum("aijb,ai->ajb", K, pI), np.einsum("aib,ai->ab", Kp, pI))
+
+
+def _identity_terms(pI: np.ndarray, pJT: np.ndarray, pp: np.ndarray) -> _KTerms:
+    """_KTerms of K = I (pp = p . p', (r, c))."""
+    shape = (pI.shape[0], pI.shape[1], pJT.shape[1])
+    return _KTerms(None, np.broadcast_to(pJT, shape), np.broadcast_to(pI[:, :, None], shape), pp)
+
+
+def _tr_akak(pI: np.ndarray, pJT: np.ndarray, k: _KTerms, kt: _KTerms) -> np.ndarray:
+    """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), in O(C^2) per pair:
+
+    sum_ij p_i p'_j K_ij Kt_ij - sum_i p_i (K p')_i (Kt p')_i - sum_j p'_j (K^T p)_j (Kt^T p)_j
+    + (p^T K p')(p^T Kt p')   (docs/structured.md).  Kt may be I, and K only if Kt is.
+    """
+    if kt.K is None:  # sum_i p_i p'_i K_ii  (p . p' if K = I as well)
+        t1 = kt.pKp if k.K is None else np.einsum("aib,ai->ab", np.einsum("aiib->aib", k.K) * pJT, pI)
+    else:
+        t1 = np.einsum("aib,ai->ab", np.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)
+    t2 = np.einsum("aib,ai->ab", k.Kp * kt.Kp, pI)
+    t3 = np.einsum("ajb,jb->ab", k.Ktp * kt.Ktp, pJT)
+    return t1 - t2 - t3 + k.pKp * kt.pKp
 
 
 def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
-    """GGN: out[l, m] = sum alpha_l beta_m <Psi_l, Psi_m>."""
-    assert FI.Vt is not None and FJ.Vt is not None
+    """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
+    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below."""
     L = prob.n_layers
     out = np.zeros((L, L))
     alphas = {l: FI.at[l] @ FJ.at[l].T for l in range(1, L + 1)}
-    B, C = FI.Vt[L].shape[:2]
-    step = _chunk_rows(B, FJ.Vt[L].shape[0], C, L)
-    for r0 in range(0, B, step):
-        rows = slice(r0, r0 + step)
-        psi = {l: _psi(FI.Vt[l][rows], FJ.Vt[l]) for l in range(1, L + 1)}
-        for l in range(1, L + 1):
-            for m in range(l, L + 1):
-                K = np.einsum("aibj,aibj->ab", psi[l], psi[m])
-                out[l - 1, m - 1] += np.sum(alphas[l][rows] * alphas[m][rows] * K)
+    ww = np.outer(FI.w, FJ.w)
+    pp = FI.p @ FJ.p.T
+    (B, C), Bp = FI.p.shape, FJ.p.shape[0]
+    omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
+    gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
+    per_pair = (2 * L - 1) * C * C + 8 * L * C
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.size, _SCRATCH_VALUES):
+        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
+        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            pI, pJT = FI.p[rr], FJ.p[cc].T
+            terms = {L: _identity_terms(pI, pJT, pp[rr, cc])}
+            for l in range(1, L):
+                K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
+                terms[l] = _k_terms(K, pI, pJT)
+            weight = ww[rr, cc]
+            for l in range(1, L + 1):
+                for m in range(l, L + 1):
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m])
+                    out[l - 1, m - 1] += np.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
 
-def _lowrank_diag_term(FI: BlockFeatures, FJ: BlockFeatures, l: int, alpha: np.ndarray) -> float:
-    """<M, M'> = |V^T V'|^2 + sum rho' |V_k|^2 + sum rho |V'_k|^2 + rho . rho', weighted by alpha^2."""
-    assert FI.Vt is not None and FJ.Vt is not None
-    inner = FI.u2 @ FJ.rho.T + FI.rho @ FJ.u2.T + FI.rho @ FJ.rho.T
-    B, C = FI.Vt[l].shape[:2]
-    total = 0.0
-    step = _chunk_rows(B, FJ.Vt[l].shape[0], C, 1)
-    for r0 in range(0, B, step):
-        rows = slice(r0, r0 + step)
-        psi = _psi(FI.Vt[l][rows], FJ.Vt[l])
-        K = np.einsum("aibj,aibj->ab", psi, psi)
-        total += float(np.sum(alpha[rows] ** 2 * (K + inner[rows])))
-    return total
+def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[float, float]:
+    """Hessian blocks (L-1, L-1) and (L-1, L) by the K route (docs/structured.md), L >= 2:
+
+    alpha^2 (w w' tr(A K A' K) + u . rho' + rho . u' + rho . rho') and
+    alpha (beta w w' tr(A K A') + gamma s . s' + cross + cross'), K = K_{L-1}, summed over the pairs.
+    One GEMM per chunk gives s . s' (Omega's row of ones), the packed K and E_i = sum_k W_ik a_k s_k s'_k
+    (rows W_i a_n s_n after Omega diag(s_n)); a second one E'_i = sum_k W_ik s_k a'_k s'_k.
+    """
+    W = FI.W
+    C, d = W.shape
+    alpha = FI.at[L - 1] @ FJ.at[L - 1].T
+    beta = FI.at[L] @ FJ.at[L].T
+    gamma = FI.delta[L] @ FJ.delta[L].T
+    inner = FI.u @ FJ.rho.T + FI.rho @ FJ.u.T + FI.rho @ FJ.rho.T
+    ww = np.outer(FI.w, FJ.w)
+    pp = FI.p @ FJ.p.T
+    p_dJ = FI.p @ FJ.delta[L].T  # p . delta'
+    dI_p = FI.delta[L] @ FJ.p.T  # delta . p'
+    sI, sJ = FI.sp[L - 1], FJ.sp[L - 1]
+    asJ = FJ.at[L][:, :d] * sJ  # a' s'
+    omega, pos = _omega(W, ones_row=True)
+    n_k = omega.shape[0]
+    omega = np.vstack([omega, W])
+    total = np.zeros(2)
+    per_pair = 3 * C * C + 16 * C
+    gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.size + C * d  # [s . s'; K; E] and E', their left sides
+    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, _SCRATCH_VALUES):
+        YI = omega[None, :, :] * sI[rows, None, :]
+        YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
+        R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
+        Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
+            pI, pJT = FI.p[rr], FJ.p[cc].T
+            k = _k_terms(_unpack(R, pos), pI, pJT)
+            t_kk = _tr_akak(pI, pJT, k, k)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc]))
+            E = R[:, n_k:, :]
+            cross = FI.w[rr, None] * (np.einsum("aib,ai->ab", E * FJ.delta[L][cc].T, pI)
+                                      - p_dJ[rr, cc] * np.einsum("aib,ai->ab", E, pI))
+            cross += FJ.w[None, cc] * (np.einsum("aib,ib->ab", Ep * FI.delta[L][rr, :, None], pJT)
+                                       - dI_p[rr, cc] * np.einsum("aib,ib->ab", Ep, pJT))
+            a, w2 = alpha[rr, cc], ww[rr, cc]
+            total[0] += np.sum(a * a * (w2 * t_kk + inner[rr, cc]))
+            total[1] += np.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
+    return float(total[0]), float(total[1])
 
 
 def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
@@ -197,14 +367,13 @@ def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
     L = prob.n_layers
     if prob.structured and not prob.hessian:
         return _pair_sum_ggn(prob, FI, FJ)
-    lowrank = prob.structured and L >= 2
+    kroute = prob.structured and L >= 2
     out = np.zeros((L, L))
     for l in range(1, L + 1):
+        if kroute and l == L - 1:
+            continue  # (L-1, L-1) and (L-1, L): _pair_sum_last
         alpha = FI.at[l] @ FJ.at[l].T
         for m in range(l, L + 1):
-            if l == m and lowrank and l == L - 1:
-                out[l - 1, m - 1] = _lowrank_diag_term(FI, FJ, l, alpha)
-                continue
             KG = FI.G[l, m] @ FJ.G[l, m].T
             if l == m:
                 out[l - 1, m - 1] = np.sum(alpha * alpha * KG)
@@ -222,6 +391,8 @@ def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
                     inner += _dense_cross(FI.at[m][:, :d_prev], FI.G[l, m], FJ.delta[m], QJ)
                     inner += _dense_cross(FJ.at[m][:, :d_prev], FJ.G[l, m], FI.delta[m], QI).T
             out[l - 1, m - 1] = np.sum(alpha * inner)
+    if kroute:
+        out[L - 2, L - 2], out[L - 2, L - 1] = _pair_sum_last(FI, FJ, L)
     return out
 
 

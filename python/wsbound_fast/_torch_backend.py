@@ -17,14 +17,15 @@ function by function, so the two can be read side by side:
 
 The contraction path is ``prob.structured``, chosen by the cost model in
 :func:`wsbound_fast._validate.validate` as for the other backends: the generic Gram
-contractions above, or the structured ones (:func:`_pair_sum_ggn` through C x C Gram
-blocks of V_l for the GGN; :func:`_lowrank_diag_term` for the Hessian's
-M_{L-1} = V V^T + diag(rho) when L >= 2), with the NumPy backend's row chunking.
+contractions above, or the "K route" of docs/structured.md (:func:`_pair_sum_ggn` for
+every block of the GGN; :func:`_pair_sum_last` for the Hessian's blocks (L-1, L-1) and
+(L-1, L) when L >= 2), with the NumPy backend's chunking of the block pair.
 
 Precision (``dtype``): ``torch.float64`` (default) computes everything in float64, as the
 other backends do.  ``torch.float32`` computes the features and every Gram product (the
 GEMMs, which are all the heavy work) in float32, then converts each B x B' Gram matrix
-to float64 before the elementwise products, the sums over the block pair and every later
+(on the K route: each GEMM's output, the K_l of a chunk of pairs) to float64 before the
+elementwise products, the O(C^2) identity, the sums over the block pair and every later
 accumulation (tr(H) per sample is formed in float32 and summed in float64).  Measured
 against float64 on the CPU: 2e-9 to 1.1e-6 relative on tr(H) and tr(H^2) (random and
 trained models up to 784-256-10; see README); the tests allow 2e-5.
@@ -53,7 +54,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -64,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activation
 from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
-from ._numpy_backend import _chunk_rows
+from ._numpy_backend import _SCRATCH_VALUES, _pair_chunks, _within
 from ._validate import Problem, default_memory_limit, plan_blocks, validate
 
 #: Accepted ``dtype=`` values (strings, or the torch dtypes themselves).
@@ -348,11 +349,14 @@ class BlockFeatures:
     X: dict[int, torch.Tensor]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
     Y: dict[int, torch.Tensor]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: torch.Tensor  # trace[l-1]: sum over the block of |a~_{l-1}|^2 tr(M_l), float64, (L,)
-    # Structured path (as _numpy_backend.BlockFeatures): Vt[l] stacks V_l^T per sample, (B, C, d_l);
-    # GGN: every l, Hessian: l = L - 1, with M_{L-1} = V V^T + diag(rho), u2 the squared row norms of V.
-    Vt: dict[int, torch.Tensor] | None = None
+    # Structured path (as _numpy_backend.BlockFeatures): p, w (A = w (diag p - p p^T)), W = W_L;
+    # GGN: T[l] = T_{L,l} stacked, (B, C, d_l), l <= L - 2; Hessian (L >= 2): rho, u of M_{L-1}.
+    p: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    W: torch.Tensor | None = None
+    T: dict[int, torch.Tensor] | None = None
     rho: torch.Tensor | None = None
-    u2: torch.Tensor | None = None
+    u: torch.Tensor | None = None
 
 
 def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb: torch.Tensor) -> BlockFeatures:
@@ -377,29 +381,28 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
     p = torch.softmax(z, dim=1)
     w = Yb.sum(dim=1)  # 1 up to rounding; kept so the maths is exact for the given rows
     delta[L] = w[:, None] * p - Yb
+    if prob.structured and not prob.hessian:  # GGN, K route: T_{L-1} = W_L D_{L-1}, T_l = T_{l+1} W_{l+1} D_l
+        T: dict[int, torch.Tensor] = {}
+        tr_m = [none] * (L + 1)
+        tr_m[L] = w * (p * (1.0 - p)).sum(dim=1)  # tr(A)
+        Tl = none
+        for l in range(L - 1, 0, -1):
+            Tl = (W[L - 1][None, :, :] if l == L - 1 else Tl @ W[l]) * sp[l][:, None, :]
+            tr_m[l] = _diag_tat(p, w, Tl).sum(dim=1)
+            if l <= L - 2:
+                T[l] = Tl
+        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
     M: list[torch.Tensor] = [none] * (L + 1)
     M[L] = w[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
-    ggn_fast = prob.structured and not prob.hessian
-    lowrank = prob.structured and prob.hessian and L >= 2
-    Vt: dict[int, torch.Tensor] = {}
-    if ggn_fast or lowrank:  # S^T = sqrt(w) (diag sqrt p - sqrt p p^T)
-        q = torch.sqrt(p)
-        Vt[L] = torch.sqrt(w)[:, None, None] * (torch.diag_embed(q) - q[:, :, None] * p[:, None, :])
-    if ggn_fast:
-        for l in range(L - 1, 0, -1):
-            Vt[l] = (Vt[l + 1] @ W[l]) * sp[l][:, None, :]
-        trace = torch.stack([((at[l] * at[l]).sum(dim=1) * (Vt[l] * Vt[l]).sum(dim=(1, 2))).to(ACC).sum()
-                             for l in range(1, L + 1)])
-        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, trace, Vt)
-    rho = u2 = None
+    kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
+    rho = u = None
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
         delta[l] = sp[l] * g
-        if lowrank and l == L - 1:  # M_{L-1} = V V^T + diag(rho)
+        if kroute and l == L - 1:  # M_{L-1} = V V^T + diag(rho), |V_k|^2 = (T^T A T)_kk
             rho = spp[l] * g
-            Vt[l] = (Vt[l + 1] @ Wn) * sp[l][:, None, :]
-            u2 = (Vt[l] * Vt[l]).sum(dim=1)
+            u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
         Ml = Wn.T @ M[l + 1] @ Wn  # (B, d_l, d_l)
@@ -407,20 +410,19 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
         if prob.hessian:
             Ml.diagonal(dim1=1, dim2=2).add_(spp[l] * g)
         M[l] = Ml
-
-    def tr_m(l: int) -> torch.Tensor:
-        if M[l].numel() == 0:  # low-rank M_1 of a one-hidden-layer net
-            return (Vt[l] * Vt[l]).sum(dim=(1, 2)) + rho.sum(dim=1)
-        return M[l].diagonal(dim1=1, dim2=2).sum(dim=1)
-
-    trace = torch.stack([((at[l] * at[l]).sum(dim=1) * tr_m(l)).to(ACC).sum() for l in range(1, L + 1)])
+    tr_m = [none] + [M[l].diagonal(dim1=1, dim2=2).sum(dim=1) if M[l].numel() else none for l in range(1, L + 1)]
+    if kroute:
+        tr_m[L - 1] = u.sum(dim=1) + rho.sum(dim=1)
+    trace = _layer_traces(at, tr_m)
     G: dict[tuple[int, int], torch.Tensor] = {}
     for m in range(1, L + 1):
         Gc = M[m]
-        if Gc.numel() == 0:  # low-rank M_1 of a one-hidden-layer net (L = 2): no G[1, 1]
+        if Gc.numel() == 0:  # M_1 of a one-hidden-layer net on the K route: never formed
             continue
         G[m, m] = Gc.reshape(B, -1)
         for l in range(m - 1, 0, -1):  # G_{l,m} = D_l W_{l+1}^T G_{l+1,m}
+            if kroute and L == 2:
+                break  # G_{1,2} goes by the K route and nothing lies below it
             Gc = sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
     Q: dict[tuple[int, int], torch.Tensor] = {}
@@ -432,14 +434,29 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-        for l in range(1, L):
+        for l in range(1, L - 1 if kroute else L):
             d_l, d_m = W[l].shape[1], W[l].shape[0]
             a_l = at[l + 1][:, :d_l]
             Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
             Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
-    if lowrank:
-        G.pop((L - 1, L - 1), None)  # contracted through Vt, rho, u2 instead
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, Vt, rho, u2)
+    if not kroute:
+        return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+    G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
+    G.pop((L - 1, L), None)
+    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+
+
+def _diag_tat(p: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """diag(T^T A T) per sample, (B, d), for T stacked (B, C, d): w sum_i p_i (T_ik - (T^T p)_k)^2
+    (as _numpy_backend._diag_tat)."""
+    Tc = T - torch.einsum("ni,nik->nk", p, T)[:, None, :]
+    return w[:, None] * torch.einsum("ni,nik->nk", p, Tc * Tc)
+
+
+def _layer_traces(at: list[torch.Tensor], tr_m: list[torch.Tensor]) -> torch.Tensor:
+    """trace[l-1] = sum over the block of |a~_{l-1}|^2 tr(M_l) (per sample in the compute dtype,
+    summed in float64), (L,)."""
+    return torch.stack([((at[l] * at[l]).sum(dim=1) * tr_m[l]).to(ACC).sum() for l in range(1, len(at))])
 
 
 def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -456,45 +473,163 @@ def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch
     return torch.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp)).to(ACC)
 
 
-def _psi(VI: torch.Tensor, VJ: torch.Tensor) -> torch.Tensor:
-    """Psi[n, i, n', j] = (V_n^T V_n')[i, j] from stacked V^T, (B, C, d) and (B', C, d);
-    the GEMM in the compute dtype, the result in the accumulation dtype."""
-    B, C, d = VI.shape
-    return _gram(VI.reshape(B * C, d), VJ.reshape(-1, d)).reshape(B, C, VJ.shape[0], C)
+# The K route (docs/structured.md), as in _numpy_backend: per chunk of pairs (r rows n of I,
+# c columns n' of J) scalars are (r, c), vectors (r, C, c) and the C x C matrices K (r, C, C, c).
+
+
+def _chunk_budget(device: torch.device) -> float | None:
+    """Values per sub-chunk of the elementwise work: the NumPy backend's on the CPU (sized for
+    its caches); on an accelerator all the cost model allows, for fewer and larger kernels."""
+    return None if device.type == "cpu" else _SCRATCH_VALUES
+
+
+def _omega(W: torch.Tensor, ones_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Omega, the rows W_i * W_j (i <= j, i-major) of W = W_L (C, d), after a row of ones if
+    ones_row; and pos (C, C), the row of Omega that holds (i, j) (see _unpack)."""
+    C, d = W.shape
+    i, j = torch.triu_indices(C, C, device=W.device)
+    pos = torch.empty((C, C), dtype=torch.long, device=W.device)
+    pos[i, j] = pos[j, i] = torch.arange(i.numel(), device=W.device) + int(ones_row)
+    rows = W[i] * W[j]
+    return (torch.cat([W.new_ones((1, d)), rows]) if ones_row else rows), pos
+
+
+def _stacked_gram(YI: torch.Tensor, sJ: torch.Tensor) -> torch.Tensor:
+    """out[n, q, n'] = Y_n[q] . s_n' for Y stacked (r, q, d) and s (c, d): one GEMM in the
+    compute dtype, (r, q, c) in the accumulation dtype (as _numpy_backend._stacked_gram)."""
+    r, q, d = YI.shape
+    return _gram(YI.reshape(r * q, d), sJ).reshape(r, q, sJ.shape[0])
+
+
+def _unpack(packed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The symmetric K (r, C, C, c) from its packed rows (r, q, c): K[:, i, j] = packed[:, pos[i, j]]."""
+    C = pos.shape[0]
+    return packed.index_select(1, pos.reshape(-1)).reshape(packed.shape[0], C, C, packed.shape[2])
+
+
+def _t_gram(TI: torch.Tensor, TJ: torch.Tensor) -> torch.Tensor:
+    """G[n, i, n', j] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, c, C),
+    the GEMM in the compute dtype, G in the accumulation dtype; K of a sub-chunk is
+    _t_layout(G[rows, :, cols])."""
+    r, C, d = TI.shape
+    return _gram(TI.reshape(r * C, d), TJ.reshape(-1, d)).reshape(r, C, TJ.shape[0], C)
+
+
+def _t_layout(G: torch.Tensor) -> torch.Tensor:
+    """K (r, C, C, c) from _t_gram's (r, C, c, C)."""
+    return G.permute(0, 1, 3, 2).contiguous()
+
+
+class _KTerms(NamedTuple):
+    """What the identity of docs/structured.md needs of one C x C matrix K per pair of a chunk;
+    K = None stands for the identity K_L = I (all in the accumulation dtype)."""
+
+    K: torch.Tensor | None  # (r, C, C, c)
+    Kp: torch.Tensor  # K p', (r, C, c)
+    Ktp: torch.Tensor  # K^T p, (r, C, c)
+    pKp: torch.Tensor  # p^T K p', (r, c)
+
+
+def _k_terms(K: torch.Tensor, pI: torch.Tensor, pJT: torch.Tensor) -> _KTerms:
+    """_KTerms of K (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c)."""
+    Kp = torch.einsum("aijb,jb->aib", K, pJT)
+    return _KTerms(K, Kp, torch.einsum("aijb,ai->ajb", K, pI), torch.einsum("aib,ai->ab", Kp, pI))
+
+
+def _identity_terms(pI: torch.Tensor, pJT: torch.Tensor, pp: torch.Tensor) -> _KTerms:
+    """_KTerms of K = I (pp = p . p', (r, c))."""
+    shape = (pI.shape[0], pI.shape[1], pJT.shape[1])
+    return _KTerms(None, pJT.expand(shape), pI[:, :, None].expand(shape), pp)
+
+
+def _tr_akak(pI: torch.Tensor, pJT: torch.Tensor, k: _KTerms, kt: _KTerms) -> torch.Tensor:
+    """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), by the O(C^2) identity of
+    docs/structured.md (as _numpy_backend._tr_akak).  Kt may be I, and K only if Kt is."""
+    if kt.K is None:  # sum_i p_i p'_i K_ii  (p . p' if K = I as well)
+        t1 = kt.pKp if k.K is None else torch.einsum("aib,ai->ab", torch.einsum("aiib->aib", k.K) * pJT, pI)
+    else:
+        t1 = torch.einsum("aib,ai->ab", torch.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)
+    t2 = torch.einsum("aib,ai->ab", k.Kp * kt.Kp, pI)
+    t3 = torch.einsum("ajb,jb->ab", k.Ktp * kt.Ktp, pJT)
+    return t1 - t2 - t3 + k.pKp * kt.pKp
 
 
 def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.Tensor:
-    """GGN: out[l, m] = sum alpha_l beta_m <Psi_l, Psi_m>."""
-    assert FI.Vt is not None and FJ.Vt is not None
+    """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
+    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below (as _numpy_backend)."""
     L = prob.n_layers
     out = torch.zeros((L, L), dtype=ACC, device=prob.device)
     alphas = {l: _gram(FI.at[l], FJ.at[l]) for l in range(1, L + 1)}
-    B, C = FI.Vt[L].shape[:2]
-    step = _chunk_rows(B, FJ.Vt[L].shape[0], C, L)
-    for r0 in range(0, B, step):
-        rows = slice(r0, r0 + step)
-        psi = {l: _psi(FI.Vt[l][rows], FJ.Vt[l]) for l in range(1, L + 1)}
-        for l in range(1, L + 1):
-            for m in range(l, L + 1):
-                K = torch.einsum("aibj,aibj->ab", psi[l], psi[m])
-                out[l - 1, m - 1] += torch.sum(alphas[l][rows] * alphas[m][rows] * K)
+    pI_all, pJ_all = FI.p.to(ACC), FJ.p.to(ACC)
+    ww = FI.w.to(ACC)[:, None] * FJ.w.to(ACC)[None, :]
+    pp = _gram(FI.p, FJ.p)
+    (B, C), Bp = FI.p.shape, FJ.p.shape[0]
+    omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
+    gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
+    per_pair = (2 * L - 1) * C * C + 8 * L * C
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.numel(), _SCRATCH_VALUES):
+        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
+        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair,
+                                   budget=_chunk_budget(prob.device)):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            pI, pJT = pI_all[rr], pJ_all[cc].T
+            terms = {L: _identity_terms(pI, pJT, pp[rr, cc])}
+            for l in range(1, L):
+                K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
+                terms[l] = _k_terms(K, pI, pJT)
+            weight = ww[rr, cc]
+            for l in range(1, L + 1):
+                for m in range(l, L + 1):
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m])
+                    out[l - 1, m - 1] += torch.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
 
-def _lowrank_diag_term(FI: BlockFeatures, FJ: BlockFeatures, l: int, alpha: torch.Tensor) -> torch.Tensor:
-    """<M, M'> = |V^T V'|^2 + sum rho' |V_k|^2 + sum rho |V'_k|^2 + rho . rho', weighted by alpha^2
-    (a float64 scalar tensor)."""
-    assert FI.Vt is not None and FJ.Vt is not None
-    inner = _gram(FI.u2, FJ.rho) + _gram(FI.rho, FJ.u2) + _gram(FI.rho, FJ.rho)
-    B, C = FI.Vt[l].shape[:2]
-    total = torch.zeros((), dtype=ACC, device=alpha.device)
-    step = _chunk_rows(B, FJ.Vt[l].shape[0], C, 1)
-    for r0 in range(0, B, step):
-        rows = slice(r0, r0 + step)
-        psi = _psi(FI.Vt[l][rows], FJ.Vt[l])
-        K = torch.einsum("aibj,aibj->ab", psi, psi)
-        total += torch.sum(alpha[rows] ** 2 * (K + inner[rows]))
-    return total
+def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hessian blocks (L-1, L-1) and (L-1, L) by the K route, L >= 2, as float64 scalar tensors
+    (as _numpy_backend._pair_sum_last: one GEMM for [s . s'; packed K; E], one for E')."""
+    W = FI.W
+    C, d = W.shape
+    alpha = _gram(FI.at[L - 1], FJ.at[L - 1])
+    beta = _gram(FI.at[L], FJ.at[L])
+    gamma = _gram(FI.delta[L], FJ.delta[L])
+    inner = _gram(FI.u, FJ.rho) + _gram(FI.rho, FJ.u) + _gram(FI.rho, FJ.rho)
+    wI, wJ = FI.w.to(ACC), FJ.w.to(ACC)
+    ww = wI[:, None] * wJ[None, :]
+    pp = _gram(FI.p, FJ.p)
+    p_dJ = _gram(FI.p, FJ.delta[L])  # p . delta'
+    dI_p = _gram(FI.delta[L], FJ.p)  # delta . p'
+    pI_all, pJ_all, dI_all, dJ_all = FI.p.to(ACC), FJ.p.to(ACC), FI.delta[L].to(ACC), FJ.delta[L].to(ACC)
+    sI, sJ = FI.sp[L - 1], FJ.sp[L - 1]
+    asJ = FJ.at[L][:, :d] * sJ  # a' s'
+    omega, pos = _omega(W, ones_row=True)
+    n_k = omega.shape[0]
+    omega = torch.cat([omega, W])
+    total = torch.zeros(2, dtype=ACC, device=W.device)
+    per_pair = 3 * C * C + 16 * C
+    gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.numel() + C * d  # [s . s'; K; E] and E', their left sides
+    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, _SCRATCH_VALUES):
+        YI = omega[None, :, :] * sI[rows, None, :]
+        YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
+        R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
+        Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, budget=_chunk_budget(W.device)):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
+            pI, pJT = pI_all[rr], pJ_all[cc].T
+            k = _k_terms(_unpack(R, pos), pI, pJT)
+            t_kk = _tr_akak(pI, pJT, k, k)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc]))
+            E = R[:, n_k:, :]
+            cross = wI[rr, None] * (torch.einsum("aib,ai->ab", E * dJ_all[cc].T, pI)
+                                    - p_dJ[rr, cc] * torch.einsum("aib,ai->ab", E, pI))
+            cross += wJ[None, cc] * (torch.einsum("aib,ib->ab", Ep * dI_all[rr, :, None], pJT)
+                                     - dI_p[rr, cc] * torch.einsum("aib,ib->ab", Ep, pJT))
+            a, w2 = alpha[rr, cc], ww[rr, cc]
+            total[0] += torch.sum(a * a * (w2 * t_kk + inner[rr, cc]))
+            total[1] += torch.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
+    return total[0], total[1]
 
 
 def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.Tensor:
@@ -503,14 +638,13 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
     L = prob.n_layers
     if prob.structured and not prob.hessian:
         return _pair_sum_ggn(prob, FI, FJ)
-    lowrank = prob.structured and L >= 2
+    kroute = prob.structured and L >= 2
     out = torch.zeros((L, L), dtype=ACC, device=prob.device)
     for l in range(1, L + 1):
+        if kroute and l == L - 1:
+            continue  # (L-1, L-1) and (L-1, L): _pair_sum_last
         alpha = _gram(FI.at[l], FJ.at[l])
         for m in range(l, L + 1):
-            if l == m and lowrank and l == L - 1:
-                out[l - 1, m - 1] = _lowrank_diag_term(FI, FJ, l, alpha)
-                continue
             KG = _gram(FI.G[l, m], FJ.G[l, m])
             if l == m:
                 out[l - 1, m - 1] = torch.sum(alpha * alpha * KG)
@@ -528,6 +662,8 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
                     inner += _dense_cross(FI.at[m][:, :d_prev], FI.G[l, m], FJ.delta[m], QJ)
                     inner += _dense_cross(FJ.at[m][:, :d_prev], FJ.G[l, m], FI.delta[m], QI).T
             out[l - 1, m - 1] = torch.sum(alpha * inner)
+    if kroute:
+        out[L - 2, L - 2], out[L - 2, L - 1] = _pair_sum_last(FI, FJ, L)
     return out
 
 
@@ -639,8 +775,9 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
 
     Counts 2 flops per multiply-add of every GEMM / batched GEMM / einsum contraction that
     :func:`pair_sum` performs on the path ``structured`` selects, term by term; the
-    O(bI * bJ) elementwise products and sums are left out (they are a few per Gram matrix,
-    against inner dimensions of d or d^2).
+    elementwise products and sums are left out (a few per Gram matrix against inner
+    dimensions of d or d^2; on the K route a few per entry of each C x C matrix K, against
+    the C(C+1)/2 d of forming K_{L-1}).
     """
     L = len(dims) - 1
     d = list(dims)
@@ -648,20 +785,26 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
     na = [0] + [d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1)]  # len(at[l])
     pq = 2 * bI * bJ
     f = 0
-    if structured and not hessian:
-        for l in range(1, L + 1):
-            f += pq * na[l]  # alpha
-            f += pq * C * C * d[l]  # Psi_l = V_l^T V_l' (over the row chunks)
-        f += pq * C * C * L * (L + 1) // 2  # <Psi_l, Psi_m> (einsum over i, j)
+    if structured and not hessian:  # _pair_sum_ggn
+        f += pq * (sum(na[1:]) + C)  # alpha_l, p . p'
+        if L >= 2:
+            f += pq * (C * (C + 1) // 2) * d[L - 1]  # packed K_{L-1}
+        f += pq * C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
+        f += pq * (L - 1) * _k_terms_madds(C)  # K p', K^T p, p^T K p' of every K but K_L = I
+        f += pq * sum(_tr_akak_madds(C, l == L, m == L) for l in range(1, L + 1) for m in range(l, L + 1))
         return int(f)
-    lowrank = structured and L >= 2
+    kroute = structured and L >= 2
+    if kroute:  # _pair_sum_last
+        f += pq * (na[L - 1] + na[L] + C + 3 * d[L - 1] + 3 * C)  # alpha, beta, gamma, u/rho Grams, p/delta Grams
+        f += pq * (1 + C * (C + 1) // 2 + C) * d[L - 1]  # [s . s'; packed K; E]
+        f += pq * C * d[L - 1]  # E'
+        f += pq * (_k_terms_madds(C) + _tr_akak_madds(C, False, False) + _tr_akak_madds(C, False, True))
+        f += pq * 4 * C  # the two cross terms
     for l in range(1, L + 1):
+        if kroute and l == L - 1:
+            continue
         f += pq * na[l]  # alpha
         for m in range(l, L + 1):
-            if l == m and lowrank and l == L - 1:
-                f += 3 * pq * d[l]  # u2 rho^T, rho u2^T, rho rho^T
-                f += pq * C * C * d[l] + pq * C * C  # Psi, |Psi|^2 (einsum)
-                continue
             f += pq * d[l] * d[m]  # KG
             if l == m:
                 continue
@@ -677,6 +820,22 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
                 # two dense crosses: P1 (b Q), P2 (G delta), and the contraction over r
                 f += 2 * (pq * d[m - 1] * d[l] + pq * d[l] * d[m] + pq * d[l])
     return int(f)
+
+
+def _k_terms_madds(C: int) -> int:
+    """Multiply-adds per pair of _k_terms: K p', K^T p (C^2 each), p^T K p' (C)."""
+    return 2 * C * C + C
+
+
+def _tr_akak_madds(C: int, k_is_identity: bool, kt_is_identity: bool) -> int:
+    """Multiply-adds per pair of the einsums in _tr_akak(k, kt) (the elementwise products left out)."""
+    if k_is_identity:  # t1 = p . p', already there
+        t1 = 0
+    elif kt_is_identity:
+        t1 = C  # sum_i p_i p'_i K_ii
+    else:
+        t1 = C * C + C  # (K * Kt) p', then p^T
+    return t1 + 2 * C  # t2, t3
 
 
 def total_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, n_samples: int,
