@@ -82,12 +82,12 @@ def test_pair_flops_follow_the_cost_model():
     assert pair_flops([d0, h, C], [True, True], True, False) == 2 * gemm
     # structured (docs/structured.md), R = C(C+1)/2 distinct entries of K_1 = W diag(s o s') W^T.
     R = C * (C + 1) // 2
-    # GGN: alpha_1, alpha_2, K_1 packed; elementwise: unpack + kh, u, v of K_1, three identity terms
-    ggn = (d0 + 1) + (h + 1) + R * h + 4 * C * C + 3 * (C * C + 2 * C)
+    # GGN: alpha_1, alpha_2, K_1 packed; elementwise: one fused pass over the packed K_1, then O(C)
+    ggn = (d0 + 1) + (h + 1) + R * h + 3 * R + 10 * C
     assert pair_flops([d0, h, C], [True, True], False, True) == 2 * ggn
     # Hessian: alphas; s.s', K_1, E, E' (1 + R + 2C rows over h), the three rho Grams, beta_2, gamma_2;
-    # <A, A'> generic; elementwise: K_1's identity terms and the cross terms
-    hess = (d0 + 1) + (h + 1) + (1 + R + 2 * C) * h + 3 * h + (h + 1) + C + C * C + 6 * C * C + 8 * C
+    # <A, A'> generic; elementwise: the fused pass over K_1, then O(C) and the cross terms
+    hess = (d0 + 1) + (h + 1) + (1 + R + 2 * C) * h + 3 * h + (h + 1) + C + C * C + 3 * R + 14 * C
     assert pair_flops([d0, h, C], [True, True], True, True) == 2 * hess
 
 

@@ -266,6 +266,17 @@ namespace {
 
 using RowArr = Eigen::Array<double, 1, Eigen::Dynamic>;
 
+#if defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER)
+#define WSB_RESTRICT __restrict
+#else
+#define WSB_RESTRICT
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#define WSB_IVDEP _Pragma("GCC ivdep")
+#else
+#define WSB_IVDEP
+#endif
+
 // Omega = [W_i o W_j] for i <= j (i-major), so that (Omega o s_n) s_n'^T packs the C(C+1)/2
 // distinct entries of K_{L-1} = W diag(s_n o s_n') W^T.
 template <class M>
@@ -346,6 +357,67 @@ RowArr identity_term(const KRows& a, const KRows& b, const double* p, const RowM
     return t;
 }
 
+// For a symmetric K given by its packed rows (i <= j, i-major, from row r0 of packed), the
+// two traces the one-hidden-layer-like blocks need, for every n':
+//   t4 = tr(A K A' K) / (w w') and t2 = tr(A K A') / (w w')   (the identity with Kt = K, I),
+// one fused pass over the packed rows (u = K p', v = K p, s4 = sum p_i p'_j K_ij^2,
+// dg = sum p_i p'_i K_ii), then O(C) passes.  u, v: (C, B') scratch.
+// One diagonal entry K_ii (row k) of the fused pass of symmetric_terms.
+void diag_update(Index n, const double* WSB_RESTRICT k, const double* WSB_RESTRICT pti, double pi,
+                 double* WSB_RESTRICT ui, double* WSB_RESTRICT vi, double* WSB_RESTRICT dg, double* WSB_RESTRICT s4) {
+    WSB_IVDEP
+    for (Index t = 0; t < n; ++t) {
+        const double kk = k[t], w = pi * pti[t] * kk;
+        ui[t] += kk * pti[t];
+        vi[t] += pi * kk;
+        dg[t] += w;
+        s4[t] += w * kk;
+    }
+}
+
+// One off-diagonal pair K_ij = K_ji (row k) of the fused pass of symmetric_terms.
+void offdiag_update(Index n, const double* WSB_RESTRICT k, const double* WSB_RESTRICT pti,
+                    const double* WSB_RESTRICT ptj, double pi, double pj, double* WSB_RESTRICT ui,
+                    double* WSB_RESTRICT uj, double* WSB_RESTRICT vi, double* WSB_RESTRICT vj,
+                    double* WSB_RESTRICT s4) {
+    WSB_IVDEP
+    for (Index t = 0; t < n; ++t) {
+        const double kk = k[t];
+        ui[t] += kk * ptj[t];
+        uj[t] += kk * pti[t];
+        vi[t] += pj * kk;
+        vj[t] += pi * kk;
+        s4[t] += (pi * ptj[t] + pj * pti[t]) * kk * kk;
+    }
+}
+
+void symmetric_terms(const RowMat& packed, Index r0, const double* p, const RowMat& pt, Index C, RowMat& u,
+                     RowMat& v, RowArr& t4, RowArr& t2) {
+    const Index Bp = pt.cols();
+    u.setZero(C, Bp);
+    v.setZero(C, Bp);
+    t4.setZero(Bp);
+    t2.setZero(Bp);
+    for (Index i = 0; i < C; ++i) {
+        diag_update(Bp, packed.row(r0++).data(), pt.row(i).data(), p[i], u.row(i).data(), v.row(i).data(), t2.data(),
+                    t4.data());
+        for (Index j = i + 1; j < C; ++j)
+            offdiag_update(Bp, packed.row(r0++).data(), pt.row(i).data(), pt.row(j).data(), p[i], p[j], u.row(i).data(),
+                           u.row(j).data(), v.row(i).data(), v.row(j).data(), t4.data());
+    }
+    RowArr c = RowArr::Zero(Bp), pp = c;
+    for (Index i = 0; i < C; ++i) {
+        c += p[i] * u.row(i).array();
+        pp += p[i] * pt.row(i).array();
+    }
+    for (Index i = 0; i < C; ++i) {
+        t4 -= p[i] * u.row(i).array().square() + pt.row(i).array() * v.row(i).array().square();
+        t2 -= p[i] * pt.row(i).array() * (u.row(i).array() + v.row(i).array());
+    }
+    t4 += c.square();
+    t2 += c * pp;
+}
+
 // GGN (docs/structured.md): out[l,m] = sum_{n,n'} alpha_l alpha_m w w' tr(A K_l A' K_m^T),
 // K_L = I, K_{L-1} from (Omega o s_n) s_n'^T, K_l = T_l T_l'^T (l <= L - 2).
 template <class M>
@@ -368,6 +440,7 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
     lev[static_cast<size_t>(L)].identity = true;
     const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, Bp);
     s.kt.resize(nL);
+    RowArr t4, t2;
     for (Index n = 0; n < B; ++n) {
         const Index nl = n % step, rows = std::min(step, B - (n - nl));
         if (nl == 0) {  // the GEMMs for rows [n, n + rows) of I
@@ -382,6 +455,22 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
                         s.kt[static_cast<size_t>(l)], s);
         }
         const double* p = I.p.row(n).data();
+        const RowArr ww = I.w(n, 0) * J.w.col(0).transpose().array();
+        if (L == 2) {  // one hidden layer: K_1 symmetric and K_2 = I, the fused pass of symmetric_terms
+            symmetric_terms(s.k1, nl * R, p, s.pt, C, s.u, s.v, t4, t2);
+            RowArr pp = RowArr::Zero(Bp), tii = pp;  // tr(A A') / (w w')
+            for (Index i = 0; i < C; ++i) {
+                const auto pti = s.pt.row(i).array();
+                pp += p[i] * pti;
+                tii -= p[i] * pti * (pti + p[i]);
+            }
+            tii += pp + pp.square();
+            const auto a1 = s.alphas[1].row(n).array(), a2 = s.alphas[2].row(n).array();
+            out[I.pair(1, 1)] += (a1 * a1 * ww * t4).sum();
+            out[I.pair(1, 2)] += (a1 * a2 * ww * t2).sum();
+            out[I.pair(2, 2)] += (a2 * a2 * ww * tii).sum();
+            continue;
+        }
         for (Index l = 1; l <= L; ++l) {
             KRows& K = lev[static_cast<size_t>(l)];
             if (l == L - 1) {
@@ -391,7 +480,6 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
             }
             K.prepare(p, s.pt, C);
         }
-        const RowArr ww = I.w(n, 0) * J.w.col(0).transpose().array();
         for (Index l = 1; l <= L; ++l) {
             const auto al = s.alphas[static_cast<size_t>(l)].row(n).array();
             for (Index m = l; m <= L; ++m)
@@ -421,8 +509,7 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     s.pt = J.p.transpose();
     s.dt = J.delta[L].transpose().template cast<double>();
     const RowArr wJ = J.w.col(0).transpose().array();
-    KRows K, E;
-    E.identity = true;
+    RowArr t4, t2;
     const Index H = 1 + R + C, step = rows_per_gemm(H, J.B);
     double ll = 0.0, lm = 0.0;
     for (Index n = 0; n < B; ++n) {
@@ -446,10 +533,7 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
         const Index base = nl * H;
         const double* p = I.p.row(n).data();
         const double w = I.w(n, 0);
-        K.unpack_symmetric(s.k1, base + 1, C);
-        K.prepare(p, s.pt, C);
-        E.prepare(p, s.pt, C);
-        const RowArr t4 = identity_term(K, K, p, s.pt, C), t2 = identity_term(K, E, p, s.pt, C);
+        symmetric_terms(s.k1, base + 1, p, s.pt, C, s.u, s.v, t4, t2);
         // cross terms: w sum_i p_i (delta'_i - p.delta') E_i and w' sum_i p'_i (delta_i - p'.delta) E'_i
         RowArr pd = RowArr::Zero(s.pt.cols()), pd2 = pd, c1 = pd, c2 = pd;
         for (Index i = 0; i < C; ++i) {

@@ -62,7 +62,7 @@ struct PairScratch {
     RowMat alpha, beta, gram, inner, p2, z;
     RowMatF single;                    // float32 products before they are widened to float64
     std::vector<RowMat> alphas;       // structured path: Gram of each layer's inputs
-    RowMat k1, k2, pt, dt;            // K route: GEMM outputs over n'; p^T and delta^T of J
+    RowMat k1, k2, pt, dt, u, v;      // K route: GEMM outputs over n'; p^T and delta^T of J; K p', K p
     std::vector<RowMat> kt;           // K route (GGN): Grams of T_l for a few rows of I
     KBuffers<RowMat> kd;
     KBuffers<RowMatF> kf;
