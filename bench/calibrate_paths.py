@@ -16,7 +16,6 @@ import dataclasses
 import time
 
 import numpy as np
-
 from wsbound_fast import _api
 from wsbound_fast._cost import _ELEMENTWISE_WEIGHT, _terms
 from wsbound_fast._validate import validate
@@ -46,7 +45,7 @@ def main() -> None:
                 times = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
-                    trace, blocks = _api._moments_cpp(p)
+                    _, blocks = _api._moments_cpp(p)
                     times.append(time.perf_counter() - t0)
                 best[structured], sums[structured] = min(times), float(blocks.sum())
             assert abs(sums[True] - sums[False]) <= 1e-10 * abs(sums[False]), (shape, curvature)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -248,38 +248,40 @@ def _t_layout(G: np.ndarray) -> np.ndarray:
 
 class _KTerms(NamedTuple):
     """What the identity of docs/structured.md needs of one C x C matrix K per pair of a chunk;
-    K = None stands for the identity K_L = I."""
+    K = None stands for the identity K_L = I.  Arrays of the backend's library (NumPy arrays
+    here, torch tensors in the torch backend, which calls these helpers with ``xp=torch``)."""
 
-    K: np.ndarray | None  # (r, C, C, c)
-    Kp: np.ndarray  # K p', (r, C, c)
-    Ktp: np.ndarray  # K^T p, (r, C, c)
-    pKp: np.ndarray  # p^T K p', (r, c)
-
-
-def _k_terms(K: np.ndarray, pI: np.ndarray, pJT: np.ndarray) -> _KTerms:
-    """_KTerms of K (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c)."""
-    Kp = np.einsum("aijb,jb->aib", K, pJT)
-    return _KTerms(K, Kp, np.einsum("aijb,ai->ajb", K, pI), np.einsum("aib,ai->ab", Kp, pI))
+    K: Any  # (r, C, C, c) or None
+    Kp: Any  # K p', (r, C, c)
+    Ktp: Any  # K^T p, (r, C, c)
+    pKp: Any  # p^T K p', (r, c)
 
 
-def _identity_terms(pI: np.ndarray, pJT: np.ndarray, pp: np.ndarray) -> _KTerms:
+def _k_terms(K: Any, pI: Any, pJT: Any, xp: Any = np) -> _KTerms:
+    """_KTerms of K (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c);
+    ``xp`` is the array library (numpy or torch: both have this einsum)."""
+    Kp = xp.einsum("aijb,jb->aib", K, pJT)
+    return _KTerms(K, Kp, xp.einsum("aijb,ai->ajb", K, pI), xp.einsum("aib,ai->ab", Kp, pI))
+
+
+def _identity_terms(pI: Any, pJT: Any, pp: Any, xp: Any = np) -> _KTerms:
     """_KTerms of K = I (pp = p . p', (r, c))."""
     shape = (pI.shape[0], pI.shape[1], pJT.shape[1])
-    return _KTerms(None, np.broadcast_to(pJT, shape), np.broadcast_to(pI[:, :, None], shape), pp)
+    return _KTerms(None, xp.broadcast_to(pJT, shape), xp.broadcast_to(pI[:, :, None], shape), pp)
 
 
-def _tr_akak(pI: np.ndarray, pJT: np.ndarray, k: _KTerms, kt: _KTerms) -> np.ndarray:
+def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, xp: Any = np) -> Any:
     """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), in O(C^2) per pair:
 
     sum_ij p_i p'_j K_ij Kt_ij - sum_i p_i (K p')_i (Kt p')_i - sum_j p'_j (K^T p)_j (Kt^T p)_j
     + (p^T K p')(p^T Kt p')   (docs/structured.md).  Kt may be I, and K only if Kt is.
     """
     if kt.K is None:  # sum_i p_i p'_i K_ii  (p . p' if K = I as well)
-        t1 = kt.pKp if k.K is None else np.einsum("aib,ai->ab", np.einsum("aiib->aib", k.K) * pJT, pI)
+        t1 = kt.pKp if k.K is None else xp.einsum("aib,ai->ab", xp.einsum("aiib->aib", k.K) * pJT, pI)
     else:
-        t1 = np.einsum("aib,ai->ab", np.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)
-    t2 = np.einsum("aib,ai->ab", k.Kp * kt.Kp, pI)
-    t3 = np.einsum("ajb,jb->ab", k.Ktp * kt.Ktp, pJT)
+        t1 = xp.einsum("aib,ai->ab", xp.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)
+    t2 = xp.einsum("aib,ai->ab", k.Kp * kt.Kp, pI)
+    t3 = xp.einsum("ajb,jb->ab", k.Ktp * kt.Ktp, pJT)
     return t1 - t2 - t3 + k.pKp * kt.pKp
 
 

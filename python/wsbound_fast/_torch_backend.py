@@ -54,7 +54,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +65,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activation
 from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
-from ._numpy_backend import _SCRATCH_VALUES, _pair_chunks, _within
+from ._numpy_backend import (
+    _SCRATCH_VALUES,
+    _identity_terms,
+    _k_terms,
+    _pair_chunks,
+    _tr_akak,
+    _within,
+)
 from ._validate import Problem, default_memory_limit, plan_blocks, validate
 
 #: Accepted ``dtype=`` values (strings, or the torch dtypes themselves).
@@ -520,40 +527,6 @@ def _t_layout(G: torch.Tensor) -> torch.Tensor:
     return G.permute(0, 1, 3, 2).contiguous()
 
 
-class _KTerms(NamedTuple):
-    """What the identity of docs/structured.md needs of one C x C matrix K per pair of a chunk;
-    K = None stands for the identity K_L = I (all in the accumulation dtype)."""
-
-    K: torch.Tensor | None  # (r, C, C, c)
-    Kp: torch.Tensor  # K p', (r, C, c)
-    Ktp: torch.Tensor  # K^T p, (r, C, c)
-    pKp: torch.Tensor  # p^T K p', (r, c)
-
-
-def _k_terms(K: torch.Tensor, pI: torch.Tensor, pJT: torch.Tensor) -> _KTerms:
-    """_KTerms of K (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c)."""
-    Kp = torch.einsum("aijb,jb->aib", K, pJT)
-    return _KTerms(K, Kp, torch.einsum("aijb,ai->ajb", K, pI), torch.einsum("aib,ai->ab", Kp, pI))
-
-
-def _identity_terms(pI: torch.Tensor, pJT: torch.Tensor, pp: torch.Tensor) -> _KTerms:
-    """_KTerms of K = I (pp = p . p', (r, c))."""
-    shape = (pI.shape[0], pI.shape[1], pJT.shape[1])
-    return _KTerms(None, pJT.expand(shape), pI[:, :, None].expand(shape), pp)
-
-
-def _tr_akak(pI: torch.Tensor, pJT: torch.Tensor, k: _KTerms, kt: _KTerms) -> torch.Tensor:
-    """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), by the O(C^2) identity of
-    docs/structured.md (as _numpy_backend._tr_akak).  Kt may be I, and K only if Kt is."""
-    if kt.K is None:  # sum_i p_i p'_i K_ii  (p . p' if K = I as well)
-        t1 = kt.pKp if k.K is None else torch.einsum("aib,ai->ab", torch.einsum("aiib->aib", k.K) * pJT, pI)
-    else:
-        t1 = torch.einsum("aib,ai->ab", torch.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)
-    t2 = torch.einsum("aib,ai->ab", k.Kp * kt.Kp, pI)
-    t3 = torch.einsum("ajb,jb->ab", k.Ktp * kt.Ktp, pJT)
-    return t1 - t2 - t3 + k.pKp * kt.pKp
-
-
 def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.Tensor:
     """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
     K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below (as _numpy_backend)."""
@@ -574,14 +547,14 @@ def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> t
                                    budget=_chunk_budget(prob.device)):
             rr, cc = _within(rows, sr), _within(cols, sc)
             pI, pJT = pI_all[rr], pJ_all[cc].T
-            terms = {L: _identity_terms(pI, pJT, pp[rr, cc])}
+            terms = {L: _identity_terms(pI, pJT, pp[rr, cc], torch)}
             for l in range(1, L):
                 K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
-                terms[l] = _k_terms(K, pI, pJT)
+                terms[l] = _k_terms(K, pI, pJT, torch)
             weight = ww[rr, cc]
             for l in range(1, L + 1):
                 for m in range(l, L + 1):
-                    tr = _tr_akak(pI, pJT, terms[l], terms[m])
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m], torch)
                     out[l - 1, m - 1] += torch.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
@@ -618,9 +591,9 @@ def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[torch.
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
             pI, pJT = pI_all[rr], pJ_all[cc].T
-            k = _k_terms(_unpack(R, pos), pI, pJT)
-            t_kk = _tr_akak(pI, pJT, k, k)
-            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc]))
+            k = _k_terms(_unpack(R, pos), pI, pJT, torch)
+            t_kk = _tr_akak(pI, pJT, k, k, torch)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc], torch), torch)
             E = R[:, n_k:, :]
             cross = wI[rr, None] * (torch.einsum("aib,ai->ab", E * dJ_all[cc].T, pI)
                                     - p_dJ[rr, cc] * torch.einsum("aib,ai->ab", E, pI))

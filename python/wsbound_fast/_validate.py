@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from ._activations import ACTIVATIONS, Activation
-from ._cost import choose_structured, feature_doubles, feature_flops, pair_flops, pair_scratch_doubles
+from ._cost import (
+    choose_structured,
+    feature_doubles,
+    feature_flops,
+    pair_flops,
+    pair_scratch_doubles,
+)
 
 CURVATURES = ("hessian", "ggn")
 REDUCTIONS = ("mean", "sum")
