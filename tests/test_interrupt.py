@@ -10,6 +10,10 @@ import time
 import pytest
 
 SETUP = r"""
+import signal
+# A process started in the background by a non-interactive shell inherits SIGINT as ignored,
+# and Python then leaves it ignored: restore the default KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np, sys, wsbound_fast as wsb
 rng = np.random.default_rng(0)
 layers = [(rng.normal(size=(384, 64)) / 8, rng.normal(size=384)), (rng.normal(size=(10, 384)) / 20, None)]
