@@ -114,3 +114,20 @@ def test_pair_chunks_cover_the_block_pair(B, Bp, per_pair, per_row, monkeypatch)
         assert size <= nb._CHUNK_VALUES or block.shape[0] == 1
         block += 1
     assert np.all(seen == 1)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("dims", [(6, 20, 5), (6, 9, 20, 5)], ids=["L2", "L3"])
+def test_structured_cpp_bitwise_independent_of_threads(dims, curvature, refs):
+    # the K route's per-row GEMMs and fused per-pair loop run per block pair on worker threads;
+    # results are reduced in a fixed order, so any thread count gives the same bits
+    spec = R.ModelSpec(dims, "tanh", "all", n=61, labels="soft", seed=77)
+    layers, X, y = refs.model(spec)
+    prob = replace(validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum",
+                            batch_size=7), structured=True)
+    runs = [api._moments_cpp(replace(prob, threads=t)) for t in (1, 2, 3, 5)]
+    for t, b in runs[1:]:
+        np.testing.assert_array_equal(t, runs[0][0])
+        np.testing.assert_array_equal(b, runs[0][1])
+    t_g, b_g = api._moments_cpp(replace(prob, structured=False))
+    np.testing.assert_allclose(runs[0][1], b_g, rtol=1e-11, atol=1e-13 * np.abs(b_g).max())
