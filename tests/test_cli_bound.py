@@ -82,6 +82,27 @@ def test_json_matches_bound(files, curvature, reduction):
                                               reduction=reduction))
 
 
+def test_torch_backend_and_float32(torch, files):
+    layers, X, y, model, data = files
+    proc = _run("bound", model, data, "--activation", "tanh", "--backend", "torch", "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["backend"] == "torch"
+    _check(out, wsb.bound(layers, X, y, activation="tanh"))  # the cpp backend, float64
+    for backend in ("cpp", "torch"):
+        proc = _run("bound", model, data, "--activation", "tanh", "--backend", backend, "--dtype", "float32", "--json")
+        assert proc.returncode == 0, proc.stderr
+        out, ref = json.loads(proc.stdout), wsb.bound(layers, X, y, activation="tanh")
+        assert R.rel(out["trace"], ref.trace) <= 1e-5 and R.rel(out["trace_sq"], ref.trace_sq) <= 1e-5
+
+
+def test_device_needs_torch_backend(files):
+    _, _, _, model, data = files
+    proc = _run("bound", model, data, "--activation", "tanh", "--backend", "numpy", "--device", "cpu")
+    assert proc.returncode == 2
+    assert "device= applies to backend='torch' only" in proc.stderr and proc.stdout == ""
+
+
 def test_table_output(files):
     layers, X, y, model, data = files
     proc = _run("bound", model, data, "--activation", "tanh,relu", "--backend", "numpy", "--batch-size", "4",

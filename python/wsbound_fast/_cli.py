@@ -148,8 +148,8 @@ def _cmd_bound(args: argparse.Namespace) -> int:
     which = resolve_backend(args.backend)
     # a progress bar over block pairs on a terminal (stderr), unless --quiet
     res = bound(model.layers, X, y, activation=activation, curvature=args.curvature, reduction=args.reduction,
-                batch_size=args.batch_size, threads=args.threads, backend=which,
-                progress=not args.quiet and sys.stderr.isatty())
+                batch_size=args.batch_size, threads=args.threads, backend=which, device=args.device,
+                dtype=args.dtype, progress=not args.quiet and sys.stderr.isatty())
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
@@ -224,8 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     bnd.add_argument("--reduction", choices=("mean", "sum"), default="mean",
                      help="loss averaged or summed over samples (default: %(default)s)")
     bnd.add_argument("--json", action="store_true", help="print the result as a JSON object")
-    bnd.add_argument("--backend", choices=("cpp", "numpy"), default=None,
-                     help="engine (default: cpp, or numpy with a notice if the compiled core is unavailable)")
+    bnd.add_argument("--backend", choices=("cpp", "numpy", "torch"), default=None,
+                     help="engine (default: cpp, or numpy with a notice if the compiled core is unavailable; "
+                          "torch needs PyTorch)")
+    bnd.add_argument("--device", default=None, metavar="D",
+                     help="--backend torch only: where to compute, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    bnd.add_argument("--dtype", choices=("float64", "float32"), default=None,
+                     help="--backend cpp or torch: float32 Gram products with float64 accumulation "
+                          "(default: float64)")
     bnd.add_argument("--batch-size", type=_int_at_least(1), default=None, metavar="B",
                      help="samples per streamed block (default: chosen from the memory budget)")
     bnd.add_argument("--threads", type=_int_at_least(1), default=None, metavar="T",
