@@ -45,8 +45,10 @@ _MAX_PAIR_FLOPS = 1.6e10
 #: Smallest block the planner splits N into to give every thread block pairs.
 _MIN_BATCH = 32
 #: Blocks of features cached at once: enough that recomputing the features of the other
-#: groups costs at most 1/_RECOMPUTE_FACTOR of the pair phase.
-_RECOMPUTE_FACTOR = 50.0
+#: groups costs at most 1/_RECOMPUTE_FACTOR of the pair phase by flop count.  Features are
+#: per-sample small matrix products, far slower per flop than the pair phase's GEMMs (the
+#: digits 64-32-10 Hessian lost 7 % at a factor of 50, nothing measurable at 500).
+_RECOMPUTE_FACTOR = 500.0
 
 
 @dataclass(frozen=True)
@@ -316,11 +318,12 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     n_blocks = math.ceil(n_samples / batch)
     spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian, structured)
     fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
-    # Cache no more blocks than it takes to keep the recomputation of features below ~2 % of
+    # Cache no more blocks than it takes to keep the recomputation of features a small part of
     # the pair phase (and the threads busy), so that memory stays flat in N beyond that.
     ratio = feature_flops(dims, hessian, structured) / pair_flops(dims, has_bias, hessian, structured)
     useful = max(2 * threads, math.ceil(_RECOMPUTE_FACTOR * ratio / batch))
-    return batch, int(min(fits, useful))
+    groups = math.ceil(n_blocks / min(fits, useful))
+    return batch, math.ceil(n_blocks / groups)  # groups of equal size (a short last group idles threads)
 
 
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
