@@ -357,11 +357,6 @@ RowArr identity_term(const KRows& a, const KRows& b, const double* p, const RowM
     return t;
 }
 
-// For a symmetric K given by its packed rows (i <= j, i-major, from row r0 of packed), the
-// two traces the one-hidden-layer-like blocks need, for every n':
-//   t4 = tr(A K A' K) / (w w') and t2 = tr(A K A') / (w w')   (the identity with Kt = K, I),
-// one fused pass over the packed rows (u = K p', v = K p, s4 = sum p_i p'_j K_ij^2,
-// dg = sum p_i p'_i K_ii), then O(C) passes.  u, v: (C, B') scratch.
 // One diagonal entry K_ii (row k) of the fused pass of symmetric_terms.
 void diag_update(Index n, const double* WSB_RESTRICT k, const double* WSB_RESTRICT pti, double pi,
                  double* WSB_RESTRICT ui, double* WSB_RESTRICT vi, double* WSB_RESTRICT dg, double* WSB_RESTRICT s4) {
@@ -391,8 +386,13 @@ void offdiag_update(Index n, const double* WSB_RESTRICT k, const double* WSB_RES
     }
 }
 
+// For a symmetric K given by its packed rows (i <= j, i-major, from row r0 of packed), the
+// two traces the one-hidden-layer-like blocks need, for every n':
+//   t4 = tr(A K A' K) / (w w') and t2 = tr(A K A') / (w w')   (the identity with Kt = K, I),
+// one fused pass over the packed rows (u = K p', v = K p, s4 = sum p_i p'_j K_ij^2,
+// dg = sum p_i p'_i K_ii), then O(C) passes.  u, v: (C, B') scratch; pp = p . p'.
 void symmetric_terms(const RowMat& packed, Index r0, const double* p, const RowMat& pt, Index C, RowMat& u,
-                     RowMat& v, RowArr& t4, RowArr& t2) {
+                     RowMat& v, RowArr& t4, RowArr& t2, RowArr& pp) {
     const Index Bp = pt.cols();
     u.setZero(C, Bp);
     v.setZero(C, Bp);
@@ -405,7 +405,8 @@ void symmetric_terms(const RowMat& packed, Index r0, const double* p, const RowM
             offdiag_update(Bp, packed.row(r0++).data(), pt.row(i).data(), pt.row(j).data(), p[i], p[j], u.row(i).data(),
                            u.row(j).data(), v.row(i).data(), v.row(j).data(), t4.data());
     }
-    RowArr c = RowArr::Zero(Bp), pp = c;
+    RowArr c = RowArr::Zero(Bp);
+    pp.setZero(Bp);
     for (Index i = 0; i < C; ++i) {
         c += p[i] * u.row(i).array();
         pp += p[i] * pt.row(i).array();
@@ -440,7 +441,7 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
     lev[static_cast<size_t>(L)].identity = true;
     const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, Bp);
     s.kt.resize(nL);
-    RowArr t4, t2;
+    RowArr t4, t2, pp;
     for (Index n = 0; n < B; ++n) {
         const Index nl = n % step, rows = std::min(step, B - (n - nl));
         if (nl == 0) {  // the GEMMs for rows [n, n + rows) of I
@@ -457,14 +458,9 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
         const double* p = I.p.row(n).data();
         const RowArr ww = I.w(n, 0) * J.w.col(0).transpose().array();
         if (L == 2) {  // one hidden layer: K_1 symmetric and K_2 = I, the fused pass of symmetric_terms
-            symmetric_terms(s.k1, nl * R, p, s.pt, C, s.u, s.v, t4, t2);
-            RowArr pp = RowArr::Zero(Bp), tii = pp;  // tr(A A') / (w w')
-            for (Index i = 0; i < C; ++i) {
-                const auto pti = s.pt.row(i).array();
-                pp += p[i] * pti;
-                tii -= p[i] * pti * (pti + p[i]);
-            }
-            tii += pp + pp.square();
+            symmetric_terms(s.k1, nl * R, p, s.pt, C, s.u, s.v, t4, t2, pp);
+            RowArr tii = pp + pp.square();  // tr(A A') / (w w')
+            for (Index i = 0; i < C; ++i) tii -= p[i] * s.pt.row(i).array() * (s.pt.row(i).array() + p[i]);
             const auto a1 = s.alphas[1].row(n).array(), a2 = s.alphas[2].row(n).array();
             out[I.pair(1, 1)] += (a1 * a1 * ww * t4).sum();
             out[I.pair(1, 2)] += (a1 * a2 * ww * t2).sum();
@@ -509,7 +505,7 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     s.pt = J.p.transpose();
     s.dt = J.delta[L].transpose().template cast<double>();
     const RowArr wJ = J.w.col(0).transpose().array();
-    RowArr t4, t2;
+    RowArr t4, t2, pp;
     const Index H = 1 + R + C, step = rows_per_gemm(H, J.B);
     double ll = 0.0, lm = 0.0;
     for (Index n = 0; n < B; ++n) {
@@ -533,7 +529,7 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
         const Index base = nl * H;
         const double* p = I.p.row(n).data();
         const double w = I.w(n, 0);
-        symmetric_terms(s.k1, base + 1, p, s.pt, C, s.u, s.v, t4, t2);
+        symmetric_terms(s.k1, base + 1, p, s.pt, C, s.u, s.v, t4, t2, pp);
         // cross terms: w sum_i p_i (delta'_i - p.delta') E_i and w' sum_i p'_i (delta_i - p'.delta) E'_i
         RowArr pd = RowArr::Zero(s.pt.cols()), pd2 = pd, c1 = pd, c2 = pd;
         for (Index i = 0; i < C; ++i) {

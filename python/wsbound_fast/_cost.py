@@ -33,12 +33,11 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
     gemm = float(sum(aug[1:]))  # alpha_l
     elem = 0.0
     if structured and not hessian:  # docs/structured.md: K_l for every l, O(C^2) identity per (l, m)
-        if L >= 2:
+        if L == 2:  # K_1 packed; one fused, vectorised pass over it (~3 per entry), then O(C)
+            return gemm + R * d[1], elem + 3 * R + 10 * C
+        if L >= 3:  # K_{L-1} packed, then unpacked for kh, u, v
             gemm += R * d[L - 1]
-        if L == 2:  # one fused, vectorised pass over the packed K_1 (~3 per entry), then O(C)
-            return gemm, elem + 3 * R + 10 * C
-        if L >= 2:
-            elem += 4 * C * C  # unpack K_{L-1}, then kh, u, v
+            elem += 4 * C * C
         gemm += C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
         elem += 3 * C * C * max(L - 2, 0) + (C * C + 2 * C) * L * (L + 1) / 2
         return gemm, elem
