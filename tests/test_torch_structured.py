@@ -99,6 +99,43 @@ def test_k_route_chunks(spec, curvature, scratch, values, refs, monkeypatch):
     np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
 
 
+@pytest.mark.parametrize("chunk_values", [1.0, 700.0, 1e9])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
+def test_k_route_accelerator_chunks(spec, curvature, chunk_values, refs):
+    """The chunking an accelerator plan asks for (prob.chunk_values: one budget for the GEMM
+    outputs of a chunk and for the elementwise work of a sub-chunk; single pairs, a few rows,
+    the whole block pair), run here on the CPU, still equals the C++ core."""
+    layers, X, y = refs.model(spec)
+    prob = replace(_tprob(spec, layers, X, y, curvature, 5, True), chunk_values=chunk_values)
+    assert _torch_backend._chunk_budgets(prob) == (chunk_values, chunk_values)
+    t_t, b_t = _torch_backend.moments(prob)
+    t_c, b_c = api._moments_cpp(prob)
+    np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * np.abs(b_c).max())
+    np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
+
+
+def test_accelerator_plan_sets_aside_k_route_scratch(monkeypatch):
+    """On a non-CPU device the K route's chunks get KROUTE_SCRATCH_SHARE of memory_limit
+    (16 bytes per chunk value: GEMM outputs and elementwise work) and the block plan the rest;
+    on the CPU the NumPy backend's chunks and the whole budget."""
+    rng = np.random.default_rng(0)
+    layers = [(rng.standard_normal((128, 20)), rng.standard_normal(128)), (rng.standard_normal((10, 128)), None)]
+    X, y = rng.standard_normal((300, 20)), rng.integers(0, 10, 300)
+    kw = dict(activation="tanh", curvature="hessian", reduction="mean", memory_limit=1 << 24)
+    cpu = _torch_backend.validate_torch(layers, X, y, **kw)
+    assert cpu.structured and cpu.chunk_values is None
+    assert _torch_backend._chunk_budgets(cpu) == (_torch_backend._SCRATCH_VALUES, None)
+    meta = _torch_backend.validate_torch(layers, X, y, device="meta", **kw)  # planned as an accelerator
+    share = _torch_backend.KROUTE_SCRATCH_SHARE
+    assert meta.memory_limit == 1 << 24
+    assert meta.chunk_values == pytest.approx(share * (1 << 24) / 16)
+    dims, has_bias = [20, 128, 10], [True, False]
+    expect = _validate.plan_blocks(dims, has_bias, 300, True, True, 1, None, int((1 - share) * (1 << 24)),
+                                   **_torch_backend.GPU_PLAN)
+    assert (meta.batch_size, meta.group_blocks) == expect
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
 def test_k_route_features_match_numpy(spec, curvature, refs):

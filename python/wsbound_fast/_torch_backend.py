@@ -45,7 +45,11 @@ block pair at a time) and the budget ``memory_limit`` bytes *on the compute devi
 (default on CUDA: half of the memory that is free there, ``torch.cuda.mem_get_info`` plus
 this process's cached-but-unused blocks; elsewhere the host default).  On a GPU the
 preferred block is larger (up to 2048 samples, a block pair up to ~4 TFLOP) so that the
-GEMMs fill the device; on the CPU the plan is the C++/NumPy one.
+GEMMs fill the device, and on the K route ``KROUTE_SCRATCH_SHARE`` of the budget is set
+aside for the chunks of sample pairs (``TorchProblem.chunk_values``), the block plan getting
+the rest: a 2000 x 2000 block pair of 784-1024-10 is then a few chunks (~10^3 kernels)
+instead of ~10^5 kernels in chunks sized for a CPU cache.  On the CPU the plan and the
+chunks are the C++/NumPy ones.
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ ACC = torch.float64
 GPU_PLAN = {"target_batch": 2048, "max_pair_flops": 4e12}
 #: Share of the device's free memory used by default on CUDA.
 CUDA_BUDGET_FRACTION = 0.5
+#: On an accelerator, share of memory_limit set aside for the K route's chunk temporaries
+#: (the GEMM outputs of a chunk of sample pairs and the elementwise work on them); the block
+#: plan gets the rest.  On the CPU the chunks are the NumPy backend's (a few million values,
+#: sized for its caches); on a GPU that would mean ~10^5 small kernels per block pair.
+KROUTE_SCRATCH_SHARE = 0.25
 #: Elements of X checked for NaN / Inf at once (bounds the temporary of the check).
 _FINITE_CHUNK = 1 << 24
 
@@ -99,6 +108,11 @@ class TorchProblem(Problem):
     #: The host-side budget (validate()'s memory_limit: the given one, or the host default),
     #: for what stays on the host whatever the device: the Lanczos basis of eigsh / exact=.
     host_memory_limit: int = 0
+    #: K route: float64 values that a chunk's GEMM outputs, and separately the elementwise
+    #: work of a sub-chunk, may hold (so both together at most 16 * chunk_values bytes of the
+    #: KROUTE_SCRATCH_SHARE of memory_limit set aside for them); None: the NumPy backend's
+    #: chunks (the CPU).
+    chunk_values: float | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -221,14 +235,21 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
     budget = default_budget(dev) if memory_limit is None else prob.memory_limit
     dims = [prob.weights[0].shape[1]] + [w.shape[0] for w in prob.weights]
     has_bias = [b is not None for b in prob.biases]
-    shape = GPU_PLAN if dev.type != "cpu" else {}
+    accel = dev.type != "cpu"
+    shape = GPU_PLAN if accel else {}
+    chunk = None
+    plan_budget = budget
+    if accel and prob.structured:  # large K-route chunks: few, large kernels (see KROUTE_SCRATCH_SHARE)
+        reserve = int(KROUTE_SCRATCH_SHARE * budget)
+        plan_budget = max(1, budget - reserve)
+        chunk = max(1.0, reserve / 16.0)
     # one block pair at a time (threads=1); features planned as float64 (conservative in float32);
     # the contraction path is the one validate() chose (prob.structured)
     batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, prob.structured, 1,
-                               None if batch_size is None else prob.batch_size, budget, **shape)
+                               None if batch_size is None else prob.batch_size, plan_budget, **shape)
     fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
     fields.update(batch_size=batch, group_blocks=group, memory_limit=budget)
-    return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit)
+    return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit, chunk_values=chunk)
 
 
 # --------------------------------------------------------------------------------------
@@ -484,10 +505,13 @@ def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch
 # c columns n' of J) scalars are (r, c), vectors (r, C, c) and the C x C matrices K (r, C, C, c).
 
 
-def _chunk_budget(device: torch.device) -> float | None:
-    """Values per sub-chunk of the elementwise work: the NumPy backend's on the CPU (sized for
-    its caches); on an accelerator all the cost model allows, for fewer and larger kernels."""
-    return None if device.type == "cpu" else _SCRATCH_VALUES
+def _chunk_budgets(prob: TorchProblem) -> tuple[float, float | None]:
+    """(values of a chunk's GEMM outputs, values of a sub-chunk's elementwise work): the NumPy
+    backend's on the CPU (sized for its caches; None is _pair_chunks' default); on an
+    accelerator ``prob.chunk_values`` for both, a share of memory_limit, for few, large kernels."""
+    if prob.chunk_values is None:
+        return _SCRATCH_VALUES, None
+    return prob.chunk_values, prob.chunk_values
 
 
 def _omega(W: torch.Tensor, ones_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,11 +564,11 @@ def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> t
     omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
     gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
     per_pair = (2 * L - 1) * C * C + 8 * L * C
-    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.numel(), _SCRATCH_VALUES):
+    chunk_outer, chunk_inner = _chunk_budgets(prob)
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.numel(), chunk_outer):
         packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
         grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
-        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair,
-                                   budget=_chunk_budget(prob.device)):
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, budget=chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             pI, pJT = pI_all[rr], pJ_all[cc].T
             terms = {L: _identity_terms(pI, pJT, pp[rr, cc], torch)}
@@ -559,9 +583,10 @@ def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> t
     return out
 
 
-def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_sum_last(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian blocks (L-1, L-1) and (L-1, L) by the K route, L >= 2, as float64 scalar tensors
     (as _numpy_backend._pair_sum_last: one GEMM for [s . s'; packed K; E], one for E')."""
+    L = prob.n_layers
     W = FI.W
     C, d = W.shape
     alpha = _gram(FI.at[L - 1], FJ.at[L - 1])
@@ -582,12 +607,13 @@ def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[torch.
     total = torch.zeros(2, dtype=ACC, device=W.device)
     per_pair = 3 * C * C + 16 * C
     gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.numel() + C * d  # [s . s'; K; E] and E', their left sides
-    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, _SCRATCH_VALUES):
+    chunk_outer, chunk_inner = _chunk_budgets(prob)
+    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, chunk_outer):
         YI = omega[None, :, :] * sI[rows, None, :]
         YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
         R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
         Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
-        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, budget=_chunk_budget(W.device)):
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, budget=chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
             pI, pJT = pI_all[rr], pJ_all[cc].T
@@ -636,7 +662,7 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
                     inner += _dense_cross(FJ.at[m][:, :d_prev], FJ.G[l, m], FI.delta[m], QI).T
             out[l - 1, m - 1] = torch.sum(alpha * inner)
     if kroute:
-        out[L - 2, L - 2], out[L - 2, L - 1] = _pair_sum_last(FI, FJ, L)
+        out[L - 2, L - 2], out[L - 2, L - 1] = _pair_sum_last(prob, FI, FJ)
     return out
 
 
