@@ -471,3 +471,68 @@ def test_gpu_check_quick(capsys):
     assert mod.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "self-check passed" in out and "Lanczos" in out
+
+
+_TF32_SCRIPT = r"""
+import sys, torch
+from wsbound_fast._torch_backend import ieee_float32
+m = torch.backends.cuda.matmul
+mode = sys.argv[1]
+if mode == "legacy": m.allow_tf32 = True
+elif mode == "new": m.fp32_precision = "tf32"
+elif mode == "high": torch.set_float32_matmul_precision("high")
+elif mode == "global": torch.backends.fp32_precision = "tf32"
+def read():
+    out = {}
+    for name, get in [("allow_tf32", lambda: m.allow_tf32), ("fp32_precision", lambda: m.fp32_precision),
+                      ("precision", torch.get_float32_matmul_precision)]:
+        try:
+            out[name] = str(get())
+        except RuntimeError:
+            out[name] = "refused"
+    return out
+before = read()
+with ieee_float32(torch.device("cuda")):
+    during = read()
+with ieee_float32(torch.device("cpu")):
+    cpu = read()
+print(repr((before, during, read(), cpu)))
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "legacy", "new", "high", "global"])
+def test_float32_mode_turns_tf32_off_on_cuda(mode):
+    """float32 on CUDA must not run in TF32 whatever the caller's setting (the legacy
+    allow_tf32, the new fp32_precision, set_float32_matmul_precision("high"), the global
+    torch.backends.fp32_precision): ieee_float32 turns it off within and restores the caller's
+    state after, readable through the same APIs as before (torch refuses to read the legacy
+    flag once the new API was used).  In a subprocess: the flags are process-wide."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: only the legacy allow_tf32 flag")
+    out = subprocess.run([sys.executable, "-c", _TF32_SCRIPT, mode], capture_output=True, text=True, check=True)
+    before, during, after, cpu = eval(out.stdout.strip())
+    assert during["allow_tf32"] == "False" and during["fp32_precision"] in ("ieee", "none")  # none: the default, IEEE
+    assert after == before and cpu == before
+    assert (before["fp32_precision"] == "tf32") == (mode != "default")
+
+
+def test_moments_runs_under_ieee_float32(monkeypatch):
+    """moments() enters ieee_float32 for its device around the whole computation."""
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def record(device):
+        seen.append(("enter", device))
+        yield
+        seen.append(("exit", device))
+
+    monkeypatch.setattr(_torch_backend, "ieee_float32", record)
+    layers, X, y = _small()
+    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="sum",
+                                         dtype="float32", batch_size=4)
+    calls = []
+    _torch_backend.moments(prob, progress=lambda d, t: calls.append(list(seen)))
+    assert seen == [("enter", prob.device), ("exit", prob.device)]
+    assert calls and all(c == [("enter", prob.device)] for c in calls)  # the work runs inside

@@ -29,8 +29,11 @@ elementwise products, the O(C^2) identity, the sums over the block pair and ever
 accumulation (tr(H) per sample is formed in float32 and summed in float64).  Measured
 against float64 on the CPU: 2e-9 to 1.1e-6 relative on tr(H) and tr(H^2) (random and
 trained models up to 784-256-10; see README); the tests allow 2e-5.
-TF32 tensor-core matmuls (``torch.backends.cuda.matmul.allow_tf32``) would lower that;
-torch leaves them off by default.
+TF32 tensor-core matmuls would lower that (a 10-bit mantissa): torch leaves them off by
+default, but a training script often turns them on (``torch.set_float32_matmul_precision
+("high")``, ``torch.backends.cuda.matmul.allow_tf32 = True`` or ``.fp32_precision = "tf32"``),
+so :func:`moments` turns them off on CUDA while it runs (:func:`ieee_float32`) and restores
+the caller's setting afterwards, through the same API the caller used.
 
 Validation: weights, biases and labels given as tensors are copied to NumPy (O(P) and
 O(N) values) and validated by :func:`wsbound_fast._validate.validate` like any other
@@ -54,9 +57,10 @@ chunks are the C++/NumPy ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -666,6 +670,39 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
     return out
 
 
+@contextlib.contextmanager
+def ieee_float32(device: torch.device) -> Iterator[None]:
+    """Within the block: float32 matmuls on ``device`` (CUDA) in IEEE float32, not TF32.
+
+    torch has two APIs for the flag (``allow_tf32``, and ``fp32_precision`` since 2.9) and
+    refuses to read the legacy one once the new one was used; the setting is changed and
+    restored through the API that can read it, so that the caller's later reads of either
+    keep working.  Nothing happens off CUDA (the flag is cuBLAS's).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    restore: Callable[[], None] | None = None
+    try:
+        legacy = bool(m.allow_tf32)
+    except RuntimeError:  # the new API is in use (torch >= 2.9): the legacy flag cannot be read
+        legacy = None
+    if legacy is True:
+        m.allow_tf32 = False
+        restore = lambda: setattr(m, "allow_tf32", True)  # noqa: E731
+    elif legacy is None:
+        old = m.fp32_precision
+        if old != "ieee":
+            m.fp32_precision = "ieee"
+            restore = lambda: setattr(m, "fp32_precision", old)  # noqa: E731
+    try:
+        yield
+    finally:
+        if restore is not None:
+            restore()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -690,7 +727,7 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
         lo, hi = bounds[k]
         return block_features(prob, net, data.rows(lo, hi), data.label_rows(lo, hi))
 
-    with torch.no_grad():
+    with torch.no_grad(), ieee_float32(dev):
         block_trace = torch.zeros((nb, L), dtype=ACC, device=dev)
         row_sum = torch.zeros((nb, L, L), dtype=ACC, device=dev)  # row i: sum over j >= i, j increasing
         done, total_pairs = 0, nb * (nb + 1) // 2
