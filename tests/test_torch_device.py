@@ -1,0 +1,149 @@
+"""backend="torch" off the CPU without a GPU: device placement and host synchronisations.
+
+A CUDA run fails on what a CPU run cannot show: a tensor made without ``device=`` (or a
+``torch.from_numpy`` never moved) meeting the computation's tensors, and it slows down on
+hidden host synchronisations (``.item()``, ``float(t)``, ``if t.any()``, ``.cpu()``) inside
+the loop over block pairs.  Here the torch backend computes on torch's ``meta`` device
+(shapes only, no data; planned as an accelerator, since it is not the CPU) under a dispatch
+mode that applies CUDA's rule -- every tensor of an operation on the compute device, CPU
+0-dim tensors excepted -- and counts the copies from the device to the host.  Values are
+not computed; their exactness on the CPU is the business of test_torch_backend.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+import reference as R  # noqa: E402
+from test_structured import SPECS  # noqa: E402
+from wsbound_fast import _torch_backend, _validate  # noqa: E402
+
+#: Copies between devices (checked separately) and ops that take no tensor data.
+_COPIES = {"aten._to_copy.default", "aten.copy_.default"}
+#: Ops that read a device value on the host (each a synchronisation on CUDA).
+_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+          "aten.equal.default", "aten.masked_select.default"}
+
+
+class DeviceRules(TorchDispatchMode):
+    """Raise on an op that mixes the compute device with non-scalar CPU tensors; count the
+    device -> host copies and host reads of device values; stand in zeros for the data of a
+    device -> host copy (meta tensors have none)."""
+
+    def __init__(self, device: str = "meta") -> None:
+        super().__init__()
+        self.device = device
+        self.ops = 0
+        self.on_device = 0
+        self.to_host: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        self.ops += 1
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        devs = {t.device.type for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        self.on_device += self.device in devs
+        if name in _READS and self.device in devs:
+            raise AssertionError(f"{name}: a device value read on the host (a synchronisation on CUDA)")
+        if name == "aten._to_copy.default" and tensors[0].device.type == self.device \
+                and torch.device(kwargs.get("device", self.device)).type == "cpu":
+            self.to_host[name] += 1
+            return torch.zeros(tensors[0].shape, dtype=kwargs.get("dtype") or tensors[0].dtype)
+        if name == "aten.copy_.default" and tensors[0].device.type == "cpu" and tensors[1].device.type == self.device:
+            self.to_host[name] += 1
+            return tensors[0].zero_()
+        if name not in _COPIES and len(devs) > 1:
+            raise AssertionError(f"{name} mixes devices {sorted(devs)} (CUDA refuses this)")
+        return func(*args, **kwargs)
+
+
+def _check_X_meta(X, d_in):
+    """check_X without its NaN/Inf scan (a meta tensor holds no values to read)."""
+    if isinstance(X, torch.Tensor) and X.device.type == "meta":
+        _validate.check_X_shape(tuple(X.shape), d_in)
+        return X.detach()
+    return _torch_backend.check_X.__wrapped__(X, d_in)
+
+
+@pytest.fixture
+def meta_X(monkeypatch):
+    orig = _torch_backend.check_X
+    _check_X_meta.__wrapped__ = orig
+    monkeypatch.setattr(_torch_backend, "check_X", _check_X_meta)
+
+
+def test_rules_catch_a_cpu_tensor_and_a_host_read():
+    """The mode is not vacuous: the two mistakes it is there for raise."""
+    a = torch.zeros(3, 4, device="meta")
+    with DeviceRules(), pytest.raises(AssertionError, match="mixes devices"):
+        a + torch.ones(3, 4)  # a tensor made without device=
+    with DeviceRules(), pytest.raises(AssertionError, match="mixes devices"):
+        a @ torch.from_numpy(np.ones((4, 2)))  # from_numpy never moved
+    with DeviceRules(), pytest.raises(AssertionError, match="synchronisation"):
+        bool((a > 0).any())
+    with DeviceRules() as m:
+        a + torch.tensor(2.0)  # a CPU scalar is allowed, as on CUDA
+        out = a.sum(dim=0).cpu()
+    assert m.to_host and out.device.type == "cpu"
+
+
+#: (model, curvature, structured path, where X lives, precision): every model and path once,
+#: the three places of X and the two precisions in turn.
+_PLACES = [("numpy", "float64"), ("host tensor", "float32"), ("device tensor", "float64")]
+CASES = [(spec, curv, structured) for spec in SPECS for curv in ("hessian", "ggn") for structured in (True, False)
+         if not (structured and spec.depth == 1 and curv == "hessian")]
+CASES = [case + _PLACES[i % 3] for i, case in enumerate(CASES)]
+
+
+@pytest.mark.parametrize(("spec", "curvature", "structured", "x_kind", "dtype"), CASES,
+                         ids=[f"{'-'.join(map(str, s.dims))}-{c}-{'k' if k else 'g'}-{x}-{d}" for s, c, k, x, d in CASES])
+def test_moments_stay_on_the_device(spec, curvature, structured, x_kind, dtype, refs, meta_X):
+    """Every block pair's work on the compute device, whatever the model (depths 1-4, both
+    curvatures and contraction paths, soft labels, layers without bias), precision and
+    where X lives; the two (L,)/(L, L) partial sums are the only device -> host copies
+    however many block pairs there are, and no device value is read on the host."""
+    layers, X, y = refs.model(spec)
+    X = np.tile(X, (2, 1))
+    y = np.tile(y, 2) if y.ndim == 1 else np.tile(y, (2, 1))
+    Xa = {"numpy": X, "host tensor": torch.from_numpy(X), "device tensor": torch.from_numpy(X).to("meta")}[x_kind]
+    prob = _torch_backend.validate_torch(layers, Xa, y, activation=spec.activation_arg(), curvature=curvature,
+                                         reduction="mean", device="meta", dtype=dtype, batch_size=4)
+    prob = replace(prob, structured=structured, group_blocks=2)
+    nb = math.ceil(prob.n_samples / 4)
+    assert nb >= 4
+    progress = []
+    with DeviceRules() as m:
+        trace, blocks = _torch_backend.moments(prob, progress=lambda d, t: progress.append(d))
+    assert progress[-1] == nb * (nb + 1) // 2
+    assert m.on_device > 50 * nb  # the work did run on the device
+    assert sum(m.to_host.values()) == 2, m.to_host
+    assert trace.shape == (spec.depth,) and blocks.shape == (spec.depth, spec.depth)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("spec", SPECS[1::2], ids=lambda s: "-".join(map(str, s.dims)))
+def test_products_stay_on_the_device(spec, curvature, refs):
+    """The curvature-vector product: one (k, P) result copied to the host per call, nothing
+    else, whatever the number of blocks."""
+    layers, X, y = refs.model(spec)
+    prob = _torch_backend.validate_torch(layers, np.tile(X, (5, 1)), np.tile(y, 5) if y.ndim == 1 else
+                                         np.tile(y, (5, 1)), activation=spec.activation_arg(),
+                                         curvature=curvature, reduction="mean", device="meta")
+    products = _torch_backend.hvp_products(prob, 2, 3)
+    V = np.random.default_rng(0).standard_normal((2, prob.n_params))
+    with DeviceRules() as m:
+        out = products(V)
+        products(V[:1])
+    assert out.shape == V.shape
+    assert sum(m.to_host.values()) == 2 and m.on_device > 20
