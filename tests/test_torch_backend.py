@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -471,6 +472,68 @@ def test_gpu_check_quick(capsys):
     assert mod.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "self-check passed" in out and "Lanczos" in out
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_failures", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_reports_a_failed_row_and_goes_on(capsys, monkeypatch):
+    """One row running out of CUDA memory and one verify case raising: both are reported in
+    their tables with the error, the other rows still run, the tracebacks follow, exit 1."""
+    mod = _gpu_check_module()
+    small = dict(dims=(6, 5, 3), act="tanh", n=20, seed=1, repeats=1)
+    monkeypatch.setattr(mod, "CPU_WORKLOADS", [dict(small, name="first"), dict(small, name="second")])
+    monkeypatch.setattr(mod, "VERIFY_CASES", [dict(dims=(6, 4), act="tanh", curv="hessian", n=9, seed=1),
+                                              dict(dims=(6, 4), act="tanh", curv="ggn", n=9, seed=1)] * 2)
+    real_row, real_case = mod.table_row, mod.verify_case
+
+    def row(device, w, rate):
+        if w["name"] == "first":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_row(device, w, rate)
+
+    def case(device, c, ref):
+        if c["curv"] == "ggn":
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return real_case(device, c, ref)
+
+    monkeypatch.setattr(mod, "table_row", row)
+    monkeypatch.setattr(mod, "verify_case", case)
+    monkeypatch.setattr(mod, "lanczos_time", lambda *a: (0.0, 1.0, 1))  # the torch.func Lanczos: not needed here
+    assert mod.main(["--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "| first | 20 | FAILED: CUDA OUT OF MEMORY" in out
+    assert "| second | 20 |" in out and out.count("| second | 20 | FAILED") == 0
+    assert out.count("FAILED: RuntimeError: Expected all tensors to be on the same device") == 2
+    assert out.count("| 6-4 tanh N=9 | hessian | hard |") == 2  # the cases after a failure ran
+    assert "## errors (3)" in out and "OutOfMemoryError" in out and "CHECK FAILED" in out
+
+
+def test_gpu_check_time_limit(capsys, monkeypatch):
+    """Past the guard no row is started, and the row running at the limit is stopped
+    (SIGALRM); the tables are still printed and the exit status is 1."""
+    mod = _gpu_check_module()
+    small = dict(dims=(6, 5, 3), act="tanh", n=20, seed=1, repeats=1)
+    monkeypatch.setattr(mod, "CPU_WORKLOADS", [dict(small, name="slow"), dict(small, name="late")])
+    monkeypatch.setattr(mod, "VERIFY_CASES", [dict(dims=(6, 4), act="tanh", curv="hessian", n=9, seed=1)])
+
+    def slow(device, w, rate):
+        time.sleep(30)
+
+    monkeypatch.setattr(mod, "table_row", slow)
+    t0 = time.perf_counter()
+    assert mod.main(["--quick", "--time-limit", "8", "--guard", "6"]) == 1
+    assert time.perf_counter() - t0 < 25
+    out = capsys.readouterr().out
+    assert "| slow | 20 | FAILED: stopped: past the 8 s limit" in out
+    assert "| late | 20 | not run: past the 6 s guard |" in out
+    assert "| 6-4 tanh N=9 | hessian | hard |" in out and "CHECK FAILED" in out
 
 
 _TF32_SCRIPT = r"""
