@@ -81,6 +81,72 @@ def test_exact_and_certify_match_cpp(spec, curvature, refs):
         assert getattr(got, name) <= getattr(ref, name) + TOL * scale, name
 
 
+@pytest.fixture
+def device_basis(monkeypatch):
+    """The Lanczos basis kept with the product in the torch backend's DeviceSpace (what a GPU
+    gets) here on the CPU; counts the steps taken there."""
+    monkeypatch.setattr(_hvp, "_DEVICE_BASIS_ON_CPU", True)
+    steps = []
+    real = _torch_backend.DeviceSpace.apply
+
+    def apply(self, q):
+        assert isinstance(q, torch.Tensor)
+        steps.append(q.shape)
+        return real(self, q)
+
+    monkeypatch.setattr(_torch_backend.DeviceSpace, "apply", apply)
+    return steps
+
+
+@pytest.mark.parametrize("spec", EIG_SPECS[::2], ids=EIG_IDS[::2])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_eigsh_device_basis_matches_cpp(spec, curvature, refs, device_basis):
+    layers, X, y = refs.model(spec)
+    kw = dict(k=3, which="BE", activation=spec.activation_arg(), curvature=curvature, return_eigenvectors=True)
+    vals, vecs = wsb.eigsh(layers, X, y, backend="torch", **kw)
+    assert len(device_basis) >= 3
+    ref_vals, ref_vecs = wsb.eigsh(layers, X, y, backend="cpp", **kw)
+    scale = float(np.abs(ref_vals).max())
+    assert isinstance(vecs, np.ndarray) and vecs.shape == ref_vecs.shape
+    np.testing.assert_allclose(vals, ref_vals, rtol=0, atol=TOL * scale)
+    np.testing.assert_allclose(vecs, ref_vecs, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_exact_and_certify_device_basis_match_cpp(curvature, refs, device_basis):
+    spec = NET_SPECS[0]
+    layers, X, y = refs.model(spec)
+    kw = dict(activation=spec.activation_arg(), curvature=curvature, certify=4)
+    got = wsb.bound(layers, X, y, backend="torch", **kw)
+    assert len(device_basis) == got.lanczos_iterations
+    ref = wsb.bound(layers, X, y, backend="cpp", **kw)
+    assert got.certify_k == ref.certify_k and got.lanczos_converged == ref.lanczos_converged
+    scale = max(abs(ref.lambda_max), abs(ref.lambda_min))
+    for name in EXACT_FIELDS:
+        assert abs(getattr(got, name) - getattr(ref, name)) <= TOL * scale, name
+
+
+def test_device_basis_only_when_it_fits(monkeypatch):
+    """A basis of maxiter vectors over DEVICE_BASIS_SHARE of memory_limit stays on the host;
+    an overflowing product raises the same FloatingPointError from the device space."""
+    layers, X, y, spec = _model()
+    monkeypatch.setattr(_hvp, "_DEVICE_BASIS_ON_CPU", True)
+    prob = _torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature="hessian",
+                                         reduction="mean", memory_limit=1 << 16)
+    space = _hvp.make_matvec(prob, "torch").space
+    P = prob.n_params
+    rows = int(_torch_backend.DEVICE_BASIS_SHARE * (1 << 16)) // (8 * P)
+    assert 1 <= rows < P and space.holds(rows, P) and not space.holds(rows + 1, P)
+    seen = []
+    monkeypatch.setattr(_torch_backend.DeviceSpace, "apply", lambda self, q: seen.append(1) or q)
+    run = _lanczos.lanczos(_hvp.make_matvec(prob, "torch"), P, wanted=lambda th: np.arange(1), n_wanted=1,
+                           tol=0.0, maxiter=P, rng=np.random.default_rng(0))
+    assert not seen and run.space is None and run.iterations > rows  # the basis stayed on the host
+    monkeypatch.undo()
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        _torch_backend.DeviceSpace(lambda V: V * np.inf, 1.0, prob).apply(torch.ones(P, dtype=torch.float64))
+
+
 def test_exact_with_float32_moments():
     """dtype="float32" is the moments' precision; Lanczos still runs on the float64 product."""
     layers, X, y, spec = _model()

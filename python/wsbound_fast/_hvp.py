@@ -236,7 +236,18 @@ def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None 
                                      "the weights, inputs or v are too large in magnitude")
         return out
 
+    on_device = getattr(products, "on_device", None)
+    if on_device is not None and getattr(prob, "device", None) is not None and \
+            (prob.device.type != "cpu" or _DEVICE_BASIS_ON_CPU):  # type: ignore[attr-defined]
+        from ._torch_backend import DeviceSpace
+
+        matvec.space = DeviceSpace(on_device, scale, prob)  # type: ignore[attr-defined]  # see _lanczos.lanczos
     return matvec
+
+
+#: Tests only: give the torch backend's Lanczos its device space on the CPU as well (it is
+#: used off the CPU only, where the host basis would cost a transfer and a host pass per step).
+_DEVICE_BASIS_ON_CPU = False
 
 
 def validate_for_products(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any,

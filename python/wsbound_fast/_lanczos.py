@@ -47,23 +47,54 @@ def select_indices(theta: np.ndarray, which: str, k: int) -> np.ndarray:
     raise ValueError(which)  # pragma: no cover - validated before
 
 
+class HostSpace:
+    """Where the Lanczos vectors live and how the product is applied: host memory (NumPy),
+    the matvec's own float64 arrays.  ``_torch_backend.DeviceSpace`` keeps them on a GPU."""
+
+    def __init__(self, matvec: Matvec) -> None:
+        self.matvec = matvec
+
+    def vector(self, a: np.ndarray) -> Any:
+        return a
+
+    def basis(self, rows: int, n: int, old: Any = None) -> Any:
+        """An empty (rows, n) basis holding ``old``'s rows first."""
+        Q = np.empty((rows, n))
+        if old is not None:
+            Q[: old.shape[0]] = old
+        return Q
+
+    def norm(self, w: Any) -> float:
+        return float(np.linalg.norm(w))
+
+    def apply(self, q: Any) -> Any:
+        return self.matvec(q[None, :])[0]
+
+    def combine(self, Q: Any, coeffs: np.ndarray) -> np.ndarray:
+        """Q^T coeffs as a host (n, k) array."""
+        return Q.T @ coeffs
+
+
 @dataclass
 class LanczosResult:
     """State of a finished Lanczos run (basis rows Q[:m], tridiagonal T's eigenpairs)."""
 
     theta: np.ndarray  # (m,) Ritz values, ascending
     S: np.ndarray  # (m, m) eigenvectors of T
-    Q: np.ndarray  # (m, P) orthonormal Lanczos basis
+    Q: Any  # (m, P) orthonormal Lanczos basis (a NumPy array, or a tensor on the device: see space)
     residuals: np.ndarray  # (m,) estimated |H y_i - theta_i y_i|
     iterations: int  # matvecs done
     converged: bool
+    space: Any = None  # where Q lives (HostSpace when None)
 
     def vectors(self, idx: np.ndarray) -> np.ndarray:
-        """Ritz vectors for the given indices, as the columns of a (P, len(idx)) array."""
-        return self.Q.T @ self.S[:, idx]
+        """Ritz vectors for the given indices, as the columns of a (P, len(idx)) host array."""
+        if self.space is None:
+            return self.Q.T @ self.S[:, idx]
+        return self.space.combine(self.Q, self.S[:, idx])
 
 
-def _orthogonalise(w: np.ndarray, Q: np.ndarray) -> np.ndarray:
+def _orthogonalise(w: Any, Q: Any) -> Any:
     for _ in range(2):  # "twice is enough"
         w -= Q.T @ (Q @ w)
     return w
@@ -76,14 +107,21 @@ def lanczos(matvec: Matvec, n: int, *, wanted: Callable[[np.ndarray], np.ndarray
     ``wanted(theta)`` returns the indices of the wanted Ritz values; at least ``n_wanted``
     iterations are done (fewer only when n is smaller).  Stops after ``maxiter`` matvecs,
     or when the basis spans R^n (then the Ritz values are the eigenvalues).
+
+    The basis and the reorthogonalisation stay in host memory, unless the matvec offers a
+    device space (``matvec.space``, backend="torch" on a GPU) that holds maxiter vectors:
+    then they stay on the device with the product, and only scalars cross per step.
     """
     maxiter = min(maxiter, n)
+    space = getattr(matvec, "space", None)
+    if space is None or not space.holds(maxiter, n):
+        space = HostSpace(matvec)
     cap = min(maxiter, 64)
-    Q = np.empty((cap, n))
+    Q = space.basis(cap, n)
     alpha: list[float] = []
     beta: list[float] = []  # beta[j]: coupling between q_j and q_{j+1}
     q = rng.standard_normal(n)
-    q /= np.linalg.norm(q)
+    q = space.vector(q / np.linalg.norm(q))
     scale = 0.0
     theta = np.zeros(0)
     S = np.zeros((0, 0))
@@ -94,17 +132,15 @@ def lanczos(matvec: Matvec, n: int, *, wanted: Callable[[np.ndarray], np.ndarray
     while m < maxiter:
         if m == cap:
             cap = min(maxiter, 2 * cap)
-            Q2 = np.empty((cap, n))
-            Q2[:m] = Q[:m]
-            Q = Q2
+            Q = space.basis(cap, n, Q[:m])
         Q[m] = q
-        w = matvec(q[None, :])[0]
+        w = space.apply(q)
         a = float(q @ w)
         w -= a * q
         if m > 0:
             w -= beta[-1] * Q[m - 1]
         w = _orthogonalise(w, Q[: m + 1])
-        b = float(np.linalg.norm(w))
+        b = space.norm(w)
         alpha.append(a)
         m += 1
         scale = max(scale, abs(a), b)
@@ -123,8 +159,8 @@ def lanczos(matvec: Matvec, n: int, *, wanted: Callable[[np.ndarray], np.ndarray
         if m == maxiter:
             break
         if b <= 1e-12 * scale:  # invariant subspace: continue from a fresh random direction
-            q = _orthogonalise(rng.standard_normal(n), Q[:m])
-            nq = float(np.linalg.norm(q))
+            q = _orthogonalise(space.vector(rng.standard_normal(n)), Q[:m])
+            nq = space.norm(q)
             if nq <= 1e-8:  # pragma: no cover - the basis already spans R^n
                 break
             q /= nq
@@ -136,7 +172,7 @@ def lanczos(matvec: Matvec, n: int, *, wanted: Callable[[np.ndarray], np.ndarray
         T = np.diag(alpha) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
         theta, S = np.linalg.eigh(T)
         res = b * np.abs(S[-1, :])
-    return LanczosResult(theta, S, Q[:m], res, m, converged)
+    return LanczosResult(theta, S, Q[:m], res, m, converged, None if isinstance(space, HostSpace) else space)
 
 
 def _seed(seed: Any) -> int:
@@ -195,8 +231,10 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     return_eigenvectors : also return the unit Ritz vectors as the columns of a (P, k) array.
     backend, device, dtype, batch_size, threads, memory_limit : as for :func:`hvp`, which
         computes the products ("cpp", "numpy" or "torch" on ``device``, e.g. "cuda"; float64
-        only).  The Lanczos basis and its reorthogonalisation stay in host memory (NumPy)
-        whatever the backend; one (P,) vector goes to the device and back per step.
+        only).  The Lanczos basis and its reorthogonalisation stay in host memory (NumPy),
+        except for "torch" on a GPU, where they stay on the device with the product when
+        maxiter vectors take at most a quarter of ``memory_limit`` there (only scalars cross
+        per step); otherwise one (P,) vector goes to the device and back per step.
 
     Returns
     -------

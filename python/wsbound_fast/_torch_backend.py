@@ -766,9 +766,15 @@ TORCH_OPS = ArrayOps(evaluate, lambda z: torch.softmax(z, dim=1), torch.zeros_li
 RESIDENT_DATA_SHARE = 0.25
 
 
+#: Share of memory_limit that the Lanczos basis (maxiter x P float64 values) may take on the
+#: device; a larger basis stays in host memory (see _lanczos.lanczos).
+DEVICE_BASIS_SHARE = 0.25
+
+
 def hvp_products(prob: TorchProblem, k: int, batch_size: int | None) -> Callable[[np.ndarray], np.ndarray]:
     """The unnormalised product V (k', P) -> sum_n H_n V[j] on ``prob.device``, as a function
-    of float64 NumPy arrays (what :func:`wsbound_fast._hvp.make_matvec` wraps).
+    of float64 NumPy arrays (what :func:`wsbound_fast._hvp.make_matvec` wraps); the same
+    product on float64 tensors on the device is its attribute ``on_device``.
 
     Always in float64 (``prob.dtype`` is the moments' precision; see README).  The block of
     :func:`wsbound_fast._hvp.block_hvp` -- the NumPy backend's code, run on tensors -- for
@@ -788,16 +794,59 @@ def hvp_products(prob: TorchProblem, k: int, batch_size: int | None) -> Callable
     data = DeviceData.of(planned, resident=data_bytes <= RESIDENT_DATA_SHARE * planned.memory_limit)
     off = offsets(planned)
 
-    def products(V: np.ndarray) -> np.ndarray:
+    def on_device(Vd: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            Vd = _from_numpy(V).to(device=planned.device, dtype=ACC)
             out = torch.zeros_like(Vd)
             for lo in range(0, N, B):
                 hi = min(lo + B, N)
                 out += block_hvp(planned, net.W, net.b, data.rows(lo, hi), data.label_rows(lo, hi), Vd, off, TORCH_OPS)
-            return out.cpu().numpy()
+            return out
 
+    def products(V: np.ndarray) -> np.ndarray:
+        return on_device(_from_numpy(V).to(device=planned.device, dtype=ACC)).cpu().numpy()
+
+    products.on_device = on_device  # type: ignore[attr-defined]
     return products
+
+
+class DeviceSpace:
+    """The Lanczos vectors on the compute device (see :func:`wsbound_fast._lanczos.lanczos`):
+    the basis, its reorthogonalisation and the product stay there, and each step reads
+    two scalars (q . Hq and |w|) and a finiteness flag back.  Used on an accelerator when
+    maxiter vectors take at most ``DEVICE_BASIS_SHARE`` of memory_limit: with a host basis
+    every step moves a P-vector each way and reads the whole (m, P) basis twice from host
+    memory (at P = 0.8M and m = 100 steps, ~1.3 GB a step)."""
+
+    def __init__(self, on_device: Callable[[torch.Tensor], torch.Tensor], scale: float, prob: TorchProblem) -> None:
+        self.on_device, self.scale, self.device = on_device, scale, prob.device
+        self.budget = DEVICE_BASIS_SHARE * prob.memory_limit
+
+    def holds(self, rows: int, n: int) -> bool:
+        return 8 * rows * n <= self.budget
+
+    def vector(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(self.device)
+
+    def basis(self, rows: int, n: int, old: torch.Tensor | None = None) -> torch.Tensor:
+        Q = torch.empty((rows, n), dtype=ACC, device=self.device)
+        if old is not None:
+            Q[: old.shape[0]] = old
+        return Q
+
+    def norm(self, w: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(w))
+
+    def apply(self, q: torch.Tensor) -> torch.Tensor:
+        out = self.on_device(q[None, :])[0]
+        if self.scale != 1.0:
+            out *= self.scale
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError("the curvature-vector product overflowed float64; "
+                                     "the weights, inputs or v are too large in magnitude")
+        return out
+
+    def combine(self, Q: torch.Tensor, coeffs: np.ndarray) -> np.ndarray:
+        return (Q.T @ torch.from_numpy(np.ascontiguousarray(coeffs)).to(Q)).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------
