@@ -369,6 +369,26 @@ def test_device_and_dtype_resolution():
         assert wsb.bound(layers, X, y, backend="torch", **kw).backend == "torch"
 
 
+def test_module_device_is_the_default(monkeypatch):
+    """A torch module's own device is the default compute device when X is not a tensor (its
+    weights become NumPy copies before resolve_device sees them); a tensor X's device wins."""
+    from wsbound_fast import _torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    X = np.random.default_rng(0).standard_normal((6, 4))
+    assert _torch._module_device(net.to("meta"), X) == torch.device("meta")
+    assert _torch._module_device(net, torch.from_numpy(X)) is None
+    seen = []
+    real = _torch_backend.validate_torch
+    monkeypatch.setattr(_torch_backend, "validate_torch", lambda *a, **kw: seen.append(kw["device"]) or real(*a, **kw))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    y = np.array([0, 1, 2, 0, 1, 2])
+    ref = wsb.bound(net, X, y, backend="cpp")
+    got = wsb.bound(net, X, y, backend="torch")
+    assert seen == [torch.device("cpu")]
+    assert abs(got.trace_sq - ref.trace_sq) <= TOL * ref.trace_sq
+
+
 def test_plan_uses_device_budget(monkeypatch):
     """memory_limit is the device budget; on CUDA the default comes from mem_get_info, and
     an accelerator gets larger blocks."""

@@ -287,6 +287,8 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
     the caller, which knows what float32 means for it.  activation None means the torch
     module's activations, or "tanh" for a list of layers.
     """
+    if backend == "torch" and device is None and is_module(layers):
+        device = _module_device(layers, X)
     layers, X, y, activation = adapt(layers, X, y, activation, keep_tensors=backend == "torch")
     kw = dict(activation="tanh" if activation is None else activation, curvature=curvature, reduction=reduction,
               batch_size=batch_size, threads=threads, memory_limit=memory_limit)
@@ -300,6 +302,17 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
     if device is not None:
         raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
     return prob
+
+
+def _module_device(module: Any, X: Any) -> Any:
+    """The default device of backend="torch" for a module: X's if X is a tensor, else that of
+    the module's first parameter (adapt() turns the weights into NumPy copies, which would
+    lose it: a model on "cuda" with NumPy data would otherwise be computed on the CPU)."""
+    if is_tensor(X):
+        return None  # resolve_device takes X's device
+    for param in module.parameters():
+        return param.device
+    return None
 
 
 def _flattened(X: Any) -> Any:
