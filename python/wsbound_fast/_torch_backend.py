@@ -110,7 +110,8 @@ class TorchProblem(Problem):
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float64
     #: The host-side budget (validate()'s memory_limit: the given one, or the host default),
-    #: for what stays on the host whatever the device: the Lanczos basis of eigsh / exact=.
+    #: which sets the default maxiter of eigsh / exact= (the Lanczos basis is on the host,
+    #: or on the device when it fits in DEVICE_BASIS_SHARE of memory_limit there).
     host_memory_limit: int = 0
     #: K route: float64 values that a chunk's GEMM outputs, and separately the elementwise
     #: work of a sub-chunk, may hold (so both together at most 16 * chunk_values bytes of the
