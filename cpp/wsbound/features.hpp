@@ -24,8 +24,6 @@ struct FeaturesOf {
     std::vector<M> sp;     // sp[l]: sigma'(z_l), (B, d_l), l < L
     std::vector<M> G;      // G[pair(l,m)]: G_lm = T_ml^T M_m flattened, (B, d_l d_m), l <= m
     std::vector<M> Q;      // Q[pair(l,m)]: dense Q_lm flattened, (B, d_{m-1} d_l), l < m - 1
-    std::vector<M> X;      // X[l]: a_l (row-scaled) G_{l,l+1}, (B, d_l d_{l+1})
-    std::vector<M> Y;      // Y[l]: sigma'_l outer delta_{l+1}, (B, d_l d_{l+1})
     // Structured path (docs/structured.md).  K_l = T_l T_l'^T with T_l = dz_L/dz_l (C x d_l).
     Index C = 0;
     RowMat p;              // softmax(z_L), (B, C), always float64 (the O(C^2) identity)
