@@ -42,14 +42,12 @@ class BlockFeatures:
     sp: list[np.ndarray]  # sp[l]: sigma'(z_l), (B, d_l), l < L
     G: dict[tuple[int, int], np.ndarray]  # G[l, m]: (B, d_l * d_m) flattened row-major, l <= m
     Q: dict[tuple[int, int], np.ndarray]  # Q[l, m]: (B, d_{m-1}, d_l), l < m - 1 (full Hessian)
-    X: dict[int, np.ndarray]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
-    Y: dict[int, np.ndarray]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: np.ndarray  # trace[l-1]: sum over the block's samples of |a~_{l-1}|^2 tr(M_l)
     # Structured path (docs/structured.md): p = softmax(z_L) and w = sum of the label row
     # (A = w (diag p - p p^T)); W = W_L, (C, d_{L-1}), the same array for every block.
     # GGN: T[l] = T_{L,l} = dz_L/dz_l stacked per sample, (B, C, d_l), l <= L - 2.
     # Hessian (L >= 2): M_{L-1} = V V^T + diag(rho), u_k = |V_k|^2 (V = D_{L-1} W_L^T S, A = S S^T);
-    # G[L-1, L-1], G[L-1, L], X[L-1], Y[L-1] are not kept.
+    # G[L-1, L-1] and G[L-1, L] are not kept.
     p: np.ndarray | None = None
     w: np.ndarray | None = None
     W: np.ndarray | None = None
@@ -94,7 +92,7 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             tr_m[l] = _diag_tat(p, w, Tl).sum(axis=1)
             if l <= L - 2:
                 T[l] = Tl
-        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
+        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
     M: list[np.ndarray] = [np.empty(0)] * (L + 1)
     C = p.shape[1]
     M[L] = w[:, None, None] * (np.einsum("ni,ij->nij", p, np.eye(C)) - p[:, :, None] * p[:, None, :])
@@ -131,24 +129,17 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             Gc = sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
     Q: dict[tuple[int, int], np.ndarray] = {}
-    Xc: dict[int, np.ndarray] = {}
-    Yc: dict[int, np.ndarray] = {}
     if prob.hessian:
         for l in range(1, L - 1):  # Q_{l,l+1} = D_l;  Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1}
             Qc = W[l][None, :, :] * sp[l][:, None, :]  # W_{l+1} D_l, (B, d_{l+1}, d_l)
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-        for l in range(1, L - 1 if kroute else L):
-            d_l, d_m = W[l].shape[1], W[l].shape[0]
-            a_l = at[l + 1][:, :d_l]
-            Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
-            Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
     if not kroute:
-        return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+        return BlockFeatures(at, delta, sp, G, Q, trace)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
 
 
 def _diag_tat(p: np.ndarray, w: np.ndarray, T: np.ndarray) -> np.ndarray:
@@ -174,6 +165,14 @@ def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray)
     P1 = np.matmul(bI, QJ)  # (B', B, d_l): [n', n, r] = sum_e b_n[e] Q_{n'}[e, r]
     P2 = GI.reshape(B * d_l, -1) @ dJ.T  # (B*d_l, B'): [n r, n'] = (G_n delta_{n'})[r]
     return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
+
+
+def _adjacent_cross(aI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, spJ: np.ndarray) -> np.ndarray:
+    """cross[n, n'] = <X_n, Y_{n'}> with X_n = diag(a_n) G_n and the rank-one Y_{n'} =
+    sigma'_{n'} delta_{n'}^T (m = l + 1): sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r]."""
+    B, d_l = aI.shape
+    P2 = GI.reshape(B * d_l, -1) @ dJ.T  # (B*d_l, B'): [n r, n'] = (G_n delta_{n'})[r]
+    return np.einsum("nr,kr,nrk->nk", aI, spJ, P2.reshape(B, d_l, -1), optimize=True)
 
 
 #: Values that the temporaries of the K route may hold at once: the GEMM outputs of a chunk
@@ -385,7 +384,9 @@ def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
                 gamma = FI.delta[m] @ FJ.delta[m].T
                 if m == l + 1:
                     inner += gamma * (FI.sp[l] @ FJ.sp[l].T)
-                    inner += FI.X[l] @ FJ.Y[l].T + FI.Y[l] @ FJ.X[l].T
+                    d_l = FI.sp[l].shape[1]
+                    inner += _adjacent_cross(FI.at[m][:, :d_l], FI.G[l, m], FJ.delta[m], FJ.sp[l])
+                    inner += _adjacent_cross(FJ.at[m][:, :d_l], FJ.G[l, m], FI.delta[m], FI.sp[l]).T
                 else:
                     QI, QJ = FI.Q[l, m], FJ.Q[l, m]
                     inner += gamma * (QI.reshape(QI.shape[0], -1) @ QJ.reshape(QJ.shape[0], -1).T)
