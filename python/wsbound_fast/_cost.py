@@ -4,7 +4,7 @@ Per sample pair (n, n') the pair phase is a set of Gram products, one multiply-a
 feature value: ``pair_flops`` counts them (2 flops each).  ``feature_doubles`` is the
 float64 storage of one sample's features.  Both depend on the contraction path:
 
-- generic: dense G_lm = T_ml^T M_m blocks (and dense Q_lm, cross factors for the Hessian);
+- generic: dense G_lm = T_ml^T M_m blocks (and dense Q_lm for the Hessian; its cross terms go through G delta' products);
 - structured (docs/structured.md): the curvature blocks that touch A = w (diag p - p p^T)
   through the C x C matrices K_l = T_l T_l'^T and an O(C^2) identity per sample pair: the
   whole GGN, and the Hessian's (L-1, L-1) and (L-1, L) blocks (M_{L-1} = V V^T + diag(rho)).

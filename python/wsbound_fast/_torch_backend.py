@@ -353,8 +353,6 @@ class BlockFeatures:
     sp: list[torch.Tensor]  # sp[l]: sigma'(z_l), (B, d_l), l < L
     G: dict[tuple[int, int], torch.Tensor]  # G[l, m]: (B, d_l * d_m) row-major, l <= m
     Q: dict[tuple[int, int], torch.Tensor]  # Q[l, m]: (B, d_{m-1}, d_l), l < m - 1 (full Hessian)
-    X: dict[int, torch.Tensor]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
-    Y: dict[int, torch.Tensor]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: torch.Tensor  # trace[l-1]: sum over the block of |a~_{l-1}|^2 tr(M_l), float64, (L,)
     # Structured path (as _numpy_backend.BlockFeatures): p, w (A = w (diag p - p p^T)), W = W_L;
     # GGN: T[l] = T_{L,l} stacked, (B, C, d_l), l <= L - 2; Hessian (L >= 2): rho, u of M_{L-1}.
@@ -398,7 +396,7 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             tr_m[l] = _diag_tat(p, w, Tl).sum(dim=1)
             if l <= L - 2:
                 T[l] = Tl
-        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
+        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
     M: list[torch.Tensor] = [none] * (L + 1)
     M[L] = w[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
@@ -433,24 +431,17 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             Gc = sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
     Q: dict[tuple[int, int], torch.Tensor] = {}
-    Xc: dict[int, torch.Tensor] = {}
-    Yc: dict[int, torch.Tensor] = {}
     if prob.hessian:
         for l in range(1, L - 1):  # Q_{l,l+1} = D_l;  Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1}
             Qc = W[l][None, :, :] * sp[l][:, None, :]  # W_{l+1} D_l, (B, d_{l+1}, d_l)
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-        for l in range(1, L - 1 if kroute else L):
-            d_l, d_m = W[l].shape[1], W[l].shape[0]
-            a_l = at[l + 1][:, :d_l]
-            Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
-            Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
     if not kroute:
-        return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+        return BlockFeatures(at, delta, sp, G, Q, trace)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
 
 
 def _diag_tat(p: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -478,6 +469,14 @@ def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch
     P1 = torch.matmul(bI, QJ)  # (B', B, d_l): [n', n, r] = sum_e b_n[e] Q_{n'}[e, r]
     P2 = GI.reshape(B * d_l, -1) @ dJ.T  # (B*d_l, B'): [n r, n'] = (G_n delta_{n'})[r]
     return torch.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp)).to(ACC)
+
+
+def _adjacent_cross(aI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, spJ: torch.Tensor) -> torch.Tensor:
+    """cross[n, n'] = sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r] for m = l + 1
+    (as _numpy_backend._adjacent_cross)."""
+    B, d_l = aI.shape
+    P2 = (GI.reshape(B * d_l, -1) @ dJ.T).reshape(B, d_l, -1)  # [n, r, n'] = (G_n delta_{n'})[r]
+    return torch.einsum("nrk,kr->nk", P2 * aI[:, :, None], spJ).to(ACC)
 
 
 # The K route (docs/structured.md), as in _numpy_backend: per chunk of pairs (r rows n of I,
@@ -627,7 +626,9 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
                 gamma = _gram(FI.delta[m], FJ.delta[m])
                 if m == l + 1:
                     inner += gamma * _gram(FI.sp[l], FJ.sp[l])
-                    inner += _gram(FI.X[l], FJ.Y[l]) + _gram(FI.Y[l], FJ.X[l])
+                    d_l = FI.sp[l].shape[1]
+                    inner += _adjacent_cross(FI.at[m][:, :d_l], FI.G[l, m], FJ.delta[m], FJ.sp[l])
+                    inner += _adjacent_cross(FJ.at[m][:, :d_l], FJ.G[l, m], FI.delta[m], FI.sp[l]).T
                 else:
                     QI, QJ = FI.Q[l, m], FJ.Q[l, m]
                     inner += gamma * _gram(QI.reshape(QI.shape[0], -1), QJ.reshape(QJ.shape[0], -1))
@@ -787,7 +788,7 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
             f += pq * d[m]  # gamma
             if m == l + 1:
                 f += pq * d[l]  # sigma' Gram
-                f += 2 * pq * d[l] * d[m]  # X Y^T + Y X^T
+                f += 2 * (pq * d[l] * d[m] + pq * d[l])  # two adjacent crosses: G delta', then over r
             else:
                 f += pq * d[m - 1] * d[l]  # Q Gram
                 # two dense crosses: P1 (b Q), P2 (G delta), and the contraction over r
