@@ -401,6 +401,7 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
     M[L] = w[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
     rho = u = None
+    G_next: dict[int, torch.Tensor] = {}  # G_{l,l+1}, formed on the way to M_l
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
@@ -410,8 +411,10 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
-        Ml = Wn.T @ M[l + 1] @ Wn  # (B, d_l, d_l)
-        Ml.mul_(sp[l][:, :, None]).mul_(sp[l][:, None, :])  # D_l (W^T M W) D_l, in place
+        Gn = sp[l][:, :, None] * (Wn.T @ M[l + 1])  # G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1})
+        G_next[l] = Gn
+        Ml = Gn @ Wn  # M_l = G_{l,l+1} W_{l+1} D_l (+ diag below)
+        Ml.mul_(sp[l][:, None, :])
         if prob.hessian:
             Ml.diagonal(dim1=1, dim2=2).add_(spp[l] * g)
         M[l] = Ml
@@ -428,7 +431,7 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
         for l in range(m - 1, 0, -1):  # G_{l,m} = D_l W_{l+1}^T G_{l+1,m}
             if kroute and L == 2:
                 break  # G_{1,2} goes by the K route and nothing lies below it
-            Gc = sp[l][:, :, None] * (W[l].T @ Gc)
+            Gc = G_next[l] if l == m - 1 and l in G_next else sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
     Q: dict[tuple[int, int], torch.Tensor] = {}
     if prob.hessian:
