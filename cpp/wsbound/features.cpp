@@ -32,15 +32,18 @@ void product(const A& a, const Bx& b, RowMat& out, PairScratch& s, bool add = fa
     }
 }
 
-// s.p2 = Bf.delta[m] GA^T, (nB, nA d_l): row k holds (G_n delta_k)[r] at n d_l + r for every n
-// of A, so that each sample k of Bf reads a contiguous (nA, d_l) matrix.
+// s.p2 = Bf.delta[m] G_n^T for the c samples n0 .. n0 + c - 1 of A, (nB, c d_l): row k holds
+// (G_n delta_k)[r] at (n - n0) d_l + r, so that each sample k of Bf reads a contiguous (c, d_l) matrix.
 template <class M>
 void cross_products(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, Index m, Index d_l, Index d_m,
-                    PairScratch& s) {
+                    Index n0, Index c, PairScratch& s) {
     using CMap = Eigen::Map<const M>;
-    const CMap GA(A.G[A.pair(l, m)].data(), A.B * d_l, d_m);
+    const CMap GA(A.G[A.pair(l, m)].row(n0).data(), c * d_l, d_m);
     product(Bf.delta[m], GA.transpose(), s.p2, s);
 }
+
+// Rows of A per GEMM of the cross terms, so that their (rows * width, nB) output stays in cache.
+Index cross_rows(Index width, Index nB) { return std::max<Index>(1, 262144 / std::max<Index>(1, width * nB)); }
 
 // inner(n, n') += b_n^T Q_{n'} G_n delta_{n'} for n in A, n' in Bf (swap: inner(n', n)).
 // Used where Q_lm is dense (m > l + 1).
@@ -50,7 +53,7 @@ void add_dense_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, I
     using CMap = Eigen::Map<const M>;
     const Index p = A.pair(l, m);
     const Index nA = A.B, nB = Bf.B;
-    cross_products(A, Bf, l, m, d_l, d_m, s);
+    cross_products(A, Bf, l, m, d_l, d_m, 0, nA, s);
     for (Index k = 0; k < nB; ++k) {
         const CMap Qk(Bf.Q[p].row(k).data(), d_prev, d_l);
         product(A.at[m].leftCols(d_prev), Qk, s.z, s);  // [n, r] = (Q_k^T b_n)[r]
@@ -65,21 +68,54 @@ void add_dense_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, I
 
 // inner(n, n') += <X_n, Y_{n'}> for n in A, n' in Bf (swap: inner(n', n)), m = l + 1, where
 // X_n = diag(a_l) G_{l,l+1} and Y_{n'} = sigma'_l delta_{l+1}^T (rank one):
-// <X_n, Y_{n'}> = sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r], from one well-shaped GEMM
-// instead of a Gram product of two d_l d_{l+1} wide factors per sample.
+// <X_n, Y_{n'}> = sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r] = sum_c delta_{n'}[c] (X_n^T sigma'_{n'})[c].
+// One GEMM over the wider of d_l, d_{l+1} and an elementwise pass over the narrower one, instead
+// of a Gram product of two d_l d_{l+1} wide factors per sample (which need not be stored).
 template <class M>
 void add_adjacent_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, Index d_l, Index d_m, bool swap,
                         PairScratch& s) {
     const Index nA = A.B, nB = Bf.B;
-    cross_products(A, Bf, l, l + 1, d_l, d_m, s);
-    const auto a = A.at[l + 1].leftCols(d_l).template cast<double>();  // a_l of A
-    for (Index k = 0; k < nB; ++k) {
-        const CMapMat P(s.p2.row(k).data(), nA, d_l);
-        const auto spk = Bf.sp[l].row(k).template cast<double>().array();
-        if (swap) {
-            s.inner.row(k) += ((P.array() * a.array()).rowwise() * spk).rowwise().sum().matrix().transpose();
-        } else {
-            s.inner.col(k) += ((P.array() * a.array()).rowwise() * spk).rowwise().sum().matrix();
+    const auto a = A.at[l + 1].leftCols(d_l);  // a_l of A
+    if (d_m >= d_l) {  // P = G delta' over d_m, then sum over r with a o sigma'
+        const Index rows = cross_rows(d_l, nB);
+        for (Index n0 = 0; n0 < nA; n0 += rows) {
+            const Index c = std::min(rows, nA - n0);
+            cross_products(A, Bf, l, l + 1, d_l, d_m, n0, c, s);
+            const auto ad = a.middleRows(n0, c).template cast<double>();
+            for (Index k = 0; k < nB; ++k) {
+                const CMapMat P(s.p2.row(k).data(), c, d_l);
+                const auto spk = Bf.sp[l].row(k).template cast<double>().array();
+                const auto t = ((P.array() * ad.array()).rowwise() * spk).rowwise().sum().matrix();
+                if (swap) {
+                    s.inner.row(k).segment(n0, c) += t.transpose();
+                } else {
+                    s.inner.col(k).segment(n0, c) += t;
+                }
+            }
+        }
+        return;
+    }
+    // Narrow d_{l+1} (e.g. the output layer): P = X^T sigma'' over d_l, then sum over c with delta'.
+    using CMap = Eigen::Map<const M>;
+    M& xt = s.kbuf<M>().xt;
+    const M& G = A.G[A.pair(l, l + 1)];
+    s.ct = Bf.delta[l + 1].transpose().template cast<double>();  // (d_m, nB)
+    const Index rows = cross_rows(d_m, nB);
+    for (Index n0 = 0; n0 < nA; n0 += rows) {
+        const Index c = std::min(rows, nA - n0);
+        xt.resize(c * d_m, d_l);
+        for (Index n = 0; n < c; ++n) {
+            const CMap Gn(G.row(n0 + n).data(), d_l, d_m);
+            xt.middleRows(n * d_m, d_m) = (Gn.array().colwise() * a.row(n0 + n).transpose().array()).transpose();
+        }
+        product(xt, Bf.sp[l].transpose(), s.p2, s);  // [n d_m + c, n'] = (X_n^T sigma'_{n'})[c]
+        for (Index n = 0; n < c; ++n) {
+            const auto t = (s.p2.middleRows(n * d_m, d_m).array() * s.ct.array()).colwise().sum().matrix();
+            if (swap) {
+                s.inner.col(n0 + n) += t.transpose();
+            } else {
+                s.inner.row(n0 + n) += t;
+            }
         }
     }
 }
