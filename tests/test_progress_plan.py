@@ -79,7 +79,7 @@ def test_pair_flops_follow_the_cost_model():
     gemm += h * h  # <M_1, M_1'>
     gemm += h * C + (h + 1) + C + h + 2 * h * C  # G_12 Gram, beta_2, gamma_2, sigma' Gram, G_12 delta_2' (both ways)
     gemm += C * C  # <A, A'>
-    elem = 2 * 2 * h  # the cross terms: sum_r a[r] sigma'[r] (G delta')[r], both ways
+    elem = 2 * 2 * C  # the cross terms: sum_c delta'[c] (X^T sigma'')[c] (C < h), both ways
     assert pair_flops([d0, h, C], [True, True], True, False) == 2 * (gemm + elem)
     # structured (docs/structured.md), R = C(C+1)/2 distinct entries of K_1 = W diag(s o s') W^T.
     R = C * (C + 1) // 2

@@ -57,7 +57,7 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
                 gemm += d[m]  # gamma
                 if m == l + 1:
                     gemm += d[l] + 2 * d[l] * d[m]  # sigma' Gram, G delta' products of the cross terms
-                    elem += 4 * d[l]  # sum_r a[r] sigma'[r] (G delta')[r], both ways
+                    elem += 4 * min(d[l], d[m])  # the sum over the narrower of r (or c), both ways
                 else:
                     gemm += d[m - 1] * d[l] + 2 * (d[l] * d[m] + d[m - 1] * d[l])  # Q Gram, dense cross
                     elem += 2 * d[l]

@@ -475,11 +475,18 @@ def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch
 
 
 def _adjacent_cross(aI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, spJ: torch.Tensor) -> torch.Tensor:
-    """cross[n, n'] = sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r] for m = l + 1
-    (as _numpy_backend._adjacent_cross)."""
+    """cross[n, n'] = <X_n, Y_{n'}> with X_n = diag(a_n) G_n and the rank-one Y_{n'} =
+    sigma'_{n'} delta_{n'}^T (m = l + 1): sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r]
+    = sum_c delta_{n'}[c] (X_n^T sigma'_{n'})[c]; the GEMM runs over the wider of d_l, d_m
+    (as the C++ engine)."""
     B, d_l = aI.shape
-    P2 = (GI.reshape(B * d_l, -1) @ dJ.T).reshape(B, d_l, -1)  # [n, r, n'] = (G_n delta_{n'})[r]
-    return torch.einsum("nrk,kr->nk", P2 * aI[:, :, None], spJ).to(ACC)
+    d_m = dJ.shape[1]
+    if d_m >= d_l:
+        P = (GI.reshape(B * d_l, d_m) @ dJ.T).reshape(B, d_l, -1)  # [n, r, n'] = (G_n delta_{n'})[r]
+        return torch.einsum("nrk,kr->nk", P * aI[:, :, None], spJ).to(ACC)
+    XT = (aI[:, :, None] * GI.reshape(B, d_l, d_m)).transpose(1, 2).reshape(B * d_m, d_l)  # [n c, r]
+    P = (XT @ spJ.T).reshape(B, d_m, -1)  # [n, c, n'] = (X_n^T sigma'_{n'})[c]
+    return torch.einsum("nck,kc->nk", P, dJ).to(ACC)
 
 
 # The K route (docs/structured.md), as in _numpy_backend: per chunk of pairs (r rows n of I,
@@ -791,7 +798,7 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
             f += pq * d[m]  # gamma
             if m == l + 1:
                 f += pq * d[l]  # sigma' Gram
-                f += 2 * (pq * d[l] * d[m] + pq * d[l])  # two adjacent crosses: G delta', then over r
+                f += 2 * (pq * d[l] * d[m] + pq * min(d[l], d[m]))  # two adjacent crosses: GEMM, then the narrower sum
             else:
                 f += pq * d[m - 1] * d[l]  # Q Gram
                 # two dense crosses: P1 (b Q), P2 (G delta), and the contraction over r
