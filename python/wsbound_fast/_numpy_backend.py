@@ -169,19 +169,19 @@ def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray)
     return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
 
 
-def _adjacent_cross(aI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, spJ: np.ndarray) -> np.ndarray:
+def _adjacent_cross(aI: Any, GI: Any, dJ: Any, spJ: Any, xp: Any = np) -> Any:
     """cross[n, n'] = <X_n, Y_{n'}> with X_n = diag(a_n) G_n and the rank-one Y_{n'} =
     sigma'_{n'} delta_{n'}^T (m = l + 1): sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r]
     = sum_c delta_{n'}[c] (X_n^T sigma'_{n'})[c]; the GEMM runs over the wider of d_l, d_m
-    (as the C++ engine)."""
+    (as the C++ engine).  ``xp`` is numpy or torch (the torch backend uses it too)."""
     B, d_l = aI.shape
     d_m = dJ.shape[1]
     if d_m >= d_l:
         P = (GI.reshape(B * d_l, d_m) @ dJ.T).reshape(B, d_l, -1)  # [n, r, n'] = (G_n delta_{n'})[r]
-        return np.einsum("nrk,kr->nk", P * aI[:, :, None], spJ)
-    XT = (aI[:, :, None] * GI.reshape(B, d_l, d_m)).transpose(0, 2, 1).reshape(B * d_m, d_l)  # [n c, r]
+        return xp.einsum("nrk,kr->nk", P * aI[:, :, None], spJ)
+    XT = (aI[:, :, None] * GI.reshape(B, d_l, d_m)).swapaxes(1, 2).reshape(B * d_m, d_l)  # [n c, r]
     P = (XT @ spJ.T).reshape(B, d_m, -1)  # [n, c, n'] = (X_n^T sigma'_{n'})[c]
-    return np.einsum("nck,kc->nk", P, dJ)
+    return xp.einsum("nck,kc->nk", P, dJ)
 
 
 #: Values that the temporaries of the K route may hold at once: the GEMM outputs of a chunk

@@ -67,6 +67,7 @@ from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activati
 from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
 from ._numpy_backend import (
     _SCRATCH_VALUES,
+    _adjacent_cross,
     _identity_terms,
     _k_terms,
     _pair_chunks,
@@ -474,21 +475,6 @@ def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch
     return torch.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp)).to(ACC)
 
 
-def _adjacent_cross(aI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, spJ: torch.Tensor) -> torch.Tensor:
-    """cross[n, n'] = <X_n, Y_{n'}> with X_n = diag(a_n) G_n and the rank-one Y_{n'} =
-    sigma'_{n'} delta_{n'}^T (m = l + 1): sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r]
-    = sum_c delta_{n'}[c] (X_n^T sigma'_{n'})[c]; the GEMM runs over the wider of d_l, d_m
-    (as the C++ engine)."""
-    B, d_l = aI.shape
-    d_m = dJ.shape[1]
-    if d_m >= d_l:
-        P = (GI.reshape(B * d_l, d_m) @ dJ.T).reshape(B, d_l, -1)  # [n, r, n'] = (G_n delta_{n'})[r]
-        return torch.einsum("nrk,kr->nk", P * aI[:, :, None], spJ).to(ACC)
-    XT = (aI[:, :, None] * GI.reshape(B, d_l, d_m)).transpose(1, 2).reshape(B * d_m, d_l)  # [n c, r]
-    P = (XT @ spJ.T).reshape(B, d_m, -1)  # [n, c, n'] = (X_n^T sigma'_{n'})[c]
-    return torch.einsum("nck,kc->nk", P, dJ).to(ACC)
-
-
 # The K route (docs/structured.md), as in _numpy_backend: per chunk of pairs (r rows n of I,
 # c columns n' of J) scalars are (r, c), vectors (r, C, c) and the C x C matrices K (r, C, C, c).
 
@@ -637,8 +623,8 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
                 if m == l + 1:
                     inner += gamma * _gram(FI.sp[l], FJ.sp[l])
                     d_l = FI.sp[l].shape[1]
-                    inner += _adjacent_cross(FI.at[m][:, :d_l], FI.G[l, m], FJ.delta[m], FJ.sp[l])
-                    inner += _adjacent_cross(FJ.at[m][:, :d_l], FJ.G[l, m], FI.delta[m], FI.sp[l]).T
+                    inner += _adjacent_cross(FI.at[m][:, :d_l], FI.G[l, m], FJ.delta[m], FJ.sp[l], torch).to(ACC)
+                    inner += _adjacent_cross(FJ.at[m][:, :d_l], FJ.G[l, m], FI.delta[m], FI.sp[l], torch).to(ACC).T
                 else:
                     QI, QJ = FI.Q[l, m], FJ.Q[l, m]
                     inner += gamma * _gram(QI.reshape(QI.shape[0], -1), QJ.reshape(QJ.shape[0], -1))
