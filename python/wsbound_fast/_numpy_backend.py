@@ -178,7 +178,8 @@ def _adjacent_cross(aI: Any, GI: Any, dJ: Any, spJ: Any, xp: Any = np) -> Any:
     d_m = dJ.shape[1]
     if d_m >= d_l:
         P = (GI.reshape(B * d_l, d_m) @ dJ.T).reshape(B, d_l, -1)  # [n, r, n'] = (G_n delta_{n'})[r]
-        return xp.einsum("nrk,kr->nk", P * aI[:, :, None], spJ)
+        P *= aI[:, :, None]  # in place: one (B, d_l, B') temporary, as the cost model counts
+        return xp.einsum("nrk,kr->nk", P, spJ)
     XT = (aI[:, :, None] * GI.reshape(B, d_l, d_m)).swapaxes(1, 2).reshape(B * d_m, d_l)  # [n c, r]
     P = (XT @ spJ.T).reshape(B, d_m, -1)  # [n, c, n'] = (X_n^T sigma'_{n'})[c]
     return xp.einsum("nck,kc->nk", P, dJ)
