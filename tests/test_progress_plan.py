@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import wsbound_fast as wsb
-from wsbound_fast._cost import feature_doubles, pair_flops
+from wsbound_fast._cost import feature_doubles, feature_flops, pair_flops
 
 
 def _model(rng, dims=(6, 5, 4)):
@@ -72,14 +72,42 @@ def test_plan_matches_what_bound_runs(curvature):
     assert "Plan(" in repr(p) and p.to_dict()["n_samples"] == 83
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_plan_feature_flops_count_the_recomputed_blocks(curvature, monkeypatch):
+    # a budget that caches only some blocks at once: later groups' features are recomputed
+    from wsbound_fast import _numpy_backend
+
+    rng = np.random.default_rng(6)
+    dims = [6, 9, 7, 5]
+    layers = _model(rng, tuple(dims))
+    budget = 200_000
+    p = wsb.plan(layers, 83, curvature=curvature, batch_size=10, memory_limit=budget, threads=1)
+    assert 1 < p.group_blocks < p.n_blocks  # the case this test is about
+    rows = []
+    real = _numpy_backend.block_features
+
+    def counting(prob, Xb, Yb):
+        rows.append(Xb.shape[0])
+        return real(prob, Xb, Yb)
+
+    monkeypatch.setattr(_numpy_backend, "block_features", counting)
+    wsb.bound(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), curvature=curvature, batch_size=10,
+              memory_limit=budget, threads=1, backend="numpy")
+    assert sum(rows) > 83  # some blocks were computed more than once
+    per_sample = feature_flops(dims, curvature == "hessian", p.structured)
+    assert p.feature_flops == pytest.approx(sum(rows) * per_sample)
+    assert p.predicted_seconds == pytest.approx((p.pair_flops + p.feature_flops) / (0.6 * p.gemm_gflops * 1e9))
+
+
 def test_pair_flops_follow_the_cost_model():
     # one hidden layer, generic full Hessian: alpha (d0+1) + (d1+1) ... spelled out by hand
     d0, h, C = 64, 128, 10
     gemm = (d0 + 1) + (h + 1)  # alpha_1, alpha_2
     gemm += h * h  # <M_1, M_1'>
-    gemm += h * C + (h + 1) + C + h + 2 * h * C  # G_12 Gram, beta_2, gamma_2, sigma' Gram, cross
+    gemm += h * C + (h + 1) + C + h + 2 * h * C  # G_12 Gram, beta_2, gamma_2, sigma' Gram, G_12 delta_2' (both ways)
     gemm += C * C  # <A, A'>
-    assert pair_flops([d0, h, C], [True, True], True, False) == 2 * gemm
+    elem = 2 * 2 * C  # the cross terms: sum_c delta'[c] (X^T sigma'')[c] (C < h), both ways
+    assert pair_flops([d0, h, C], [True, True], True, False) == 2 * (gemm + elem)
     # structured (docs/structured.md), R = C(C+1)/2 distinct entries of K_1 = W diag(s o s') W^T.
     R = C * (C + 1) // 2
     # GGN: alpha_1, alpha_2, K_1 packed; elementwise: one fused pass over the packed K_1, then O(C)

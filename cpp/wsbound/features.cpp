@@ -11,7 +11,6 @@ namespace {
 
 using MapMat = Eigen::Map<RowMat>;
 using CMapMat = Eigen::Map<const RowMat>;
-using StridedMap = Eigen::Map<const RowMat, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
 
 // out (=|+=) a * b, computed in the operands' precision and widened to float64.
 template <class A, class Bx>
@@ -33,6 +32,19 @@ void product(const A& a, const Bx& b, RowMat& out, PairScratch& s, bool add = fa
     }
 }
 
+// s.p2 = Bf.delta[m] G_n^T for the c samples n0 .. n0 + c - 1 of A, (nB, c d_l): row k holds
+// (G_n delta_k)[r] at (n - n0) d_l + r, so that each sample k of Bf reads a contiguous (c, d_l) matrix.
+template <class M>
+void cross_products(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, Index m, Index d_l, Index d_m,
+                    Index n0, Index c, PairScratch& s) {
+    using CMap = Eigen::Map<const M>;
+    const CMap GA(A.G[A.pair(l, m)].row(n0).data(), c * d_l, d_m);
+    product(Bf.delta[m], GA.transpose(), s.p2, s);
+}
+
+// Rows of A per GEMM of the cross terms, so that their (rows * width, nB) output stays in cache.
+Index cross_rows(Index width, Index nB) { return std::max<Index>(1, 262144 / std::max<Index>(1, width * nB)); }
+
 // inner(n, n') += b_n^T Q_{n'} G_n delta_{n'} for n in A, n' in Bf (swap: inner(n', n)).
 // Used where Q_lm is dense (m > l + 1).
 template <class M>
@@ -41,16 +53,69 @@ void add_dense_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, I
     using CMap = Eigen::Map<const M>;
     const Index p = A.pair(l, m);
     const Index nA = A.B, nB = Bf.B;
-    const CMap GA(A.G[p].data(), nA * d_l, d_m);
-    product(GA, Bf.delta[m].transpose(), s.p2, s);  // [n d_l + r, n'] = (G_n delta_{n'})[r]
+    cross_products(A, Bf, l, m, d_l, d_m, 0, nA, s);
     for (Index k = 0; k < nB; ++k) {
         const CMap Qk(Bf.Q[p].row(k).data(), d_prev, d_l);
         product(A.at[m].leftCols(d_prev), Qk, s.z, s);  // [n, r] = (Q_k^T b_n)[r]
-        const StridedMap P(s.p2.data() + k, nA, d_l, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(d_l * nB, nB));
+        const CMapMat P(s.p2.row(k).data(), nA, d_l);
         if (swap) {
             s.inner.row(k) += (s.z.array() * P.array()).rowwise().sum().matrix().transpose();
         } else {
             s.inner.col(k) += (s.z.array() * P.array()).rowwise().sum().matrix();
+        }
+    }
+}
+
+// inner(n, n') += <X_n, Y_{n'}> for n in A, n' in Bf (swap: inner(n', n)), m = l + 1, where
+// X_n = diag(a_l) G_{l,l+1} and Y_{n'} = sigma'_l delta_{l+1}^T (rank one):
+// <X_n, Y_{n'}> = sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r] = sum_c delta_{n'}[c] (X_n^T sigma'_{n'})[c].
+// One GEMM over the wider of d_l, d_{l+1} and an elementwise pass over the narrower one, instead
+// of a Gram product of two d_l d_{l+1} wide factors per sample (which need not be stored).
+template <class M>
+void add_adjacent_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, Index d_l, Index d_m, bool swap,
+                        PairScratch& s) {
+    const Index nA = A.B, nB = Bf.B;
+    const auto a = A.at[l + 1].leftCols(d_l);  // a_l of A
+    if (d_m >= d_l) {  // P = G delta' over d_m, then sum over r with a o sigma'
+        const Index rows = cross_rows(d_l, nB);
+        for (Index n0 = 0; n0 < nA; n0 += rows) {
+            const Index c = std::min(rows, nA - n0);
+            cross_products(A, Bf, l, l + 1, d_l, d_m, n0, c, s);
+            const auto ad = a.middleRows(n0, c).template cast<double>();
+            for (Index k = 0; k < nB; ++k) {
+                const CMapMat P(s.p2.row(k).data(), c, d_l);
+                const auto spk = Bf.sp[l].row(k).template cast<double>().array();
+                const auto t = ((P.array() * ad.array()).rowwise() * spk).rowwise().sum().matrix();
+                if (swap) {
+                    s.inner.row(k).segment(n0, c) += t.transpose();
+                } else {
+                    s.inner.col(k).segment(n0, c) += t;
+                }
+            }
+        }
+        return;
+    }
+    // Narrow d_{l+1} (e.g. the output layer): P = X^T sigma'' over d_l, then sum over c with delta'.
+    using CMap = Eigen::Map<const M>;
+    M& xt = s.kbuf<M>().xt;
+    const M& G = A.G[A.pair(l, l + 1)];
+    s.ct = Bf.delta[l + 1].transpose().template cast<double>();  // (d_m, nB)
+    const Index rows = cross_rows(d_m, nB);
+    for (Index n0 = 0; n0 < nA; n0 += rows) {
+        const Index c = std::min(rows, nA - n0);
+        xt.resize(c * d_m, d_l);
+        for (Index n = 0; n < c; ++n) {
+            const CMap Gn(G.row(n0 + n).data(), d_l, d_m);
+            xt.middleRows(n * d_m, d_m) = (Gn.array().colwise() * a.row(n0 + n).transpose().array()).transpose();
+        }
+        product(xt, Bf.sp[l].transpose(), s.p2, s);  // [n d_m + c, n'] = (X_n^T sigma'_{n'})[c]
+        for (Index n = 0; n < c; ++n) {
+            const auto t = (s.p2.middleRows(n * d_m, d_m).array() * s.ct.array()).colwise().sum().matrix();
+            if (swap) {
+                s.inner.col(n0 + n) += t.transpose();
+            } else {
+                s.inner.row(n0 + n) += t;
+            }
         }
     }
 }
@@ -85,8 +150,6 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     F.sp.assign(nL, RowMat());
     F.G.assign(nL * nL, RowMat());
     F.Q.assign(nL * nL, RowMat());
-    F.X.assign(nL, RowMat());
-    F.Y.assign(nL, RowMat());
     F.Tt.assign(nL, RowMat());
     F.rho.resize(0, 0);
     F.u2.resize(0, 0);
@@ -166,8 +229,9 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         return;
     }
 
-    // Backward: delta_l and M_l = D W^T M_{l+1} W D + diag(sigma'' g)  (no diag for the GGN).
-    RowMat g, tmp;
+    // Backward: delta_l and M_l = D W^T M_{l+1} W D + diag(sigma'' g)  (no diag for the GGN),
+    // through G_{l,l+1} = D_l W_{l+1}^T M_{l+1} (kept: it is a feature), M_l = G_{l,l+1} W_{l+1} D_l + diag.
+    RowMat g;
     for (Index l = L - 1; l >= 1; --l) {
         const RowMat& Wn = model.W[static_cast<size_t>(l)];  // W_{l+1}: (d_{l+1}, d_l)
         const Index d_l = Wn.cols(), d_n = Wn.rows();
@@ -178,14 +242,16 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             squared_v_rows(Wn, F, l);
             if (L == 2) continue;  // nothing below needs the dense d x d matrix
         }
+        RowMat& Gl = F.G[F.pair(l, l + 1)];
+        Gl.resize(B, d_l * d_n);
         M[l].resize(B, d_l * d_l);
         for (Index n = 0; n < B; ++n) {
-            const CMapMat Mn(M[l + 1].row(n).data(), d_n, d_n);
+            MapMat Gn(Gl.row(n).data(), d_l, d_n);
+            Gn.noalias() = Wn.transpose() * CMapMat(M[l + 1].row(n).data(), d_n, d_n);
+            Gn.array().colwise() *= F.sp[l].row(n).transpose().array();
             MapMat Ml(M[l].row(n).data(), d_l, d_l);
-            tmp.noalias() = Mn * Wn;
-            Ml.noalias() = Wn.transpose() * tmp;
+            Ml.noalias() = Gn * Wn;
             Ml.array().rowwise() *= F.sp[l].row(n).array();
-            Ml.array().colwise() *= F.sp[l].row(n).transpose().array();
             if (hessian) Ml.diagonal() += spp[l].row(n).cwiseProduct(g.row(n)).transpose();
         }
     }
@@ -208,6 +274,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         const Index d_m = model.d(m);
         F.G[F.pair(m, m)] = std::move(M[m]);
         for (Index l = m - 1; l >= 1; --l) {
+            if (l == m - 1 && F.G[F.pair(l, m)].size() > 0) continue;  // from the backward pass
             const RowMat& Wn = model.W[static_cast<size_t>(l)];
             const Index d_l = Wn.cols(), d_n = Wn.rows();
             const RowMat& Gn = F.G[F.pair(l + 1, m)];
@@ -244,20 +311,6 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
                 }
                 out.array().colwise() *= F.sp[m - 1].row(n).transpose().array();
             }
-        }
-    }
-    // Cross-term factors for m = l + 1: X_l = diag(a_l) G_{l,l+1}, Y_l = sigma'_l delta_{l+1}^T.
-    for (Index l = 1; l < (lowrank ? L - 1 : L); ++l) {
-        const Index d_l = model.d(l), d_m = model.d(l + 1);
-        const RowMat& Gl = F.G[F.pair(l, l + 1)];
-        F.X[l].resize(B, d_l * d_m);
-        F.Y[l].resize(B, d_l * d_m);
-        for (Index n = 0; n < B; ++n) {
-            MapMat x(F.X[l].row(n).data(), d_l, d_m);
-            x = CMapMat(Gl.row(n).data(), d_l, d_m);
-            x.array().colwise() *= F.at[l + 1].row(n).head(d_l).transpose().array();
-            MapMat y(F.Y[l].row(n).data(), d_l, d_m);
-            y.noalias() = F.sp[l].row(n).transpose() * F.delta[l + 1].row(n);
         }
     }
 }
@@ -582,8 +635,8 @@ void pair_sum(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J
                 if (m == l + 1) {
                     product(I.sp[l], J.sp[l].transpose(), s.gram, s);
                     s.inner.array() += s.beta.array() * s.gram.array();
-                    product(I.X[l], J.Y[l].transpose(), s.inner, s, true);
-                    product(I.Y[l], J.X[l].transpose(), s.inner, s, true);
+                    add_adjacent_cross(I, J, l, model.d(l), model.d(m), false, s);
+                    add_adjacent_cross(J, I, l, model.d(l), model.d(m), true, s);
                 } else {
                     product(I.Q[p], J.Q[p].transpose(), s.gram, s);
                     s.inner.array() += s.beta.array() * s.gram.array();
@@ -618,8 +671,6 @@ void to_single(BlockFeatures& F, BlockFeaturesF& out) {
     cast_all(F.sp, out.sp);
     cast_all(F.G, out.G);
     cast_all(F.Q, out.Q);
-    cast_all(F.X, out.X);
-    cast_all(F.Y, out.Y);
     cast_all(F.Tt, out.Tt);
     out.p = F.p;
     out.w = F.w;

@@ -24,8 +24,6 @@ struct FeaturesOf {
     std::vector<M> sp;     // sp[l]: sigma'(z_l), (B, d_l), l < L
     std::vector<M> G;      // G[pair(l,m)]: G_lm = T_ml^T M_m flattened, (B, d_l d_m), l <= m
     std::vector<M> Q;      // Q[pair(l,m)]: dense Q_lm flattened, (B, d_{m-1} d_l), l < m - 1
-    std::vector<M> X;      // X[l]: a_l (row-scaled) G_{l,l+1}, (B, d_l d_{l+1})
-    std::vector<M> Y;      // Y[l]: sigma'_l outer delta_{l+1}, (B, d_l d_{l+1})
     // Structured path (docs/structured.md).  K_l = T_l T_l'^T with T_l = dz_L/dz_l (C x d_l).
     Index C = 0;
     RowMat p;              // softmax(z_L), (B, C), always float64 (the O(C^2) identity)
@@ -55,6 +53,7 @@ struct KBuffers {
     M left, left2;  // per sample n of I: rows scaled by s_n (and s_n o a_n), (., d_{L-1})
     M sa_j;        // s o a_{L-1} of every sample of J, (B', d_{L-1})
     std::vector<M> tj;  // T_l of J stacked class-major: row j B' + n', (C B', d_l)
+    M xt;          // adjacent cross terms, narrow d_{l+1}: (diag(a_n) G_n)^T stacked, (B d_{l+1}, d_l)
 };
 
 // Scratch for pair_sum, reused across block pairs by one thread (no allocation once warm).
@@ -63,6 +62,7 @@ struct PairScratch {
     RowMatF single;                    // float32 products before they are widened to float64
     std::vector<RowMat> alphas;       // structured path: Gram of each layer's inputs
     RowMat k1, k2, pt, dt, u, v;      // K route: GEMM outputs over n'; p^T and delta^T of J; K p', K p
+    RowMat ct;                        // adjacent cross terms, narrow d_{l+1}: delta_{l+1}^T of the other block
     std::vector<RowMat> kt;           // K route (GGN): Grams of T_l for a few rows of I
     KBuffers<RowMat> kd;
     KBuffers<RowMatF> kf;

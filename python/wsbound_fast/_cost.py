@@ -4,7 +4,7 @@ Per sample pair (n, n') the pair phase is a set of Gram products, one multiply-a
 feature value: ``pair_flops`` counts them (2 flops each).  ``feature_doubles`` is the
 float64 storage of one sample's features.  Both depend on the contraction path:
 
-- generic: dense G_lm = T_ml^T M_m blocks (and dense Q_lm, cross factors for the Hessian);
+- generic: dense G_lm = T_ml^T M_m blocks (and dense Q_lm for the Hessian; its cross terms go through G delta' products);
 - structured (docs/structured.md): the curvature blocks that touch A = w (diag p - p p^T)
   through the C x C matrices K_l = T_l T_l'^T and an O(C^2) identity per sample pair: the
   whole GGN, and the Hessian's (L-1, L-1) and (L-1, L) blocks (M_{L-1} = V V^T + diag(rho)).
@@ -56,7 +56,8 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
             if hessian:
                 gemm += d[m]  # gamma
                 if m == l + 1:
-                    gemm += d[l] + 2 * d[l] * d[m]  # sigma' Gram, cross factors
+                    gemm += d[l] + 2 * d[l] * d[m]  # sigma' Gram, G delta' products of the cross terms
+                    elem += 4 * min(d[l], d[m])  # the sum over the narrower of r (or c), both ways
                 else:
                     gemm += d[m - 1] * d[l] + 2 * (d[l] * d[m] + d[m - 1] * d[l])  # Q Gram, dense cross
                     elem += 2 * d[l]
@@ -92,9 +93,8 @@ def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool
     f += sum(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))  # G blocks
     if hessian:
         f += sum(d[m - 1] * d[l] for l in range(1, L + 1) for m in range(l + 2, L + 1))  # dense Q
-        f += 2 * sum(d[l] * d[l + 1] for l in range(1, L))  # cross-term factors
-        if structured and L >= 2:  # rho, u, p, w instead of G_{L-1,L-1}, G_{L-1,L} and its cross factors
-            f += 2 * d[L - 1] + C + 1 - d[L - 1] ** 2 - 3 * d[L - 1] * C
+        if structured and L >= 2:  # rho, u, p, w instead of G_{L-1,L-1} and G_{L-1,L}
+            f += 2 * d[L - 1] + C + 1 - d[L - 1] ** 2 - d[L - 1] * C
     return f
 
 
@@ -112,10 +112,10 @@ def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float
     for l in range(L - 1, 0, -1):
         ma += d[l] * d[l + 1]  # g_l
         if not (lowrank and l == L - 1 and L == 2):
-            ma += d[l + 1] ** 2 * d[l] + d[l + 1] * d[l] ** 2  # M_l
+            ma += d[l + 1] * d[l] ** 2  # M_l = G_{l,l+1} W_{l+1} D_l
         ma += sum(d[l + 1] * d[l] * d[m] for m in range(l + 1, L + 1))  # G_{l,m}
         if hessian:
-            ma += sum(d[m - 1] * d[m - 2] * d[l] for m in range(l + 3, L + 1)) + 2 * d[l] * d[l + 1]  # Q, X, Y
+            ma += sum(d[m - 1] * d[m - 2] * d[l] for m in range(l + 3, L + 1))  # dense Q
     return 2.0 * ma
 
 
@@ -124,6 +124,7 @@ def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structu
     outputs cover at most 16 rows of the first block, about 131072 values per product)."""
     L = len(dims) - 1
     C = dims[-1]
-    widest = max(dims[1:-1], default=0) if hessian and L > 2 else 0
+    # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.
+    widest = max(dims[1:-1], default=0) if hessian and (L > 2 or not structured) else 0
     k_route = (4 * C * C + 2 * C) * batch + 3 * 131072 * max(1, L - 1) if structured else 0
     return batch * batch * (8 + widest) + k_route

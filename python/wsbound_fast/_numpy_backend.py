@@ -42,14 +42,12 @@ class BlockFeatures:
     sp: list[np.ndarray]  # sp[l]: sigma'(z_l), (B, d_l), l < L
     G: dict[tuple[int, int], np.ndarray]  # G[l, m]: (B, d_l * d_m) flattened row-major, l <= m
     Q: dict[tuple[int, int], np.ndarray]  # Q[l, m]: (B, d_{m-1}, d_l), l < m - 1 (full Hessian)
-    X: dict[int, np.ndarray]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
-    Y: dict[int, np.ndarray]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: np.ndarray  # trace[l-1]: sum over the block's samples of |a~_{l-1}|^2 tr(M_l)
     # Structured path (docs/structured.md): p = softmax(z_L) and w = sum of the label row
     # (A = w (diag p - p p^T)); W = W_L, (C, d_{L-1}), the same array for every block.
     # GGN: T[l] = T_{L,l} = dz_L/dz_l stacked per sample, (B, C, d_l), l <= L - 2.
     # Hessian (L >= 2): M_{L-1} = V V^T + diag(rho), u_k = |V_k|^2 (V = D_{L-1} W_L^T S, A = S S^T);
-    # G[L-1, L-1], G[L-1, L], X[L-1], Y[L-1] are not kept.
+    # G[L-1, L-1] and G[L-1, L] are not kept.
     p: np.ndarray | None = None
     w: np.ndarray | None = None
     W: np.ndarray | None = None
@@ -94,12 +92,13 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             tr_m[l] = _diag_tat(p, w, Tl).sum(axis=1)
             if l <= L - 2:
                 T[l] = Tl
-        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
+        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
     M: list[np.ndarray] = [np.empty(0)] * (L + 1)
     C = p.shape[1]
     M[L] = w[:, None, None] * (np.einsum("ni,ij->nij", p, np.eye(C)) - p[:, :, None] * p[:, None, :])
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
     rho = u = None
+    G_next: dict[int, np.ndarray] = {}  # G_{l,l+1}, formed on the way to M_l
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
@@ -109,8 +108,9 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
-        WMW = Wn.T @ M[l + 1] @ Wn  # (B, d_l, d_l)
-        Ml = sp[l][:, :, None] * WMW * sp[l][:, None, :]
+        Gn = sp[l][:, :, None] * (Wn.T @ M[l + 1])  # G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1})
+        G_next[l] = Gn
+        Ml = (Gn @ Wn) * sp[l][:, None, :]  # M_l = G_{l,l+1} W_{l+1} D_l (+ diag below)
         if prob.hessian:
             idx = np.arange(Ml.shape[1])
             Ml[:, idx, idx] += spp[l] * g
@@ -128,27 +128,20 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
         for l in range(m - 1, 0, -1):  # G_{l,m} = D_l W_{l+1}^T G_{l+1,m}
             if kroute and L == 2:
                 break  # G_{1,2} goes by the K route and nothing lies below it
-            Gc = sp[l][:, :, None] * (W[l].T @ Gc)
+            Gc = G_next[l] if l == m - 1 and l in G_next else sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
     Q: dict[tuple[int, int], np.ndarray] = {}
-    Xc: dict[int, np.ndarray] = {}
-    Yc: dict[int, np.ndarray] = {}
     if prob.hessian:
         for l in range(1, L - 1):  # Q_{l,l+1} = D_l;  Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1}
             Qc = W[l][None, :, :] * sp[l][:, None, :]  # W_{l+1} D_l, (B, d_{l+1}, d_l)
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-        for l in range(1, L - 1 if kroute else L):
-            d_l, d_m = W[l].shape[1], W[l].shape[0]
-            a_l = at[l + 1][:, :d_l]
-            Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
-            Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
     if not kroute:
-        return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+        return BlockFeatures(at, delta, sp, G, Q, trace)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
 
 
 def _diag_tat(p: np.ndarray, w: np.ndarray, T: np.ndarray) -> np.ndarray:
@@ -174,6 +167,22 @@ def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray)
     P1 = np.matmul(bI, QJ)  # (B', B, d_l): [n', n, r] = sum_e b_n[e] Q_{n'}[e, r]
     P2 = GI.reshape(B * d_l, -1) @ dJ.T  # (B*d_l, B'): [n r, n'] = (G_n delta_{n'})[r]
     return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
+
+
+def _adjacent_cross(aI: Any, GI: Any, dJ: Any, spJ: Any, xp: Any = np) -> Any:
+    """cross[n, n'] = <X_n, Y_{n'}> with X_n = diag(a_n) G_n and the rank-one Y_{n'} =
+    sigma'_{n'} delta_{n'}^T (m = l + 1): sum_r a_n[r] sigma'_{n'}[r] (G_n delta_{n'})[r]
+    = sum_c delta_{n'}[c] (X_n^T sigma'_{n'})[c]; the GEMM runs over the wider of d_l, d_m
+    (as the C++ engine).  ``xp`` is numpy or torch (the torch backend uses it too)."""
+    B, d_l = aI.shape
+    d_m = dJ.shape[1]
+    if d_m >= d_l:
+        P = (GI.reshape(B * d_l, d_m) @ dJ.T).reshape(B, d_l, -1)  # [n, r, n'] = (G_n delta_{n'})[r]
+        P *= aI[:, :, None]  # in place: one (B, d_l, B') temporary, as the cost model counts
+        return xp.einsum("nrk,kr->nk", P, spJ)
+    XT = (aI[:, :, None] * GI.reshape(B, d_l, d_m)).swapaxes(1, 2).reshape(B * d_m, d_l)  # [n c, r]
+    P = (XT @ spJ.T).reshape(B, d_m, -1)  # [n, c, n'] = (X_n^T sigma'_{n'})[c]
+    return xp.einsum("nck,kc->nk", P, dJ)
 
 
 #: Values that the temporaries of the K route may hold at once: the GEMM outputs of a chunk
@@ -385,7 +394,9 @@ def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
                 gamma = FI.delta[m] @ FJ.delta[m].T
                 if m == l + 1:
                     inner += gamma * (FI.sp[l] @ FJ.sp[l].T)
-                    inner += FI.X[l] @ FJ.Y[l].T + FI.Y[l] @ FJ.X[l].T
+                    d_l = FI.sp[l].shape[1]
+                    inner += _adjacent_cross(FI.at[m][:, :d_l], FI.G[l, m], FJ.delta[m], FJ.sp[l])
+                    inner += _adjacent_cross(FJ.at[m][:, :d_l], FJ.G[l, m], FI.delta[m], FI.sp[l]).T
                 else:
                     QI, QJ = FI.Q[l, m], FJ.Q[l, m]
                     inner += gamma * (QI.reshape(QI.shape[0], -1) @ QJ.reshape(QJ.shape[0], -1).T)

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from ._cost import feature_doubles, pair_flops, pair_scratch_doubles
+from ._cost import feature_doubles, feature_flops, pair_flops, pair_scratch_doubles
 from ._validate import (CURVATURES, _choice, _positive_int, choose_structured, default_memory_limit,
                         default_threads, plan_blocks, validate_activations, validate_layers)
 
-#: Fraction of NumPy's float64 GEMM rate the engine's pair phase is assumed to reach.
+#: Fraction of NumPy's float64 GEMM rate the engine is assumed to reach (pairs and features).
 ASSUMED_EFFICIENCY = 0.6
 
 
@@ -31,6 +31,7 @@ class Plan:
     block_pairs: int
     group_blocks: int
     pair_flops: float
+    feature_flops: float
     feature_bytes: int
     memory_bytes: int
     gemm_gflops: float
@@ -42,7 +43,8 @@ class Plan:
     def __repr__(self) -> str:
         return (f"Plan({self.curvature}, P={self.n_params}, N={self.n_samples}, "
                 f"{'structured' if self.structured else 'generic'} path, batch {self.batch_size} "
-                f"({self.block_pairs} block pairs), {self.pair_flops:.3g} flops, "
+                f"({self.block_pairs} block pairs), {self.pair_flops:.3g} flops + {self.feature_flops:.3g} "
+                f"in features, "
                 f"~{self.memory_bytes / 2**20:.0f} MiB, ~{self.predicted_seconds:.3g} s at "
                 f"{ASSUMED_EFFICIENCY:.0%} of {self.gemm_gflops:.1f} GFLOP/s)")
 
@@ -64,9 +66,12 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
          batch_size: int | None = None, threads: int | None = None, memory_limit: int | None = None) -> Plan:
     """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``.
 
-    The flop count is the pair phase's (Gram products over the upper triangle of sample
-    pairs, 2 flops per multiply-add) from the engine's cost model; seconds assume the
-    engine reaches 60% of this machine's float64 NumPy GEMM rate, measured once.
+    ``pair_flops`` is the pair phase's flop count (Gram products over the upper triangle of
+    sample pairs, 2 flops per multiply-add) from the engine's cost model; ``feature_flops``
+    that of the per-sample features (forward and backward passes, the curvature blocks),
+    counted as often as the block plan computes them (blocks beyond the ones cached at once
+    are recomputed for each group).  Seconds assume the engine reaches 60% of this machine's
+    float64 NumPy GEMM rate, measured once, on both.
     ``activation`` is accepted for symmetry with :func:`bound` and checked; the cost does not
     depend on it.  ``layers`` may be a torch module.
     """
@@ -91,10 +96,13 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     # upper triangle of block pairs: sum_{I <= J} |I| |J| = (N^2 + sum |I|^2) / 2 sample pairs
     sample_pairs = (n * n + sum(s * s for s in sizes)) / 2.0
     flops = sample_pairs * pair_flops(dims, has_bias, hessian, structured)
+    # Features: group g0 computes its own blocks and those of every later group (moments()).
+    featured = sum(sizes[k] for g0 in range(0, n_blocks, group) for k in range(g0, n_blocks))
+    fflops = featured * feature_flops(dims, hessian, structured)
     f = feature_doubles(dims, has_bias, hessian, structured)
     held = min(n_blocks, 2 * group) * batch * f
     memory = 8 * (held + nthreads * pair_scratch_doubles(dims, batch, hessian, structured))
     rate = gemm_rate()
     P = int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
-    return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops,
-                8 * n * f, memory, rate / 1e9, flops / (ASSUMED_EFFICIENCY * rate))
+    return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops, fflops,
+                8 * n * f, memory, rate / 1e9, (flops + fflops) / (ASSUMED_EFFICIENCY * rate))

@@ -75,6 +75,7 @@ from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activati
 from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
 from ._numpy_backend import (
     _SCRATCH_VALUES,
+    _adjacent_cross,
     _identity_terms,
     _k_terms,
     _pair_chunks,
@@ -379,8 +380,6 @@ class BlockFeatures:
     sp: list[torch.Tensor]  # sp[l]: sigma'(z_l), (B, d_l), l < L
     G: dict[tuple[int, int], torch.Tensor]  # G[l, m]: (B, d_l * d_m) row-major, l <= m
     Q: dict[tuple[int, int], torch.Tensor]  # Q[l, m]: (B, d_{m-1}, d_l), l < m - 1 (full Hessian)
-    X: dict[int, torch.Tensor]  # X[l]: (a_l * G_{l,l+1}) flattened, (B, d_l * d_{l+1})
-    Y: dict[int, torch.Tensor]  # Y[l]: (sigma'_l outer delta_{l+1}) flattened, (B, d_l * d_{l+1})
     trace: torch.Tensor  # trace[l-1]: sum over the block of |a~_{l-1}|^2 tr(M_l), float64, (L,)
     # Structured path (as _numpy_backend.BlockFeatures): p, w (A = w (diag p - p p^T)), W = W_L;
     # GGN: T[l] = T_{L,l} stacked, (B, C, d_l), l <= L - 2; Hessian (L >= 2): rho, u of M_{L-1}.
@@ -424,11 +423,12 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             tr_m[l] = _diag_tat(p, w, Tl).sum(dim=1)
             if l <= L - 2:
                 T[l] = Tl
-        return BlockFeatures(at, delta, sp, {}, {}, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
+        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
     M: list[torch.Tensor] = [none] * (L + 1)
     M[L] = w[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
     rho = u = None
+    G_next: dict[int, torch.Tensor] = {}  # G_{l,l+1}, formed on the way to M_l
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
@@ -438,8 +438,10 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
-        Ml = Wn.T @ M[l + 1] @ Wn  # (B, d_l, d_l)
-        Ml.mul_(sp[l][:, :, None]).mul_(sp[l][:, None, :])  # D_l (W^T M W) D_l, in place
+        Gn = sp[l][:, :, None] * (Wn.T @ M[l + 1])  # G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1})
+        G_next[l] = Gn
+        Ml = Gn @ Wn  # M_l = G_{l,l+1} W_{l+1} D_l (+ diag below)
+        Ml.mul_(sp[l][:, None, :])
         if prob.hessian:
             Ml.diagonal(dim1=1, dim2=2).add_(spp[l] * g)
         M[l] = Ml
@@ -456,27 +458,20 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
         for l in range(m - 1, 0, -1):  # G_{l,m} = D_l W_{l+1}^T G_{l+1,m}
             if kroute and L == 2:
                 break  # G_{1,2} goes by the K route and nothing lies below it
-            Gc = sp[l][:, :, None] * (W[l].T @ Gc)
+            Gc = G_next[l] if l == m - 1 and l in G_next else sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
     Q: dict[tuple[int, int], torch.Tensor] = {}
-    Xc: dict[int, torch.Tensor] = {}
-    Yc: dict[int, torch.Tensor] = {}
     if prob.hessian:
         for l in range(1, L - 1):  # Q_{l,l+1} = D_l;  Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1}
             Qc = W[l][None, :, :] * sp[l][:, None, :]  # W_{l+1} D_l, (B, d_{l+1}, d_l)
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-        for l in range(1, L - 1 if kroute else L):
-            d_l, d_m = W[l].shape[1], W[l].shape[0]
-            a_l = at[l + 1][:, :d_l]
-            Xc[l] = (a_l[:, :, None] * G[l, l + 1].reshape(B, d_l, d_m)).reshape(B, -1)
-            Yc[l] = (sp[l][:, :, None] * delta[l + 1][:, None, :]).reshape(B, -1)
     if not kroute:
-        return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace)
+        return BlockFeatures(at, delta, sp, G, Q, trace)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, Xc, Yc, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
 
 
 def _diag_tat(p: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -658,7 +653,9 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
                 gamma = _gram(FI.delta[m], FJ.delta[m])
                 if m == l + 1:
                     inner += gamma * _gram(FI.sp[l], FJ.sp[l])
-                    inner += _gram(FI.X[l], FJ.Y[l]) + _gram(FI.Y[l], FJ.X[l])
+                    d_l = FI.sp[l].shape[1]
+                    inner += _adjacent_cross(FI.at[m][:, :d_l], FI.G[l, m], FJ.delta[m], FJ.sp[l], torch).to(ACC)
+                    inner += _adjacent_cross(FJ.at[m][:, :d_l], FJ.G[l, m], FI.delta[m], FI.sp[l], torch).to(ACC).T
                 else:
                     QI, QJ = FI.Q[l, m], FJ.Q[l, m]
                     inner += gamma * _gram(QI.reshape(QI.shape[0], -1), QJ.reshape(QJ.shape[0], -1))
@@ -900,7 +897,7 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
             f += pq * d[m]  # gamma
             if m == l + 1:
                 f += pq * d[l]  # sigma' Gram
-                f += 2 * pq * d[l] * d[m]  # X Y^T + Y X^T
+                f += 2 * (pq * d[l] * d[m] + pq * min(d[l], d[m]))  # two adjacent crosses: GEMM, then the narrower sum
             else:
                 f += pq * d[m - 1] * d[l]  # Q Gram
                 # two dense crosses: P1 (b Q), P2 (G delta), and the contraction over r
