@@ -119,12 +119,16 @@ def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float
     return 2.0 * ma
 
 
-def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool) -> int:
+def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool,
+                         cross_copies: int = 1) -> int:
     """Float64 scratch of one thread contracting a block pair (the structured path's GEMM
-    outputs cover at most 16 rows of the first block, about 131072 values per product)."""
+    outputs cover at most 16 rows of the first block, about 131072 values per product).
+    ``cross_copies``: (B, B', d_l) temporaries that the cross terms hold at once (1 in C++;
+    the torch backend's batched dense cross holds about 4: two products, the einsum's
+    elementwise product and a permuted copy)."""
     L = len(dims) - 1
     C = dims[-1]
     # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.
     widest = max(dims[1:-1], default=0) if hessian and (L > 2 or not structured) else 0
     k_route = (4 * C * C + 2 * C) * batch + 3 * 131072 * max(1, L - 1) if structured else 0
-    return batch * batch * (8 + widest) + k_route
+    return batch * batch * (8 + cross_copies * widest) + k_route

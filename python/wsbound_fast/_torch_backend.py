@@ -88,6 +88,9 @@ from ._validate import Problem, default_memory_limit, plan_blocks, validate
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 #: Accumulation dtype of every pair sum, whatever the compute dtype.
 ACC = torch.float64
+#: (B, B', d_l) temporaries of the batched cross terms alive at once (_dense_cross: P1, P2, the
+#: einsum's product and a permuted copy), for the block plan's scratch (_cost.pair_scratch_doubles).
+CROSS_COPIES = 4
 #: Block shape preferred on an accelerator (see plan_blocks).
 GPU_PLAN = {"target_batch": 2048, "max_pair_flops": 4e12}
 #: Share of the device's free memory used by default on CUDA.
@@ -252,7 +255,8 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
     # one block pair at a time (threads=1); features planned as float64 (conservative in float32);
     # the contraction path is the one validate() chose (prob.structured)
     batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, prob.structured, 1,
-                               None if batch_size is None else prob.batch_size, plan_budget, **shape)
+                               None if batch_size is None else prob.batch_size, plan_budget, **shape,
+                               cross_copies=CROSS_COPIES)
     fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
     fields.update(batch_size=batch, group_blocks=group, memory_limit=budget)
     return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit, chunk_values=chunk)

@@ -295,7 +295,8 @@ def default_memory_limit() -> int:
 
 def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
                 threads: int, batch_size: int | None, memory_limit: int, *,
-                target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS) -> tuple[int, int]:
+                target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS,
+                cross_copies: int = 1) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
@@ -311,12 +312,12 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
         batch = math.ceil(n_samples / n_blocks)
         # Shrink until two blocks of features and the pair scratch of every thread take at most
         # half the budget; the other half caches features of further blocks.
-        while batch > 1 and 8 * (threads * (2 * batch * f + pair_scratch_doubles(dims, batch, hessian, structured))) > memory_limit // 2:
+        while batch > 1 and 8 * (threads * (2 * batch * f + pair_scratch_doubles(dims, batch, hessian, structured, cross_copies))) > memory_limit // 2:
             batch = max(1, batch // 2)
     else:
         batch = min(batch_size, n_samples)
     n_blocks = math.ceil(n_samples / batch)
-    spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian, structured)
+    spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian, structured, cross_copies)
     fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
     # Cache no more blocks than it takes to keep the recomputation of features a small part of
     # the pair phase (and the threads busy), so that memory stays flat in N beyond that.
