@@ -124,8 +124,7 @@ def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structu
     """Float64 scratch of one thread contracting a block pair (the structured path's GEMM
     outputs cover at most 16 rows of the first block, about 131072 values per product).
     ``cross_copies``: (B, B', d_l) temporaries that the cross terms hold at once (1 in C++;
-    the torch backend's batched dense cross holds about 4: two products, the einsum's
-    elementwise product and a permuted copy)."""
+    2 in the torch backend's batched dense cross)."""
     L = len(dims) - 1
     C = dims[-1]
     # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.

@@ -160,13 +160,14 @@ def _layer_traces(at: list[np.ndarray], tr_m: list[np.ndarray]) -> np.ndarray:
     return np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * tr_m[l])) for l in range(1, len(at))])
 
 
-def _dense_cross(bI: np.ndarray, GI: np.ndarray, dJ: np.ndarray, QJ: np.ndarray) -> np.ndarray:
-    """cross[n, n'] = b_n^T Q_{n'} G_n delta_{n'} for dense Q (l < m - 1)."""
-    B, Bp = bI.shape[0], dJ.shape[0]
+def _dense_cross(bI: Any, GI: Any, dJ: Any, QJ: Any) -> Any:
+    """cross[n, n'] = b_n^T Q_{n'} G_n delta_{n'} for dense Q (l < m - 1), on NumPy arrays or
+    torch tensors (the torch backend uses it too): two (B', B, d_l) temporaries."""
+    B = bI.shape[0]
     d_l = QJ.shape[2]
-    P1 = np.matmul(bI, QJ)  # (B', B, d_l): [n', n, r] = sum_e b_n[e] Q_{n'}[e, r]
-    P2 = GI.reshape(B * d_l, -1) @ dJ.T  # (B*d_l, B'): [n r, n'] = (G_n delta_{n'})[r]
-    return np.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp))
+    P1 = bI @ QJ  # (B', B, d_l): [n', n, r] = sum_e b_n[e] Q_{n'}[e, r]
+    P1 *= (dJ @ GI.reshape(B * d_l, -1).T).reshape(dJ.shape[0], B, d_l)  # (G_n delta_{n'})[r], in place
+    return P1.sum(-1).T
 
 
 def _adjacent_cross(aI: Any, GI: Any, dJ: Any, spJ: Any, xp: Any = np) -> Any:
@@ -436,8 +437,8 @@ def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -
     done, total_pairs = 0, nb * (nb + 1) // 2
     for g0 in range(0, nb, group):
         rows = {i: features(i) for i in range(g0, min(g0 + group, nb))}
-        for i, f in rows.items():
-            block_trace[i] = f.trace
+        for i in rows:
+            block_trace[i] = rows[i].trace
         for h0 in range(g0, nb, group):
             cols = rows if h0 == g0 else {j: features(j) for j in range(h0, min(h0 + group, nb))}
             for i, fi in rows.items():
@@ -448,6 +449,7 @@ def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -
                         done += 1
                         if progress is not None:
                             progress(done, total_pairs)
+            cols = fi = fj = None  # no reference to this group while the next one is computed
     trace, blocks = np.zeros(L), np.zeros((L, L))
     for k in range(nb):
         trace += block_trace[k]

@@ -76,6 +76,7 @@ from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
 from ._numpy_backend import (
     _SCRATCH_VALUES,
     _adjacent_cross,
+    _dense_cross,
     _identity_terms,
     _k_terms,
     _pair_chunks,
@@ -88,9 +89,9 @@ from ._validate import Problem, default_memory_limit, plan_blocks, validate
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 #: Accumulation dtype of every pair sum, whatever the compute dtype.
 ACC = torch.float64
-#: (B, B', d_l) temporaries of the batched cross terms alive at once (_dense_cross: P1, P2, the
-#: einsum's product and a permuted copy), for the block plan's scratch (_cost.pair_scratch_doubles).
-CROSS_COPIES = 4
+#: (B, B', d_l) temporaries of the batched cross terms alive at once (_dense_cross: its two
+#: products), for the block plan's scratch (_cost.pair_scratch_doubles).
+CROSS_COPIES = 2
 #: Block shape preferred on an accelerator (see plan_blocks).
 GPU_PLAN = {"target_batch": 2048, "max_pair_flops": 4e12}
 #: Share of the device's free memory used by default on CUDA.
@@ -256,7 +257,7 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
     # the contraction path is the one validate() chose (prob.structured)
     batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, prob.structured, 1,
                                None if batch_size is None else prob.batch_size, plan_budget, **shape,
-                               cross_copies=CROSS_COPIES)
+                               cross_copies=CROSS_COPIES, feature_temporaries=0.5)
     fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
     fields.update(batch_size=batch, group_blocks=group, memory_limit=budget)
     return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit, chunk_values=chunk)
@@ -496,15 +497,6 @@ def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (A @ B.T).to(ACC)
 
 
-def _dense_cross(bI: torch.Tensor, GI: torch.Tensor, dJ: torch.Tensor, QJ: torch.Tensor) -> torch.Tensor:
-    """cross[n, n'] = b_n^T Q_{n'} G_n delta_{n'} for dense Q (l < m - 1)."""
-    B, Bp = bI.shape[0], dJ.shape[0]
-    d_l = QJ.shape[2]
-    P1 = torch.matmul(bI, QJ)  # (B', B, d_l): [n', n, r] = sum_e b_n[e] Q_{n'}[e, r]
-    P2 = GI.reshape(B * d_l, -1) @ dJ.T  # (B*d_l, B'): [n r, n'] = (G_n delta_{n'})[r]
-    return torch.einsum("knr,nrk->nk", P1, P2.reshape(B, d_l, Bp)).to(ACC)
-
-
 # The K route (docs/structured.md), as in _numpy_backend: per chunk of pairs (r rows n of I,
 # c columns n' of J) scalars are (r, c), vectors (r, C, c) and the C x C matrices K (r, C, C, c).
 
@@ -664,8 +656,8 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
                     QI, QJ = FI.Q[l, m], FJ.Q[l, m]
                     inner += gamma * _gram(QI.reshape(QI.shape[0], -1), QJ.reshape(QJ.shape[0], -1))
                     d_prev = QI.shape[1]
-                    inner += _dense_cross(FI.at[m][:, :d_prev], FI.G[l, m], FJ.delta[m], QJ)
-                    inner += _dense_cross(FJ.at[m][:, :d_prev], FJ.G[l, m], FI.delta[m], QI).T
+                    inner += _dense_cross(FI.at[m][:, :d_prev], FI.G[l, m], FJ.delta[m], QJ).to(ACC)
+                    inner += _dense_cross(FJ.at[m][:, :d_prev], FJ.G[l, m], FI.delta[m], QI).to(ACC).T
             out[l - 1, m - 1] = torch.sum(alpha * inner)
     if kroute:
         out[L - 2, L - 2], out[L - 2, L - 1] = _pair_sum_last(prob, FI, FJ)
@@ -735,8 +727,8 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
         done, total_pairs = 0, nb * (nb + 1) // 2
         for g0 in range(0, nb, group):
             rows = {i: features(i) for i in range(g0, min(g0 + group, nb))}
-            for i, f in rows.items():
-                block_trace[i] = f.trace
+            for i in rows:
+                block_trace[i] = rows[i].trace
             for h0 in range(g0, nb, group):
                 cols = rows if h0 == g0 else {j: features(j) for j in range(h0, min(h0 + group, nb))}
                 for i, fi in rows.items():
@@ -745,7 +737,7 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
                             s = pair_sum(prob, fi, fj)
                             row_sum[i] += s if i == j else 2.0 * s
                             done += 1
-                del cols
+                cols = fi = fj = None  # no reference to this group while the next one is computed
                 if progress is not None:
                     _synchronize(dev)
                     progress(done, total_pairs)
@@ -904,8 +896,8 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
                 f += 2 * (pq * d[l] * d[m] + pq * min(d[l], d[m]))  # two adjacent crosses: GEMM, then the narrower sum
             else:
                 f += pq * d[m - 1] * d[l]  # Q Gram
-                # two dense crosses: P1 (b Q), P2 (G delta), and the contraction over r
-                f += 2 * (pq * d[m - 1] * d[l] + pq * d[l] * d[m] + pq * d[l])
+                # two dense crosses: P1 (b Q), P2 (G delta); their product summed over r is elementwise
+                f += 2 * (pq * d[m - 1] * d[l] + pq * d[l] * d[m])
     return int(f)
 
 

@@ -296,7 +296,7 @@ def default_memory_limit() -> int:
 def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
                 threads: int, batch_size: int | None, memory_limit: int, *,
                 target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS,
-                cross_copies: int = 1) -> tuple[int, int]:
+                cross_copies: int = 1, feature_temporaries: float = 0.0) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
@@ -317,7 +317,10 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     else:
         batch = min(batch_size, n_samples)
     n_blocks = math.ceil(n_samples / batch)
-    spare = memory_limit - 8 * threads * pair_scratch_doubles(dims, batch, hessian, structured, cross_copies)
+    # feature_temporaries: the batched (torch) features hold intermediate products per sample
+    # while a block is computed, counted in blocks of features per worker (C++ moves them in).
+    spare = memory_limit - 8 * threads * (pair_scratch_doubles(dims, batch, hessian, structured, cross_copies)
+                                          + int(feature_temporaries * batch * f))
     fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
     # Cache no more blocks than it takes to keep the recomputation of features a small part of
     # the pair phase (and the threads busy), so that memory stays flat in N beyond that.
