@@ -108,13 +108,7 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
-        Gn = sp[l][:, :, None] * (Wn.T @ M[l + 1])  # G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1})
-        G_next[l] = Gn
-        Ml = (Gn @ Wn) * sp[l][:, None, :]  # M_l = G_{l,l+1} W_{l+1} D_l (+ diag below)
-        if prob.hessian:
-            idx = np.arange(Ml.shape[1])
-            Ml[:, idx, idx] += spp[l] * g
-        M[l] = Ml
+        G_next[l], M[l] = _curvature_step(Wn, M[l + 1], sp[l], spp[l] * g if prob.hessian else None)
     tr_m = [np.empty(0)] + [np.trace(M[l], axis1=1, axis2=2) if M[l].size else np.empty(0) for l in range(1, L + 1)]
     if kroute:
         tr_m[L - 1] = u.sum(axis=1) + rho.sum(axis=1)
@@ -142,6 +136,19 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
     return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+
+
+def _curvature_step(Wn: Any, M_next: Any, s: Any, diag: Any) -> tuple[Any, Any]:
+    """One step of the backward recursion per sample, on NumPy arrays or torch tensors (the
+    torch backend uses it too): G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1}), and
+    M_l = G_{l,l+1} W_{l+1} D_l + diag(diag) (``diag`` None for the GGN), (B, d_l, d_l)."""
+    Gn = s[:, :, None] * (Wn.T @ M_next)
+    Ml = Gn @ Wn
+    Ml *= s[:, None, :]
+    if diag is not None:
+        d = Ml.shape[1]
+        Ml.reshape(Ml.shape[0], d * d)[:, :: d + 1] += diag  # the diagonal, as a view of Ml
+    return Gn, Ml
 
 
 def _diag_tat(p: np.ndarray, w: np.ndarray, T: np.ndarray) -> np.ndarray:

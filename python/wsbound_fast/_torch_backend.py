@@ -76,6 +76,7 @@ from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
 from ._numpy_backend import (
     _SCRATCH_VALUES,
     _adjacent_cross,
+    _curvature_step,
     _dense_cross,
     _identity_terms,
     _k_terms,
@@ -443,13 +444,7 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
-        Gn = sp[l][:, :, None] * (Wn.T @ M[l + 1])  # G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1})
-        G_next[l] = Gn
-        Ml = Gn @ Wn  # M_l = G_{l,l+1} W_{l+1} D_l (+ diag below)
-        Ml.mul_(sp[l][:, None, :])
-        if prob.hessian:
-            Ml.diagonal(dim1=1, dim2=2).add_(spp[l] * g)
-        M[l] = Ml
+        G_next[l], M[l] = _curvature_step(Wn, M[l + 1], sp[l], spp[l] * g if prob.hessian else None)
     tr_m = [none] + [M[l].diagonal(dim1=1, dim2=2).sum(dim=1) if M[l].numel() else none for l in range(1, L + 1)]
     if kroute:
         tr_m[L - 1] = u.sum(dim=1) + rho.sum(dim=1)
