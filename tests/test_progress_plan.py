@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import wsbound_fast as wsb
+from wsbound_fast import _api, _validate
 from wsbound_fast._cost import feature_doubles, feature_flops, pair_flops
 
 
@@ -91,8 +92,11 @@ def test_plan_feature_flops_count_the_recomputed_blocks(curvature, monkeypatch):
         return real(prob, Xb, Yb)
 
     monkeypatch.setattr(_numpy_backend, "block_features", counting)
-    wsb.bound(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), curvature=curvature, batch_size=10,
-              memory_limit=budget, threads=1, backend="numpy")
+    # the C++ engine's block plan (wsb.plan's), run by the NumPy backend, which counts here
+    prob = _validate.validate(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), activation="tanh",
+                              curvature=curvature, reduction="mean", batch_size=10, memory_limit=budget, threads=1)
+    assert (prob.batch_size, prob.group_blocks) == (p.batch_size, p.group_blocks)
+    _api._moments_numpy(prob)
     assert sum(rows) > 83  # some blocks were computed more than once
     per_sample = feature_flops(dims, curvature == "hessian", p.structured)
     assert p.feature_flops == pytest.approx(sum(rows) * per_sample)

@@ -28,10 +28,10 @@ SPECS = [
 MOMENTS = {"cpp": api._moments_cpp, "numpy": api._moments_numpy}
 
 
-def _moments(spec, layers, X, y, curvature, backend, structured, batch_size):
+def _moments(spec, layers, X, y, curvature, backend, structured, batch_size, chunks=None):
     prob = validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum",
                     batch_size=batch_size)
-    return MOMENTS[backend](replace(prob, structured=structured))
+    return MOMENTS[backend](replace(prob, structured=structured, chunks=chunks))
 
 
 @pytest.mark.parametrize("batch_size", [3, 100])
@@ -88,30 +88,28 @@ def test_k_route_features(spec, refs):
 @pytest.mark.parametrize(("scratch", "values"), [(1.0, 1.0), (400.0, 150.0), (4e6, 1.0)])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("spec", DEEP, ids=lambda s: "-".join(map(str, s.dims)))
-def test_k_route_chunks(spec, curvature, scratch, values, refs, monkeypatch):
+def test_k_route_chunks(spec, curvature, scratch, values, refs):
     """Cutting the block pairs into chunks (GEMMs) and sub-chunks (elementwise work) of single
     pairs, or of a few rows and columns, leaves the NumPy K route's sums unchanged (the test
     models fit one chunk otherwise)."""
     layers, X, y = refs.model(spec)
     whole = _moments(spec, layers, X, y, curvature, "numpy", True, 4)
-    monkeypatch.setattr(nb, "_SCRATCH_VALUES", scratch)  # GEMM outputs of a chunk
-    monkeypatch.setattr(nb, "_CHUNK_VALUES", values)  # elementwise sub-chunks
-    chunked = _moments(spec, layers, X, y, curvature, "numpy", True, 4)
+    chunked = _moments(spec, layers, X, y, curvature, "numpy", True, 4, chunks=(scratch, values))
     np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-12, atol=1e-14 * np.abs(whole[1]).max())
     np.testing.assert_array_equal(chunked[0], whole[0])
 
 
 @pytest.mark.parametrize(("B", "Bp", "per_pair", "per_row"),
                          [(7, 9, 1e7, 0), (7, 9, 1e6, 0), (50, 40, 3e4, 0), (5, 3, 4e5, 0), (50, 40, 100, 2e5)])
-def test_pair_chunks_cover_the_block_pair(B, Bp, per_pair, per_row, monkeypatch):
+def test_pair_chunks_cover_the_block_pair(B, Bp, per_pair, per_row):
     """Every pair of the block pair in exactly one chunk, each chunk within the budget
     (or a single row of pairs when one row needs more)."""
-    monkeypatch.setattr(nb, "_CHUNK_VALUES", 1e6)
+    budget = 1e6
     seen = np.zeros((B, Bp), dtype=int)
-    for rows, cols in nb._pair_chunks(B, Bp, int(per_pair), int(per_row)):
+    for rows, cols in nb._pair_chunks(B, Bp, int(per_pair), int(per_row), budget):
         block = seen[rows, cols]
         size = block.size * per_pair + block.shape[0] * per_row
-        assert size <= nb._CHUNK_VALUES or block.shape[0] == 1
+        assert size <= budget or block.shape[0] == 1
         block += 1
     assert np.all(seen == 1)
 

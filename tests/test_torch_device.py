@@ -190,20 +190,24 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def test_moments_keep_within_memory_limit(meta_X):
-    """A deep wide model under a budget that caches only some blocks at once: the storage
-    that moments() allocates on the device (features of the groups held, the next group's,
-    the block pair's temporaries) stays within memory_limit.  (A group's features kept
-    alive by a loop variable while the next group is computed went 5-13 % over it.)"""
+@pytest.mark.parametrize(("dims", "curvature", "n", "budget"), [
+    ([40, 128, 128, 128, 6], "hessian", 64, 56 * 2**20),  # generic, dense cross terms: batch 8, groups of 3 of 8
+    ([100, 256, 10], "hessian", 160, 6 * 2**20),  # K route, blocks (L-1, L-1) and (L-1, L)
+    ([60, 96, 96, 10], "ggn", 128, 4 * 2**20),  # K route of the GGN
+], ids=["deep-generic", "kroute-hessian", "kroute-ggn"])
+def test_moments_keep_within_memory_limit(dims, curvature, n, budget, meta_X):
+    """Models under a budget that caches only some blocks at once: the storage that moments()
+    allocates on the device (features of the groups held, the next group's, the block pair's
+    temporaries, the K route's chunks of sample pairs) stays within memory_limit.  (A group's
+    features kept alive by a loop variable while the next group is computed went 5-13 % over
+    it.)"""
     rng = np.random.default_rng(2)
-    dims = [40, 128, 128, 128, 6]
     layers = [(rng.normal(size=(b, a)), rng.normal(size=b)) for a, b in zip(dims[:-1], dims[1:])]
-    n, budget = 64, 56 * 2**20  # batch 8, groups of 3 of 8 blocks
     X = torch.empty((n, dims[0]), dtype=torch.float64, device="meta")
     prob = _torch_backend.validate_torch(layers, X, rng.integers(0, dims[-1], n), activation="gelu",
-                                         curvature="hessian", reduction="mean", device="meta", memory_limit=budget)
+                                         curvature=curvature, reduction="mean", device="meta", memory_limit=budget)
     nb = math.ceil(n / prob.batch_size)
     assert 1 < prob.group_blocks < nb  # features are recomputed: the case at stake
     with LiveBytes() as m, pytest.raises(NotImplementedError, match="meta"):
         _torch_backend.moments(prob)  # all the work, then the partial sums cannot come to the host
-    assert 0.5 * budget < m.peak <= budget, (m.peak / budget, prob.batch_size, prob.group_blocks, nb)
+    assert 0.4 * budget < m.peak <= budget, (m.peak / budget, prob.batch_size, prob.group_blocks, nb)

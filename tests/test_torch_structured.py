@@ -21,7 +21,7 @@ import wsbound_fast as wsb  # noqa: E402
 import wsbound_fast._api as api  # noqa: E402
 from test_structured import SPECS  # noqa: E402
 from test_torch_backend import FLOAT32_TOL  # noqa: E402
-from wsbound_fast import _torch_backend, _validate  # noqa: E402
+from wsbound_fast import _cost, _torch_backend, _validate  # noqa: E402
 
 SPEC_IDS = ["-".join(map(str, s.dims)) + f"-{s.seed}" for s in SPECS]
 
@@ -84,15 +84,11 @@ def test_validate_torch_keeps_structured_choice():
 @pytest.mark.parametrize(("scratch", "values"), [(1.0, 1.0), (400.0, 150.0), (4e6, 1.0)])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
-def test_k_route_chunks(spec, curvature, scratch, values, refs, monkeypatch):
+def test_k_route_chunks(spec, curvature, scratch, values, refs):
     """The torch K route cut into chunks (GEMMs) and sub-chunks (elementwise work) of single pairs,
     or of a few rows and columns (the test models fit one chunk otherwise), still equals the C++ core."""
-    from wsbound_fast import _numpy_backend
-
     layers, X, y = refs.model(spec)
-    prob = _tprob(spec, layers, X, y, curvature, 4, True)
-    monkeypatch.setattr(_torch_backend, "_SCRATCH_VALUES", scratch)  # GEMM outputs of a chunk
-    monkeypatch.setattr(_numpy_backend, "_CHUNK_VALUES", values)  # elementwise sub-chunks
+    prob = replace(_tprob(spec, layers, X, y, curvature, 4, True), chunks=(scratch, values))
     t_t, b_t = _torch_backend.moments(prob)
     t_c, b_c = api._moments_cpp(prob)
     np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * np.abs(b_c).max())
@@ -107,32 +103,39 @@ def test_k_route_accelerator_chunks(spec, curvature, chunk_values, refs):
     outputs of a chunk and for the elementwise work of a sub-chunk; single pairs, a few rows,
     the whole block pair), run here on the CPU, still equals the C++ core."""
     layers, X, y = refs.model(spec)
-    prob = replace(_tprob(spec, layers, X, y, curvature, 5, True), chunk_values=chunk_values)
-    assert _torch_backend._chunk_budgets(prob) == (chunk_values, chunk_values)
+    prob = replace(_tprob(spec, layers, X, y, curvature, 5, True), chunks=(chunk_values, chunk_values))
     t_t, b_t = _torch_backend.moments(prob)
     t_c, b_c = api._moments_cpp(prob)
     np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * np.abs(b_c).max())
     np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
 
 
-def test_accelerator_plan_sets_aside_k_route_scratch(monkeypatch):
-    """On a non-CPU device the K route's chunks get KROUTE_SCRATCH_SHARE of memory_limit
-    (16 bytes per chunk value: GEMM outputs and elementwise work) and the block plan the rest;
-    on the CPU the NumPy backend's chunks and the whole budget."""
+def test_plan_sets_aside_k_route_scratch():
+    """The K route's chunks get at most KROUTE_SCRATCH_SHARE of memory_limit (16 bytes per chunk
+    value: GEMM outputs and elementwise work) and the block plan the rest: on the CPU no more
+    than the cache-sized CPU_CHUNK_VALUES, on any other device (planned as an accelerator) the
+    whole share."""
     rng = np.random.default_rng(0)
     layers = [(rng.standard_normal((128, 20)), rng.standard_normal(128)), (rng.standard_normal((10, 128)), None)]
     X, y = rng.standard_normal((300, 20)), rng.integers(0, 10, 300)
-    kw = dict(activation="tanh", curvature="hessian", reduction="mean", memory_limit=1 << 24)
-    cpu = _torch_backend.validate_torch(layers, X, y, **kw)
-    assert cpu.structured and cpu.chunk_values is None
-    assert _torch_backend._chunk_budgets(cpu) == (_torch_backend._SCRATCH_VALUES, None)
-    meta = _torch_backend.validate_torch(layers, X, y, device="meta", **kw)  # planned as an accelerator
-    share = _torch_backend.KROUTE_SCRATCH_SHARE
-    assert meta.memory_limit == 1 << 24
-    assert meta.chunk_values == pytest.approx(share * (1 << 24) / 16)
+    kw = dict(activation="tanh", curvature="hessian", reduction="mean")
+    share = _validate.KROUTE_SCRATCH_SHARE
     dims, has_bias = [20, 128, 10], [True, False]
+    py = dict(cross_copies=_validate.PY_CROSS_COPIES, feature_temporaries=_validate.PY_FEATURE_TEMPORARIES,
+              feature_scratch=_cost.feature_scratch_doubles(dims, True, True), k_route=False)
+    for limit in (1 << 24, 1 << 32):
+        cpu = _torch_backend.validate_torch(layers, X, y, memory_limit=limit, **kw)
+        assert cpu.structured
+        want = tuple(min(cap, share * limit / 16) for cap in _validate.CPU_CHUNK_VALUES)
+        assert cpu.chunks == pytest.approx(want)
+        expect = _validate.plan_blocks(dims, has_bias, 300, True, True, 1, None, limit - int(8 * sum(want)), **py)
+        assert (cpu.batch_size, cpu.group_blocks) == expect
+    assert cpu.chunks == _validate.CPU_CHUNK_VALUES  # a large budget: the cache-sized chunks
+    meta = _torch_backend.validate_torch(layers, X, y, device="meta", memory_limit=1 << 24, **kw)
+    assert meta.memory_limit == 1 << 24
+    assert meta.chunks == pytest.approx((share * (1 << 24) / 16,) * 2)
     expect = _validate.plan_blocks(dims, has_bias, 300, True, True, 1, None, int((1 - share) * (1 << 24)),
-                                   **_torch_backend.GPU_PLAN)
+                                   **_torch_backend.GPU_PLAN, **py)
     assert (meta.batch_size, meta.group_blocks) == expect
 
 

@@ -98,6 +98,23 @@ def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool
     return f
 
 
+def feature_scratch_doubles(dims: Sequence[int], hessian: bool, structured: bool) -> int:
+    """Float64 intermediates per sample that the Python backends' batched features hold at once
+    while a block is computed, beyond the features kept: the forward pass's vectors, M_L, one
+    (d_l, d_m) product before it is scaled (where dense curvature blocks are formed: not on
+    the structured path of the GGN or of a one-hidden-layer Hessian), and on the structured
+    path diag(T^T A T)'s three (C, d_l) stacks (T, T - p^T T, its square)."""
+    L = len(dims) - 1
+    d = dims
+    C = d[L]
+    s = 2 * C * C + 4 * sum(d[1:])
+    if structured:
+        s += 3 * C * max(d[1:L], default=0)
+    if not structured or (hessian and L > 2):
+        s += max((d[l] * d[m] for l in range(1, L) for m in range(l, L + 1)), default=0)
+    return s
+
+
 def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float:
     """Flops (2 per multiply-add) of one sample's features (forward and backward pass, the
     curvature blocks the path keeps); used to decide how many blocks' features to cache."""
@@ -120,14 +137,15 @@ def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float
 
 
 def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool,
-                         cross_copies: int = 1) -> int:
+                         cross_copies: int = 1, k_route: bool = True) -> int:
     """Float64 scratch of one thread contracting a block pair (the structured path's GEMM
     outputs cover at most 16 rows of the first block, about 131072 values per product).
     ``cross_copies``: (B, B', d_l) temporaries that the cross terms hold at once (1 in C++;
-    2 in the torch backend's batched dense cross)."""
+    2 in the Python backends' batched dense cross).  ``k_route``: count the C++ engine's K-route
+    scratch (the Python backends budget their chunks of sample pairs separately)."""
     L = len(dims) - 1
     C = dims[-1]
     # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.
     widest = max(dims[1:-1], default=0) if hessian and (L > 2 or not structured) else 0
-    k_route = (4 * C * C + 2 * C) * batch + 3 * 131072 * max(1, L - 1) if structured else 0
-    return batch * batch * (8 + cross_copies * widest) + k_route
+    k_scratch = (4 * C * C + 2 * C) * batch + 3 * 131072 * max(1, L - 1) if structured and k_route else 0
+    return batch * batch * (8 + cross_copies * widest) + k_scratch

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._activations import evaluate
-from ._validate import Problem
+from ._validate import CPU_CHUNK_VALUES, Problem
 
 
 @dataclass
@@ -193,20 +193,17 @@ def _adjacent_cross(aI: Any, GI: Any, dJ: Any, spJ: Any, xp: Any = np) -> Any:
     return xp.einsum("nck,kc->nk", P, dJ)
 
 
-#: Values that the temporaries of the K route may hold at once: the GEMM outputs of a chunk
-#: of pairs within the 4e6 that the cost model budgets (_cost.pair_scratch_doubles), the
-#: elementwise work on them in sub-chunks of about a million values, which stay in cache.
-#: (Few large GEMMs: each call of a multithreaded BLAS costs a wake-up of its threads.)
-_SCRATCH_VALUES = 4.0e6
-_CHUNK_VALUES = 1.0e6
+def chunk_budgets(prob: Problem) -> tuple[float, float]:
+    """(values of a chunk's GEMM outputs, values of a sub-chunk's elementwise work) on the K
+    route: the plan's (``prob.chunks``, :func:`wsbound_fast._validate.plan_python`), else the
+    cache-sized CPU defaults."""
+    return CPU_CHUNK_VALUES if prob.chunks is None else prob.chunks
 
 
-def _pair_chunks(B: int, Bp: int, per_pair: int, per_row: int = 0,
-                 budget: float | None = None) -> Iterator[tuple[slice, slice]]:
+def _pair_chunks(B: int, Bp: int, per_pair: int, per_row: int, budget: float) -> Iterator[tuple[slice, slice]]:
     """(rows of I, columns of J) chunks of a B x B' block pair whose temporaries, per_pair values
-    per sample pair plus per_row per row of I, stay within budget values (default _CHUNK_VALUES;
-    at least one pair a chunk)."""
-    budget = _CHUNK_VALUES if budget is None else budget
+    per sample pair plus per_row per row of I, stay within budget values (at least one pair a
+    chunk)."""
     cols = max(1, min(Bp, int(budget // per_pair)))
     rows = max(1, min(B, int(budget // (per_pair * cols + per_row))))
     for r0 in range(0, B, rows):
@@ -314,10 +311,11 @@ def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.nda
     omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
     gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
     per_pair = (2 * L - 1) * C * C + 8 * L * C
-    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.size, _SCRATCH_VALUES):
+    chunk_outer, chunk_inner = chunk_budgets(prob)
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.size, chunk_outer):
         packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
         grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
-        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair):
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             pI, pJT = FI.p[rr], FJ.p[cc].T
             terms = {L: _identity_terms(pI, pJT, pp[rr, cc])}
@@ -332,7 +330,7 @@ def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.nda
     return out
 
 
-def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[float, float]:
+def _pair_sum_last(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> tuple[float, float]:
     """Hessian blocks (L-1, L-1) and (L-1, L) by the K route (docs/structured.md), L >= 2:
 
     alpha^2 (w w' tr(A K A' K) + u . rho' + rho . u' + rho . rho') and
@@ -340,6 +338,7 @@ def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[float,
     One GEMM per chunk gives s . s' (Omega's row of ones), the packed K and E_i = sum_k W_ik a_k s_k s'_k
     (rows W_i a_n s_n after Omega diag(s_n)); a second one E'_i = sum_k W_ik s_k a'_k s'_k.
     """
+    L = prob.n_layers
     W = FI.W
     C, d = W.shape
     alpha = FI.at[L - 1] @ FJ.at[L - 1].T
@@ -358,12 +357,13 @@ def _pair_sum_last(FI: BlockFeatures, FJ: BlockFeatures, L: int) -> tuple[float,
     total = np.zeros(2)
     per_pair = 3 * C * C + 16 * C
     gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.size + C * d  # [s . s'; K; E] and E', their left sides
-    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, _SCRATCH_VALUES):
+    chunk_outer, chunk_inner = chunk_budgets(prob)
+    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, chunk_outer):
         YI = omega[None, :, :] * sI[rows, None, :]
         YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
         R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
         Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
-        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair):
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
             pI, pJT = FI.p[rr], FJ.p[cc].T
@@ -413,7 +413,7 @@ def pair_sum(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
                     inner += _dense_cross(FJ.at[m][:, :d_prev], FJ.G[l, m], FI.delta[m], QI).T
             out[l - 1, m - 1] = np.sum(alpha * inner)
     if kroute:
-        out[L - 2, L - 2], out[L - 2, L - 1] = _pair_sum_last(FI, FJ, L)
+        out[L - 2, L - 2], out[L - 2, L - 1] = _pair_sum_last(prob, FI, FJ)
     return out
 
 

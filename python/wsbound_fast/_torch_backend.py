@@ -43,16 +43,16 @@ errors of :func:`wsbound_fast._validate.validate_X`, and X stays where it is; ea
 of rows is moved to the compute device when it is needed.  X may therefore live on the
 host while the work runs on a GPU, or the other way round.
 
-Memory: the block plan is :func:`wsbound_fast._validate.plan_blocks` with one worker (one
-block pair at a time) and the budget ``memory_limit`` bytes *on the compute device*
-(default on CUDA: half of the memory that is free there, ``torch.cuda.mem_get_info`` plus
-this process's cached-but-unused blocks; elsewhere the host default).  On a GPU the
-preferred block is larger (up to 2048 samples, a block pair up to ~4 TFLOP) so that the
-GEMMs fill the device, and on the K route ``KROUTE_SCRATCH_SHARE`` of the budget is set
-aside for the chunks of sample pairs (``TorchProblem.chunk_values``), the block plan getting
-the rest: a 2000 x 2000 block pair of 784-1024-10 is then a few chunks (~10^3 kernels)
-instead of ~10^5 kernels in chunks sized for a CPU cache.  On the CPU the plan and the
-chunks are the C++/NumPy ones.
+Memory: the block plan is :func:`wsbound_fast._validate.plan_python`, the NumPy
+backend's (one block pair at a time, its batched temporaries counted), with the budget
+``memory_limit`` bytes *on the compute device* (default on CUDA: half of the memory that is
+free there, ``torch.cuda.mem_get_info`` plus this process's cached-but-unused blocks;
+elsewhere the host default).  On a GPU the preferred block is larger (up to 2048 samples, a
+block pair up to ~4 TFLOP) so that the GEMMs fill the device, and on the K route the whole
+``KROUTE_SCRATCH_SHARE`` of the budget goes to the chunks of sample pairs
+(``Problem.chunks``), the block plan getting the rest: a 2000 x 2000 block pair of
+784-1024-10 is then a few chunks (~10^3 kernels) instead of ~10^5 kernels in chunks sized
+for a CPU cache.  On the CPU the chunks are the NumPy backend's.
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activation
 from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
 from ._numpy_backend import (
-    _SCRATCH_VALUES,
     _adjacent_cross,
     _curvature_step,
     _dense_cross,
@@ -82,26 +81,34 @@ from ._numpy_backend import (
     _k_terms,
     _pair_chunks,
     _tr_akak,
+    chunk_budgets,
     _within,
 )
-from ._validate import Problem, default_memory_limit, plan_blocks, validate
+from ._validate import (
+    KROUTE_SCRATCH_SHARE,
+    PY_CROSS_COPIES,
+    Problem,
+    default_memory_limit,
+    plan_python,
+    validate,
+)
 
 #: Accepted ``dtype=`` values (strings, or the torch dtypes themselves).
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 #: Accumulation dtype of every pair sum, whatever the compute dtype.
 ACC = torch.float64
 #: (B, B', d_l) temporaries of the batched cross terms alive at once (_dense_cross: its two
-#: products), for the block plan's scratch (_cost.pair_scratch_doubles).
-CROSS_COPIES = 2
+#: products), for the block plan's scratch (_cost.pair_scratch_doubles); as the NumPy backend's.
+CROSS_COPIES = PY_CROSS_COPIES
 #: Block shape preferred on an accelerator (see plan_blocks).
 GPU_PLAN = {"target_batch": 2048, "max_pair_flops": 4e12}
 #: Share of the device's free memory used by default on CUDA.
 CUDA_BUDGET_FRACTION = 0.5
-#: On an accelerator, share of memory_limit set aside for the K route's chunk temporaries
-#: (the GEMM outputs of a chunk of sample pairs and the elementwise work on them); the block
-#: plan gets the rest.  On the CPU the chunks are the NumPy backend's (a few million values,
-#: sized for its caches); on a GPU that would mean ~10^5 small kernels per block pair.
-KROUTE_SCRATCH_SHARE = 0.25
+# KROUTE_SCRATCH_SHARE (_validate): on an accelerator, the share of memory_limit set aside
+# for the K route's chunk temporaries (the GEMM outputs of a chunk of sample pairs and the
+# elementwise work on them); the block plan gets the rest.  On the CPU the chunks are the
+# NumPy backend's (at most a few million values, sized for its caches); on a GPU that would
+# mean ~10^5 small kernels per block pair.
 #: Elements of X checked for NaN / Inf at once (bounds the temporary of the check).
 _FINITE_CHUNK = 1 << 24
 
@@ -119,11 +126,6 @@ class TorchProblem(Problem):
     #: which sets the default maxiter of eigsh / exact= (the Lanczos basis is on the host,
     #: or on the device when it fits in DEVICE_BASIS_SHARE of memory_limit there).
     host_memory_limit: int = 0
-    #: K route: float64 values that a chunk's GEMM outputs, and separately the elementwise
-    #: work of a sub-chunk, may hold (so both together at most 16 * chunk_values bytes of the
-    #: KROUTE_SCRATCH_SHARE of memory_limit set aside for them); None: the NumPy backend's
-    #: chunks (the CPU).
-    chunk_values: float | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -244,24 +246,15 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
     dev = resolve_device(device, layers, X, y)
     cdt = resolve_dtype(dtype)
     budget = default_budget(dev) if memory_limit is None else prob.memory_limit
-    dims = [prob.weights[0].shape[1]] + [w.shape[0] for w in prob.weights]
-    has_bias = [b is not None for b in prob.biases]
     accel = dev.type != "cpu"
-    shape = GPU_PLAN if accel else {}
-    chunk = None
-    plan_budget = budget
-    if accel and prob.structured:  # large K-route chunks: few, large kernels (see KROUTE_SCRATCH_SHARE)
-        reserve = int(KROUTE_SCRATCH_SHARE * budget)
-        plan_budget = max(1, budget - reserve)
-        chunk = max(1.0, reserve / 16.0)
-    # one block pair at a time (threads=1); features planned as float64 (conservative in float32);
-    # the contraction path is the one validate() chose (prob.structured)
-    batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, prob.structured, 1,
-                               None if batch_size is None else prob.batch_size, plan_budget, **shape,
-                               cross_copies=CROSS_COPIES, feature_temporaries=0.5)
+    # one block pair at a time; features planned as float64 (conservative in float32); the
+    # contraction path is the one validate() chose (prob.structured); on an accelerator large
+    # K-route chunks (few, large kernels) and larger blocks
+    batch, group, chunks = plan_python(prob, None if batch_size is None else prob.batch_size, budget,
+                                       accelerator=accel, **(GPU_PLAN if accel else {}))
     fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
-    fields.update(batch_size=batch, group_blocks=group, memory_limit=budget)
-    return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit, chunk_values=chunk)
+    fields.update(batch_size=batch, group_blocks=group, memory_limit=budget, chunks=chunks)
+    return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit)
 
 
 # --------------------------------------------------------------------------------------
@@ -496,15 +489,6 @@ def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 # c columns n' of J) scalars are (r, c), vectors (r, C, c) and the C x C matrices K (r, C, C, c).
 
 
-def _chunk_budgets(prob: TorchProblem) -> tuple[float, float | None]:
-    """(values of a chunk's GEMM outputs, values of a sub-chunk's elementwise work): the NumPy
-    backend's on the CPU (sized for its caches; None is _pair_chunks' default); on an
-    accelerator ``prob.chunk_values`` for both, a share of memory_limit, for few, large kernels."""
-    if prob.chunk_values is None:
-        return _SCRATCH_VALUES, None
-    return prob.chunk_values, prob.chunk_values
-
-
 def _omega(W: torch.Tensor, ones_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Omega, the rows W_i * W_j (i <= j, i-major) of W = W_L (C, d), after a row of ones if
     ones_row; and pos (C, C), the row of Omega that holds (i, j) (see _unpack)."""
@@ -555,11 +539,11 @@ def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> t
     omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
     gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
     per_pair = (2 * L - 1) * C * C + 8 * L * C
-    chunk_outer, chunk_inner = _chunk_budgets(prob)
+    chunk_outer, chunk_inner = chunk_budgets(prob)
     for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.numel(), chunk_outer):
         packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
         grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
-        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, budget=chunk_inner):
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             pI, pJT = pI_all[rr], pJ_all[cc].T
             terms = {L: _identity_terms(pI, pJT, pp[rr, cc], torch)}
@@ -598,13 +582,13 @@ def _pair_sum_last(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> 
     total = torch.zeros(2, dtype=ACC, device=W.device)
     per_pair = 3 * C * C + 16 * C
     gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.numel() + C * d  # [s . s'; K; E] and E', their left sides
-    chunk_outer, chunk_inner = _chunk_budgets(prob)
+    chunk_outer, chunk_inner = chunk_budgets(prob)
     for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, chunk_outer):
         YI = omega[None, :, :] * sI[rows, None, :]
         YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
         R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
         Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
-        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, budget=chunk_inner):
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
             pI, pJT = pI_all[rr], pJ_all[cc].T

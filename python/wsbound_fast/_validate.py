@@ -23,6 +23,7 @@ from ._cost import (
     choose_structured,
     feature_doubles,
     feature_flops,
+    feature_scratch_doubles,
     pair_flops,
     pair_scratch_doubles,
 )
@@ -69,6 +70,10 @@ class Problem:
     group_blocks: int
     memory_limit: int
     single: bool = False  # cpp backend: Gram products in float32, float64 accumulation
+    #: NumPy and torch backends, K route: float64 values that the GEMM outputs of a chunk of
+    #: sample pairs, and the elementwise work of a sub-chunk, may hold; set by
+    #: :func:`plan_python` from the budget.  None: the NumPy backend's cache-sized defaults.
+    chunks: tuple[float, float] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -296,13 +301,22 @@ def default_memory_limit() -> int:
 def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
                 threads: int, batch_size: int | None, memory_limit: int, *,
                 target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS,
-                cross_copies: int = 1, feature_temporaries: float = 0.0) -> tuple[int, int]:
+                cross_copies: int = 1, feature_temporaries: float = 0.0, feature_scratch: int = 0,
+                k_route: bool = True) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
-    GPU asks for larger blocks than the CPU backends).
+    GPU asks for larger blocks than the CPU backends); ``cross_copies``, ``k_route``: see
+    :func:`pair_scratch_doubles`.  ``feature_temporaries`` (in blocks of features) and
+    ``feature_scratch`` (float64 values per sample): what the batched (NumPy, torch) features
+    hold while a block is computed, beyond the features kept (C++ moves them in place).
     """
     f = feature_doubles(dims, has_bias, hessian, structured)
+
+    def scratch(batch: int) -> int:  # per worker: the block pair's and the features' temporaries
+        return (pair_scratch_doubles(dims, batch, hessian, structured, cross_copies, k_route)
+                + int(feature_temporaries * batch * f) + batch * feature_scratch)
+
     if batch_size is None:
         flops = pair_flops(dims, has_bias, hessian, structured)
         target = min(target_batch, max(8, int(math.sqrt(max_pair_flops / flops))))
@@ -312,15 +326,12 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
         batch = math.ceil(n_samples / n_blocks)
         # Shrink until two blocks of features and the pair scratch of every thread take at most
         # half the budget; the other half caches features of further blocks.
-        while batch > 1 and 8 * (threads * (2 * batch * f + pair_scratch_doubles(dims, batch, hessian, structured, cross_copies))) > memory_limit // 2:
+        while batch > 1 and 8 * (threads * (2 * batch * f + scratch(batch))) > memory_limit // 2:
             batch = max(1, batch // 2)
     else:
         batch = min(batch_size, n_samples)
     n_blocks = math.ceil(n_samples / batch)
-    # feature_temporaries: the batched (torch) features hold intermediate products per sample
-    # while a block is computed, counted in blocks of features per worker (C++ moves them in).
-    spare = memory_limit - 8 * threads * (pair_scratch_doubles(dims, batch, hessian, structured, cross_copies)
-                                          + int(feature_temporaries * batch * f))
+    spare = memory_limit - 8 * threads * scratch(batch)
     fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
     # Cache no more blocks than it takes to keep the recomputation of features a small part of
     # the pair phase (and the threads busy), so that memory stays flat in N beyond that.
@@ -328,6 +339,46 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     useful = max(2 * threads, math.ceil(_RECOMPUTE_FACTOR * ratio / batch))
     groups = math.ceil(n_blocks / min(fits, useful))
     return batch, math.ceil(n_blocks / groups)  # groups of equal size (a short last group idles threads)
+
+
+#: The Python backends' K route (NumPy, torch): values held by the GEMM outputs of a chunk of
+#: sample pairs, and by the elementwise work on a sub-chunk, on the CPU (the chunks' outputs
+#: and temporaries stay in cache; few large GEMMs, as each call of a multithreaded BLAS wakes
+#: its threads).  A tight memory_limit lowers both (plan_python).
+CPU_CHUNK_VALUES = (4.0e6, 1.0e6)
+#: Share of memory_limit at most that the Python backends set aside for those chunks (the
+#: block plan gets the rest); on an accelerator the whole share, for few, large kernels.
+KROUTE_SCRATCH_SHARE = 0.25
+#: (B, B', d_l) temporaries that the Python backends' batched cross terms hold at once
+#: (_numpy_backend._dense_cross: its two products).
+PY_CROSS_COPIES = 2
+#: Intermediate products of the Python backends' batched features while a block is computed,
+#: in blocks of features (copies, reshapes), on top of _cost.feature_scratch_doubles.
+PY_FEATURE_TEMPORARIES = 0.5
+
+
+def plan_python(prob: Problem, batch_size: int | None, memory_limit: int, *, accelerator: bool = False,
+                **shape: float) -> tuple[int, int, tuple[float, float]]:
+    """(batch_size, blocks cached at once, K-route chunks) of the NumPy and torch backends,
+    which contract one block pair at a time with batched temporaries, within ``memory_limit``.
+
+    The K route's chunks (``Problem.chunks``) get up to KROUTE_SCRATCH_SHARE of the budget,
+    16 bytes per chunk value (a chunk's GEMM outputs and a sub-chunk's elementwise work), and
+    the block plan the rest; on the CPU no more than CPU_CHUNK_VALUES.  ``shape``: the
+    preferred block of :func:`plan_blocks` (target_batch, max_pair_flops).
+    """
+    dims = [prob.weights[0].shape[1]] + [w.shape[0] for w in prob.weights]
+    has_bias = [b is not None for b in prob.biases]
+    share = max(1.0, KROUTE_SCRATCH_SHARE * memory_limit / 16.0)
+    chunks = (share, share) if accelerator else (min(CPU_CHUNK_VALUES[0], share), min(CPU_CHUNK_VALUES[1], share))
+    budget = memory_limit
+    if prob.structured:
+        budget = max(1, memory_limit - int(8 * (chunks[0] + chunks[1])))
+    batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, prob.structured, 1, batch_size, budget,
+                               cross_copies=PY_CROSS_COPIES, feature_temporaries=PY_FEATURE_TEMPORARIES,
+                               feature_scratch=feature_scratch_doubles(dims, prob.hessian, prob.structured),
+                               k_route=False, **shape)
+    return batch, group, chunks
 
 
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
