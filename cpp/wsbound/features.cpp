@@ -275,6 +275,9 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         F.G[F.pair(m, m)] = std::move(M[m]);
         for (Index l = m - 1; l >= 1; --l) {
             if (l == m - 1 && F.G[F.pair(l, m)].size() > 0) continue;  // from the backward pass
+            // One hidden layer through K_1: G_{1,2} is neither a feature nor needed for another
+            // block (it was built only to be dropped below: B d_1 C values, more than the features).
+            if (lowrank && L == 2) continue;
             const RowMat& Wn = model.W[static_cast<size_t>(l)];
             const Index d_l = Wn.cols(), d_n = Wn.rows();
             const RowMat& Gn = F.G[F.pair(l + 1, m)];
