@@ -75,12 +75,12 @@ def test_plan_matches_what_bound_runs(curvature):
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_plan_feature_flops_count_the_recomputed_blocks(curvature, monkeypatch):
     # a budget that caches only some blocks at once: later groups' features are recomputed
-    from wsbound_fast import _numpy_backend
+    from wsbound_fast import _numpy_backend, _validate
 
     rng = np.random.default_rng(6)
     dims = [6, 9, 7, 5]
     layers = _model(rng, tuple(dims))
-    budget = 200_000
+    budget = 400_000
     p = wsb.plan(layers, 83, curvature=curvature, batch_size=10, memory_limit=budget, threads=1)
     assert 1 < p.group_blocks < p.n_blocks  # the case this test is about
     rows = []
@@ -91,8 +91,12 @@ def test_plan_feature_flops_count_the_recomputed_blocks(curvature, monkeypatch):
         return real(prob, Xb, Yb)
 
     monkeypatch.setattr(_numpy_backend, "block_features", counting)
-    wsb.bound(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), curvature=curvature, batch_size=10,
-              memory_limit=budget, threads=1, backend="numpy")
+    # the NumPy engine (whose block_features can be counted) on the plan of bound()'s default
+    # backend, the C++ one (backend="numpy" plans for the NumPy engine's own memory)
+    prob = _validate.validate(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), activation="tanh",
+                              curvature=curvature, reduction="mean", batch_size=10, memory_limit=budget, threads=1)
+    assert (prob.batch_size, prob.group_blocks) == (p.batch_size, p.group_blocks)
+    _numpy_backend.moments(prob)
     assert sum(rows) > 83  # some blocks were computed more than once
     per_sample = feature_flops(dims, curvature == "hessian", p.structured)
     assert p.feature_flops == pytest.approx(sum(rows) * per_sample)

@@ -21,6 +21,9 @@ import numpy as np
 from ._activations import ACTIVATIONS, Activation
 from ._cost import (
     choose_structured,
+    cpp_fixed_doubles,
+    cpp_group_doubles,
+    cpp_worker_doubles,
     feature_doubles,
     feature_flops,
     pair_flops,
@@ -296,13 +299,24 @@ def default_memory_limit() -> int:
 def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
                 threads: int, batch_size: int | None, memory_limit: int, *,
                 target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS,
-                cross_copies: int = 1, feature_temporaries: float = 0.0) -> tuple[int, int]:
+                cross_copies: int = 1, feature_temporaries: float = 0.0, cpp: bool = False) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
-    GPU asks for larger blocks than the CPU backends).
+    GPU asks for larger blocks than the CPU backends).  ``cpp``: the C++ engine's accounting
+    (_cost.cpp_*: its weight copy, per worker its pair scratch and one block's intermediates,
+    its bookkeeping per block and block pair) instead of pair_scratch_doubles.
     """
     f = feature_doubles(dims, has_bias, hessian, structured)
+    if cpp:  # off the budget first: the weight copy and what each worker holds whatever the block size
+        base = cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
+        memory_limit -= 8 * (cpp_fixed_doubles(dims, has_bias) + threads * base)
+
+    def scratch(b: int) -> int:  # float64 values per worker besides the cached features
+        if cpp:  # (the rest of it: halving the block halves this part only)
+            return cpp_worker_doubles(dims, has_bias, b, hessian, structured) - base
+        return pair_scratch_doubles(dims, b, hessian, structured, cross_copies)
+
     if batch_size is None:
         flops = pair_flops(dims, has_bias, hessian, structured)
         target = min(target_batch, max(8, int(math.sqrt(max_pair_flops / flops))))
@@ -312,16 +326,24 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
         batch = math.ceil(n_samples / n_blocks)
         # Shrink until two blocks of features and the pair scratch of every thread take at most
         # half the budget; the other half caches features of further blocks.
-        while batch > 1 and 8 * (threads * (2 * batch * f + pair_scratch_doubles(dims, batch, hessian, structured, cross_copies))) > memory_limit // 2:
+        while batch > 1 and 8 * (threads * (2 * batch * f + scratch(batch))) > memory_limit // 2:
             batch = max(1, batch // 2)
     else:
         batch = min(batch_size, n_samples)
     n_blocks = math.ceil(n_samples / batch)
     # feature_temporaries: the batched (torch) features hold intermediate products per sample
-    # while a block is computed, counted in blocks of features per worker (C++ moves them in).
-    spare = memory_limit - 8 * threads * (pair_scratch_doubles(dims, batch, hessian, structured, cross_copies)
-                                          + int(feature_temporaries * batch * f))
+    # while a block is computed, counted in blocks of features per worker (C++: in scratch()).
+    spare = memory_limit - 8 * threads * (scratch(batch) + int(feature_temporaries * batch * f))
     fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
+    if cpp:  # the engine's bookkeeping per block and per block pair (_cost.cpp_group_doubles)
+        def over(g: int) -> bool:
+            return 16 * batch * f * g + 8 * cpp_group_doubles(len(dims) - 1, n_blocks, g) > spare
+
+        lo, hi = 1, fits  # the largest fits that is not over (1 if none is)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (lo, mid - 1) if over(mid) else (mid, hi)
+        fits = lo
     # Cache no more blocks than it takes to keep the recomputation of features a small part of
     # the pair phase (and the threads busy), so that memory stays flat in N beyond that.
     ratio = feature_flops(dims, hessian, structured) / pair_flops(dims, has_bias, hessian, structured)
@@ -332,9 +354,10 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
 
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
              batch_size: Any = None, threads: Any = None, memory_limit: Any = None,
-             check_X: Callable[[Any, int], Any] | None = None) -> Problem:
+             check_X: Callable[[Any, int], Any] | None = None, backend: str = "cpp") -> Problem:
     """Validate everything; ``check_X`` replaces :func:`validate_X` (the torch backend checks
-    tensors on their own device, with the same errors, instead of copying them to NumPy)."""
+    tensors on their own device, with the same errors, instead of copying them to NumPy).
+    ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting)."""
     weights, biases = validate_layers(layers)
     acts = validate_activations(activation, len(weights))
     Xa = (validate_X if check_X is None else check_X)(X, weights[0].shape[1])
@@ -351,6 +374,7 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian)
-    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget)
+    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,
+                               cpp=backend == "cpp")
     return Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
                    batch, nthreads, group, budget)
