@@ -275,6 +275,9 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         F.G[F.pair(m, m)] = std::move(M[m]);
         for (Index l = m - 1; l >= 1; --l) {
             if (l == m - 1 && F.G[F.pair(l, m)].size() > 0) continue;  // from the backward pass
+            // One hidden layer through K_1: G_{1,2} is neither a feature nor needed for another
+            // block (it was built only to be dropped below: B d_1 C values, more than the features).
+            if (lowrank && L == 2) continue;
             const RowMat& Wn = model.W[static_cast<size_t>(l)];
             const Index d_l = Wn.cols(), d_n = Wn.rows();
             const RowMat& Gn = F.G[F.pair(l + 1, m)];
@@ -343,10 +346,13 @@ void make_omega(const RowMat& W, KBuffers<M>& k) {
     k.wl = W.template cast<T>();
 }
 
-// Rows of I whose K-route GEMMs run together (h output rows each over B' columns): enough to
-// amortise the packing of J's operand, few enough for the outputs to stay in cache.
-Index rows_per_gemm(Index h, Index Bp) {
-    return std::max<Index>(1, std::min<Index>(16, 131072 / std::max<Index>(h * Bp, 1)));
+// Rows of I whose K-route GEMMs run together (h output rows each over B' columns, from h left
+// rows of width d): enough to amortise the packing of J's operand, few enough for the outputs
+// and the left operand to stay within 131072 values each (16 left rows of 66 x 1024 took 8 MiB
+// per thread, more than a block's features; the plan counts both, _cost.cpp_worker_doubles).
+Index rows_per_gemm(Index h, Index Bp, Index d) {
+    const Index by_output = 131072 / std::max<Index>(h * Bp, 1), by_left = 131072 / std::max<Index>(h * d, 1);
+    return std::max<Index>(1, std::min<Index>({16, by_output, by_left}));
 }
 
 // For one sample n of I, the C x C matrices K of its pairs with every n' of J, stored as
@@ -492,7 +498,7 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
     s.pt = J.p.transpose();
     std::vector<KRows> lev(nL);
     lev[static_cast<size_t>(L)].identity = true;
-    const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, Bp);
+    const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, Bp, model.d(L - 1));
     s.kt.resize(nL);
     RowArr t4, t2, pp;
     for (Index n = 0; n < B; ++n) {
@@ -559,7 +565,7 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     s.dt = J.delta[L].transpose().template cast<double>();
     const RowArr wJ = J.w.col(0).transpose().array();
     RowArr t4, t2, pp;
-    const Index H = 1 + R + C, step = rows_per_gemm(H, J.B);
+    const Index H = 1 + R + C, step = rows_per_gemm(H, J.B, d);
     double ll = 0.0, lm = 0.0;
     for (Index n = 0; n < B; ++n) {
         const Index nl = n % step;

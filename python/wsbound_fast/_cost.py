@@ -149,3 +149,123 @@ def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structu
     widest = max(dims[1:-1], default=0) if hessian and (L > 2 or not structured) else 0
     k_scratch = (4 * C * C + 2 * C) * batch + 3 * 131072 * max(1, L - 1) if structured and k_route else 0
     return batch * batch * (8 + cross_copies * widest) + k_scratch
+
+
+# The C++ engine's own memory (cpp/wsbound/engine.cpp, features.cpp), for its block plan
+# (plan_blocks(cpp=True), wsb.plan's memory_bytes): checked against the heap high-water mark
+# of bound() (heaptrack and an allocation counter; tests/test_cpp_memory.py) on both paths and
+# curvatures, 0-4 hidden layers, 1-4 threads, float64 and float32, tight budgets (the peak
+# came to 0.4-1.0 of this count, within memory_limit).  The features of the cached blocks are
+# feature_doubles, as for the other backends.
+
+#: Eigen's GEMM packs its operands (GeneralBlockPanelKernel.h, GeneralMatrixMatrix.h): kc x mc
+#: values of the left one, mc up to all its rows, and kc x nc of the right one, at most
+#: 1.5 MB / 16 values; kc <= min(k, 376) for an L1 data cache up to 48 KiB.  Buffers of up to
+#: 128 KiB (EIGEN_STACK_ALLOCATION_LIMIT) are on the stack.
+_GEMM_KC = 384
+_GEMM_RIGHT = 98304
+_GEMM_ON_STACK = 16384
+
+
+def cpp_fixed_doubles(dims: Sequence[int], has_bias: Sequence[bool]) -> int:
+    """Float64 values the C++ engine holds once per call: its copy of the weights (P), and
+    64 KiB for what is not itemised (bound()'s Python objects, threads, allocator rounding;
+    where features dominate, the rest of this model came within 0.3 % of the measured peak)."""
+    return sum(dims[l - 1] * dims[l] + dims[l] * int(has_bias[l - 1]) for l in range(1, len(dims))) + 8192
+
+
+def cpp_group_doubles(n_layers: int, n_blocks: int, group: int) -> int:
+    """Float64 values of the C++ engine's bookkeeping with ``group`` blocks cached per side:
+    per block its partial sums (two (L+1)^2 rows) and, for the two groups held, the objects
+    and allocation headers of its features; per block pair of two groups its task and result
+    (noticeable only for small blocks: batch 1 of a logistic regression doubled the memory)."""
+    L = n_layers
+    np_ = (L + 1) ** 2
+    per_block = 3 * (4 * (L + 1) + 2 * np_) + 6 * (L * L + 4 * L + 12) + 32  # RowMat objects, malloc headers
+    return 2 * n_blocks * np_ + 2 * group * per_block + group * group * (6 + np_)
+
+
+def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int, hessian: bool,
+                       structured: bool) -> int:
+    """Float64 values one C++ worker holds besides the cached blocks' features: its pair
+    scratch (PairScratch, kept from one block pair to the next, so also while the worker
+    computes features), one block's intermediates in block_features, and the packed operands
+    of one GEMM.  Each buffer at its largest size (B = B' = batch)."""
+    L = len(dims) - 1
+    d = dims
+    C, B = d[L], batch
+    R = C * (C + 1) // 2
+    dl = d[L - 1]  # d_{L-1}, the width the K route works over
+    lowrank = structured and hessian and L >= 2
+    ggn_fast = structured and not hessian
+    left = right = 0  # the largest packed operands of one GEMM
+
+    def gemm(m: int, k: int, n: int) -> None:  # a product (m, k) x (k, n)
+        nonlocal left, right
+        kc = min(k, _GEMM_KC)
+        left, right = max(left, m * kc), max(right, min(kc * n, _GEMM_RIGHT))
+
+    def gemm_rows(h: int) -> int:  # rows_per_gemm (features.cpp), left operands of width d_{L-1}
+        return min(B, max(1, min(16, 131072 // max(h * B, 1), 131072 // max(h * dl, 1))))
+
+    def cross_rows(w: int) -> int:  # cross_rows (features.cpp), at most the block
+        return min(B, max(1, 262144 // max(1, w * B)))
+
+    # block_features: the block's inputs and labels, a and z of the forward pass, g, sigma''
+    # (computed for every curvature); squared_v_rows's p W and W o W
+    feat = B * (d[0] + 2 * C + max(d[:L]) + max(d[1:L], default=0) + sum(d[1:L]))
+    for l in range(1, L + 1):
+        gemm(B, d[l - 1], d[l])  # forward (and g, transposed)
+    if structured and L >= 2:
+        feat += B * dl + C * dl
+    if ggn_fast:  # M_L = A, and T_{L-1} before Omega replaces it
+        feat += B * C * C + (B * C * dl if L >= 3 else 0)
+        for l in range(1, L - 1):
+            gemm(B * C, d[l + 1], d[l])  # T_l = T_{l+1} W_{l+1} D_l
+    else:  # per-sample products of the backward pass and of the G and Q blocks
+        for l in range(1, L):
+            gemm(d[l], d[l + 1], max(d[l:]))
+            for m in range(l + 2, L + 1) if hessian else ():
+                gemm(d[m - 1], d[m - 2], d[l])
+    if lowrank and L >= 3:  # M_{L-1} and G_{L-1,L}, needed only to build the blocks below
+        feat += B * (dl * dl + dl * C)
+
+    if ggn_fast:  # pair_sum_ggn
+        pair = L * B * B + 3 * C * B + 8 * B  # alphas; p'^T, u, v; row arrays
+        gemm(B, max(d) + 1, B)  # alphas
+        rows = gemm_rows(R)
+        if L >= 2:
+            pair += (R + C) * dl + rows * R * (dl + B)  # Omega, W_L; left, k1
+            gemm(rows * R, dl, B)
+        if L >= 3:
+            pair += C * B * sum(d[1:L - 1]) + (L - 2) * rows * C * C * B  # tj; kt
+            pair += 2 * (L - 1) * C * C * B + 2 * L * C * B  # KRows k, kh, u, v per level
+            gemm(rows * C, max(d[1:L - 1]), C * B)
+    else:
+        pair = 4 * B * B  # alpha, beta, gram, inner
+        gemm(B, max(max(d) + 1, max(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))), B)
+        if lowrank:  # k_route_hessian
+            H = 1 + R + C
+            rows = gemm_rows(H)
+            pair += (R + C) * dl + B * dl + rows * (H + C) * (dl + B) + 4 * C * B + 12 * B
+            gemm(rows * H, dl, B)
+        p2 = xt = ct = z = 0
+        for l in range(1, L + 1):
+            for m in range(l + 1, L + 1):
+                if not hessian or (lowrank and l == L - 1):
+                    continue
+                if m > l + 1:  # add_dense_cross: G delta' of the whole block, Q^T b
+                    p2, z = max(p2, B * B * d[l]), max(z, B * d[l])
+                    gemm(B, d[m], B * d[l])
+                    gemm(B, d[m - 1], d[l])
+                elif d[m] >= d[l]:
+                    c = cross_rows(d[l])
+                    p2 = max(p2, B * c * d[l])
+                    gemm(B, d[m], c * d[l])
+                else:  # narrow d_{l+1}
+                    c = cross_rows(d[m]) * d[m]
+                    p2, xt, ct = max(p2, c * B), max(xt, c * d[l]), max(ct, d[m] * B)
+                    gemm(c, d[l], B)
+        pair += p2 + xt + ct + z
+    packed = sum(v for v in (left, right) if v > _GEMM_ON_STACK)
+    return feat + pair + packed

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ._cost import feature_doubles, feature_flops, pair_flops, pair_scratch_doubles
+from ._cost import (cpp_fixed_doubles, cpp_group_doubles, cpp_worker_doubles, feature_doubles, feature_flops,
+                    pair_flops)
 from ._validate import (CURVATURES, _choice, _positive_int, choose_structured, default_memory_limit,
                         default_threads, plan_blocks, validate_activations, validate_layers)
 
@@ -90,7 +91,7 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian)
-    batch, group = plan_blocks(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget)
+    batch, group = plan_blocks(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget, cpp=True)
     n_blocks = math.ceil(n / batch)
     sizes = [min(batch, n - k * batch) for k in range(n_blocks)]
     # upper triangle of block pairs: sum_{I <= J} |I| |J| = (N^2 + sum |I|^2) / 2 sample pairs
@@ -101,7 +102,8 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     fflops = featured * feature_flops(dims, hessian, structured)
     f = feature_doubles(dims, has_bias, hessian, structured)
     held = min(n_blocks, 2 * group) * batch * f
-    memory = 8 * (held + nthreads * pair_scratch_doubles(dims, batch, hessian, structured))
+    memory = 8 * (cpp_fixed_doubles(dims, has_bias) + held + cpp_group_doubles(len(dims) - 1, n_blocks, group)
+                  + nthreads * cpp_worker_doubles(dims, has_bias, batch, hessian, structured))
     rate = gemm_rate()
     P = int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
     return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops, fflops,

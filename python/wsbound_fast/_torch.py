@@ -300,7 +300,7 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
         return validate_torch(layers, X, y, device=device, dtype=dtype, **kw)
     from ._validate import plan_python, validate
 
-    prob = validate(layers, X, y, **kw)
+    prob = validate(layers, X, y, backend=backend, **kw)
     if device is not None:
         raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
     if backend == "numpy":  # one block pair at a time, with batched temporaries: its own block plan

@@ -21,6 +21,9 @@ import numpy as np
 from ._activations import ACTIVATIONS, Activation
 from ._cost import (
     choose_structured,
+    cpp_fixed_doubles,
+    cpp_group_doubles,
+    cpp_worker_doubles,
     feature_doubles,
     feature_flops,
     feature_scratch_doubles,
@@ -302,20 +305,28 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
                 threads: int, batch_size: int | None, memory_limit: int, *,
                 target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS,
                 cross_copies: int = 1, feature_temporaries: float = 0.0, feature_scratch: int = 0,
-                k_route: bool = True) -> tuple[int, int]:
+                k_route: bool = True, cpp: bool = False) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
-    GPU asks for larger blocks than the CPU backends); ``cross_copies``, ``k_route``: see
-    :func:`pair_scratch_doubles`.  ``feature_temporaries`` (in blocks of features) and
-    ``feature_scratch`` (float64 values per sample): what the batched (NumPy, torch) features
-    hold while a block is computed, beyond the features kept (C++ moves them in place).
+    GPU asks for larger blocks than the CPU backends).  ``cpp``: the C++ engine's accounting
+    (_cost.cpp_*: its weight copy, per worker its pair scratch and one block's intermediates,
+    its bookkeeping per block and block pair) instead of pair_scratch_doubles.  Otherwise (the
+    NumPy and torch backends) ``cross_copies``, ``k_route``: see :func:`pair_scratch_doubles`;
+    ``feature_temporaries`` (in blocks of features) and ``feature_scratch`` (float64 values
+    per sample): what the batched features hold while a block is computed, beyond the
+    features kept.
     """
     f = feature_doubles(dims, has_bias, hessian, structured)
+    if cpp:  # off the budget first: the weight copy and what each worker holds whatever the block size
+        base = cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
+        memory_limit -= 8 * (cpp_fixed_doubles(dims, has_bias) + threads * base)
 
-    def scratch(batch: int) -> int:  # per worker: the block pair's and the features' temporaries
-        return (pair_scratch_doubles(dims, batch, hessian, structured, cross_copies, k_route)
-                + int(feature_temporaries * batch * f) + batch * feature_scratch)
+    def scratch(b: int) -> int:  # float64 values per worker besides the cached features
+        if cpp:  # (the rest of it: halving the block halves this part only)
+            return cpp_worker_doubles(dims, has_bias, b, hessian, structured) - base
+        return (pair_scratch_doubles(dims, b, hessian, structured, cross_copies, k_route)
+                + int(feature_temporaries * b * f) + b * feature_scratch)
 
     if batch_size is None:
         flops = pair_flops(dims, has_bias, hessian, structured)
@@ -333,6 +344,15 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     n_blocks = math.ceil(n_samples / batch)
     spare = memory_limit - 8 * threads * scratch(batch)
     fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
+    if cpp:  # the engine's bookkeeping per block and per block pair (_cost.cpp_group_doubles)
+        def over(g: int) -> bool:
+            return 16 * batch * f * g + 8 * cpp_group_doubles(len(dims) - 1, n_blocks, g) > spare
+
+        lo, hi = 1, fits  # the largest fits that is not over (1 if none is)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (lo, mid - 1) if over(mid) else (mid, hi)
+        fits = lo
     # Cache no more blocks than it takes to keep the recomputation of features a small part of
     # the pair phase (and the threads busy), so that memory stays flat in N beyond that.
     ratio = feature_flops(dims, hessian, structured) / pair_flops(dims, has_bias, hessian, structured)
@@ -383,9 +403,10 @@ def plan_python(prob: Problem, batch_size: int | None, memory_limit: int, *, acc
 
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
              batch_size: Any = None, threads: Any = None, memory_limit: Any = None,
-             check_X: Callable[[Any, int], Any] | None = None) -> Problem:
+             check_X: Callable[[Any, int], Any] | None = None, backend: str = "cpp") -> Problem:
     """Validate everything; ``check_X`` replaces :func:`validate_X` (the torch backend checks
-    tensors on their own device, with the same errors, instead of copying them to NumPy)."""
+    tensors on their own device, with the same errors, instead of copying them to NumPy).
+    ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting)."""
     weights, biases = validate_layers(layers)
     acts = validate_activations(activation, len(weights))
     Xa = (validate_X if check_X is None else check_X)(X, weights[0].shape[1])
@@ -402,6 +423,7 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian)
-    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget)
+    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,
+                               cpp=backend == "cpp")
     return Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
                    batch, nthreads, group, budget)
