@@ -122,7 +122,7 @@ def test_plan_sets_aside_k_route_scratch():
     share = _validate.KROUTE_SCRATCH_SHARE
     dims, has_bias = [20, 128, 10], [True, False]
     py = dict(cross_copies=_validate.PY_CROSS_COPIES, feature_temporaries=_validate.PY_FEATURE_TEMPORARIES,
-              feature_scratch=_cost.feature_scratch_doubles(dims, True, True), k_route=False)
+              feature_scratch=_cost.feature_scratch_doubles(dims, True, True))
     for limit in (1 << 24, 1 << 32):
         cpu = _torch_backend.validate_torch(layers, X, y, memory_limit=limit, **kw)
         assert cpu.structured

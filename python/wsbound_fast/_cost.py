@@ -137,18 +137,15 @@ def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float
 
 
 def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool,
-                         cross_copies: int = 1, k_route: bool = True) -> int:
-    """Float64 scratch of one thread contracting a block pair (the structured path's GEMM
-    outputs cover at most 16 rows of the first block, about 131072 values per product).
-    ``cross_copies``: (B, B', d_l) temporaries that the cross terms hold at once (1 in C++;
-    2 in the Python backends' batched dense cross).  ``k_route``: count the C++ engine's K-route
-    scratch (the Python backends budget their chunks of sample pairs separately)."""
+                         cross_copies: int) -> int:
+    """Float64 scratch of the Python backends (NumPy, torch) contracting a block pair: a few
+    (B, B') Gram matrices and ``cross_copies`` (B, B', d_l) temporaries of the batched cross
+    terms.  (The K route's chunks of sample pairs are budgeted apart, _validate.plan_python;
+    the C++ engine's scratch is cpp_worker_doubles.)"""
     L = len(dims) - 1
-    C = dims[-1]
     # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.
     widest = max(dims[1:-1], default=0) if hessian and (L > 2 or not structured) else 0
-    k_scratch = (4 * C * C + 2 * C) * batch + 3 * 131072 * max(1, L - 1) if structured and k_route else 0
-    return batch * batch * (8 + cross_copies * widest) + k_scratch
+    return batch * batch * (8 + cross_copies * widest)
 
 
 # The C++ engine's own memory (cpp/wsbound/engine.cpp, features.cpp), for its block plan

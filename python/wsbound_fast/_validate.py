@@ -305,14 +305,14 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
                 threads: int, batch_size: int | None, memory_limit: int, *,
                 target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS,
                 cross_copies: int = 1, feature_temporaries: float = 0.0, feature_scratch: int = 0,
-                k_route: bool = True, cpp: bool = False) -> tuple[int, int]:
+                cpp: bool = False) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
     GPU asks for larger blocks than the CPU backends).  ``cpp``: the C++ engine's accounting
     (_cost.cpp_*: its weight copy, per worker its pair scratch and one block's intermediates,
     its bookkeeping per block and block pair) instead of pair_scratch_doubles.  Otherwise (the
-    NumPy and torch backends) ``cross_copies``, ``k_route``: see :func:`pair_scratch_doubles`;
+    NumPy and torch backends) ``cross_copies``: see :func:`pair_scratch_doubles`;
     ``feature_temporaries`` (in blocks of features) and ``feature_scratch`` (float64 values
     per sample): what the batched features hold while a block is computed, beyond the
     features kept.
@@ -325,7 +325,7 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     def scratch(b: int) -> int:  # float64 values per worker besides the cached features
         if cpp:  # (the rest of it: halving the block halves this part only)
             return cpp_worker_doubles(dims, has_bias, b, hessian, structured) - base
-        return (pair_scratch_doubles(dims, b, hessian, structured, cross_copies, k_route)
+        return (pair_scratch_doubles(dims, b, hessian, structured, cross_copies)
                 + int(feature_temporaries * b * f) + b * feature_scratch)
 
     if batch_size is None:
@@ -397,7 +397,7 @@ def plan_python(prob: Problem, batch_size: int | None, memory_limit: int, *, acc
     batch, group = plan_blocks(dims, has_bias, prob.n_samples, prob.hessian, prob.structured, 1, batch_size, budget,
                                cross_copies=PY_CROSS_COPIES, feature_temporaries=PY_FEATURE_TEMPORARIES,
                                feature_scratch=feature_scratch_doubles(dims, prob.hessian, prob.structured),
-                               k_route=False, **shape)
+                               **shape)
     return batch, group, chunks
 
 
