@@ -28,8 +28,6 @@ thresholds >= 20 and reject smaller ones, where the models would differ material
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 import sys
 from typing import TYPE_CHECKING, Any
@@ -298,14 +296,11 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
         from ._torch_backend import validate_torch
 
         return validate_torch(layers, X, y, device=device, dtype=dtype, **kw)
-    from ._validate import plan_python, validate
+    from ._validate import validate
 
     prob = validate(layers, X, y, backend=backend, **kw)
     if device is not None:
         raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
-    if backend == "numpy":  # one block pair at a time, with batched temporaries: its own block plan
-        batch, group, chunks = plan_python(prob, None if batch_size is None else prob.batch_size, prob.memory_limit)
-        prob = dataclasses.replace(prob, batch_size=batch, group_blocks=group, chunks=chunks)
     return prob
 
 

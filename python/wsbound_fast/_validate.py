@@ -9,6 +9,7 @@ probability rows, and the block plan (batch size, blocks cached at once).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -406,7 +407,8 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
              check_X: Callable[[Any, int], Any] | None = None, backend: str = "cpp") -> Problem:
     """Validate everything; ``check_X`` replaces :func:`validate_X` (the torch backend checks
     tensors on their own device, with the same errors, instead of copying them to NumPy).
-    ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting)."""
+    ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting;
+    otherwise :func:`plan_python`'s; validate_torch plans again for its device)."""
     weights, biases = validate_layers(layers)
     acts = validate_activations(activation, len(weights))
     Xa = (validate_X if check_X is None else check_X)(X, weights[0].shape[1])
@@ -423,7 +425,10 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian)
-    batch, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,
-                               cpp=backend == "cpp")
-    return Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
-                   batch, nthreads, group, budget)
+    prob = Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
+                   1, nthreads, 1, budget)
+    if backend == "cpp":
+        size, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget, cpp=True)
+        return dataclasses.replace(prob, batch_size=size, group_blocks=group)
+    size, group, chunks = plan_python(prob, batch, budget)  # NumPy, torch: one block pair at a time
+    return dataclasses.replace(prob, batch_size=size, group_blocks=group, chunks=chunks)
