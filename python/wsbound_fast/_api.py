@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,11 +15,31 @@ from ._progress import ProgressFn, Reporter
 from ._validate import BACKENDS, Problem, _choice, compute_dtype
 
 
-def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+class Moments(NamedTuple):
+    """What a backend's moment pass returns (unnormalised, per parameter block, layers 0..L-1).
+
+    trace[l] = sum_n tr H_n^{ll}; blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (l <= m, zero
+    below); and the magnitudes of docs/numerics.md section 4 that the rounding allowances use:
+    trace_abs[l] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|, norms[l, m] = sum_n nu_n^{lm} (l <= m).
+    """
+
+    trace: np.ndarray
+    blocks: np.ndarray
+    trace_abs: np.ndarray | None
+    norms: np.ndarray | None
+
+
+def _as_moments(out: Any) -> Moments:
+    if len(out) == 2:  # an engine that does not report magnitudes yet
+        return Moments(out[0], out[1], None, None)
+    return Moments(*out)
+
+
+def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> Moments:
     from . import _load_core
 
     core = _load_core()
-    return core.moments(
+    return _as_moments(core.moments(
         list(prob.weights),
         list(prob.biases),
         [a.code for a in prob.activations],
@@ -33,15 +53,15 @@ def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.
         prob.threads,
         progress,
         prob.single,
-    )
+    ))
 
 
-def _moments_numpy(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _moments_numpy(prob: Problem, progress: ProgressFn | None = None) -> Moments:
     from ._numpy_backend import moments
 
     # Overflow surfaces as the FloatingPointError raised in bound(), not as NumPy warnings.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return moments(prob, progress)
+        return _as_moments(moments(prob, progress))
 
 
 def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
@@ -60,10 +80,10 @@ def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, f
     return tr, tr2
 
 
-def _moments_torch(prob: Problem, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _moments_torch(prob: Problem, progress: ProgressFn | None = None) -> Moments:
     from ._torch_backend import moments
 
-    return moments(prob, progress)  # type: ignore[arg-type]  # a TorchProblem (validate_torch)
+    return _as_moments(moments(prob, progress))  # type: ignore[arg-type]  # a TorchProblem (validate_torch)
 
 
 _BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy, "torch": _moments_torch}
@@ -153,7 +173,7 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
                                basis_memory_limit(prob))
     t0 = time.perf_counter()
     try:
-        layer_trace, blocks = _BACKENDS[which](prob, reporter if reporter.active else None)
+        layer_trace, blocks = _BACKENDS[which](prob, reporter if reporter.active else None)[:2]
     finally:
         reporter.close()
     tr, tr2 = total_moments(layer_trace, blocks)
