@@ -237,7 +237,8 @@ def test_bound_fields_are_ws_bounds_of_the_moments(backend, refs):
     spec = SPECS[1]
     layers, X, y = refs.model(spec)
     res = wsb.bound(layers, X, y, activation=spec.activation_arg(), backend=backend)
-    ws = wsb.ws_bounds(res.trace, res.trace_sq, res.n_params)
+    ws = wsb.ws_bounds(res.trace, res.trace_sq, res.n_params, trace_err=res.trace_allowance,
+                       trace_sq_err=res.trace_sq_allowance)
     assert res.n_params == R.n_params(layers) and res.n_samples == X.shape[0]
     for f in ("mean", "std", *FIELDS):
         assert getattr(res, f) == getattr(ws, f), f

@@ -12,6 +12,7 @@ import numpy as np
 from . import _torch
 from ._bounds import Bound, ws_bounds
 from ._progress import ProgressFn, Reporter
+from ._rounding import moment_allowance
 from ._validate import BACKENDS, Problem, _choice, compute_dtype
 
 
@@ -30,8 +31,9 @@ class Moments(NamedTuple):
 
 
 def _as_moments(out: Any) -> Moments:
-    if len(out) == 2:  # an engine that does not report magnitudes yet
-        return Moments(out[0], out[1], None, None)
+    if len(out) == 2:  # TEMP (until the engines report magnitudes): a crude stand-in
+        t, b = out
+        return Moments(t, b, np.abs(t) * 10, np.sqrt(np.abs(b)) * 10)
     return Moments(*out)
 
 
@@ -173,9 +175,10 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
                                basis_memory_limit(prob))
     t0 = time.perf_counter()
     try:
-        layer_trace, blocks = _BACKENDS[which](prob, reporter if reporter.active else None)[:2]
+        mom = _BACKENDS[which](prob, reporter if reporter.active else None)
     finally:
         reporter.close()
+    layer_trace, blocks = mom.trace, mom.blocks
     tr, tr2 = total_moments(layer_trace, blocks)
     elapsed = time.perf_counter() - t0
     if prob.mean:
@@ -186,7 +189,10 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
             f"the curvature moments overflowed float64 (trace={tr!r}, trace_sq={tr2!r}); "
             "the weights or inputs are too large in magnitude"
         )
-    ws = ws_bounds(tr, max(tr2, 0.0), prob.n_params)
+    allowance = moment_allowance(prob, mom.trace_abs, mom.norms)
+    # a trace_sq below 0 can only be rounding (it is a squared norm): 0 is closer to the truth
+    tr2 = max(tr2, 0.0)
+    ws = ws_bounds(tr, tr2, prob.n_params, trace_err=allowance.trace, trace_sq_err=allowance.trace_sq)
     res = Bound(
         n_params=prob.n_params, n_samples=prob.n_samples, trace=tr, trace_sq=tr2, mean=ws.mean, std=ws.std,
         lambda_max_lower=ws.lambda_max_lower, lambda_max_upper=ws.lambda_max_upper,
@@ -195,4 +201,4 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     )
     from ._exact import refine
 
-    return refine(res, prob, which, layer_trace, blocks, opts)
+    return refine(res, prob, which, layer_trace, blocks, opts, allowance)

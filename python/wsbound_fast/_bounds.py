@@ -7,6 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._rounding import U_DOUBLE, down, up
+
 __all__ = ["Bound", "LayerBound", "WSBounds", "ws_bounds"]
 
 
@@ -39,22 +41,82 @@ def _real(value: Any, name: str) -> float:
     return v
 
 
-def _ws(t: float, t2: float, n: int, what: str) -> tuple[float, float, float, float, float, float]:
-    """(mean, std, lambda_max_lower, lambda_max_upper, lambda_min_lower, lambda_min_upper)."""
-    m = t / n
-    var = t2 / n - m * m
-    # Rounding in trace and trace_sq can make a zero variance slightly negative.
-    if var < -1e-12 * max(t2 / n, m * m):
+def _sup_upper(n: int, a: float, b: float, t2: float) -> float:
+    """sup of the WS upper bound u(n) = t/n + sqrt((n-1)/n) sqrt(t2 - t^2/n) over numbers
+    with sum t in [a, b] and sum of squares t2 (the largest; u grows with t2).
+
+    For a fixed t2, u(n) is concave in t with its maximum sqrt(t2) at t = sqrt(t2), and it is
+    real for |t| <= sqrt(n t2): the sup is at sqrt(t2) clamped into [a, b] (docs/certificates.md).
+    """
+    root = math.sqrt(max(t2, 0.0))
+    lo, hi = max(a, -math.sqrt(n) * root), min(b, math.sqrt(n) * root)
+    if lo > hi:  # only through rounding (the feasibility check passed): the sums of [a, b] themselves
+        lo, hi = a, b
+    t = min(max(root, lo), hi)
+    if n == 1:
+        return t
+    return min(root, t / n + math.sqrt((n - 1) / n) * math.sqrt(max(t2 - t * t / n, 0.0)))
+
+
+def _inf_lower(n: int, a: float, b: float, t2_lo: float, t2_hi: float) -> float:
+    """inf of the WS lower bound l(n) = t/n + sqrt(n t2 - t^2) / (n sqrt(n-1)) over sums t in
+    [a, b] and sums of squares t2 in [t2_lo, t2_hi] that some n real numbers have.
+
+    l grows with t2, so t2 = max(t2_lo, t^2/n); in t the result is t/n where t^2 >= n t2_lo and
+    concave in between, so the inf is at an end of the feasible t-range or at +-sqrt(n t2_lo).
+    """
+    reach = math.sqrt(n * max(t2_hi, 0.0))
+    lo, hi = max(a, -reach), min(b, reach)
+    if lo > hi:  # only through rounding (the feasibility check passed)
+        lo, hi = a, b
+    if n == 1:
+        return lo
+    edge = math.sqrt(n * max(t2_lo, 0.0))
+    cands = [lo, hi] + [c for c in (-edge, edge) if lo <= c <= hi]
+    den = n * math.sqrt(n - 1)
+    return min(c / n + math.sqrt(max(n * t2_lo - c * c, 0.0)) / den for c in cands)
+
+
+_U = U_DOUBLE
+#: Relative tolerance of the feasibility check itself (t^2/n and the comparison round).
+_CHECK_TOL = 16 * _U
+
+
+def _ws(t: float, t2: float, n: int, what: str, e1: float = 0.0,
+        e2: float = 0.0) -> tuple[float, float, float, float, float, float]:
+    """(mean, std, lambda_max_lower, lambda_max_upper, lambda_min_lower, lambda_min_upper) valid
+    for every moment pair with |trace - t| <= e1 and |trace_sq - t2| <= e2 (the rounding
+    allowances), rounded outward."""
+    a, b = t - e1, t + e1
+    t2_lo, t2_hi = max(t2 - e2, 0.0), t2 + e2
+    closest = 0.0 if a <= 0.0 <= b else min(a * a, b * b)  # the smallest t^2 the box allows
+    slack = _CHECK_TOL * max(t2_hi, closest / n)
+    if t2_hi + slack < closest / n:
+        more = f" (within the rounding allowances {e1:.3g}, {e2:.3g})" if e1 or e2 else ""
         raise ValueError(
-            f"no real symmetric {what} has trace {t!r} and trace_sq {t2!r}: "
+            f"no real symmetric {what} has trace {t!r} and trace_sq {t2!r}{more}: "
             f"trace_sq must be >= trace^2/{n} = {t * t / n!r}"
         )
-    s = math.sqrt(max(var, 0.0))
     if n == 1:
-        return m, s, m, m, m, m
-    r = math.sqrt(n - 1)
-    lo, hi = s / r, s * r
-    return m, s, m + lo, m + hi, m - hi, m - lo
+        farthest = max(a * a, b * b)
+        if farthest * (1.0 + _CHECK_TOL) + e2 < t2_lo:
+            raise ValueError(f"no real symmetric {what} has trace {t!r} and trace_sq {t2!r}: "
+                             "its one eigenvalue is the trace, so trace_sq must equal trace^2")
+    t2_hi = max(t2_hi, closest / n)  # a shortfall within the check's tolerance is rounding
+    m = t / n
+    s = math.sqrt(max(t2 / n - m * m, 0.0))
+    if n == 1:  # the one eigenvalue is the trace: [t - e1, t + e1] (and within +-sqrt(trace_sq))
+        lo = max(down(a, 1) if e1 else a, -math.sqrt(t2_hi))
+        hi = min(up(b, 1) if e1 else b, math.sqrt(t2_hi))
+        lo, hi = (lo, hi) if lo <= hi else (a, b)
+        return m, s, lo, hi, lo, hi
+    # each bound is a few roundings of terms no larger than |t|/n and sqrt(trace_sq)
+    w = 8 * _U * (max(abs(a), abs(b)) / n + math.sqrt(t2_hi))
+    max_hi = _sup_upper(n, a, b, t2_hi) + w
+    max_lo = _inf_lower(n, a, b, t2_lo, t2_hi) - w
+    min_lo = -_sup_upper(n, -b, -a, t2_hi) - w
+    min_hi = -_inf_lower(n, -b, -a, t2_lo, t2_hi) + w
+    return m, s, max_lo, max_hi, min_lo, min_hi
 
 
 def _count(value: Any, name: str, what: str) -> int:
@@ -65,7 +127,15 @@ def _count(value: Any, name: str, what: str) -> int:
     return int(value)
 
 
-def ws_bounds(trace: float, trace_sq: float, n: int, rank: int | None = None) -> WSBounds:
+def _allowance(value: Any, name: str) -> float:
+    v = _real(value, name)
+    if v < 0:
+        raise ValueError(f"{name} is a rounding allowance and cannot be negative; got {v!r}")
+    return v
+
+
+def ws_bounds(trace: float, trace_sq: float, n: int, rank: int | None = None, *, trace_err: float = 0.0,
+              trace_sq_err: float = 0.0) -> WSBounds:
     """Wolkowicz–Styan (1980) bounds on the extreme eigenvalues of a real symmetric matrix.
 
     With m = trace/n and s^2 = trace_sq/n - m^2 (the mean and variance of the eigenvalues)::
@@ -74,7 +144,13 @@ def ws_bounds(trace: float, trace_sq: float, n: int, rank: int | None = None) ->
         m - s*sqrt(n-1) <= lambda_min <= m - s/sqrt(n-1)
 
     For n = 1 all four equal m.  Raises ValueError when n < 1 or when no real symmetric
-    matrix has these moments (trace_sq < trace^2/n beyond float64 rounding).
+    matrix has these moments (trace_sq < trace^2/n, or for n = 1 trace_sq != trace^2, beyond
+    the allowances and the check's own rounding).
+
+    ``trace_err``, ``trace_sq_err``: rounding allowances (absolute) of the two moments.  The
+    bounds then hold for every pair of moments within them (the worst case over the box), so
+    they hold for the exact moments whenever the computed ones are that close; bound() passes
+    the allowances of its error model (docs/numerics.md).  Every bound is rounded outward.
 
     ``rank``: an upper bound r < n on the rank of the matrix (rank-aware bounds).  Its
     non-zero eigenvalues, padded with zeros, are then r numbers with the same two moments,
@@ -89,18 +165,23 @@ def ws_bounds(trace: float, trace_sq: float, n: int, rank: int | None = None) ->
     n = _count(n, "n", "the matrix dimension")
     t = _real(trace, "trace")
     t2 = _real(trace_sq, "trace_sq")
-    if t2 < 0:
+    e1 = _allowance(trace_err, "trace_err")
+    e2 = _allowance(trace_sq_err, "trace_sq_err")
+    if t2 < 0 and t2 + e2 < 0:
         raise ValueError(f"trace_sq is the squared Frobenius norm and cannot be negative; got {t2!r}")
-    m, s, max_lo, max_hi, min_lo, min_hi = _ws(t, t2, n, f"{n}x{n} matrix")
+    m, s, max_lo, max_hi, min_lo, min_hi = _ws(t, t2, n, f"{n}x{n} matrix", e1, e2)
     if rank is None:
         return WSBounds(n, t, t2, m, s, max_lo, max_hi, min_lo, min_hi)
     r = _count(rank, "rank", "an upper bound on the rank of the matrix")
     if r >= n:
         return WSBounds(n, t, t2, m, s, max_lo, max_hi, min_lo, min_hi, rank=n)
-    if r == 1 and abs(t2 - t * t) > 1e-9 * max(t2, t * t):
+    try:
+        _, _, r_max_lo, r_max_hi, r_min_lo, r_min_hi = _ws(t, t2, r, f"matrix of rank <= {r}", e1, e2)
+    except ValueError as exc:
+        if r != 1:
+            raise
         raise ValueError(f"no real symmetric matrix of rank <= 1 has trace {t!r} and trace_sq {t2!r}: "
-                         "its one non-zero eigenvalue is the trace, so trace_sq must equal trace^2")
-    _, _, r_max_lo, r_max_hi, r_min_lo, r_min_hi = _ws(t, t2, r, f"matrix of rank <= {r}")
+                         "its one non-zero eigenvalue is the trace, so trace_sq must equal trace^2") from exc
     return WSBounds(n, t, t2, m, s,
                     lambda_max_lower=max(max_lo, r_max_lo, 0.0),
                     lambda_max_upper=min(max_hi, max(r_max_hi, 0.0)),
@@ -186,6 +267,10 @@ class Bound:
     certify_residual: float | None = None
     lambda_max_upper_deflated: float | None = None
     lambda_min_lower_deflated: float | None = None
+    #: Rounding allowances (absolute, docs/numerics.md): the exact tr(H) and tr(H^2) lie within
+    #: them of ``trace`` and ``trace_sq``; every bound above was widened by what they imply.
+    trace_allowance: float | None = None
+    trace_sq_allowance: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._bounds import _sup_upper
 from ._hvp import Matvec
+from ._rounding import U_DOUBLE, Allowance, down, gamma, up
 from ._validate import Problem
 
 
@@ -97,27 +99,6 @@ def layer_rank_bounds(prob: Problem) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
-def _ws_upper(m: int, t: float, t2: float) -> float:
-    """The WS upper bound of m numbers with sum t and sum of squares t2 (t^2 <= m t2)."""
-    if m == 1:
-        return t
-    return t / m + math.sqrt((m - 1) / m) * math.sqrt(max(t2 - t * t / m, 0.0))
-
-
-def _sup_upper(m: int, a: float, b: float, T2: float) -> float:
-    """sup of the WS upper bound over m numbers with sum in [a, b] and sum of squares <= T2.
-
-    The WS upper bound grows with the sum of squares, and for a fixed sum of squares T2 it
-    is concave in the sum with its maximum sqrt(T2) at sum = sqrt(T2); so the sup is at the
-    sum clamped into [a, b] (intersected with |sum| <= sqrt(m T2), where it is real).
-    """
-    root = math.sqrt(max(T2, 0.0))
-    lo, hi = max(a, -math.sqrt(m) * root), min(b, math.sqrt(m) * root)
-    if lo > hi:  # only through rounding (the true sum lies in both): fall back to |mu| <= sqrt(T2)
-        return root
-    return min(root, _ws_upper(m, min(max(root, lo), hi), T2))
-
-
 @dataclass(frozen=True)
 class Deflated:
     """Deflated bounds: lambda_max <= max_upper, lambda_min >= min_lower."""
@@ -129,7 +110,7 @@ class Deflated:
 
 
 def deflated_bounds(trace: float, trace_sq: float, n: int, theta: Sequence[float], rho: float,
-                    rank: int | None = None) -> Deflated:
+                    rank: int | None = None, *, trace_err: float = 0.0, trace_sq_err: float = 0.0) -> Deflated:
     """Bounds on lambda_max and lambda_min of a symmetric n x n H from k Ritz values.
 
     Assumptions (docs/certificates.md, Theorem 3): theta are the eigenvalues of Y^T H Y for
@@ -138,26 +119,34 @@ def deflated_bounds(trace: float, trace_sq: float, n: int, theta: Sequence[float
     with distinct indices, lie within rho of the theta_i, and every other eigenvalue mu
     satisfies mu^2 <= trace_sq - sum_i (|theta_i| - rho)_+^2; the remaining eigenvalues'
     sum lies in trace - sum theta_i +- k rho, which the WS bound on the remainder uses.
+
+    ``trace_err``, ``trace_sq_err``: rounding allowances of the two moments (the bounds hold
+    for every moment pair within them); the arithmetic here is rounded outward as well
+    (theta may be computed eigenvalues as long as rho covers their error: ritz_certificate).
     """
     th = np.asarray(theta, dtype=float)
     k = int(th.shape[0])
     rho = float(rho)
     r = n if rank is None else min(int(rank), n)
-    matched_hi, matched_lo = float(th.max()) + rho, float(th.min()) - rho
+    matched_hi, matched_lo = up(float(th.max()) + rho), down(float(th.min()) - rho)
     n_rem = n - k
     if n_rem <= 0:
         return Deflated(matched_hi, matched_lo, k, rho)
     k_nonzero = int(np.count_nonzero(np.abs(th) > rho))  # matched eigenvalues certainly non-zero
     m = min(n_rem, max(r - k_nonzero, 0))  # room for the remainder's non-zero eigenvalues
     zero = m < n_rem  # the remainder then contains the eigenvalue 0
-    T2 = max(float(trace_sq) - float(np.sum(np.maximum(np.abs(th) - rho, 0.0) ** 2)), 0.0)
+    taken = float(np.sum(np.maximum(np.abs(th) - rho, 0.0) ** 2))
+    t2 = float(trace_sq) + float(trace_sq_err)
+    T2 = max(t2 - taken + gamma(k + 4) * (abs(t2) + taken), 0.0)
     centre = float(trace) - float(th.sum())
-    a, b = centre - k * rho, centre + k * rho
+    spread = k * rho + float(trace_err) + gamma(k + 4) * (abs(float(trace)) + float(np.abs(th).sum()))
+    a, b = centre - spread, centre + spread
     if m == 0:
         rem_hi = rem_lo = 0.0
     else:
-        rem_hi = _sup_upper(m, a, b, T2)
-        rem_lo = -_sup_upper(m, -b, -a, T2)
+        w = 8 * U_DOUBLE * (max(abs(a), abs(b)) / m + math.sqrt(T2))  # the WS formula's own rounding
+        rem_hi = _sup_upper(m, a, b, T2) + w
+        rem_lo = -_sup_upper(m, -b, -a, T2) - w
         if zero:
             rem_hi, rem_lo = max(rem_hi, 0.0), min(rem_lo, 0.0)
     return Deflated(max(matched_hi, rem_hi), min(matched_lo, rem_lo), k, rho)
@@ -166,21 +155,75 @@ def deflated_bounds(trace: float, trace_sq: float, n: int, theta: Sequence[float
 @dataclass(frozen=True)
 class RitzCertificate:
     deflated: Deflated
-    theta_max: float  # largest eigenvalue of Y^T H Y: a Rayleigh-Ritz lower bound on lambda_max
+    theta_max: float  # largest eigenvalue of Y^T H Y (a Rayleigh-Ritz estimate of lambda_max, from below)
     theta_min: float
+    #: certified: lambda_max >= max_lower and lambda_min <= min_upper (the Ritz vectors' exact
+    #: Rayleigh quotients, with the rounding of the product and of the dot products)
+    max_lower: float
+    min_upper: float
+
+
+def rayleigh_intervals(Y: np.ndarray, HY: np.ndarray, product_err: float) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals that contain the exact Rayleigh quotient y^T H y / y^T y of every column y of
+    Y (P x j), given HY computed with ||fl(H y) - H y|| <= product_err ||y|| (docs/numerics.md).
+
+    The dot products' own rounding is at most gamma_P |y|^T |H y| (and gamma_P y^T y)."""
+    P = Y.shape[0]
+    g = gamma(P + 2)
+    num = np.einsum("pi,pi->i", Y, HY)
+    nrm = np.einsum("pi,pi->i", Y, Y)
+    err = product_err * nrm + g * np.einsum("pi,pi->i", np.abs(Y), np.abs(HY))
+    lo = (num - err) / (nrm * np.where(num - err >= 0, 1.0 + g, 1.0 - g))
+    hi = (num + err) / (nrm * np.where(num + err >= 0, 1.0 - g, 1.0 + g))
+    return np.nextafter(lo, -np.inf), np.nextafter(hi, np.inf)
+
+
+def _certified_ritz(Yj: np.ndarray, HYj: np.ndarray, trace_sq: float, trace_sq_err: float,
+                    product_err: float) -> tuple[np.ndarray, float]:
+    """(Ritz values theta, rho) such that k eigenvalues of H with distinct indices lie within rho
+    of the theta_i: Kahan's theorem for the exactly orthonormal Q nearest to the computed Yj,
+    with the rounding of Yj, H Yj, Theta, its eigenvalues and the residual norm added to rho.
+
+    With eta = ||Yj^T Yj - I||_2 (bounded by its Frobenius norm plus its rounding), Yj = Q P
+    (polar) has ||Yj - Q||_2 <= eta.  Theta_Q = Q^T H Q minimises ||H Q - Q Theta||, so
+    ||H Q - Q Theta_Q|| <= ||fl(H Yj) - Yj Th|| + ||H Yj - fl(H Yj)|| + eta (||H|| + ||Th||), and the
+    eigenvalues of Theta_Q are within ||Theta_Q - Th|| + the eigen-solver's backward error of
+    the computed theta (Weyl); ||H||_2 <= sqrt(tr H^2).
+    """
+    P, k = Yj.shape
+    Th = Yj.T @ HYj
+    Th = 0.5 * (Th + Th.T)
+    theta = np.linalg.eigvalsh(Th)
+    R = HYj - Yj @ Th
+    rho_c = float(np.linalg.norm(R, 2))
+    gP, gk = gamma(P + 4), gamma(4 * k * k + 16)
+    E = Yj.T @ Yj - np.eye(k)
+    eta = float(np.linalg.norm(E)) + gP * k
+    h_norm = math.sqrt(max(trace_sq + trace_sq_err, 0.0))
+    th_norm = float(np.linalg.norm(Th))
+    y_fro = math.sqrt(k * (1.0 + eta))
+    hy_fro = float(np.linalg.norm(HYj))
+    prod = product_err * y_fro  # ||fl(H Yj) - H Yj||_F
+    resid_round = gamma(k + 4) * (hy_fro + y_fro * th_norm) + gk * float(np.linalg.norm(R))
+    rho_q = rho_c + prod + eta * (h_norm + th_norm) + resid_round
+    theta_err = 2.0 * eta * (1.0 + eta) * h_norm + y_fro * prod + gP * y_fro * hy_fro + gk * th_norm
+    return theta, up(rho_q + theta_err, 8)
 
 
 def ritz_certificate(matvec: Matvec, Y: np.ndarray, trace: float, trace_sq: float, n: int,
-                     rank: int | None) -> RitzCertificate:
+                     rank: int | None, allowance: Allowance | None = None) -> RitzCertificate:
     """The best deflated certificate over the leading columns of Y (P x k, by |Ritz value|).
 
     Y is re-orthonormalised, H Y computed with the exact product, Y rotated so that
     Theta = Y^T H Y is diagonal; for each leading set of j columns the residual block
     R_j = H Y_j - Y_j Theta_j gives a deflated bound, and the j with the smallest upper bound
     on lambda_max is kept.  Its bound is then recomputed from scratch for those j columns
-    (fresh Theta, R and the spectral norm by SVD), so the certificate does not rest on the
+    (fresh Theta, R and the spectral norm by SVD, with every rounding allowance of
+    :func:`_certified_ritz` and of the moments), so the certificate does not rest on the
     selection arithmetic.
     """
+    al = allowance if allowance is not None else Allowance.zero(1)
+    e1, e2 = al.trace, al.trace_sq
     Yq, _ = np.linalg.qr(Y)
     HY = matvec(Yq.T).T
     Theta = Yq.T @ HY
@@ -194,13 +237,12 @@ def ritz_certificate(matvec: Matvec, Y: np.ndarray, trace: float, trace_sq: floa
     best_j, best = 1, math.inf
     for j in range(1, theta.shape[0] + 1):
         rho_j = math.sqrt(max(float(np.linalg.eigvalsh(gram[:j, :j])[-1]), 0.0))
-        hi = deflated_bounds(trace, trace_sq, n, theta[:j], rho_j, rank).max_upper
+        hi = deflated_bounds(trace, trace_sq, n, theta[:j], rho_j, rank, trace_err=e1, trace_sq_err=e2).max_upper
         if hi < best:
             best_j, best = j, hi
     Yj, HYj = Yr[:, :best_j], HYr[:, :best_j]
-    Th = Yj.T @ HYj
-    Th = 0.5 * (Th + Th.T)
-    th_j = np.linalg.eigvalsh(Th)
-    rho = float(np.linalg.norm(HYj - Yj @ Th, 2))
-    return RitzCertificate(deflated_bounds(trace, trace_sq, n, th_j, rho, rank),
-                           float(theta.max()), float(theta.min()))
+    th_j, rho = _certified_ritz(Yj, HYj, trace_sq, e2, al.product)
+    # Rayleigh-Ritz: lambda_max >= the largest eigenvalue of Theta_Q, within rho of theta's
+    lo, hi = rayleigh_intervals(Yr, HYr, al.product)
+    return RitzCertificate(deflated_bounds(trace, trace_sq, n, th_j, rho, rank, trace_err=e1, trace_sq_err=e2),
+                           float(theta.max()), float(theta.min()), float(lo.max()), float(hi.min()))

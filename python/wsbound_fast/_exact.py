@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._bounds import Bound, LayerBound, ws_bounds
-from ._certify import layer_rank_bounds, rank_bound, ritz_certificate
+from ._certify import layer_rank_bounds, rank_bound, rayleigh_intervals, ritz_certificate
 from ._hvp import make_matvec
+from ._rounding import Allowance, down, up
 from ._lanczos import _seed, _tol, default_maxiter, lanczos, select_indices
 from ._validate import Problem, _positive_int
 
@@ -43,7 +44,8 @@ def check_exact_options(exact: Any, certify: Any, tol: Any, maxiter: Any, seed: 
     return ExactOptions(bool(exact) or k > 0, k, t, mi, _seed(seed))
 
 
-def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[LayerBound, ...]:
+def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray,
+                  allowance: Allowance) -> tuple[LayerBound, ...]:
     N = prob.n_samples
     f1, f2 = (1.0 / N, 1.0 / (N * N)) if prob.mean else (1.0, 1.0)
     ranks = layer_rank_bounds(prob)
@@ -51,29 +53,41 @@ def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray) ->
     for l, (W, b) in enumerate(zip(prob.weights, prob.biases)):
         n = int(W.size + (0 if b is None else b.size))
         t, t2 = float(layer_trace[l]) * f1, max(float(blocks[l, l]) * f2, 0.0)
-        plain = ws_bounds(t, t2, n)
-        best = ws_bounds(t, t2, n, rank=min(ranks[l], n))
+        err = {"trace_err": allowance.layer_trace[l], "trace_sq_err": allowance.layer_trace_sq[l]}
+        plain = ws_bounds(t, t2, n, **err)
+        best = ws_bounds(t, t2, n, rank=min(ranks[l], n), **err)
         out.append(LayerBound(l + 1, n, min(ranks[l], n), t, t2, best.lambda_max_lower, best.lambda_max_upper,
                               best.lambda_min_lower, best.lambda_min_upper, plain.lambda_max_upper,
                               plain.lambda_min_lower))
     return tuple(out)
 
 
+def _ratio_lower(t2: float, e2: float, t: float, e1: float) -> float | None:
+    """A certified lower bound on tr(G^2)/tr(G) (<= lambda_max of a PSD G) from moments with
+    allowances, or None when the allowances leave it at or below 0."""
+    num, den = t2 - e2, t + e1
+    if num <= 0 or den <= 0:
+        return None
+    return down(num / den, 2)
+
+
 def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blocks: np.ndarray,
-           opts: ExactOptions) -> Bound:
+           opts: ExactOptions, allowance: Allowance) -> Bound:
     P, tr, tr2 = res.n_params, res.trace, max(res.trace_sq, 0.0)
+    e1, e2 = allowance.trace, allowance.trace_sq
     ggn = not prob.hessian
     r = rank_bound(prob)
-    rk = ws_bounds(tr, tr2, P, rank=r)
-    layers = _layer_bounds(prob, layer_trace, blocks)
+    rk = ws_bounds(tr, tr2, P, rank=r, trace_err=e1, trace_sq_err=e2)
+    layers = _layer_bounds(prob, layer_trace, blocks, allowance)
     max_lo = [res.lambda_max_lower, rk.lambda_max_lower, *(lb.lambda_max_lower for lb in layers)]
     max_hi = [res.lambda_max_upper, rk.lambda_max_upper]
     min_lo = [res.lambda_min_lower, rk.lambda_min_lower]
     min_hi = [res.lambda_min_upper, rk.lambda_min_upper, *(lb.lambda_min_upper for lb in layers)]
     if ggn:  # positive semi-definite: tr(G^2) <= lambda_max tr(G), for G and each block G^{ll}
-        if tr > 0:
-            max_lo.append(tr2 / tr)
-        max_lo.extend(lb.trace_sq / lb.trace for lb in layers if lb.trace > 0)
+        ratios = [_ratio_lower(tr2, e2, tr, e1)]
+        ratios += [_ratio_lower(lb.trace_sq, allowance.layer_trace_sq[i], lb.trace, allowance.layer_trace[i])
+                   for i, lb in enumerate(layers)]
+        max_lo.extend(x for x in ratios if x is not None)
         min_lo.append(0.0)
     extra: dict[str, Any] = {"rank": r, "lambda_max_upper_rank": rk.lambda_max_upper,
                              "lambda_min_lower_rank": rk.lambda_min_lower, "layer_bounds": layers}
@@ -98,25 +112,44 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
         rq = np.einsum("pi,pi->i", Y, HY)
         resid = np.linalg.norm(HY - Y * rq, axis=0)
         lam_max, lam_min = float(rq[0]), float(rq[1])
-        max_lo.append(lam_max)  # Rayleigh quotients: lambda_min <= y^T H y <= lambda_max
-        min_hi.append(lam_min)
+        # Rayleigh quotients: lambda_min <= y^T H y / y^T y <= lambda_max, for the exact quotient
+        q_lo, q_hi = rayleigh_intervals(Y, HY, allowance.product)
+        max_lo.append(float(q_lo[0]))
+        min_hi.append(float(q_hi[1]))
         extra.update(lambda_max=lam_max, lambda_min=lam_min, lambda_max_residual=float(resid[0]),
                      lambda_min_residual=float(resid[1]), lanczos_iterations=run.iterations,
                      lanczos_converged=run.converged,
                      tightness=res.lambda_max_upper / lam_max if lam_max > 0 else None)
         if kc:
             idx = select_indices(run.theta, "LM", kc)
-            cert = ritz_certificate(matvec, run.vectors(idx), tr, tr2, P, r)
+            cert = ritz_certificate(matvec, run.vectors(idx), tr, tr2, P, r, allowance)
             d = cert.deflated
             max_hi.append(d.max_upper)
             min_lo.append(d.min_lower)
-            max_lo.append(cert.theta_max)
-            min_hi.append(cert.theta_min)
+            max_lo.append(cert.max_lower)
+            min_hi.append(cert.min_upper)
             extra.update(certify_k=d.k, certify_residual=d.residual, lambda_max_upper_deflated=d.max_upper,
                          lambda_min_lower_deflated=d.min_lower)
         extra["lanczos_s"] = time.perf_counter() - t0
-    extra["lambda_max_bracket"] = (float(max(max_lo)), float(min(max_hi)))
-    extra["lambda_min_bracket"] = (float(max(min_lo)), float(min(min_hi)))
-    if any(not math.isfinite(v) for v in (*extra["lambda_max_bracket"], *extra["lambda_min_bracket"])):
+    max_b = (float(max(max_lo)), float(min(max_hi)))
+    min_b = (float(max(min_lo)), float(min(min_hi)))
+    if any(not math.isfinite(v) for v in (*max_b, *min_b)):
         raise FloatingPointError("a certified bound is not finite")  # pragma: no cover
+    if max_b[0] > max_b[1] or min_b[0] > min_b[1]:  # every item is proved, with its rounding allowance
+        raise FloatingPointError(  # pragma: no cover
+            f"internal error: certified bounds disagree (lambda_max in {max_b}, lambda_min in {min_b}): "
+            "a rounding allowance is too small; please report this model")
+    extra["lambda_max_bracket"], extra["lambda_min_bracket"] = max_b, min_b
+    if opts.exact:  # the estimates, inside what is certified (the GGN's lambda_min = 0 when its rank < P);
+        # an eigenvalue lies within the residual of the Rayleigh quotient, so within the residual plus
+        # the shift of the moved estimate
+        for key, (lo, hi) in (("lambda_max", max_b), ("lambda_min", min_b)):
+            est = float(extra[key])
+            moved = min(max(est, lo), hi)
+            if moved != est:
+                extra[key] = moved
+                extra[key + "_residual"] = up(extra[key + "_residual"] + abs(moved - est), 2)
+        lam = extra["lambda_max"]
+        extra["tightness"] = res.lambda_max_upper / lam if lam > 0 else None
+    extra["trace_allowance"], extra["trace_sq_allowance"] = e1, e2
     return dataclasses.replace(res, **extra)
