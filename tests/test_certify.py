@@ -419,8 +419,11 @@ def test_exact_fields_default_none_and_to_dict():
     ({"exact": "yes"}, TypeError, "exact must be True or False"),
     ({"certify": 0}, ValueError, r"certify must satisfy 1 <= k <= P = 51"),
     ({"certify": 52}, ValueError, "certify must satisfy"),
-    ({"certify": 2.0}, TypeError, "certify must be None or a positive integer"),
-    ({"certify": True}, TypeError, "certify must be None or a positive integer"),
+    ({"certify": 2.0}, TypeError, "certify must be None, True .* or a positive integer"),
+    ({"certify": "yes"}, TypeError, "certify must be None, True .* or a positive integer"),
+    ({"certify": True, "rtol": 0.0}, ValueError, r"rtol must be a number in \(0, 10\]"),
+    ({"certify": True, "rtol": float("nan")}, ValueError, "rtol must be"),
+    ({"certify": True, "which": "LM"}, ValueError, "which must be 'LA'"),
     ({"exact": True, "lanczos_tol": -1e-3}, ValueError, "lanczos_tol must be a finite number >= 0"),
     ({"exact": True, "lanczos_maxiter": 0}, ValueError, "lanczos_maxiter must be >= 1"),
     ({"exact": True, "seed": -2}, TypeError, "seed must be a non-negative integer"),
@@ -429,3 +432,60 @@ def test_bound_bad_exact_arguments(kwargs, exc, match):
     layers, X, y = NET_SPECS[0].build()
     with pytest.raises(exc, match=match):
         wsb.bound(layers, X, y, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# certify=True: certified to a requested width (block Lanczos, judged by the certificate)
+# --------------------------------------------------------------------------------------
+
+
+def _width(lo: float, hi: float, radius: float) -> float:
+    return (hi - lo) / max(abs(lo), abs(hi), 1e-6 * radius)  # an eigenvalue ~0: against the spectral radius
+
+
+@pytest.mark.parametrize("spec", NET_SPECS, ids=lambda s: f"{s.activation}-d{s.depth}")
+@pytest.mark.parametrize("which", ["LA", "SA", "BE"])
+@pytest.mark.parametrize("rtol", [0.1, 1e-3])
+def test_certify_to_width_on_random_models(spec, which, rtol, refs):
+    layers, X, y = refs.model(spec)
+    eig = np.linalg.eigvalsh(refs.numpy(spec, "hessian", "mean"))
+    res = wsb.bound(layers, X, y, activation=spec.activation_arg(), certify=True, rtol=rtol, which=which)
+    _assert_bound_holds(res, eig)
+    assert res.certify_met is True and res.certify_rtol == rtol
+    lo, hi = res.lambda_max_bracket
+    c_lo, c_hi = res.lambda_min_bracket
+    assert lo <= eig[-1] <= hi and c_lo <= eig[0] <= c_hi  # no slack: the brackets hold as printed
+    asked = {"LA": [(lo, hi)], "SA": [(c_lo, c_hi)], "BE": [(lo, hi), (c_lo, c_hi)]}[which]
+    radius = max(abs(lo), abs(c_hi))
+    assert res.certify_width == pytest.approx(max(_width(a, b, radius) for a, b in asked), rel=1e-12, abs=1e-300)
+    assert all(_width(a, b, radius) <= rtol for a, b in asked)  # it met rtol as it says
+
+
+@pytest.mark.parametrize("key", [("tanh", 3), ("tanh", 4)], ids=lambda k: f"{k[0]}-{k[1]}")
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_certify_to_width_on_trained_digits_models(trained_digits, key, curvature):
+    X, y, models = trained_digits
+    layers, _ = models[key]
+    act = key[0]
+    H = R.fd_hessian(layers, act, X, y) if curvature == "hessian" else _ggn(layers, act, X, y)
+    eig = np.linalg.eigvalsh(H)
+    for rtol in (0.1, 0.01, 1e-3):
+        res = wsb.bound(layers, X, y, activation=act, curvature=curvature, certify=True, rtol=rtol)
+        _assert_bound_holds(res, eig)
+        lo, hi = res.lambda_max_bracket
+        assert res.certify_met and lo <= hi and hi / lo - 1 <= rtol * (1 + 1e-12)
+        s = 1e-9 * float(np.abs(eig).max())  # the dense reference's own error (finite differences)
+        assert lo <= eig[-1] + s and eig[-1] <= hi + s
+
+
+def test_certify_to_width_is_deterministic_and_stops_short_with_a_warning(refs):
+    spec = NET_SPECS[4]
+    layers, X, y = refs.model(spec)
+    eig = np.linalg.eigvalsh(refs.numpy(spec, "hessian", "mean"))
+    kw = dict(activation=spec.activation_arg(), certify=True, rtol=1e-6, seed=3)
+    a, b = wsb.bound(layers, X, y, **kw), wsb.bound(layers, X, y, **kw)
+    assert a.lambda_max_bracket == b.lambda_max_bracket and a.lanczos_iterations == b.lanczos_iterations
+    with pytest.warns(RuntimeWarning, match=r"certify=True: the certified bracket of lambda_max is .* wide"):
+        short = wsb.bound(layers, X, y, **dict(kw, rtol=1e-9), lanczos_maxiter=8)
+    assert short.certify_met is False and short.certify_width > 1e-9 and short.lanczos_iterations <= 8
+    _assert_bound_holds(short, eig)  # still certified, only wider

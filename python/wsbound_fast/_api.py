@@ -95,8 +95,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
           reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
           backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
           callback: ProgressFn | None = None, device: Any = None, dtype: Any = None, exact: bool = False,
-          certify: int | None = None, lanczos_tol: float = 1e-10, lanczos_maxiter: int | None = None,
-          seed: int = 0) -> Bound:
+          certify: int | bool | None = None, rtol: float = 1e-2, which: str = "LA", lanczos_tol: float = 1e-10,
+          lanczos_maxiter: int | None = None, seed: int = 0) -> Bound:
     """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -145,6 +145,13 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         magnitude (implies ``exact``); reports ``lambda_max_upper_deflated``,
         ``lambda_min_lower_deflated``, the k used (``certify_k``, the leading pairs that give
         the smallest bound) and the residual norm (``certify_residual``).
+        ``certify=True``: certified to a requested width instead: block Lanczos (8 vectors per
+        pass over the data) runs until the certified bracket of lambda_max (``which``) is at most
+        ``rtol`` wide relative to it (hi/lo - 1 <= rtol), choosing k itself; the result reports
+        ``certify_width`` and ``certify_met``, and a RuntimeWarning says what stopped it short
+        (``lanczos_maxiter``, or the memory budget that bounds the Lanczos basis).
+    rtol : certify=True only: the relative width to reach (default 1e-2).
+    which : certify=True only: "LA" (lambda_max, default), "SA" (lambda_min) or "BE" (both).
     lanczos_tol, lanczos_maxiter, seed : Lanczos options (see :func:`eigsh`); the default
         maxiter is min(P, max(300, 10 k)), within half of ``memory_limit`` for the basis (which
         stays in host memory: for "torch" with no memory_limit given, the host's default).
@@ -158,24 +165,24 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         (``layer_bounds``) and the certified brackets ``lambda_max_bracket``,
         ``lambda_min_bracket`` (the best of all the bounds above; docs/certificates.md).
     """
-    which = _choice(backend, "backend", BACKENDS)
+    chosen = _choice(backend, "backend", BACKENDS)
     reporter = Reporter(progress, callback)
     # a torch module becomes (layers, activations); tensors become arrays except for the torch backend
-    prob = _torch.validate_for(which, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+    prob = _torch.validate_for(chosen, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                                batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device,
                                dtype=dtype)
-    if which != "torch" and compute_dtype(dtype) == "float32":
-        if which != "cpp":
-            raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={which!r}")
+    if chosen != "torch" and compute_dtype(dtype) == "float32":
+        if chosen != "cpp":
+            raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={chosen!r}")
         prob = dataclasses.replace(prob, single=True)
     from ._exact import check_exact_options
     from ._lanczos import basis_memory_limit
 
     opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params,
-                               basis_memory_limit(prob))
+                               basis_memory_limit(prob), rtol, which)
     t0 = time.perf_counter()
     try:
-        mom = _BACKENDS[which](prob, reporter if reporter.active else None)
+        mom = _BACKENDS[chosen](prob, reporter if reporter.active else None)
     finally:
         reporter.close()
     layer_trace, blocks = mom.trace, mom.blocks
@@ -197,8 +204,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         n_params=prob.n_params, n_samples=prob.n_samples, trace=tr, trace_sq=tr2, mean=ws.mean, std=ws.std,
         lambda_max_lower=ws.lambda_max_lower, lambda_max_upper=ws.lambda_max_upper,
         lambda_min_lower=ws.lambda_min_lower, lambda_min_upper=ws.lambda_min_upper,
-        curvature=prob.curvature, reduction=prob.reduction, backend=which, elapsed_s=elapsed,
+        curvature=prob.curvature, reduction=prob.reduction, backend=chosen, elapsed_s=elapsed,
     )
     from ._exact import refine
 
-    return refine(res, prob, which, layer_trace, blocks, opts, allowance)
+    return refine(res, prob, chosen, layer_trace, blocks, opts, allowance)

@@ -267,6 +267,11 @@ class Bound:
     certify_residual: float | None = None
     lambda_max_upper_deflated: float | None = None
     lambda_min_lower_deflated: float | None = None
+    #: certify=True: the requested relative width hi/lo - 1, the width reached (the widest of the
+    #: ends asked for) and whether it met the request.
+    certify_rtol: float | None = None
+    certify_width: float | None = None
+    certify_met: bool | None = None
     #: Rounding allowances (absolute, docs/numerics.md): the exact tr(H) and tr(H^2) lie within
     #: them of ``trace`` and ``trace_sq``; every bound above was widened by what they imply.
     trace_allowance: float | None = None

@@ -211,13 +211,14 @@ def _certified_ritz(Yj: np.ndarray, HYj: np.ndarray, trace_sq: float, trace_sq_e
 
 
 def ritz_certificate(matvec: Matvec, Y: np.ndarray, trace: float, trace_sq: float, n: int,
-                     rank: int | None, allowance: Allowance | None = None) -> RitzCertificate:
+                     rank: int | None, allowance: Allowance | None = None, end: str = "max") -> RitzCertificate:
     """The best deflated certificate over the leading columns of Y (P x k, by |Ritz value|).
 
     Y is re-orthonormalised, H Y computed with the exact product, Y rotated so that
     Theta = Y^T H Y is diagonal; for each leading set of j columns the residual block
     R_j = H Y_j - Y_j Theta_j gives a deflated bound, and the j with the smallest upper bound
-    on lambda_max is kept.  Its bound is then recomputed from scratch for those j columns
+    on lambda_max is kept (``end="min"``: the largest lower bound on lambda_min).  Its bound is
+    then recomputed from scratch for those j columns
     (fresh Theta, R and the spectral norm by SVD, with every rounding allowance of
     :func:`_certified_ritz` and of the moments), so the certificate does not rest on the
     selection arithmetic.
@@ -237,12 +238,120 @@ def ritz_certificate(matvec: Matvec, Y: np.ndarray, trace: float, trace_sq: floa
     best_j, best = 1, math.inf
     for j in range(1, theta.shape[0] + 1):
         rho_j = math.sqrt(max(float(np.linalg.eigvalsh(gram[:j, :j])[-1]), 0.0))
-        hi = deflated_bounds(trace, trace_sq, n, theta[:j], rho_j, rank, trace_err=e1, trace_sq_err=e2).max_upper
-        if hi < best:
-            best_j, best = j, hi
+        d = deflated_bounds(trace, trace_sq, n, theta[:j], rho_j, rank, trace_err=e1, trace_sq_err=e2)
+        score = d.max_upper if end == "max" else -d.min_lower
+        if score < best:
+            best_j, best = j, score
     Yj, HYj = Yr[:, :best_j], HYr[:, :best_j]
     th_j, rho = _certified_ritz(Yj, HYj, trace_sq, e2, al.product)
     # Rayleigh-Ritz: lambda_max >= the largest eigenvalue of Theta_Q, within rho of theta's
     lo, hi = rayleigh_intervals(Yr, HYr, al.product)
     return RitzCertificate(deflated_bounds(trace, trace_sq, n, th_j, rho, rank, trace_err=e1, trace_sq_err=e2),
                            float(theta.max()), float(theta.min()), float(lo.max()), float(hi.min()))
+
+
+# --------------------------------------------------------------------------------------
+# certified to a requested width (certify=True)
+# --------------------------------------------------------------------------------------
+
+
+#: An end whose bracket is below this fraction of the spectral radius is judged against it
+#: (an eigenvalue that is 0 up to rounding can only be bracketed to the rounding).
+WIDTH_FLOOR = 1e-6
+
+
+def relative_width(lo: float, hi: float, radius: float = 0.0) -> float:
+    """(hi - lo) / max(|lo|, |hi|, WIDTH_FLOOR radius): hi/lo - 1 to first order for a positive
+    bracket; 0 for [0, 0]."""
+    den = max(abs(lo), abs(hi), WIDTH_FLOOR * radius)
+    return 0.0 if den == 0.0 else max(hi - lo, 0.0) / den
+
+
+def _predicted(theta: np.ndarray, res: np.ndarray, trace: float, trace_sq: float, n: int, rank: int | None,
+               allowance: Allowance, end: str, usable: int) -> tuple[float, int]:
+    """The width the certificate would have from the current Ritz pairs, if the Lanczos
+    residual estimates were the true residual norms (they are, up to rounding, with full
+    reorthogonalisation), and the number of leading pairs (by |theta|) that gives it."""
+    order = np.argsort(-np.abs(theta), kind="stable")[:usable]
+    th, rho = theta[order], np.sqrt(np.cumsum(res[order] ** 2))
+    best, best_j = math.inf, 1
+    for j in range(1, th.shape[0] + 1):
+        d = deflated_bounds(trace, trace_sq, n, th[:j], float(rho[j - 1]), rank, trace_err=allowance.trace,
+                            trace_sq_err=allowance.trace_sq)
+        radius = max(abs(float(theta[-1])), abs(float(theta[0])))
+        w = relative_width(float(theta[-1]), d.max_upper, radius) if end == "max" else \
+            relative_width(d.min_lower, float(theta[0]), radius)
+        if w < best:
+            best, best_j = w, j
+    return best, best_j
+
+
+@dataclass(frozen=True)
+class WidthCertificate:
+    """What certify=True found: one RitzCertificate per end asked for, the Lanczos effort."""
+
+    certificates: dict  # "max" / "min" -> RitzCertificate
+    products: int  # curvature-vector products of the Lanczos run
+    explicit: int  # products of the explicit certificates
+    widths: dict  # "max" / "min" -> relative width reached (with the other bounds, see refine)
+    met: bool
+    why: str  # when not met: what stopped it
+    extremes: np.ndarray  # (P, 2): the Ritz vectors of the largest and the smallest Ritz value
+
+
+def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank: int | None,
+                     allowance: Allowance, *, rtol: float, ends: tuple[str, ...], maxiter: int, block: int,
+                     rng: np.random.Generator, other: dict) -> WidthCertificate:
+    """Block Lanczos until the certified bracket of every end in ``ends`` is within ``rtol``.
+
+    Judged by the certificate, not by a fixed tolerance: after every block step the deflated
+    certificate is predicted from the Ritz values and residual estimates; when it would meet
+    rtol (with a factor 2 to spare), it is computed for real (ritz_certificate: H Y with the
+    exact product, every rounding allowance), and the run stops if that meets rtol.
+    ``other[end]`` = (lo, hi): the bounds already known (WS, rank-aware, per-layer), which the
+    width counts as well.
+    """
+    from ._lanczos import BlockLanczos
+
+    lz = BlockLanczos(matvec, n, block, rng, maxiter)
+    certs: dict = {}
+    widths: dict = {}
+    explicit, retry_at = 0, 0
+    why = ""
+
+    def combined(end: str, cert: RitzCertificate) -> float:
+        lo0, hi0 = other[end]
+        radius = max(abs(cert.theta_max), abs(cert.theta_min))
+        if end == "max":
+            return relative_width(max(lo0, cert.max_lower), min(hi0, cert.deflated.max_upper), radius)
+        return relative_width(max(lo0, cert.deflated.min_lower), min(hi0, cert.min_upper), radius)
+
+    while True:
+        lz.step()
+        done = lz.exhausted()
+        if lz.m < 2 and not done:
+            continue
+        theta, S, res = lz.ritz()
+        usable = max(1, lz.m - (0 if done else lz.b))  # the newest block's Ritz pairs are rough
+        pending = [e for e in ends if e not in certs or widths[e] > rtol]
+        ready = done or (lz.m >= retry_at and all(
+            _predicted(theta, res, trace, trace_sq, n, rank, allowance, e, usable)[0] <= 0.5 * rtol for e in pending))
+        if ready:
+            for e in pending:
+                _, j = _predicted(theta, res, trace, trace_sq, n, rank, allowance, e, usable)
+                order = np.argsort(-np.abs(theta), kind="stable")[: min(usable, j + lz.b)]
+                ext = int(np.argmax(theta)) if e == "max" else int(np.argmin(theta))
+                cols = np.union1d(order, [ext])
+                Y = lz.vectors(S[:, cols])
+                certs[e] = ritz_certificate(matvec, Y, trace, trace_sq, n, rank, allowance, end=e)
+                explicit += Y.shape[1]
+                widths[e] = combined(e, certs[e])
+            if all(widths[e] <= rtol for e in ends):
+                ext = lz.vectors(S[:, [int(np.argmax(theta)), int(np.argmin(theta))]])
+                return WidthCertificate(certs, lz.products, explicit, widths, True, "", ext)
+            retry_at = lz.m + 2 * lz.b
+        if done:
+            why = ("the Krylov space spans every direction" if lz.m >= n else
+                   f"lanczos_maxiter = {maxiter} products were used")
+            ext = lz.vectors(S[:, [int(np.argmax(theta)), int(np.argmin(theta))]])
+            return WidthCertificate(certs, lz.products, explicit, widths, False, why, ext)

@@ -8,12 +8,14 @@ import dataclasses
 import math
 import numbers
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ._bounds import Bound, LayerBound, ws_bounds
-from ._certify import layer_rank_bounds, rank_bound, rayleigh_intervals, ritz_certificate
+from ._certify import (certify_to_width, layer_rank_bounds, rank_bound, rayleigh_intervals, relative_width,
+                       ritz_certificate)
 from ._hvp import make_matvec
 from ._rounding import Allowance, down, up
 from ._lanczos import _seed, _tol, default_maxiter, lanczos, select_indices
@@ -26,22 +28,49 @@ class ExactOptions(NamedTuple):
     tol: float
     maxiter: int
     seed: int
+    auto: bool = False  # certify=True: to the width rtol
+    rtol: float = 1e-2
+    ends: tuple[str, ...] = ("max",)
+
+
+#: Vectors per product pass of certify=True's block Lanczos.
+CERTIFY_BLOCK = 8
+_WHICH_ENDS = {"LA": ("max",), "SA": ("min",), "BE": ("max", "min")}
 
 
 def check_exact_options(exact: Any, certify: Any, tol: Any, maxiter: Any, seed: Any, n_params: int,
-                        memory_limit: int | None = None) -> ExactOptions:
+                        memory_limit: int | None = None, rtol: Any = 1e-2, which: Any = "LA") -> ExactOptions:
     if not isinstance(exact, (bool, np.bool_)):
         raise TypeError(f"exact must be True or False; got {exact!r}")
-    k = 0
-    if certify is not None and certify is not False:
+    k, auto = 0, certify is True or certify is np.True_
+    if auto:
+        pass
+    elif certify is not None and certify is not False:
         if isinstance(certify, bool) or not isinstance(certify, numbers.Integral):
-            raise TypeError(f"certify must be None or a positive integer k (Ritz pairs to deflate); got {certify!r}")
+            raise TypeError("certify must be None, True (certified to the width rtol) or a positive integer k "
+                            f"(Ritz pairs to deflate); got {certify!r}")
         if not 1 <= int(certify) <= n_params:
             raise ValueError(f"certify must satisfy 1 <= k <= P = {n_params} (the number of parameters); got {certify}")
         k = int(certify)
     t = _tol(tol, "lanczos_tol")
-    mi = default_maxiter(n_params, max(k, 2), memory_limit) if maxiter is None else _positive_int(maxiter, "lanczos_maxiter")
-    return ExactOptions(bool(exact) or k > 0, k, t, mi, _seed(seed))
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not (math.isfinite(float(rtol)) and
+                                                                             0.0 < float(rtol) <= 10.0):
+        raise ValueError(f"rtol must be a number in (0, 10], the relative width hi/lo - 1 to reach; got {rtol!r}")
+    if not isinstance(which, str) or which.strip().upper() not in _WHICH_ENDS:
+        raise ValueError(f"which must be 'LA' (lambda_max), 'SA' (lambda_min) or 'BE' (both); got {which!r}")
+    want = max(k, 2) if not auto else 10 * CERTIFY_BLOCK
+    mi = default_maxiter(n_params, want, memory_limit) if maxiter is None else _positive_int(maxiter, "lanczos_maxiter")
+    return ExactOptions(bool(exact) or k > 0 or auto, k, t, mi, _seed(seed), auto, float(rtol),
+                        _WHICH_ENDS[which.strip().upper()])
+
+
+def _chunked(matvec: Any, rows: int) -> Any:
+    """The product applied to at most ``rows`` vectors per pass (what it was planned for)."""
+    def apply(V: np.ndarray) -> np.ndarray:
+        if V.shape[0] <= rows:
+            return matvec(V)
+        return np.vstack([matvec(V[i: i + rows]) for i in range(0, V.shape[0], rows)])
+    return apply
 
 
 def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray,
@@ -94,20 +123,34 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
     if opts.exact:
         t0 = time.perf_counter()
         kc = opts.certify
-        matvec = make_matvec(prob, backend, max(kc, 2))
+        rng = np.random.default_rng(opts.seed)
+        if opts.auto:
+            matvec = _chunked(make_matvec(prob, backend, CERTIFY_BLOCK), CERTIFY_BLOCK)
+            ends_wanted = tuple(e for e in opts.ends if not (e == "min" and ggn and r < P))  # G: lambda_min = 0
+            other = {"max": (max(max_lo), min(max_hi)), "min": (max(min_lo), min(min_hi))}
+            wc = certify_to_width(matvec, P, tr, tr2, r, allowance, rtol=opts.rtol, ends=ends_wanted or ("max",),
+                                  maxiter=opts.maxiter, block=CERTIFY_BLOCK, rng=rng, other=other)
+            Y = wc.extremes
+            iterations, converged = wc.products, wc.met
+            certs = wc.certificates
+        else:
+            matvec = make_matvec(prob, backend, max(kc, 2))
 
-        def wanted(theta: np.ndarray) -> np.ndarray:
-            # The GGN is positive semi-definite (lambda_min >= 0 is certified, = 0 when r < P) and
-            # the bottom of its spectrum is a large cluster at or near 0 on which Lanczos converges
-            # slowly; only the top end (and the deflation set) is waited for there.
-            ends = np.array([theta.shape[0] - 1] if ggn else [0, theta.shape[0] - 1])
-            return np.union1d(ends, select_indices(theta, "LM", kc)) if kc else ends
+            def wanted(theta: np.ndarray) -> np.ndarray:
+                # The GGN is positive semi-definite (lambda_min >= 0 is certified, = 0 when r < P) and
+                # the bottom of its spectrum is a large cluster at or near 0 on which Lanczos converges
+                # slowly; only the top end (and the deflation set) is waited for there.
+                ends = np.array([theta.shape[0] - 1] if ggn else [0, theta.shape[0] - 1])
+                return np.union1d(ends, select_indices(theta, "LM", kc)) if kc else ends
 
-        run = lanczos(matvec, P, wanted=wanted, n_wanted=max(kc, 2), tol=opts.tol, maxiter=opts.maxiter,
-                      rng=np.random.default_rng(opts.seed))
-        ends = [int(np.argmax(run.theta)), int(np.argmin(run.theta))]
-        Y = run.vectors(np.array(ends))
-        Y /= np.linalg.norm(Y, axis=0)
+            run = lanczos(matvec, P, wanted=wanted, n_wanted=max(kc, 2), tol=opts.tol, maxiter=opts.maxiter, rng=rng)
+            Y = run.vectors(np.array([int(np.argmax(run.theta)), int(np.argmin(run.theta))]))
+            iterations, converged = run.iterations, run.converged
+            certs = {}
+            if kc:
+                idx = select_indices(run.theta, "LM", kc)
+                certs["max"] = ritz_certificate(matvec, run.vectors(idx), tr, tr2, P, r, allowance)
+        Y = Y / np.linalg.norm(Y, axis=0)
         HY = matvec(Y.T).T
         rq = np.einsum("pi,pi->i", Y, HY)
         resid = np.linalg.norm(HY - Y * rq, axis=0)
@@ -117,19 +160,31 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
         max_lo.append(float(q_lo[0]))
         min_hi.append(float(q_hi[1]))
         extra.update(lambda_max=lam_max, lambda_min=lam_min, lambda_max_residual=float(resid[0]),
-                     lambda_min_residual=float(resid[1]), lanczos_iterations=run.iterations,
-                     lanczos_converged=run.converged,
-                     tightness=res.lambda_max_upper / lam_max if lam_max > 0 else None)
-        if kc:
-            idx = select_indices(run.theta, "LM", kc)
-            cert = ritz_certificate(matvec, run.vectors(idx), tr, tr2, P, r, allowance)
-            d = cert.deflated
-            max_hi.append(d.max_upper)
-            min_lo.append(d.min_lower)
+                     lambda_min_residual=float(resid[1]), lanczos_iterations=iterations,
+                     lanczos_converged=converged)
+        for cert in certs.values():
+            max_hi.append(cert.deflated.max_upper)
+            min_lo.append(cert.deflated.min_lower)
             max_lo.append(cert.max_lower)
             min_hi.append(cert.min_upper)
-            extra.update(certify_k=d.k, certify_residual=d.residual, lambda_max_upper_deflated=d.max_upper,
-                         lambda_min_lower_deflated=d.min_lower)
+        if certs:
+            first = certs.get("max", certs.get("min"))
+            extra.update(certify_k=first.deflated.k, certify_residual=first.deflated.residual,
+                         lambda_max_upper_deflated=min(c.deflated.max_upper for c in certs.values()),
+                         lambda_min_lower_deflated=max(c.deflated.min_lower for c in certs.values()))
+        if opts.auto:
+            radius = max(abs(max(max_lo)), abs(min(min_hi)))  # <= the spectral radius
+            widths = {"max": relative_width(max(max_lo), min(max_hi), radius),
+                      "min": relative_width(max(min_lo), min(min_hi), radius)}
+            width = max(widths[e] for e in opts.ends)
+            met = width <= opts.rtol
+            extra.update(certify_rtol=opts.rtol, certify_width=width, certify_met=met)
+            if not met:
+                names = " and ".join("lambda_max" if e == "max" else "lambda_min" for e in opts.ends)
+                warnings.warn(f"certify=True: the certified bracket of {names} is {width:.3g} wide (relative), "
+                              f"not rtol={opts.rtol:g}: {wc.why or 'the certificate could not tighten further'}; "
+                              "raise lanczos_maxiter (or memory_limit, which bounds the Lanczos basis)",
+                              RuntimeWarning, stacklevel=3)
         extra["lanczos_s"] = time.perf_counter() - t0
     max_b = (float(max(max_lo)), float(min(max_hi)))
     min_b = (float(max(min_lo)), float(min(min_hi)))

@@ -281,3 +281,112 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     if return_eigenvectors:
         return values, res.vectors(idx)
     return values
+
+
+class BlockLanczos:
+    """Block Lanczos with full reorthogonalisation: ``block`` vectors per product pass.
+
+    The curvature-vector product of the engines applies to several vectors in one pass over
+    the data (the features are computed once per block of samples), so a block of b vectors
+    costs far less than b single products.  Rows of Q are the orthonormal basis; T is the
+    block-tridiagonal projection Q H Q^T with blocks A_j = Q_j H Q_j^T and B_j from the QR
+    factorisation of the next residual block.  Each new block is orthogonalised twice against
+    every previous row (classical Gram-Schmidt, twice).  A direction that the residual no
+    longer has (an invariant subspace) is replaced by a fresh random one.
+    """
+
+    def __init__(self, matvec: Matvec, n: int, block: int, rng: np.random.Generator, maxiter: int) -> None:
+        self.matvec, self.n, self.rng = matvec, n, rng
+        self.b = max(1, min(block, n))
+        self.maxiter = max(self.b, min(maxiter, n))
+        self.Q = np.empty((min(self.maxiter, 8 * self.b), n))
+        self.m = 0  # rows of Q in use
+        self.blocks_A: list[np.ndarray] = []
+        self.blocks_B: list[np.ndarray] = []
+        self.scale = 0.0
+        V = self._fresh(self.b)
+        self.next_block = V
+        self.last_B = np.zeros((self.b, self.b))
+
+    @property
+    def products(self) -> int:
+        return self.m
+
+    def exhausted(self) -> bool:
+        return self.m >= self.maxiter or self.next_block is None
+
+    def _orth(self, W: np.ndarray) -> np.ndarray:
+        Qm = self.Q[: self.m]
+        for _ in range(2):
+            if self.m:
+                W -= (W @ Qm.T) @ Qm
+        return W
+
+    def _fresh(self, k: int) -> np.ndarray:
+        V = self._orth(self.rng.standard_normal((k, self.n)))
+        q, _ = np.linalg.qr(V.T)
+        return self._orth(q.T.copy())
+
+    def step(self) -> None:
+        """One block step: H applied to the next block, its projection, the next block."""
+        V = self.next_block
+        if V is None:
+            return
+        k = min(V.shape[0], self.maxiter - self.m)
+        V = V[:k]
+        if self.m + k > self.Q.shape[0]:
+            Q = np.empty((min(self.maxiter, max(2 * self.Q.shape[0], self.m + k)), self.n))
+            Q[: self.m] = self.Q[: self.m]
+            self.Q = Q
+        W = self.matvec(V)
+        A = V @ W.T
+        A = 0.5 * (A + A.T)
+        self.Q[self.m: self.m + k] = V
+        self.m += k
+        self.blocks_A.append(A)
+        W = self._orth(W)
+        self.scale = max(self.scale, float(np.abs(A).max(initial=0.0)))
+        if self.m >= self.maxiter or self.m >= self.n:
+            self.last_B = np.linalg.qr(W.T, mode="r").T[:, :k] if W.size else np.zeros((0, k))
+            self.blocks_B.append(self.last_B)
+            self.next_block = None
+            return
+        q, r = np.linalg.qr(W.T)  # W^T = q r: the next block's rows q^T, coupling B = r
+        keep = min(k, self.n - self.m)
+        q, r = q[:, :keep], r[:keep, :]
+        small = np.abs(np.diag(r)) <= 1e-10 * max(self.scale, np.finfo(float).tiny)
+        Vn = q.T.copy()
+        if small.any():  # an invariant direction: continue from fresh random ones
+            r[small, :] = 0.0
+            Vn[small] = 0.0
+            extra = self._orth(self.rng.standard_normal((int(small.sum()), self.n)))
+            extra -= (extra @ Vn.T) @ Vn
+            qe, _ = np.linalg.qr(extra.T)
+            Vn[small] = qe.T
+        self.last_B = r
+        self.blocks_B.append(r)
+        self.next_block = Vn
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(theta ascending, S, residual estimates |H y_i - theta_i y_i| = |B_last S_last,i|)."""
+        m = self.m
+        T = np.zeros((m, m))
+        o = 0
+        for j, A in enumerate(self.blocks_A):
+            k = A.shape[0]
+            T[o: o + k, o: o + k] = A
+            if j + 1 < len(self.blocks_A):
+                Bj = self.blocks_B[j]  # (k_next, k)
+                kn = Bj.shape[0]
+                T[o + k: o + k + kn, o: o + k] = Bj
+                T[o: o + k, o + k: o + k + kn] = Bj.T
+            o += k
+        theta, S = np.linalg.eigh(T)
+        kl = self.blocks_A[-1].shape[0]
+        B = self.last_B if self.next_block is not None or self.last_B.size else np.zeros((0, kl))
+        res = np.linalg.norm(B @ S[m - kl:, :], axis=0) if B.size else np.zeros(m)
+        return theta, S, res
+
+    def vectors(self, S_cols: np.ndarray) -> np.ndarray:
+        """Ritz vectors Q^T S_cols, (n, j)."""
+        return self.Q[: self.m].T @ S_cols
