@@ -1,0 +1,97 @@
+"""Time to a certified lambda_max bracket of a requested width (issue: certify=True, rtol=).
+
+For each workload (bench/_workloads.py) and in one run, so that the ratios are fair on a
+noisy machine:
+
+* one uncertified estimate: scipy eigsh(k=1, 'LA') over curvlinops' Hessian operator (float64),
+  the cost a peer pays for a lambda_max that is a lower estimate only;
+* wsb.bound(certify=True, rtol=r) for r in 0.1, 0.01, 0.001: the whole call (moments +
+  block Lanczos + certificate), the width it reached and the products it used;
+* wsb.bound(certify=k) for a few k (the fixed-k certificate): time and width.
+
+    python bench/bench_width.py [--quick] [--workloads W1 W3 W2] [--threads T] [--repeats R]
+
+Prints a markdown table and writes bench/results/width.json.  Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import wsbound_fast as wsb  # noqa: E402
+from _peers import curvlinops_eigsh, versions  # noqa: E402
+from _workloads import RESULTS, full_workloads, make_data, quick_workloads, trained_layers  # noqa: E402
+
+
+def _best(fn, repeats: int):
+    """(best time, last result) over repeats."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny workloads (smoke run)")
+    parser.add_argument("--workloads", nargs="+", default=["W1", "W3", "W2"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rtols", type=float, nargs="+", default=[0.1, 0.01, 0.001])
+    parser.add_argument("--ks", type=int, nargs="+", default=[3, 10, 30])
+    args = parser.parse_args(argv)
+    table = quick_workloads() if args.quick else full_workloads()
+    print(f"1-min load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (timings are noisy above it)")
+    rows = []
+    for name in args.workloads:
+        w = table[name]
+        X, y = make_data(w)
+        layers, info = trained_layers(w, X, y)
+        act = w.activation
+        kw = dict(activation=act, threads=args.threads)
+        peer_t, peer = _best(lambda: curvlinops_eigsh(layers, X, y, act, "hessian", dtype="float64"), args.repeats)
+        print(f"\n{name}: {w.description}, P = {w.n_params}, N = {X.shape[0]}; train loss {info.get('loss', float('nan')):.3g}")
+        print(f"curvlinops eigsh lambda_max (float64, uncertified): {peer_t:.3f} s, {peer.get('matvecs')} products, "
+              f"estimate {peer.get('lambda_max_est')}")
+        print("| call | time s | x curvlinops eigsh | bracket | width hi/lo-1 | products |")
+        print("|---|---|---|---|---|---|")
+        t_plain, plain = _best(lambda: wsb.bound(layers, X, y, **kw), args.repeats)
+        print(f"| bound() (moments only, WS) | {t_plain:.3f} | {t_plain / peer_t:.2f} | "
+              f"[{plain.lambda_max_bracket[0]:.6g}, {plain.lambda_max_bracket[1]:.6g}] | "
+              f"{plain.lambda_max_bracket[1] / plain.lambda_max_bracket[0] - 1:.3g} | 0 |")
+        entry = {"workload": name, "n_params": w.n_params, "n_samples": int(X.shape[0]), "peer_eigsh_s": peer_t,
+                 "peer_matvecs": peer.get("matvecs"), "moments_only_s": t_plain, "runs": []}
+        calls = [(f"certify=True, rtol={r:g}", dict(certify=True, rtol=r)) for r in args.rtols]
+        calls += [(f"certify={k}", dict(certify=k)) for k in args.ks]
+        for label, extra in calls:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                t, res = _best(lambda: wsb.bound(layers, X, y, **kw, **extra), args.repeats)
+            lo, hi = res.lambda_max_bracket
+            width = hi / lo - 1 if lo > 0 else float("inf")
+            print(f"| {label} | {t:.3f} | {t / peer_t:.2f} | [{lo:.8g}, {hi:.8g}] | {width:.3g} | "
+                  f"{res.lanczos_iterations} |")
+            entry["runs"].append({"call": label, "time_s": t, "ratio_to_peer": t / peer_t, "lo": lo, "hi": hi,
+                                  "width": width, "products": res.lanczos_iterations, "met": res.certify_met,
+                                  "moments_s": res.elapsed_s, "lanczos_s": res.lanczos_s})
+        rows.append(entry)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("width-quick.json" if args.quick else "width.json")
+    out.write_text(json.dumps({"versions": versions(), "load_average": os.getloadavg()[0], "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
