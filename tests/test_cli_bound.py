@@ -318,7 +318,7 @@ def test_progress_bar_on_a_terminal(files, monkeypatch, capsys, quiet):
     if quiet:
         assert text == ""
     else:
-        assert "block pairs" in text  # the progress bar of bound(progress=True)
+        assert "block pair" in text  # the progress bar of bound(progress=True)
         assert text.endswith("\n")
 
 
