@@ -16,7 +16,11 @@ of roundings a term goes through:
   3 (d_{l-1} + d_l + 1) per layer, 8 per activation, 2 C for the softmax;
 * k_inner: the longest inner dimension of a Gram product of the path (flattened G_lm on the
   generic path, d_l on the K route);
-* the K route's shifted identity loses at most a factor 4 C^2 + 1 (docs/numerics.md section 3);
+* on the K route, an error of relative size e in the features and GEMM outputs (in the
+  p-weighted norm of S) changes the result R = sum p_i p'_j Shat_ij^2 by at most
+  2 e sqrt(R t_1) <= 2 C e R (centering is a contraction in that norm, and t_1 <= C^2 R,
+  docs/numerics.md section 3): a factor 2 C + 1; the identity's own four-term evaluation
+  rounds by at most 4 u t_1 <= 4 C^2 u R;
 * k_sum: the reductions over a block pair (row sums, then over rows: <= 2 B), over block
   pairs (<= 2 n_blocks) and over the L^2 parameter blocks.
 
@@ -123,9 +127,10 @@ def moment_gammas(prob: Any) -> tuple[float, float]:
     chain = _chain(dims)
     k_sum = 2 * B + 2 * nb + L * L + 8
     g_trace = gamma(chain, u_feat) + gamma(max(dims) + 2 * B + 2 * nb + L + 8)
-    route = 4 * C * C + 1 if prob.structured else 4
+    # the four terms of kappa (generic path), or the K route's factors (see the module docstring)
+    route, identity = (2 * C + 1, 4 * C * C + 4) if prob.structured else (4, 8)
     g_pair = route * (gamma(_inner(dims, prob.hessian, prob.structured), u_pair) + 2 * gamma(chain, u_feat)) \
-        + gamma(k_sum)
+        + identity * U_DOUBLE + gamma(k_sum)
     return g_trace, g_pair
 
 
