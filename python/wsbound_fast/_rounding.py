@@ -13,7 +13,12 @@ with gamma = k u / (1 - k u) (Higham's gamma_k, u the unit roundoff) and k the l
 of roundings a term goes through:
 
 * k_chain: building the per-sample features (forward pass, softmax, backward recursion):
-  3 (d_{l-1} + d_l + 1) per layer, 8 per activation, 2 C for the softmax;
+  3 (d_{l-1} + d_l + 1) per layer, 8 per activation, 2 C for the softmax; plus the
+  conditioning of the functions of the pre-activations: z_l is computed with an absolute
+  error of about u |z_l|, which sigma'(z) and exp(z - z_r) turn into a relative error of
+  |z sigma''(z) / sigma'(z)| u (2|z| for tanh, |z| for the logistic family, z^2 for GELU) and
+  |z_k - z_r| u; 4 times the sum over the layers of their bounds (from the weights and
+  max |x|, :func:`preactivation_bounds`);
 * k_inner: the longest inner dimension of a Gram product of the path (flattened G_lm on the
   generic path, d_l on the K route);
 * on the K route, an error of relative size e in the features and GEMM outputs (in the
@@ -92,9 +97,70 @@ def _dims(prob: Any) -> list[int]:
     return [int(prob.weights[0].shape[1])] + [int(w.shape[0]) for w in prob.weights]
 
 
-def _chain(dims: list[int]) -> int:
+def _chain(dims: list[int], conditioning: float = 0.0) -> float:
     L = len(dims) - 1
-    return sum(3 * (dims[l - 1] + dims[l] + 1) for l in range(1, L + 1)) + 8 * (L - 1) + 2 * dims[-1] + 16
+    return sum(3 * (dims[l - 1] + dims[l] + 1) for l in range(1, L + 1)) + 8 * (L - 1) + 2 * dims[-1] + 16 \
+        + 4.0 * conditioning
+
+
+def _max_abs_input(X: Any) -> float:
+    """max |x| over the data set, in chunks (a NumPy array, or a tensor on its device)."""
+    step = max(1, (1 << 22) // max(1, int(X.shape[1])))
+    top = 0.0
+    for lo in range(0, int(X.shape[0]), step):
+        chunk = X[lo:lo + step]
+        if isinstance(chunk, np.ndarray):
+            top = max(top, float(np.max(np.abs(chunk), initial=0.0)))
+        else:  # a torch tensor
+            top = max(top, float(chunk.abs().max()))
+    return top
+
+
+#: |z sigma''(z) / sigma'(z)|-type condition of each activation's derivatives at |z| <= b.
+def _activation_condition(name: str, b: float) -> float:
+    if name in ("identity", "relu", "leaky_relu"):
+        return 0.0
+    if name == "tanh":
+        return 2.0 * b + 1.0
+    if name in ("gelu", "gelu_tanh"):
+        return b * b + 2.0 * b + 1.0
+    return b + 1.0  # sigmoid, softplus, silu
+
+
+def _activation_range(act: Any, b: float) -> float:
+    """A bound on |sigma(z)| for |z| <= b."""
+    if act.name in ("tanh", "sigmoid"):
+        return 1.0
+    if act.name == "softplus":
+        return b + math.log(2.0)
+    if act.name == "leaky_relu":
+        return b * max(1.0, abs(float(act.param)))
+    return b + 1.0  # identity, relu, gelu, silu
+
+
+def preactivation_bounds(prob: Any) -> tuple[list[float], float]:
+    """(b_l for the hidden layers, the logits' bound): |z_l| <= b_l for every sample, from
+    |z_l| <= ||W_l||_inf max|a_{l-1}| + max|b_l|; the softmax margins are <= 2 b_L."""
+    a = _max_abs_input(prob.X)
+    bounds = []
+    L = prob.n_layers
+    for l, (W, bias) in enumerate(zip(prob.weights, prob.biases)):
+        row = float(np.max(np.sum(np.abs(W), axis=1)))
+        z = row * a + (0.0 if bias is None else float(np.max(np.abs(bias), initial=0.0)))
+        if not math.isfinite(z):
+            z = 1e300
+        if l < L - 1:
+            bounds.append(z)
+            a = _activation_range(prob.activations[l], z)
+        else:
+            return bounds, z
+    return bounds, 0.0  # pragma: no cover
+
+
+def conditioning(prob: Any) -> float:
+    """The sum over the layers of the derivatives' condition bounds, plus the softmax margin."""
+    hidden, logits = preactivation_bounds(prob)
+    return sum(_activation_condition(prob.activations[l].name, b) for l, b in enumerate(hidden)) + 2.0 * logits
 
 
 def _inner(dims: list[int], hessian: bool, structured: bool) -> int:
@@ -116,15 +182,16 @@ def _single(prob: Any) -> bool:
     return dtype is not None and str(dtype) == "torch.float32"
 
 
-def moment_gammas(prob: Any) -> tuple[float, float]:
-    """(gamma_trace, gamma_pair) of the error model for this problem and plan."""
+def moment_gammas(prob: Any, cond: float | None = None) -> tuple[float, float]:
+    """(gamma_trace, gamma_pair) of the error model for this problem and plan (``cond``: the
+    :func:`conditioning` of the problem, computed when not given)."""
     dims = _dims(prob)
     L, C = len(dims) - 1, dims[-1]
     N, B = prob.n_samples, prob.batch_size
     nb = -(-N // B)
     u_pair = U_SINGLE if _single(prob) else U_DOUBLE
     u_feat = U_SINGLE if getattr(prob, "dtype", None) is not None and _single(prob) else U_DOUBLE
-    chain = _chain(dims)
+    chain = _chain(dims, conditioning(prob) if cond is None else cond)
     k_sum = 2 * B + 2 * nb + L * L + 8
     g_trace = gamma(chain, u_feat) + gamma(max(dims) + 2 * B + 2 * nb + L + 8)
     # the four terms of kappa (generic path), or the K route's factors (see the module docstring)
@@ -143,7 +210,8 @@ def moment_allowance(prob: Any, trace_abs: np.ndarray | None, norms: np.ndarray 
     L = prob.n_layers
     if trace_abs is None or norms is None:
         raise ValueError("the moment pass did not return the magnitudes the rounding allowances need")
-    g_trace, g_pair = moment_gammas(prob)
+    cond = conditioning(prob)
+    g_trace, g_pair = moment_gammas(prob, cond)
     N = prob.n_samples
     f1, f2 = (1.0 / N, 1.0 / (N * N)) if prob.mean else (1.0, 1.0)
     ta = np.abs(np.asarray(trace_abs, dtype=np.float64))
@@ -159,7 +227,7 @@ def moment_allowance(prob: Any, trace_abs: np.ndarray | None, norms: np.ndarray 
     # sum_n ||H_n||_F <= sum_l norms[l, l] + sqrt(2) sum_{l<m} norms[l, m]
     h_sum = float(np.trace(nu)) + math.sqrt(2.0) * float(np.sum(np.triu(nu, 1)))
     dims = _dims(prob)
-    k_prod = _chain(dims) + 2 * sum(dims) + prob.batch_size + -(-N // prob.batch_size) + 16
+    k_prod = _chain(dims, cond) + 2 * sum(dims) + prob.batch_size + -(-N // prob.batch_size) + 16
     product = up(gamma(k_prod) * h_sum * f1)
     return Allowance(up(sum(layer_tr) + gamma(L + 2) * float(ta.sum()) * f1), up(sq_total * f2),
                      layer_tr, layer_sq, product)
