@@ -262,41 +262,49 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
 # --------------------------------------------------------------------------------------
 
 
+def _logistic_slope(z: torch.Tensor) -> torch.Tensor:
+    """sigma(z) (1 - sigma(z)) = e / (1 + e)^2, e = exp(-|z|): accurate when saturated."""
+    e = torch.exp(-torch.abs(z))
+    return e / ((1.0 + e) * (1.0 + e))
+
+
 def evaluate(act: Activation, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (sigma(z), sigma'(z), sigma''(z)) elementwise, in z's dtype."""
+    """Return (sigma(z), sigma'(z), sigma''(z)) elementwise, in z's dtype (the forms of
+    _activations.evaluate: no derivative subtracts from 1 a number that tends to 1)."""
     name = act.name
     if name == "identity":
         return z.clone(), torch.ones_like(z), torch.zeros_like(z)
     if name == "tanh":
         t = torch.tanh(z)
-        d1 = 1.0 - t * t
+        d1 = 4.0 * _logistic_slope(2.0 * z)  # sech^2
         return t, d1, -2.0 * t * d1
     if name == "sigmoid":
         s = torch.sigmoid(z)
-        d1 = s * (1.0 - s)
-        return s, d1, d1 * (1.0 - 2.0 * s)
+        d1 = _logistic_slope(z)
+        return s, d1, -d1 * torch.tanh(0.5 * z)
     if name == "softplus":
         s = torch.sigmoid(z)
         f = torch.clamp(z, min=0.0) + torch.log1p(torch.exp(-torch.abs(z)))
-        return f, s, s * (1.0 - s)
+        return f, s, _logistic_slope(z)
     if name == "gelu":
         phi = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-        cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+        cdf = 0.5 * torch.erfc(-z / math.sqrt(2.0))
         return z * cdf, cdf + z * phi, phi * (2.0 - z * z)
     if name == "gelu_tanh":
         u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z**3)
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
         ddu = _SQRT_2_OVER_PI * 6.0 * _GELU_TANH_C * z
         t = torch.tanh(u)
-        sech2 = 1.0 - t * t
-        f = 0.5 * z * (1.0 + t)
-        d1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
+        sech2 = 4.0 * _logistic_slope(2.0 * u)
+        half = torch.sigmoid(2.0 * u)  # (1 + tanh u) / 2
+        f = z * half
+        d1 = half + 0.5 * z * sech2 * du
         d2 = sech2 * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
         return f, d1, d2
     if name == "silu":
         s = torch.sigmoid(z)
-        d = s * (1.0 - s)
-        return z * s, s + z * d, d * (2.0 + z * (1.0 - 2.0 * s))
+        d = _logistic_slope(z)
+        return z * s, s + z * d, d * (2.0 - z * torch.tanh(0.5 * z))
     if name == "relu":
         pos = z > 0
         return torch.where(pos, z, torch.zeros_like(z)), pos.to(z.dtype), torch.zeros_like(z)
