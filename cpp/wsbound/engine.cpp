@@ -4,6 +4,7 @@
 #include "parallel.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -31,29 +32,41 @@ void Model::validate() const {
     if (W.back().rows() < 2) throw std::invalid_argument("layers: the last layer needs at least 2 outputs");
 }
 
+// The caller's arrays may sit at any byte offset (a NumPy view need not be aligned to its
+// element size), so every element is read through memcpy, never through a typed pointer.
+template <class T>
+inline T load(const void* base, std::int64_t index) {
+    T v;
+    std::memcpy(&v, static_cast<const char*>(base) + index * static_cast<std::int64_t>(sizeof(T)), sizeof(T));
+    return v;
+}
+
 void InputView::gather(Index lo, Index hi, RowMat& out) const {
     out.resize(hi - lo, cols);
     for (Index i = lo; i < hi; ++i) {
         const std::int64_t base = static_cast<std::int64_t>(i) * row_stride;
         double* dst = out.row(i - lo).data();
         if (is_float32) {
-            const float* src = static_cast<const float*>(data) + base;
-            for (Index j = 0; j < cols; ++j) dst[j] = static_cast<double>(src[j * col_stride]);
+            for (Index j = 0; j < cols; ++j) dst[j] = static_cast<double>(load<float>(data, base + j * col_stride));
+        } else if (col_stride == 1) {
+            std::memcpy(dst, static_cast<const char*>(data) + base * static_cast<std::int64_t>(sizeof(double)),
+                        static_cast<size_t>(cols) * sizeof(double));
         } else {
-            const double* src = static_cast<const double*>(data) + base;
-            for (Index j = 0; j < cols; ++j) dst[j] = src[j * col_stride];
+            for (Index j = 0; j < cols; ++j) dst[j] = load<double>(data, base + j * col_stride);
         }
     }
 }
 
 void Labels::gather(Index lo, Index hi, Index n_classes, RowMat& out) const {
-    if (soft != nullptr) {
-        out = Eigen::Map<const RowMat>(soft + lo * n_classes, hi - lo, n_classes);
+    if (soft != nullptr) {  // contiguous rows, possibly unaligned
+        out.resize(hi - lo, n_classes);
+        std::memcpy(out.data(), reinterpret_cast<const char*>(soft) + lo * n_classes * static_cast<Index>(sizeof(double)),
+                    static_cast<size_t>((hi - lo) * n_classes) * sizeof(double));
         return;
     }
     out.setZero(hi - lo, n_classes);
     for (Index i = lo; i < hi; ++i) {
-        const std::int64_t k = index[i];
+        const auto k = load<std::int64_t>(index, i);
         if (k < 0 || k >= n_classes) throw std::invalid_argument("y: class index out of range");
         out(i - lo, static_cast<Index>(k)) = 1.0;
     }
