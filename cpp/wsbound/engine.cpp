@@ -96,6 +96,8 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     const Index L = model.n_layers();
     const auto np_ = static_cast<size_t>((L + 1) * (L + 1));
     std::vector<double> block_trace(static_cast<size_t>(nb) * np_, 0.0);  // [block][l]
+    std::vector<double> block_abs(static_cast<size_t>(nb) * np_, 0.0);    // [block][l]: trace_abs
+    std::vector<double> block_norms(static_cast<size_t>(nb) * np_, 0.0);  // [block][pair(l,m)]: norms
     std::vector<double> row_sum(static_cast<size_t>(nb) * np_, 0.0);      // [block row][pair(l,m)]
     std::vector<PairScratch> scratch(static_cast<size_t>(threads));
     // Features of the blocks held at once (float32 copies of the Gram operands with opt.f32).
@@ -121,8 +123,11 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
         const Index ng = std::min(group, nb - g0);
         features(g0, ng, rows, rows_f);
         for (Index i = 0; i < ng; ++i) {
-            const auto& t = rows[static_cast<size_t>(i)].trace;
-            std::copy(t.begin(), t.end(), block_trace.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(g0 + i) * np_));
+            const BlockFeatures& F = rows[static_cast<size_t>(i)];
+            const auto at = static_cast<std::ptrdiff_t>(static_cast<size_t>(g0 + i) * np_);
+            std::copy(F.trace.begin(), F.trace.end(), block_trace.begin() + at);
+            std::copy(F.trace_abs.begin(), F.trace_abs.end(), block_abs.begin() + at);
+            std::copy(F.norms.begin(), F.norms.end(), block_norms.begin() + at);
         }
         for (Index h0 = g0; h0 < nb; h0 += group) {
             const Index nh = std::min(group, nb - h0);
@@ -160,9 +165,18 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     out.L = L;
     out.trace.assign(static_cast<size_t>(L + 1), 0.0);
     out.block_sq.assign(np_, 0.0);
-    for (Index k = 0; k < nb; ++k) {
-        for (size_t l = 0; l <= static_cast<size_t>(L); ++l) out.trace[l] += block_trace[static_cast<size_t>(k) * np_ + l];
-        for (size_t q = 0; q < np_; ++q) out.block_sq[q] += row_sum[static_cast<size_t>(k) * np_ + q];
+    out.trace_abs.assign(static_cast<size_t>(L + 1), 0.0);
+    out.norms.assign(np_, 0.0);
+    for (Index k = 0; k < nb; ++k) {  // fixed order: block by block
+        const size_t at = static_cast<size_t>(k) * np_;
+        for (size_t l = 0; l <= static_cast<size_t>(L); ++l) {
+            out.trace[l] += block_trace[at + l];
+            out.trace_abs[l] += block_abs[at + l];
+        }
+        for (size_t q = 0; q < np_; ++q) {
+            out.block_sq[q] += row_sum[at + q];
+            out.norms[q] += block_norms[at + q];
+        }
     }
     return out;
 }
