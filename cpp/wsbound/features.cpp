@@ -33,6 +33,24 @@ void product(const A& a, const Bx& b, RowMat& out, PairScratch& s, bool add = fa
     }
 }
 
+// The scale of unscaled (float64) features.
+const Eigen::VectorXd& no_scale() {
+    static const Eigen::VectorXd none;
+    return none;
+}
+
+// Row n's power-of-two factor of a float32 feature (FeaturesOf::delta_scale etc.; 1 when unscaled).
+inline double row_scale(const Eigen::VectorXd& v, Index n) { return v.size() > 0 ? v[n] : 1.0; }
+
+// out(n, n') *= a[n] b[n'] for a product of two row-scaled float32 features (no-op when unscaled).
+void unscale(RowMat& out, const Eigen::VectorXd& a, const Eigen::VectorXd& b) {
+    if (a.size() == 0 && b.size() == 0) return;
+    for (Index n = 0; n < out.rows(); ++n) {
+        const double an = row_scale(a, n);
+        for (Index k = 0; k < out.cols(); ++k) out(n, k) = (out(n, k) * an) * row_scale(b, k);
+    }
+}
+
 // s.p2 = Bf.delta[m] G_n^T for the c samples n0 .. n0 + c - 1 of A, (nB, c d_l): row k holds
 // (G_n delta_k)[r] at (n - n0) d_l + r, so that each sample k of Bf reads a contiguous (c, d_l) matrix.
 template <class M>
@@ -54,15 +72,19 @@ void add_dense_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, I
     using CMap = Eigen::Map<const M>;
     const Index p = A.pair(l, m);
     const Index nA = A.B, nB = Bf.B;
+    const Eigen::VectorXd& gA = A.G_scale.empty() ? no_scale() : A.G_scale[static_cast<size_t>(p)];
+    const Eigen::VectorXd& dB = Bf.delta_scale.empty() ? no_scale() : Bf.delta_scale[static_cast<size_t>(m)];
     cross_products(A, Bf, l, m, d_l, d_m, 0, nA, s);
     for (Index k = 0; k < nB; ++k) {
         const CMap Qk(Bf.Q[p].row(k).data(), d_prev, d_l);
         product(A.at[m].leftCols(d_prev), Qk, s.z, s);  // [n, r] = (Q_k^T b_n)[r]
         const CMapMat P(s.p2.row(k).data(), nA, d_l);
+        Eigen::VectorXd t = (s.z.array() * P.array()).rowwise().sum().matrix();
+        if (gA.size() > 0) t = t.cwiseProduct(gA) * row_scale(dB, k);
         if (swap) {
-            s.inner.row(k) += (s.z.array() * P.array()).rowwise().sum().matrix().transpose();
+            s.inner.row(k) += t.transpose();
         } else {
-            s.inner.col(k) += (s.z.array() * P.array()).rowwise().sum().matrix();
+            s.inner.col(k) += t;
         }
     }
 }
@@ -77,6 +99,9 @@ void add_adjacent_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l
                         PairScratch& s) {
     const Index nA = A.B, nB = Bf.B;
     const auto a = A.at[l + 1].leftCols(d_l);  // a_l of A
+    const bool scaled = !A.G_scale.empty();
+    const Eigen::VectorXd& gA = scaled ? A.G_scale[static_cast<size_t>(A.pair(l, l + 1))] : no_scale();
+    const Eigen::VectorXd& dB = scaled ? Bf.delta_scale[static_cast<size_t>(l + 1)] : no_scale();
     if (d_m >= d_l) {  // P = G delta' over d_m, then sum over r with a o sigma'
         const Index rows = cross_rows(d_l, nB);
         for (Index n0 = 0; n0 < nA; n0 += rows) {
@@ -86,7 +111,8 @@ void add_adjacent_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l
             for (Index k = 0; k < nB; ++k) {
                 const CMapMat P(s.p2.row(k).data(), c, d_l);
                 const auto spk = Bf.sp[l].row(k).template cast<double>().array();
-                const auto t = ((P.array() * ad.array()).rowwise() * spk).rowwise().sum().matrix();
+                Eigen::VectorXd t = ((P.array() * ad.array()).rowwise() * spk).rowwise().sum().matrix();
+                if (scaled) t = t.cwiseProduct(gA.segment(n0, c)) * row_scale(dB, k);
                 if (swap) {
                     s.inner.row(k).segment(n0, c) += t.transpose();
                 } else {
@@ -101,6 +127,7 @@ void add_adjacent_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l
     M& xt = s.kbuf<M>().xt;
     const M& G = A.G[A.pair(l, l + 1)];
     s.ct = Bf.delta[l + 1].transpose().template cast<double>();  // (d_m, nB)
+    if (scaled) s.ct = s.ct * dB.asDiagonal();
     const Index rows = cross_rows(d_m, nB);
     for (Index n0 = 0; n0 < nA; n0 += rows) {
         const Index c = std::min(rows, nA - n0);
@@ -111,7 +138,8 @@ void add_adjacent_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l
         }
         product(xt, Bf.sp[l].transpose(), s.p2, s);  // [n d_m + c, n'] = (X_n^T sigma'_{n'})[c]
         for (Index n = 0; n < c; ++n) {
-            const auto t = (s.p2.middleRows(n * d_m, d_m).array() * s.ct.array()).colwise().sum().matrix();
+            Eigen::RowVectorXd t = (s.p2.middleRows(n * d_m, d_m).array() * s.ct.array()).colwise().sum().matrix();
+            if (scaled) t *= gA[n0 + n];
             if (swap) {
                 s.inner.col(n0 + n) += t.transpose();
             } else {
@@ -713,6 +741,11 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     product(I.u2, J.rho.transpose(), s.inner, s);
     product(I.rho, J.u2.transpose(), s.inner, s, true);
     product(I.rho, J.rho.transpose(), s.inner, s, true);
+    const bool scaled = !I.delta_scale.empty();
+    if (scaled) {
+        unscale(s.gram, I.delta_scale[static_cast<size_t>(L)], J.delta_scale[static_cast<size_t>(L)]);
+        unscale(s.inner, I.ru_scale, J.ru_scale);
+    }
     KBuffers<M>& kb = s.template kbuf<M>();
     make_omega(model.W[static_cast<size_t>(L - 1)], kb);
     const M& sI = I.sp[L - 1];
@@ -720,6 +753,7 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     kb.sa_j = sJ.cwiseProduct(J.at[L].leftCols(d));
     s.pt = J.p.transpose();
     s.dt = J.delta[L].transpose().template cast<double>();
+    if (scaled) s.dt = s.dt * J.delta_scale[static_cast<size_t>(L)].asDiagonal();
     const int* rj = J.ref.data();
     const RowArr wJ = J.w.col(0).transpose().array();
     RowArr t4, t2, pp, db(Bp), dbp(Bp), drp(Bp), c1(Bp), c2(Bp);
@@ -758,13 +792,14 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
         c1 = -p[r] * db * s.k1.row(base + 1 + R + r).array();
         for (Index i = 0; i < C; ++i)
             if (i != r) c1 += p[i] * ((s.dt.row(i).array() - dr) - db) * s.k1.row(base + 1 + R + i).array();
-        const auto dn = I.delta[L].row(n);
-        for (Index t = 0; t < Bp; ++t) drp(t) = static_cast<double>(dn(rj[t]));
+        const Eigen::RowVectorXd dn = I.delta[L].row(n).template cast<double>() *
+                                      (scaled ? I.delta_scale[static_cast<size_t>(L)][n] : 1.0);
+        for (Index t = 0; t < Bp; ++t) drp(t) = dn(rj[t]);
         dbp.setZero();
-        for (Index i = 0; i < C; ++i) dbp += s.pt.row(i).array() * (static_cast<double>(dn(i)) - drp);  // 0 at i = r'
+        for (Index i = 0; i < C; ++i) dbp += s.pt.row(i).array() * (dn(i) - drp);  // 0 at i = r'
         c2.setZero();
         for (Index i = 0; i < C; ++i)
-            c2 += s.pt.row(i).array() * ((static_cast<double>(dn(i)) - drp) - dbp) * s.k2.row(nl * C + i).array();
+            c2 += s.pt.row(i).array() * ((dn(i) - drp) - dbp) * s.k2.row(nl * C + i).array();
         const auto a = alpha.row(n).array();
         ll += (a * a * (w * wJ * t4 + s.inner.row(n).array())).sum();
         lm += (a * (s.beta.row(n).array() * w * wJ * t2 + s.gram.row(n).array() * s.k1.row(base).array() + w * c1 + wJ * c2)).sum();
@@ -794,6 +829,7 @@ void pair_sum(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J
         for (Index m = l; m <= L; ++m) {
             const Index p = I.pair(l, m);
             product(I.G[p], J.G[p].transpose(), s.gram, s);
+            if (!I.G_scale.empty()) unscale(s.gram, I.G_scale[static_cast<size_t>(p)], J.G_scale[static_cast<size_t>(p)]);
             if (l == m) {
                 out[p] = (s.alpha.array().square() * s.gram.array()).sum();
                 continue;
@@ -802,6 +838,8 @@ void pair_sum(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J
             s.inner.noalias() = s.beta.cwiseProduct(s.gram);
             if (hessian) {
                 product(I.delta[m], J.delta[m].transpose(), s.beta, s);  // gamma
+                if (!I.delta_scale.empty())
+                    unscale(s.beta, I.delta_scale[static_cast<size_t>(m)], J.delta_scale[static_cast<size_t>(m)]);
                 if (m == l + 1) {
                     product(I.sp[l], J.sp[l].transpose(), s.gram, s);
                     s.inner.array() += s.beta.array() * s.gram.array();
@@ -833,19 +871,50 @@ void to_single(BlockFeatures& F, BlockFeaturesF& out) {
             from[i] = RowMat();
         }
     };
+    // rows divided by a power of two (exact) so that their largest entry is in [1/2, 1): no underflow
+    auto scale_of = [](const RowMat& a, const RowMat* b, Index n) {
+        double mx = a.cols() > 0 ? a.row(n).cwiseAbs().maxCoeff() : 0.0;
+        if (b != nullptr && b->cols() > 0) mx = std::max(mx, b->row(n).cwiseAbs().maxCoeff());
+        if (!(mx > 0.0) || !std::isfinite(mx)) return 0;  // zeros, NaN, inf: as they are
+        int e = 0;
+        std::frexp(mx, &e);
+        return e;
+    };
+    auto cast_scaled = [&](std::vector<RowMat>& from, std::vector<RowMatF>& to, std::vector<Eigen::VectorXd>& sc) {
+        to.resize(from.size());
+        sc.resize(from.size());
+        for (size_t i = 0; i < from.size(); ++i) {
+            RowMat& a = from[i];
+            sc[i].setOnes(a.rows());
+            for (Index n = 0; n < a.rows() && a.cols() > 0; ++n) {
+                const int e = scale_of(a, nullptr, n);
+                a.row(n) *= std::ldexp(1.0, -e);
+                sc[i][n] = std::ldexp(1.0, e);
+            }
+            to[i] = a.cast<float>();
+            a = RowMat();
+        }
+    };
     out.B = F.B;
     out.L = F.L;
     out.C = F.C;
     cast_all(F.at, out.at);
-    cast_all(F.delta, out.delta);
+    cast_scaled(F.delta, out.delta, out.delta_scale);
     cast_all(F.sp, out.sp);
-    cast_all(F.G, out.G);
+    cast_scaled(F.G, out.G, out.G_scale);
     cast_all(F.Q, out.Q);
     cast_all(F.Tt, out.Tt);
     out.p = F.p;
     out.w = F.w;
     out.ref = F.ref;
     out.q = F.q;
+    out.ru_scale.setOnes(F.rho.rows());
+    for (Index n = 0; n < F.rho.rows(); ++n) {  // rho and u2 share a factor: their products are summed
+        const int e = scale_of(F.rho, &F.u2, n);
+        F.rho.row(n) *= std::ldexp(1.0, -e);
+        F.u2.row(n) *= std::ldexp(1.0, -e);
+        out.ru_scale[n] = std::ldexp(1.0, e);
+    }
     out.rho = F.rho.cast<float>();
     out.u2 = F.u2.cast<float>();
     F.rho = RowMat();

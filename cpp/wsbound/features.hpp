@@ -33,6 +33,12 @@ struct FeaturesOf {
     std::vector<M> Tt;     // GGN: Tt[l] stacks T_l, rows n C .. n C + C - 1 for sample n, (B C, d_l), l <= L - 2
     M rho;                 // Hessian: sigma''(z_{L-1}) * g_{L-1}, (B, d_{L-1})
     M u2;                  // squared row norms of V_{L-1} = D W_L^T S, (B, d_{L-1})
+    // float32 copies (to_single) only: each row of delta[m], G[p] and of (rho, u2) together was
+    // divided by the power of two held here (its largest magnitude brought to [1/2, 1)), so that
+    // quantities of size q = 1 - p_r down to 1e-300 do not underflow float32; the pair phase
+    // multiplies the widened products back (exact).  Empty for float64 features.
+    std::vector<Eigen::VectorXd> delta_scale, G_scale;
+    Eigen::VectorXd ru_scale;
     std::vector<double> trace;  // trace[l]: sum over the block of |a~_{l-1}|^2 tr(M_l) (= its share of tr H^{ll})
     // Magnitudes for the rounding allowances (docs/numerics.md section 4), summed over the block:
     std::vector<double> trace_abs;  // trace_abs[l]: sum of |a~_{l-1}|^2 sum_k |(M_l)_kk|
