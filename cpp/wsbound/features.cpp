@@ -502,43 +502,52 @@ struct KRows {
     RowMat k, kh, u, v;
     RowArr c;
 
-    // S from K's rows base + at(i, j) * B'.
+    // S from K's rows base + at(i, j) * B', and kh, u, v, c for it (p: the C probabilities of n;
+    // pt: p'^T, (C, B')), in one pass.
     template <class At>
-    void shift(const double* base, At at, int r, const int* rj, Index C, Index Bp, RowMat& dc) {
+    void shift_prepare(const double* base, At at, int r, const int* rj, const double* p, const RowMat& pt, Index C,
+                       RowMat& dc) {
+        const Index Bp = pt.cols();
         shift_columns(base, at, r, rj, C, Bp, dc);
         k.resize(C * C, Bp);
-        for (Index i = 0; i < C; ++i) {
-            const double* WSB_RESTRICT dci = dc.row(i).data();
-            for (Index j = 0; j < C; ++j) {
-                const double* WSB_RESTRICT kij = base + at(i, j) * Bp;
-                const double* WSB_RESTRICT krj = base + at(r, j) * Bp;
-                double* WSB_RESTRICT out = k.row(i * C + j).data();
-                WSB_IVDEP
-                for (Index t = 0; t < Bp; ++t) out[t] = (kij[t] - krj[t]) - dci[t];
-            }
-        }
-    }
-    // p: the C probabilities of n; pt: p'^T, (C, B').
-    void prepare(const double* p, const RowMat& pt, Index C) {
-        const Index Bp = pt.cols();
-        if (identity) {
-            u = pt;
-            v.resize(C, Bp);
-            for (Index i = 0; i < C; ++i) v.row(i).setConstant(p[i]);
-            c = (pt.array().colwise() * Eigen::Map<const Eigen::ArrayXd>(p, C)).colwise().sum();
-            return;
-        }
         kh.resize(C * C, Bp);
         u.setZero(C, Bp);
         v.setZero(C, Bp);
-        for (Index i = 0; i < C; ++i)
-            for (Index j = 0; j < C; ++j) {
-                const auto kij = k.row(i * C + j).array();
-                u.row(i).array() += kij * pt.row(j).array();
-                v.row(j).array() += p[i] * kij;
-                kh.row(i * C + j).array() = p[i] * kij * pt.row(j).array();
+        for (Index i = 0; i < C; ++i) {
+            if (i == r) {  // S's row r is zero
+                k.middleRows(i * C, C).setZero();
+                kh.middleRows(i * C, C).setZero();
+                continue;
             }
+            const double* WSB_RESTRICT dci = dc.row(i).data();
+            double* WSB_RESTRICT ui = u.row(i).data();
+            const double pi = p[i];
+            for (Index j = 0; j < C; ++j) {
+                const double* WSB_RESTRICT kij = base + at(i, j) * Bp;
+                const double* WSB_RESTRICT krj = base + at(r, j) * Bp;
+                const double* WSB_RESTRICT ptj = pt.row(j).data();
+                double* WSB_RESTRICT sk = k.row(i * C + j).data();
+                double* WSB_RESTRICT sh = kh.row(i * C + j).data();
+                double* WSB_RESTRICT vj = v.row(j).data();
+                WSB_IVDEP
+                for (Index t = 0; t < Bp; ++t) {
+                    const double sij = (kij[t] - krj[t]) - dci[t];
+                    sk[t] = sij;
+                    ui[t] += sij * ptj[t];
+                    vj[t] += pi * sij;
+                    sh[t] = pi * sij * ptj[t];
+                }
+            }
+        }
         c = (u.array().colwise() * Eigen::Map<const Eigen::ArrayXd>(p, C)).colwise().sum();
+    }
+    // K = I (p: the C probabilities of n; pt: p'^T, (C, B')).
+    void prepare_identity(const double* p, const RowMat& pt, Index C) {
+        const Index Bp = pt.cols();
+        u = pt;
+        v.resize(C, Bp);
+        for (Index i = 0; i < C; ++i) v.row(i).setConstant(p[i]);
+        c = (pt.array().colwise() * Eigen::Map<const Eigen::ArrayXd>(p, C)).colwise().sum();
     }
 };
 
@@ -707,12 +716,13 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
         }
         for (Index l = 1; l <= L; ++l) {
             KRows& K = lev[static_cast<size_t>(l)];
-            if (l == L - 1) {
-                K.shift(s.k1.row(nl * R).data(), packed_at, r, rj, C, Bp, s.dc);
-            } else if (l + 2 <= L) {
-                K.shift(s.kt[static_cast<size_t>(l)].row(nl * C).data(), dense_at, r, rj, C, Bp, s.dc);
+            if (l == L) {
+                K.prepare_identity(p, s.pt, C);
+            } else if (l == L - 1) {
+                K.shift_prepare(s.k1.row(nl * R).data(), packed_at, r, rj, p, s.pt, C, s.dc);
+            } else {
+                K.shift_prepare(s.kt[static_cast<size_t>(l)].row(nl * C).data(), dense_at, r, rj, p, s.pt, C, s.dc);
             }
-            K.prepare(p, s.pt, C);
         }
         for (Index l = 1; l <= L; ++l) {
             const auto al = s.alphas[static_cast<size_t>(l)].row(n).array();
