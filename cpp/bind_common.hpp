@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -33,14 +34,17 @@ inline wsb::Model make_model(const py::list& weights, const py::list& biases, co
         // Weights are small (O(P)); they are copied once into float64 row-major storage.
         const auto W = weights[l].cast<DoubleArray>();
         if (W.ndim() != 2) throw std::invalid_argument("layers[" + std::to_string(l) + "]: W must be 2-D");
-        model.W.emplace_back(Eigen::Map<const wsb::RowMat>(W.data(), W.shape(0), W.shape(1)));
+        // (copied bytewise: the array may sit at an address that is no multiple of 8)
+        model.W.emplace_back(W.shape(0), W.shape(1));
+        std::memcpy(model.W.back().data(), W.data(), static_cast<size_t>(W.size()) * sizeof(double));
         if (biases[l].is_none()) {
             model.b.emplace_back();
             model.has_bias.push_back(false);
         } else {
             const auto b = biases[l].cast<DoubleArray>();
             if (b.ndim() != 1) throw std::invalid_argument("layers[" + std::to_string(l) + "]: b must be 1-D");
-            model.b.emplace_back(Eigen::Map<const wsb::Vec>(b.data(), b.shape(0)));
+            model.b.emplace_back(b.shape(0));
+            std::memcpy(model.b.back().data(), b.data(), static_cast<size_t>(b.size()) * sizeof(double));
             model.has_bias.push_back(true);
         }
     }

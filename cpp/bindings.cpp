@@ -45,17 +45,24 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
         [&](const std::atomic<bool>* cancel) { result = wsb::compute_moments(model, xv, y, opt, cancel, &pairs_done); },
         report);
     report();  // the final count
-    // (trace per layer (L,), <H^{lm}, H^{lm}> summed over sample pairs (L, L), upper triangle)
+    // (trace per layer (L,), <H^{lm}, H^{lm}> summed over sample pairs (L, L), upper triangle,
+    //  trace_abs (L,), norms (L, L) upper triangle): docs/numerics.md section 4 for the last two
     const auto L = static_cast<py::ssize_t>(result.L);
-    py::array_t<double> trace(L), blocks({L, L});
+    py::array_t<double> trace(L), blocks({L, L}), trace_abs(L), norms({L, L});
     auto t = trace.mutable_unchecked<1>();
     auto q = blocks.mutable_unchecked<2>();
+    auto ta = trace_abs.mutable_unchecked<1>();
+    auto nu = norms.mutable_unchecked<2>();
     for (py::ssize_t l = 0; l < L; ++l) {
         t(l) = result.trace[static_cast<size_t>(l + 1)];
-        for (py::ssize_t m = 0; m < L; ++m)
-            q(l, m) = m >= l ? result.block_sq[static_cast<size_t>((l + 1) * (L + 1) + m + 1)] : 0.0;
+        ta(l) = result.trace_abs[static_cast<size_t>(l + 1)];
+        for (py::ssize_t m = 0; m < L; ++m) {
+            const auto at = static_cast<size_t>((l + 1) * (L + 1) + m + 1);
+            q(l, m) = m >= l ? result.block_sq[at] : 0.0;
+            nu(l, m) = m >= l ? result.norms[at] : 0.0;
+        }
     }
-    return py::make_tuple(trace, blocks);
+    return py::make_tuple(trace, blocks, trace_abs, norms);
 }
 
 }  // namespace
@@ -73,7 +80,9 @@ PYBIND11_MODULE(WSB_MODULE_NAME, m) {
           py::arg("X"), py::arg("labels"), py::arg("hessian"), py::arg("structured"), py::arg("batch"), py::arg("group"),
           py::arg("threads"), py::arg("progress") = py::none(), py::arg("f32") = false,
           R"doc(Unnormalised moments of the curvature per parameter block (layers 0..L-1):
-(trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m).
+(trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m,
+trace_abs[l] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|, norms[l, m] = sum_n nu_n^{lm} for l <= m:
+the magnitudes of docs/numerics.md section 4 for the rounding allowances).
 
 Arguments are validated by wsbound_fast.bound(); this low-level entry point checks
 shapes again and raises ValueError (TypeError for dtypes) on inconsistent input.)doc");

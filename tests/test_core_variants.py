@@ -21,7 +21,8 @@ def _avx2_core():
         pytest.skip("the AVX2 build is not part of this installation")
 
 
-def _moments(core, depth: int, curvature: str, structured: bool) -> tuple[np.ndarray, np.ndarray]:
+def _moments(core, depth: int, curvature: str, structured: bool) -> tuple[np.ndarray, ...]:
+    """core.moments: (trace, blocks, trace_abs, norms)."""
     rng = np.random.default_rng(depth)
     dims = [6, 7, 5, 4, 3][: depth] + [3]
     layers = [(rng.normal(size=(dims[i + 1], dims[i])), rng.normal(size=dims[i + 1])) for i in range(depth)]
@@ -37,7 +38,10 @@ def _moments(core, depth: int, curvature: str, structured: bool) -> tuple[np.nda
 def test_avx2_build_equals_baseline(depth: int, curvature: str, structured: bool) -> None:
     fast = _avx2_core()
     base = importlib.import_module("wsbound_fast._core")
-    for a, b in zip(_moments(fast, depth, curvature, structured), _moments(base, depth, curvature, structured)):
+    ref = _moments(base, depth, curvature, structured)
+    assert len(ref) == 4
+    assert [r.shape for r in ref] == [(depth,), (depth, depth), (depth,), (depth, depth)]
+    for a, b in zip(_moments(fast, depth, curvature, structured), ref):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * np.abs(b).max())
 
 

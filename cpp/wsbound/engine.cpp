@@ -4,6 +4,7 @@
 #include "parallel.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -31,29 +32,41 @@ void Model::validate() const {
     if (W.back().rows() < 2) throw std::invalid_argument("layers: the last layer needs at least 2 outputs");
 }
 
+// The caller's arrays may sit at any byte offset (a NumPy view need not be aligned to its
+// element size), so every element is read through memcpy, never through a typed pointer.
+template <class T>
+inline T load(const void* base, std::int64_t index) {
+    T v;
+    std::memcpy(&v, static_cast<const char*>(base) + index * static_cast<std::int64_t>(sizeof(T)), sizeof(T));
+    return v;
+}
+
 void InputView::gather(Index lo, Index hi, RowMat& out) const {
     out.resize(hi - lo, cols);
     for (Index i = lo; i < hi; ++i) {
         const std::int64_t base = static_cast<std::int64_t>(i) * row_stride;
         double* dst = out.row(i - lo).data();
         if (is_float32) {
-            const float* src = static_cast<const float*>(data) + base;
-            for (Index j = 0; j < cols; ++j) dst[j] = static_cast<double>(src[j * col_stride]);
+            for (Index j = 0; j < cols; ++j) dst[j] = static_cast<double>(load<float>(data, base + j * col_stride));
+        } else if (col_stride == 1) {
+            std::memcpy(dst, static_cast<const char*>(data) + base * static_cast<std::int64_t>(sizeof(double)),
+                        static_cast<size_t>(cols) * sizeof(double));
         } else {
-            const double* src = static_cast<const double*>(data) + base;
-            for (Index j = 0; j < cols; ++j) dst[j] = src[j * col_stride];
+            for (Index j = 0; j < cols; ++j) dst[j] = load<double>(data, base + j * col_stride);
         }
     }
 }
 
 void Labels::gather(Index lo, Index hi, Index n_classes, RowMat& out) const {
-    if (soft != nullptr) {
-        out = Eigen::Map<const RowMat>(soft + lo * n_classes, hi - lo, n_classes);
+    if (soft != nullptr) {  // contiguous rows, possibly unaligned
+        out.resize(hi - lo, n_classes);
+        std::memcpy(out.data(), reinterpret_cast<const char*>(soft) + lo * n_classes * static_cast<Index>(sizeof(double)),
+                    static_cast<size_t>((hi - lo) * n_classes) * sizeof(double));
         return;
     }
     out.setZero(hi - lo, n_classes);
     for (Index i = lo; i < hi; ++i) {
-        const std::int64_t k = index[i];
+        const auto k = load<std::int64_t>(index, i);
         if (k < 0 || k >= n_classes) throw std::invalid_argument("y: class index out of range");
         out(i - lo, static_cast<Index>(k)) = 1.0;
     }
@@ -83,6 +96,8 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     const Index L = model.n_layers();
     const auto np_ = static_cast<size_t>((L + 1) * (L + 1));
     std::vector<double> block_trace(static_cast<size_t>(nb) * np_, 0.0);  // [block][l]
+    std::vector<double> block_abs(static_cast<size_t>(nb) * np_, 0.0);    // [block][l]: trace_abs
+    std::vector<double> block_norms(static_cast<size_t>(nb) * np_, 0.0);  // [block][pair(l,m)]: norms
     std::vector<double> row_sum(static_cast<size_t>(nb) * np_, 0.0);      // [block row][pair(l,m)]
     std::vector<PairScratch> scratch(static_cast<size_t>(threads));
     // Features of the blocks held at once (float32 copies of the Gram operands with opt.f32).
@@ -108,8 +123,11 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
         const Index ng = std::min(group, nb - g0);
         features(g0, ng, rows, rows_f);
         for (Index i = 0; i < ng; ++i) {
-            const auto& t = rows[static_cast<size_t>(i)].trace;
-            std::copy(t.begin(), t.end(), block_trace.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(g0 + i) * np_));
+            const BlockFeatures& F = rows[static_cast<size_t>(i)];
+            const auto at = static_cast<std::ptrdiff_t>(static_cast<size_t>(g0 + i) * np_);
+            std::copy(F.trace.begin(), F.trace.end(), block_trace.begin() + at);
+            std::copy(F.trace_abs.begin(), F.trace_abs.end(), block_abs.begin() + at);
+            std::copy(F.norms.begin(), F.norms.end(), block_norms.begin() + at);
         }
         for (Index h0 = g0; h0 < nb; h0 += group) {
             const Index nh = std::min(group, nb - h0);
@@ -147,9 +165,18 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
     out.L = L;
     out.trace.assign(static_cast<size_t>(L + 1), 0.0);
     out.block_sq.assign(np_, 0.0);
-    for (Index k = 0; k < nb; ++k) {
-        for (size_t l = 0; l <= static_cast<size_t>(L); ++l) out.trace[l] += block_trace[static_cast<size_t>(k) * np_ + l];
-        for (size_t q = 0; q < np_; ++q) out.block_sq[q] += row_sum[static_cast<size_t>(k) * np_ + q];
+    out.trace_abs.assign(static_cast<size_t>(L + 1), 0.0);
+    out.norms.assign(np_, 0.0);
+    for (Index k = 0; k < nb; ++k) {  // fixed order: block by block
+        const size_t at = static_cast<size_t>(k) * np_;
+        for (size_t l = 0; l <= static_cast<size_t>(L); ++l) {
+            out.trace[l] += block_trace[at + l];
+            out.trace_abs[l] += block_abs[at + l];
+        }
+        for (size_t q = 0; q < np_; ++q) {
+            out.block_sq[q] += row_sum[at + q];
+            out.norms[q] += block_norms[at + q];
+        }
     }
     return out;
 }

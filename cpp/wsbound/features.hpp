@@ -28,10 +28,21 @@ struct FeaturesOf {
     Index C = 0;
     RowMat p;              // softmax(z_L), (B, C), always float64 (the O(C^2) identity)
     RowMat w;              // label weight w = sum(y) per sample, (B, 1)
+    Eigen::VectorXi ref;   // reference class r = argmax z_L per sample (docs/numerics.md section 1), (B)
+    Eigen::VectorXd q;     // q = 1 - p_r per sample, from the non-reference exponentials, (B)
     std::vector<M> Tt;     // GGN: Tt[l] stacks T_l, rows n C .. n C + C - 1 for sample n, (B C, d_l), l <= L - 2
     M rho;                 // Hessian: sigma''(z_{L-1}) * g_{L-1}, (B, d_{L-1})
     M u2;                  // squared row norms of V_{L-1} = D W_L^T S, (B, d_{L-1})
+    // float32 copies (to_single) only: each row of delta[m], G[p] and of (rho, u2) together was
+    // divided by the power of two held here (its largest magnitude brought to [1/2, 1)), so that
+    // quantities of size q = 1 - p_r down to 1e-300 do not underflow float32; the pair phase
+    // multiplies the widened products back (exact).  Empty for float64 features.
+    std::vector<Eigen::VectorXd> delta_scale, G_scale;
+    Eigen::VectorXd ru_scale;
     std::vector<double> trace;  // trace[l]: sum over the block of |a~_{l-1}|^2 tr(M_l) (= its share of tr H^{ll})
+    // Magnitudes for the rounding allowances (docs/numerics.md section 4), summed over the block:
+    std::vector<double> trace_abs;  // trace_abs[l]: sum of |a~_{l-1}|^2 sum_k |(M_l)_kk|
+    std::vector<double> norms;      // norms[pair(l,m)]: sum of nu_n^{lm} (>= |H_n^{lm}|_F), l <= m
 
     Index pair(Index l, Index m) const { return l * (L + 1) + m; }
 };
@@ -61,7 +72,8 @@ struct PairScratch {
     RowMat alpha, beta, gram, inner, p2, z;
     RowMatF single;                    // float32 products before they are widened to float64
     std::vector<RowMat> alphas;       // structured path: Gram of each layer's inputs
-    RowMat k1, k2, pt, dt, u, v;      // K route: GEMM outputs over n'; p^T and delta^T of J; K p', K p
+    RowMat k1, k2, pt, dt, u, v;      // K route: GEMM outputs over n'; p^T and delta^T of J; S p', S^T p
+    RowMat at, dc;                    // K route: diag(A')/w' of J transposed, (C, B'); K_{i r'} - K_{r r'}, (C, B')
     RowMat ct;                        // adjacent cross terms, narrow d_{l+1}: delta_{l+1}^T of the other block
     std::vector<RowMat> kt;           // K route (GGN): Grams of T_l for a few rows of I
     KBuffers<RowMat> kd;

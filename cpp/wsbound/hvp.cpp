@@ -1,11 +1,13 @@
 #include "hvp.hpp"
 
 #include "activations.hpp"
+#include "softmax.hpp"
 #include "parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -27,6 +29,7 @@ struct Scratch {
     std::vector<RowMat> RD;  // R{delta_l}, l = 1..L
     RowMat P, T;             // softmax(z_L); a temporary
     Vec w;                   // label row sums (1 up to rounding)
+    std::vector<int> ref;    // reference class r = argmax z_L per sample (docs/numerics.md section 1)
 };
 
 std::vector<Index> layer_offsets(const Model& model) {
@@ -69,16 +72,19 @@ void forward_backward(const Model& model, Scratch& s) {
         for (Index i = 0; i < B; ++i)
             for (Index c = 0; c < Z.cols(); ++c) activate(act, Z(i, c), a(i, c), d1(i, c), d2(i, c));
     }
-    // p = softmax(z_L) row-wise (shifted by the row maximum); delta_L = w p - y.
-    s.P = Z;
-    for (Index i = 0; i < B; ++i) {
-        auto row = s.P.row(i);
-        row.array() -= row.maxCoeff();
-        row = row.array().exp().matrix();
-        row /= row.sum();
-    }
+    // p = softmax(z_L) and delta_L = w p - y in the saturation-stable forms (docs/numerics.md
+    // sections 1-2: reference class r, delta_r = -sum_{k != r} delta_k).
+    const Index C = Z.cols();
+    s.P.resize(B, C);
+    s.D[Ls].resize(B, C);
+    s.ref.resize(static_cast<size_t>(B));
     s.w = s.Yb.rowwise().sum();
-    s.D[Ls] = (s.P.array().colwise() * s.w.array()).matrix() - s.Yb;
+    for (Index i = 0; i < B; ++i) {
+        double q = 0.0;
+        const int r = stable_softmax(Z.row(i).data(), C, s.P.row(i).data(), q);
+        s.ref[static_cast<size_t>(i)] = r;
+        stable_delta(s.P.row(i).data(), s.Yb.row(i).data(), s.w(i), r, C, s.D[Ls].row(i).data());
+    }
     for (Index l = L - 1; l >= 1; --l) {
         const auto lz = static_cast<size_t>(l);
         s.G[lz].noalias() = s.D[lz + 1] * model.W[lz];  // W_{l+1} is model.W[l]
@@ -102,12 +108,25 @@ void block_direction(const Model& model, const std::vector<Index>& off, bool hes
         if (model.has_bias[li]) rz.rowwise() += Eigen::Map<const Vec>(v + off[li] + W.size(), W.rows()).transpose();
         if (l < L) s.RA[lz] = (s.S1[lz].array() * rz.array()).matrix();
     }
-    // R{delta_L} = A R{z_L} with A = w (diag p - p p^T), row by row.
+    // R{delta_L} = A R{z_L} with A = w (diag p - p p^T), row by row, in the shifted form
+    // A x = w p o (xh - xb 1), xh = x - x_r 1, xb = sum_{i != r} p_i xh_i (docs/numerics.md section 2):
+    // entry r is -w p_r xb, of size q |x|, not a difference of two O(|x|) numbers.
     {
-        const auto p = s.P.array();
-        const auto u = s.RZ[Ls].array();
-        const Vec pu = (p * u).matrix().rowwise().sum();
-        s.RD[Ls] = ((p * (u.colwise() - pu.array())).colwise() * s.w.array()).matrix();
+        const RowMat& x = s.RZ[Ls];
+        const Index C = x.cols();
+        RowMat& out = s.RD[Ls];
+        out.resize(x.rows(), C);
+        for (Index i = 0; i < x.rows(); ++i) {
+            const int r = s.ref[static_cast<size_t>(i)];
+            const double* p = s.P.row(i).data();
+            const double* xi = x.row(i).data();
+            double* oi = out.row(i).data();
+            double xb = 0.0;
+            for (Index k = 0; k < C; ++k)
+                if (k != r) xb += p[k] * (xi[k] - xi[r]);
+            const double w = s.w(i);
+            for (Index k = 0; k < C; ++k) oi[k] = k == r ? -w * p[r] * xb : w * p[k] * ((xi[k] - xi[r]) - xb);
+        }
     }
     // Backward: R{delta_l} = sigma'_l (R{delta_{l+1}} W_{l+1} + delta_{l+1} V_{l+1}) + sigma''_l R{z_l} g_l;
     // the GGN keeps only the first product (no sigma'' term, no delta V term).
@@ -179,7 +198,7 @@ void hvp(const Model& model, const InputView& X, const Labels& y, const double* 
     const auto kP = static_cast<size_t>(k) * static_cast<size_t>(P);
 
     AlignedBuffer Vcopy(kP);  // the caller's array may sit at any alignment (see AlignedBuffer)
-    std::copy(V, V + kP, Vcopy.data());
+    std::memcpy(Vcopy.data(), static_cast<const void*>(V), kP * sizeof(double));  // V need not be 8-byte aligned
     std::fill(out, out + kP, 0.0);
     std::vector<Scratch> scratch(static_cast<size_t>(slots));
     std::vector<AlignedBuffer> buffers;

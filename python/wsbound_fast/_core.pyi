@@ -21,9 +21,11 @@ def moments(
     threads: int,
     progress: Optional[Callable[[int, int], None]] = None,
     f32: bool = False,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(trace per layer (L,), blocks (L, L)): sum_n tr H_n^{ll} and, for l <= m,
-    sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (lower triangle zero).  Unnormalised."""
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(trace per layer (L,), blocks (L, L), trace_abs (L,), norms (L, L)): sum_n tr H_n^{ll};
+    for l <= m, sum_{n,n'} <H_n^{lm}, H_n'^{lm}>; and the magnitudes of docs/numerics.md
+    section 4 for the rounding allowances, sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk| and, for
+    l <= m, sum_n nu_n^{lm} (nu_n^{lm} >= |H_n^{lm}|_F).  Lower triangles zero; unnormalised."""
 
 def hvp(
     weights: Sequence[npt.NDArray[np.float64]],

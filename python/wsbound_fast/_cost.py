@@ -87,6 +87,7 @@ def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool
     d = dims
     C = d[L]
     f = sum(d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1))  # augmented inputs
+    f += 2  # the reference class r and q = 1 - p_r (docs/numerics.md section 1)
     if structured and not hessian:  # sigma', delta, p, w and the stacked T_l for l <= L - 2
         return f + 2 * sum(d[1:]) + C + 1 + C * sum(d[1:L - 1])
     f += 2 * sum(d[1:])  # delta and sigma'
@@ -173,13 +174,14 @@ def cpp_fixed_doubles(dims: Sequence[int], has_bias: Sequence[bool]) -> int:
 
 def cpp_group_doubles(n_layers: int, n_blocks: int, group: int) -> int:
     """Float64 values of the C++ engine's bookkeeping with ``group`` blocks cached per side:
-    per block its partial sums (two (L+1)^2 rows) and, for the two groups held, the objects
+    per block its partial sums and magnitudes (four (L+1)^2 rows) and, for the two groups held, the objects
     and allocation headers of its features; per block pair of two groups its task and result
     (noticeable only for small blocks: batch 1 of a logistic regression doubled the memory)."""
     L = n_layers
     np_ = (L + 1) ** 2
-    per_block = 3 * (4 * (L + 1) + 2 * np_) + 6 * (L * L + 4 * L + 12) + 32  # RowMat objects, malloc headers
-    return 2 * n_blocks * np_ + 2 * group * per_block + group * group * (6 + np_)
+    # RowMat objects, malloc headers; trace, trace_abs and norms
+    per_block = 3 * (4 * (L + 1) + 2 * np_) + 6 * (L * L + 4 * L + 12) + 32 + 2 * (L + 1) + np_
+    return 4 * n_blocks * np_ + 2 * group * per_block + group * group * (6 + np_)
 
 
 def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int, hessian: bool,
@@ -209,14 +211,17 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
         return min(B, max(1, 262144 // max(1, w * B)))
 
     # block_features: the block's inputs and labels, a and z of the forward pass, g, sigma''
-    # (computed for every curvature); squared_v_rows's p W and W o W
+    # (computed for every curvature); the per-sample magnitudes (tr A, |diag M_l|, g_lm);
+    # the shifted quadratic forms' three rows (squared_v_rows, the GGN's tau_l)
+    np_ = (L + 1) ** 2
     feat = B * (d[0] + 2 * C + max(d[:L]) + max(d[1:L], default=0) + sum(d[1:L]))
+    feat += B * (1 + (L + 1) + (0 if ggn_fast else np_))
     for l in range(1, L + 1):
         gemm(B, d[l - 1], d[l])  # forward (and g, transposed)
     if structured and L >= 2:
-        feat += B * dl + C * dl
-    if ggn_fast:  # M_L = A, and T_{L-1} before Omega replaces it
-        feat += B * C * C + (B * C * dl if L >= 3 else 0)
+        feat += 3 * max(d[1:L])
+    if ggn_fast:  # T_{L-1} before Omega replaces it (M_L = A is not formed on this path)
+        feat += B * C * dl if L >= 3 else 0
         for l in range(1, L - 1):
             gemm(B * C, d[l + 1], d[l])  # T_l = T_{l+1} W_{l+1} D_l
     else:  # per-sample products of the backward pass and of the G and Q blocks
@@ -228,7 +233,7 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
         feat += B * (dl * dl + dl * C)
 
     if ggn_fast:  # pair_sum_ggn
-        pair = L * B * B + 3 * C * B + 8 * B  # alphas; p'^T, u, v; row arrays
+        pair = L * B * B + 5 * C * B + 8 * B  # alphas; p'^T, u, v, diag(A')^T, the shift's dc; row arrays
         gemm(B, max(d) + 1, B)  # alphas
         rows = gemm_rows(R)
         if L >= 2:
@@ -244,7 +249,7 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
         if lowrank:  # k_route_hessian
             H = 1 + R + C
             rows = gemm_rows(H)
-            pair += (R + C) * dl + B * dl + rows * (H + C) * (dl + B) + 4 * C * B + 12 * B
+            pair += (R + C) * dl + B * dl + rows * (H + C) * (dl + B) + 5 * C * B + 17 * B
             gemm(rows * H, dl, B)
         p2 = xt = ct = z = 0
         for l in range(1, L + 1):
