@@ -734,7 +734,7 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
 # --------------------------------------------------------------------------------------
 
 #: _hvp.block_hvp's array operations on tensors.
-TORCH_OPS = ArrayOps(evaluate, lambda z: torch.softmax(z, dim=1), torch.zeros_like)
+TORCH_OPS = ArrayOps(evaluate, torch, torch.zeros_like)
 #: Share of memory_limit that X and the labels may take when kept on the device between products.
 RESIDENT_DATA_SHARE = 0.25
 
