@@ -87,14 +87,14 @@ def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool
     d = dims
     C = d[L]
     f = sum(d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1))  # augmented inputs
-    if structured and not hessian:  # sigma', delta, p, w and the stacked T_l for l <= L - 2
-        return f + 2 * sum(d[1:]) + C + 1 + C * sum(d[1:L - 1])
+    if structured and not hessian:  # sigma', delta, p, w, r, q and the stacked T_l for l <= L - 2
+        return f + 2 * sum(d[1:]) + C + 3 + C * sum(d[1:L - 1])
     f += 2 * sum(d[1:])  # delta and sigma'
     f += sum(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))  # G blocks
     if hessian:
         f += sum(d[m - 1] * d[l] for l in range(1, L + 1) for m in range(l + 2, L + 1))  # dense Q
-        if structured and L >= 2:  # rho, u, p, w instead of G_{L-1,L-1} and G_{L-1,L}
-            f += 2 * d[L - 1] + C + 1 - d[L - 1] ** 2 - d[L - 1] * C
+        if structured and L >= 2:  # rho, u, p, w, r, q instead of G_{L-1,L-1} and G_{L-1,L}
+            f += 2 * d[L - 1] + C + 3 - d[L - 1] ** 2 - d[L - 1] * C
     return f
 
 
@@ -139,13 +139,15 @@ def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float
 def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool,
                          cross_copies: int) -> int:
     """Float64 scratch of the Python backends (NumPy, torch) contracting a block pair: a few
-    (B, B') Gram matrices and ``cross_copies`` (B, B', d_l) temporaries of the batched cross
+    (B, B') Gram matrices (on the GGN's K route all L alphas at once, w w', and the two Grams of
+    the reference-shifted p) and ``cross_copies`` (B, B', d_l) temporaries of the batched cross
     terms.  (The K route's chunks of sample pairs are budgeted apart, _validate.plan_python;
     the C++ engine's scratch is cpp_worker_doubles.)"""
     L = len(dims) - 1
     # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.
     widest = max(dims[1:-1], default=0) if hessian and (L > 2 or not structured) else 0
-    return batch * batch * (8 + cross_copies * widest)
+    grams = max(8, L + 3) if structured and not hessian else 8
+    return batch * batch * (grams + cross_copies * widest)
 
 
 # The C++ engine's own memory (cpp/wsbound/engine.cpp, features.cpp), for its block plan
