@@ -401,6 +401,8 @@ class _Refs(NamedTuple):
 
     rI: Any  # r of the rows n, (r,)
     rJ: Any  # r' of the columns n', (c,)
+    aI: Any  # 0 .. r - 1 (with rI: the index of (n, r_n) along the first two axes)
+    aJ: Any  # 0 .. c - 1 (with rJ: the index of (r'_n', n') along the last two axes)
     eq: Any  # [r = r'], (r, c), in the dtype of p
     pJ_r: Any  # p'_r, (r, c)
     pI_r: Any  # p_r', (r, c)
@@ -409,7 +411,11 @@ class _Refs(NamedTuple):
 
 def _refs(rI: Any, rJ: Any, pI: Any, pJT: Any, pnpn: Any, xp: Any = np) -> _Refs:
     """_Refs of a chunk: rI (r,), rJ (c,), its softmax rows pI (r, C) and columns pJT (C, c)."""
-    return _Refs(rI, rJ, _float(rI[:, None] == rJ[None, :], pI, xp), pJT[rI], pI[:, rJ], pnpn)
+    if xp is np:
+        aI, aJ = np.arange(rI.shape[0]), np.arange(rJ.shape[0])
+    else:
+        aI, aJ = xp.arange(rI.shape[0], device=rI.device), xp.arange(rJ.shape[0], device=rJ.device)
+    return _Refs(rI, rJ, aI, aJ, _float(rI[:, None] == rJ[None, :], pI, xp), pJT[rI], pI[:, rJ], pnpn)
 
 
 def _ref_rows(p: Any, r: Any, q: Any, xp: Any = np) -> tuple[Any, Any]:
@@ -419,15 +425,14 @@ def _ref_rows(p: Any, r: Any, q: Any, xp: Any = np) -> tuple[Any, Any]:
     return xp.where(ref, 0.0, p), xp.where(ref, -q[:, None], p)
 
 
-def _shift(K: Any, rf: _Refs, xp: Any = np) -> Any:
+def _shift(K: Any, rf: _Refs) -> Any:
     """S = Z_r K Z_r'^T in place of K (r, C, C, c): S_ij = K_ij - K_rj - (K_ir' - K_rr').  Row r
     and column r' come out exact zeros (the same differences are subtracted)."""
-    iJ = rf.rJ[None, None, None, :]
-    Kr = _take(K, rf.rI[:, None, None, None], 1, xp)  # (r, 1, C, c): K_rj
-    Kc = _take(K, iJ, 2, xp)  # (r, C, 1, c): K_ir'
-    Kc -= _take(Kr, iJ, 2, xp)  # K_ir' - K_rr'
-    K -= Kr
-    K -= Kc
+    Kr = K[rf.aI, rf.rI]  # (r, C, c): K_rj
+    Kc = K[:, :, rf.rJ, rf.aJ]  # (r, C, c): K_ir'
+    Kc -= Kr[:, rf.rJ, rf.aJ][:, None, :]  # K_ir' - K_rr'
+    K -= Kr[:, None, :, :]
+    K -= Kc[:, :, None, :]
     return K
 
 
@@ -471,8 +476,8 @@ def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, rf: _Refs, xp: Any = np
             diag = (1.0 + rf.eq) * rf.pnpn
         else:
             diag = xp.einsum("aib,ai->ab", xp.einsum("aiib->aib", k.K) * pJT, pI)
-        ktp_r = _take(k.Ktp, rf.rI[:, None, None], 1, xp)[:, 0, :]  # (S^T p)_r
-        kp_r = _take(k.Kp, rf.rJ[None, None, :], 1, xp)[:, 0, :]  # (S p')_r'
+        ktp_r = k.Ktp[rf.aI, rf.rI]  # (S^T p)_r, (r, c)
+        kp_r = k.Kp[:, rf.rJ, rf.aJ]  # (S p')_r', (r, c)
         t1 = diag - rf.pJ_r * ktp_r - rf.pI_r * kp_r + rf.eq * k.pKp
     else:
         t1 = xp.einsum("aib,ai->ab", xp.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)

@@ -587,7 +587,7 @@ def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> t
             terms = {L: _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf)}
             for l in range(1, L):
                 K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
-                terms[l] = _k_terms(_shift(K, rf, torch), pI, pJT, torch)
+                terms[l] = _k_terms(_shift(K, rf), pI, pJT, torch)
             weight = ww[rr, cc]
             for l in range(1, L + 1):
                 for m in range(l, L + 1):
@@ -634,7 +634,7 @@ def _pair_sum_last(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> 
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
             pI, pJT = pI_all[rr], pJ_all[cc].T
             rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, None, torch)
-            k = _k_terms(_shift(_unpack(R, pos), rf, torch), pI, pJT, torch)
+            k = _k_terms(_shift(_unpack(R, pos), rf), pI, pJT, torch)
             t_kk = _tr_akak(pI, pJT, k, k, rf, torch)
             t_ki = _tr_akak(pI, pJT, k, _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf), rf, torch)
             E = R[:, n_k:, :]
