@@ -12,7 +12,13 @@ Structure (mirrors cpp/wsbound/engine.cpp):
    touch the softmax curvature A go through the "K route" of docs/structured.md instead:
    every block of the GGN, and the (L-1, L-1) and (L-1, L) blocks of the Hessian (L >= 2).
 3. Partial sums are added in a fixed order: blocks for tr(H), block pairs (I, J)
-   row by row for tr(H^2), the off-diagonal pairs counted twice by symmetry.
+   row by row for tr(H^2), the off-diagonal pairs counted twice by symmetry; and beside
+   them the magnitudes of the rounding allowances (docs/numerics.md section 4).
+
+Everything built from the softmax (delta_L, A, its quadratic forms, the K route) is written
+in the saturation-stable forms of docs/numerics.md: shifted to the reference class
+r = argmax z_L, with q = 1 - p_r from the non-reference exponentials, so that nothing is
+a difference of O(1) numbers when 1 - p_y is 1e-300.
 
 Only blocks of features (never an N x N or P x P array) are held; at most
 ``2 * group_blocks`` blocks at once.
