@@ -264,7 +264,8 @@ def _row_norm(x: Any, xp: Any = np) -> Any:
 
 
 def nu_formed(prob: Problem, at_sq: list[Any], G: dict[tuple[int, int], Any], Q: dict[tuple[int, int], Any],
-              delta: list[Any], sp: list[Any], last: tuple[Any, Any, Any] | None, xp: Any = np) -> dict[tuple[int, int], Any]:
+              delta: list[Any], sp: list[Any], last: tuple[Any, Any, Any] | None,
+              xp: Any = np) -> dict[tuple[int, int], Any]:
     """nu_n^{lm} (docs/numerics.md section 4) per sample, {(l, m): (B,)} for l <= m, wherever the
     G_lm are formed (g_lm = |G_lm|_F), except on the Hessian's K route (``last`` = (sum_k u_k,
     rho, tr A) per sample): g_{L-1,L-1} = sum_k u_k + |rho|, g_{L-1,L} = (sum_k u_k tr A)^{1/2}.

@@ -909,7 +909,8 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
         return int(f)
     kroute = structured and L >= 2
     if kroute:  # _pair_sum_last
-        f += pq * (na[L - 1] + na[L] + C + 3 * d[L - 1] + 3 * C)  # alpha, beta, gamma, u/rho Grams, phat . phat', pn/delta Grams
+        # alpha, beta, gamma, the u/rho Grams; phat . phat', the pn/delta Grams
+        f += pq * (na[L - 1] + na[L] + C + 3 * d[L - 1] + 3 * C)
         f += pq * (1 + C * (C + 1) // 2 + C) * d[L - 1]  # [s . s'; packed K; E]
         f += pq * C * d[L - 1]  # E'
         f += pq * (_k_terms_madds(C) + _tr_akak_madds(C, False, False) + _tr_akak_madds(C, False, True))
