@@ -118,12 +118,17 @@ def test_moments_blockwise_equal_numpy_backend(spec, curvature, refs):
     nprob = _validate.validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
                                reduction="sum", batch_size=3)
     nprob = _replace(nprob, group_blocks=2)
-    t_trace, t_blocks = _torch_backend.moments(tprob)
-    n_trace, n_blocks = _numpy_backend.moments(nprob)
+    t_trace, t_blocks, t_abs, t_norms = _torch_backend.moments(tprob)
+    n_trace, n_blocks, n_abs, n_norms = _numpy_backend.moments(nprob)
     scale = max(float(np.abs(n_blocks).max()), 1e-300)
     np.testing.assert_allclose(t_trace, n_trace, rtol=1e-12, atol=1e-12 * math.sqrt(scale))
     np.testing.assert_allclose(t_blocks, n_blocks, rtol=1e-12, atol=1e-13 * scale)
     assert np.all(np.tril(t_blocks, -1) == 0)
+    # the magnitudes of the rounding allowances (docs/numerics.md section 4), same formulas
+    np.testing.assert_allclose(t_abs, n_abs, rtol=1e-12)
+    np.testing.assert_allclose(t_norms, n_norms, rtol=1e-12)
+    assert np.all(np.tril(t_norms, -1) == 0) and np.all(t_norms[np.triu_indices(spec.depth)] > 0)
+    assert np.all(t_abs >= (1 - 1e-12) * np.abs(t_trace))
 
 
 def _replace(prob, **kw):
@@ -417,14 +422,14 @@ def test_progress_callback():
                                          batch_size=2)
     prob = _replace(prob, group_blocks=2)
     calls = []
-    trace, blocks = _torch_backend.moments(prob, progress=lambda d, t: calls.append((d, t)))
+    out = _torch_backend.moments(prob, progress=lambda d, t: calls.append((d, t)))
     nb = math.ceil(11 / 2)
     total = nb * (nb + 1) // 2
     assert calls[-1] == (total, total)
     assert all(t == total for _, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    t2, b2 = _torch_backend.moments(prob)
-    assert np.array_equal(trace, t2) and np.array_equal(blocks, b2)
+    again = _torch_backend.moments(prob)
+    assert len(out) == len(again) == 4 and all(np.array_equal(a, b) for a, b in zip(out, again))
 
 
 # ------------------------------------------------------------------------------------

@@ -111,8 +111,9 @@ CASES = [case + _PLACES[i % 3] for i, case in enumerate(CASES)]
 def test_moments_stay_on_the_device(spec, curvature, structured, x_kind, dtype, refs, meta_X):
     """Every block pair's work on the compute device, whatever the model (depths 1-4, both
     curvatures and contraction paths, soft labels, layers without bias), precision and
-    where X lives; the two (L,)/(L, L) partial sums are the only device -> host copies
-    however many block pairs there are, and no device value is read on the host."""
+    where X lives; the two arrays of per-block partial sums (traces and trace magnitudes; block
+    moments and norms) are the only device -> host copies however many block pairs there are,
+    and no device value is read on the host."""
     layers, X, y = refs.model(spec)
     X = np.tile(X, (2, 1))
     y = np.tile(y, 2) if y.ndim == 1 else np.tile(y, (2, 1))
@@ -124,11 +125,12 @@ def test_moments_stay_on_the_device(spec, curvature, structured, x_kind, dtype, 
     assert nb >= 4
     progress = []
     with DeviceRules() as m:
-        trace, blocks = _torch_backend.moments(prob, progress=lambda d, t: progress.append(d))
+        trace, blocks, trace_abs, norms = _torch_backend.moments(prob, progress=lambda d, t: progress.append(d))
     assert progress[-1] == nb * (nb + 1) // 2
     assert m.on_device > 50 * nb  # the work did run on the device
     assert sum(m.to_host.values()) == 2, m.to_host
-    assert trace.shape == (spec.depth,) and blocks.shape == (spec.depth, spec.depth)
+    assert trace.shape == trace_abs.shape == (spec.depth,)
+    assert blocks.shape == norms.shape == (spec.depth, spec.depth)
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])

@@ -94,7 +94,7 @@ def feature_doubles(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool
     f += sum(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))  # G blocks
     if hessian:
         f += sum(d[m - 1] * d[l] for l in range(1, L + 1) for m in range(l + 2, L + 1))  # dense Q
-        if structured and L >= 2:  # rho, u, p, w instead of G_{L-1,L-1} and G_{L-1,L}
+        if structured and L >= 2:  # rho, u, p, w instead of G_{L-1,L-1} and G_{L-1,L} (r, q: above)
             f += 2 * d[L - 1] + C + 1 - d[L - 1] ** 2 - d[L - 1] * C
     return f
 
@@ -140,13 +140,15 @@ def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float
 def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structured: bool,
                          cross_copies: int) -> int:
     """Float64 scratch of the Python backends (NumPy, torch) contracting a block pair: a few
-    (B, B') Gram matrices and ``cross_copies`` (B, B', d_l) temporaries of the batched cross
+    (B, B') Gram matrices (on the GGN's K route all L alphas at once, w w', and the two Grams of
+    the reference-shifted p) and ``cross_copies`` (B, B', d_l) temporaries of the batched cross
     terms.  (The K route's chunks of sample pairs are budgeted apart, _validate.plan_python;
     the C++ engine's scratch is cpp_worker_doubles.)"""
     L = len(dims) - 1
     # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.
     widest = max(dims[1:-1], default=0) if hessian and (L > 2 or not structured) else 0
-    return batch * batch * (8 + cross_copies * widest)
+    grams = max(8, L + 3) if structured and not hessian else 8
+    return batch * batch * (grams + cross_copies * widest)
 
 
 # The C++ engine's own memory (cpp/wsbound/engine.cpp, features.cpp), for its block plan

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._activations import Activation, evaluate
-from ._numpy_backend import label_rows
+from ._numpy_backend import a_times, delta_last, label_rows, softmax_ref
 from . import _torch
 from ._validate import HVP_BACKENDS, Problem, _choice, _positive_int, _real_array, compute_dtype
 
@@ -113,17 +113,11 @@ class ArrayOps:
     """
 
     evaluate: Callable[[Activation, Any], tuple[Any, Any, Any]]  # (sigma, sigma', sigma'') of z
-    softmax: Callable[[Any], Any]  # row-wise softmax of the logits
+    xp: Any  # the array library (numpy or torch), for the softmax helpers of _numpy_backend
     zeros_like: Callable[[Any], Any]
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    return p
-
-
-NUMPY_OPS = ArrayOps(evaluate, _softmax, np.zeros_like)
+NUMPY_OPS = ArrayOps(evaluate, np, np.zeros_like)
 
 
 def block_hvp(prob: Problem, W: Sequence[Any], bias: Sequence[Any], Xb: Any, Yb: Any, V: Any, off: list[int],
@@ -148,11 +142,11 @@ def block_hvp(prob: Problem, W: Sequence[Any], bias: Sequence[Any], Xb: Any, Yb:
         if l < L:
             a, S1[l], S2[l] = ops.evaluate(prob.activations[l - 1], z)
             A.append(a)
-    p = ops.softmax(z)
+    sm = softmax_ref(z, ops.xp)  # the reference class r = argmax z (docs/numerics.md section 1)
     w = Yb.sum(axis=1)
     D: list[Any] = [None] * (L + 1)
     G: list[Any] = [None] * (L + 1)
-    D[L] = w[:, None] * p - Yb
+    D[L] = delta_last(sm, w, Yb, ops.xp)
     for l in range(L - 1, 0, -1):
         G[l] = D[l + 1] @ W[l]
         D[l] = S1[l] * G[l]
@@ -172,8 +166,7 @@ def block_hvp(prob: Problem, W: Sequence[Any], bias: Sequence[Any], Xb: Any, Yb:
             if l < L:
                 RA[l] = S1[l] * rz
         RD: list[Any] = [None] * (L + 1)
-        u = RZ[L]
-        RD[L] = w[:, None] * p * (u - (p * u).sum(axis=1, keepdims=True))  # A R{z_L}
+        RD[L] = a_times(sm, w, RZ[L], ops.xp)  # A R{z_L}, shifted to r: no cancellation when p saturates
         for l in range(L - 1, 0, -1):
             T = RD[l + 1] @ W[l]
             if hess:

@@ -12,7 +12,13 @@ Structure (mirrors cpp/wsbound/engine.cpp):
    touch the softmax curvature A go through the "K route" of docs/structured.md instead:
    every block of the GGN, and the (L-1, L-1) and (L-1, L) blocks of the Hessian (L >= 2).
 3. Partial sums are added in a fixed order: blocks for tr(H), block pairs (I, J)
-   row by row for tr(H^2), the off-diagonal pairs counted twice by symmetry.
+   row by row for tr(H^2), the off-diagonal pairs counted twice by symmetry; and beside
+   them the magnitudes of the rounding allowances (docs/numerics.md section 4).
+
+Everything built from the softmax (delta_L, A, its quadratic forms, the K route) is written
+in the saturation-stable forms of docs/numerics.md: shifted to the reference class
+r = argmax z_L, with q = 1 - p_r from the non-reference exponentials, so that nothing is
+a difference of O(1) numbers when 1 - p_y is 1e-300.
 
 Only blocks of features (never an N x N or P x P array) are held; at most
 ``2 * group_blocks`` blocks at once.
@@ -54,11 +60,78 @@ class BlockFeatures:
     T: dict[int, np.ndarray] | None = None
     rho: np.ndarray | None = None
     u: np.ndarray | None = None
+    # Structured path: r = argmax z_L (the reference class, docs/numerics.md section 1), int64 (B,),
+    # and q = 1 - p_r (B,), from the non-reference exponentials.
+    r: np.ndarray | None = None
+    q: np.ndarray | None = None
+    # Magnitudes for the rounding allowances (docs/numerics.md section 4), the block's sums:
+    # trace_abs[l-1] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|; norms[l-1, m-1] = sum_n nu_n^{lm} (l <= m).
+    trace_abs: np.ndarray | None = None
+    norms: np.ndarray | None = None
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+# Saturation-stable softmax quantities (docs/numerics.md sections 1-2), written once for NumPy
+# arrays and torch tensors (``xp`` is numpy or torch; the torch backend and _hvp use them too).
+
+
+def _take(x: Any, idx: Any, axis: int, xp: Any = np) -> Any:
+    """x gathered along ``axis`` at ``idx`` (same number of dimensions, broadcast in the others)."""
+    return np.take_along_axis(x, idx, axis) if xp is np else xp.take_along_dim(x, idx, axis)
+
+
+def _float(mask: Any, like: Any, xp: Any = np) -> Any:
+    """A boolean array as 0 / 1 in ``like``'s dtype."""
+    return mask.astype(like.dtype) if xp is np else mask.to(like.dtype)
+
+
+class Softmax(NamedTuple):
+    """p = softmax(z) per row with its reference class (docs/numerics.md section 1)."""
+
+    p: Any  # (B, C)
+    r: Any  # (B,) int: argmax_k z_k, the first one on ties
+    ref: Any  # (B, C) bool: k == r
+    q: Any  # (B,) 1 - p_r = sum_{k != r} e_k / E, no cancellation
+
+
+def softmax_ref(z: Any, xp: Any = np) -> Softmax:
+    """Softmax of the rows of z (B, C) with e_k = exp(z_k - z_r) <= 1, e_r = 1, and q = 1 - p_r
+    summed from the non-reference e_k.  Margins beyond ~745 give exact zeros, never NaN."""
+    r = z.argmax(1)
+    C = z.shape[1]
+    cols = np.arange(C) if xp is np else xp.arange(C, device=z.device)
+    ref = cols[None, :] == r[:, None]
+    e = xp.exp(z - _take(z, r[:, None], 1, xp))
+    E = e.sum(1)
+    q = xp.where(ref, 0.0, e).sum(1) / E
+    return Softmax(e / E[:, None], r, ref, q)
+
+
+def delta_last(sm: Softmax, w: Any, Y: Any, xp: Any = np) -> Any:
+    """delta_L = w p - y for k != r and delta_r = -sum_{k != r} delta_k (exact: sum delta = 0)."""
+    d = xp.where(sm.ref, 0.0, w[:, None] * sm.p - Y)
+    return xp.where(sm.ref, -d.sum(1)[:, None], d)
+
+
+def diag_a(sm: Softmax, w: Any, xp: Any = np) -> Any:
+    """The diagonal of A = w (diag p - p p^T), w p_i (1 - p_i) with 1 - p_r = q, (B, C)."""
+    return w[:, None] * sm.p * xp.where(sm.ref, sm.q[:, None], 1.0 - sm.p)
+
+
+def dense_a(sm: Softmax, w: Any, xp: Any = np) -> Any:
+    """A per sample, (B, C, C): -w p_i p_j off the diagonal, diag_a on it."""
+    p = sm.p
+    A = (-w)[:, None, None] * p[:, :, None] * p[:, None, :]
+    C = p.shape[1]
+    A.reshape(A.shape[0], C * C)[:, :: C + 1] = diag_a(sm, w, xp)  # the diagonal, as a view of A
+    return A
+
+
+def a_times(sm: Softmax, w: Any, x: Any, xp: Any = np) -> Any:
+    """A x per row, (B, C), as w p o (xhat - xbar 1), xhat = x - x_r 1, xbar = sum_i p_i xhat_i
+    (A 1 = 0; entry r is -w p_r xbar, of size q |x|)."""
+    xh = x - _take(x, sm.r[:, None], 1, xp)
+    xb = (sm.p * xh).sum(1)
+    return w[:, None] * sm.p * (xh - xb[:, None])
 
 
 def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatures:
@@ -79,23 +152,29 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             z += b
         if l < L:
             a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z)
-    p = _softmax(z)
+    sm = softmax_ref(z)
+    p = sm.p
     w = Yb.sum(axis=1)  # 1 up to rounding; kept so the maths is exact for the given rows
-    delta[L] = w[:, None] * p - Yb
+    delta[L] = delta_last(sm, w, Yb)
+    at_sq = [np.empty(0)] + [np.einsum("ni,ni->n", at[l], at[l]) for l in range(1, L + 1)]
     if prob.structured and not prob.hessian:  # GGN, K route: T_{L-1} = W_L D_{L-1}, T_l = T_{l+1} W_{l+1} D_l
         T: dict[int, np.ndarray] = {}
         tr_m = [np.empty(0)] * (L + 1)
-        tr_m[L] = w * np.sum(p * (1.0 - p), axis=1)  # tr(A)
+        tr_abs = [np.empty(0)] * (L + 1)
+        dA = diag_a(sm, w)
+        tr_m[L], tr_abs[L] = dA.sum(axis=1), np.abs(dA).sum(axis=1)  # tr(A)
         Tl = np.empty(0)
         for l in range(L - 1, 0, -1):
             Tl = (W[L - 1][None, :, :] if l == L - 1 else Tl @ W[l]) * sp[l][:, None, :]
-            tr_m[l] = _diag_tat(p, w, Tl).sum(axis=1)
+            dg = _diag_tat(sm, w, Tl)
+            tr_m[l], tr_abs[l] = dg.sum(axis=1), np.abs(dg).sum(axis=1)
             if l <= L - 2:
                 T[l] = Tl
-        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
+        norms = _sum_nu(nu_ggn(at_sq, tr_m, np), L)
+        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at_sq, tr_m), p=p, w=w, W=W[L - 1], T=T,
+                             r=sm.r, q=sm.q, trace_abs=_layer_traces(at_sq, tr_abs), norms=norms)
     M: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    C = p.shape[1]
-    M[L] = w[:, None, None] * (np.einsum("ni,ij->nij", p, np.eye(C)) - p[:, :, None] * p[:, None, :])
+    M[L] = dense_a(sm, w)
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
     rho = u = None
     G_next: dict[int, np.ndarray] = {}  # G_{l,l+1}, formed on the way to M_l
@@ -105,14 +184,18 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
         delta[l] = sp[l] * g
         if kroute and l == L - 1:  # M_{L-1} = V V^T + diag(rho), |V_k|^2 = (T^T A T)_kk
             rho = spp[l] * g
-            u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
+            u = _diag_tat(sm, w, Wn[None, :, :] * sp[l][:, None, :])
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
         G_next[l], M[l] = _curvature_step(Wn, M[l + 1], sp[l], spp[l] * g if prob.hessian else None)
     tr_m = [np.empty(0)] + [np.trace(M[l], axis1=1, axis2=2) if M[l].size else np.empty(0) for l in range(1, L + 1)]
+    tr_abs = [np.empty(0)] + [np.abs(np.diagonal(M[l], axis1=1, axis2=2)).sum(axis=1) if M[l].size else np.empty(0)
+                              for l in range(1, L + 1)]
     if kroute:
         tr_m[L - 1] = u.sum(axis=1) + rho.sum(axis=1)
-    trace = _layer_traces(at, tr_m)
+        tr_abs[L - 1] = np.abs(u + rho).sum(axis=1)
+    trace = _layer_traces(at_sq, tr_m)
+    trace_abs = _layer_traces(at_sq, tr_abs)
     G: dict[tuple[int, int], np.ndarray] = {}
     for m in range(1, L + 1):
         Gc = M[m]
@@ -131,11 +214,14 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
+    last = (u.sum(axis=1), rho, tr_m[L]) if kroute else None
+    norms = _sum_nu(nu_formed(prob, at_sq, G, Q, delta, sp, last, np), L)
     if not kroute:
-        return BlockFeatures(at, delta, sp, G, Q, trace)
+        return BlockFeatures(at, delta, sp, G, Q, trace, trace_abs=trace_abs, norms=norms)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u, r=sm.r, q=sm.q,
+                         trace_abs=trace_abs, norms=norms)
 
 
 def _curvature_step(Wn: Any, M_next: Any, s: Any, diag: Any) -> tuple[Any, Any]:
@@ -151,20 +237,71 @@ def _curvature_step(Wn: Any, M_next: Any, s: Any, diag: Any) -> tuple[Any, Any]:
     return Gn, Ml
 
 
-def _diag_tat(p: np.ndarray, w: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """diag(T^T A T) per sample, (B, d), for T stacked (B, C, d) and A = w (diag p - p p^T).
+def _diag_tat(sm: Softmax, w: Any, T: Any, xp: Any = np) -> Any:
+    """diag(T^T A T) per sample, (B, d), for T stacked (B, C, d) and A = w (diag p - p p^T), on
+    NumPy arrays or torch tensors.
 
-    w sum_i p_i (T_ik - (T^T p)_k)^2, which equals w (sum_i p_i T_ik^2 - (T^T p)_k^2) as sum p = 1
-    but does not cancel when p is peaked.  For T = T_{L-1} = W_L D_{L-1} that is u of
-    docs/structured.md; summed over k, tr(A T T^T).
+    x^T A x = w sum_i p_i (xhat_i - xbar)^2 for every column x of T, shifted to the reference
+    class (xhat = x - x_r 1, xbar = sum_{i != r} p_i xhat_i; docs/numerics.md section 2): a sum
+    of non-negative terms, of size q |x|^2 when p is peaked.  For T = T_{L-1} = W_L D_{L-1} that
+    is u of docs/structured.md; summed over k, tr(A T T^T).
     """
-    Tc = T - np.einsum("ni,nik->nk", p, T)[:, None, :]
-    return w[:, None] * np.einsum("ni,nik->nk", p, Tc * Tc)
+    Th = T - _take(T, sm.r[:, None, None], 1, xp)
+    Th -= xp.einsum("ni,nik->nk", sm.p, Th)[:, None, :]
+    Th *= Th
+    return w[:, None] * xp.einsum("ni,nik->nk", sm.p, Th)
 
 
-def _layer_traces(at: list[np.ndarray], tr_m: list[np.ndarray]) -> np.ndarray:
-    """trace[l-1] = sum over the block of |a~_{l-1}|^2 tr(M_l), from tr(M_l) per sample."""
-    return np.array([float(np.sum(np.einsum("ni,ni->n", at[l], at[l]) * tr_m[l])) for l in range(1, len(at))])
+def _layer_traces(at_sq: list[np.ndarray], tr_m: list[np.ndarray]) -> np.ndarray:
+    """trace[l-1] = sum over the block of |a~_{l-1}|^2 tr(M_l), from |a~_{l-1}|^2 and tr(M_l) per sample."""
+    return np.array([float(np.sum(at_sq[l] * tr_m[l])) for l in range(1, len(at_sq))])
+
+
+def _row_norm(x: Any, xp: Any = np) -> Any:
+    """The Euclidean (Frobenius) norm of each sample's entries of x (B, ...), (B,)."""
+    f = x.reshape(x.shape[0], -1)
+    return xp.sqrt(xp.einsum("ni,ni->n", f, f))
+
+
+def nu_formed(prob: Problem, at_sq: list[Any], G: dict[tuple[int, int], Any], Q: dict[tuple[int, int], Any],
+              delta: list[Any], sp: list[Any], last: tuple[Any, Any, Any] | None,
+              xp: Any = np) -> dict[tuple[int, int], Any]:
+    """nu_n^{lm} (docs/numerics.md section 4) per sample, {(l, m): (B,)} for l <= m, wherever the
+    G_lm are formed (g_lm = |G_lm|_F), except on the Hessian's K route (``last`` = (sum_k u_k,
+    rho, tr A) per sample): g_{L-1,L-1} = sum_k u_k + |rho|, g_{L-1,L} = (sum_k u_k tr A)^{1/2}.
+
+    nu = |a~_{l-1}| (g_lm |a~_{m-1}| + [l < m] |delta_m| |Q_lm|_F), |Q_{l,l+1}|_F = |sigma'(z_l)|."""
+    L = prob.n_layers
+    na = [None] + [xp.sqrt(at_sq[l]) for l in range(1, L + 1)]
+    nu = {}
+    for l in range(1, L + 1):
+        for m in range(l, L + 1):
+            if last is not None and l == L - 1:
+                usum, rho, tr_a = last
+                g = usum + _row_norm(rho, xp) if m == l else xp.sqrt(usum * tr_a)
+            else:
+                g = _row_norm(G[l, m], xp)
+            v = g * na[m]
+            if prob.hessian and m > l:
+                v = v + _row_norm(delta[m], xp) * _row_norm(sp[l] if m == l + 1 else Q[l, m], xp)
+            nu[l, m] = na[l] * v
+    return nu
+
+
+def nu_ggn(at_sq: list[Any], tau: list[Any], xp: Any = np) -> dict[tuple[int, int], Any]:
+    """nu_n^{lm} of the GGN's K route: |a~_{l-1}| |a~_{m-1}| (tau_l tau_m)^{1/2}, tau_l = tr(T_l^T A T_l)
+    per sample (tau_L = tr A)."""
+    L = len(at_sq) - 1
+    na = [None] + [xp.sqrt(at_sq[l]) for l in range(1, L + 1)]
+    return {(l, m): na[l] * (xp.sqrt(tau[l] * tau[m]) * na[m]) for l in range(1, L + 1) for m in range(l, L + 1)}
+
+
+def _sum_nu(nu: dict[tuple[int, int], np.ndarray], L: int) -> np.ndarray:
+    """norms[l-1, m-1] = sum over the block of nu_n^{lm}, upper triangle, (L, L)."""
+    out = np.zeros((L, L))
+    for (l, m), v in nu.items():
+        out[l - 1, m - 1] = float(np.sum(v))
+    return out
 
 
 def _dense_cross(bI: Any, GI: Any, dJ: Any, QJ: Any) -> Any:
@@ -256,42 +393,99 @@ def _t_gram(TI: np.ndarray, TJ: np.ndarray) -> np.ndarray:
 
 
 def _t_layout(G: np.ndarray) -> np.ndarray:
-    """K (r, C, C, c) from _t_gram's (r, C, c, C)."""
-    return np.ascontiguousarray(G.transpose(0, 1, 3, 2))
+    """K (r, C, C, c) from _t_gram's (r, C, c, C), always a new array (_shift works in place)."""
+    return G.transpose(0, 1, 3, 2).copy()
+
+
+# Shifted to the reference classes (docs/numerics.md section 3): with Z_r = I - 1 e_r^T, A Z_r = A,
+# so tr(A K A' Kt^T) = tr(A S A' St^T) with S = Z_r K Z_r'^T (zero row r, zero column r'), and the
+# identity of docs/structured.md is applied to S: p_r and p'_r' only ever meet the zero row and
+# column, every term is O(q q') when both samples are saturated and nothing cancels.
+
+
+class _Refs(NamedTuple):
+    """The reference classes of a chunk of pairs and what the shifted identity needs of them."""
+
+    rI: Any  # r of the rows n, (r,)
+    rJ: Any  # r' of the columns n', (c,)
+    aI: Any  # 0 .. r - 1 (with rI: the index of (n, r_n) along the first two axes)
+    aJ: Any  # 0 .. c - 1 (with rJ: the index of (r'_n', n') along the last two axes)
+    eq: Any  # [r = r'], (r, c), in the dtype of p
+    pJ_r: Any  # p'_r, (r, c)
+    pI_r: Any  # p_r', (r, c)
+    pnpn: Any  # sum over i not in {r, r'} of p_i p'_i, (r, c) (None where no K = I pairs with itself)
+
+
+def _refs(rI: Any, rJ: Any, pI: Any, pJT: Any, pnpn: Any, xp: Any = np) -> _Refs:
+    """_Refs of a chunk: rI (r,), rJ (c,), its softmax rows pI (r, C) and columns pJT (C, c)."""
+    if xp is np:
+        aI, aJ = np.arange(rI.shape[0]), np.arange(rJ.shape[0])
+    else:
+        aI, aJ = xp.arange(rI.shape[0], device=rI.device), xp.arange(rJ.shape[0], device=rJ.device)
+    return _Refs(rI, rJ, aI, aJ, _float(rI[:, None] == rJ[None, :], pI, xp), pJT[rI], pI[:, rJ], pnpn)
+
+
+def _ref_rows(p: Any, r: Any, q: Any, xp: Any = np) -> tuple[Any, Any]:
+    """(p with p_r = 0, phat = Z_r^T p = p with p_r replaced by -q) of a block's rows (B, C)."""
+    cols = np.arange(p.shape[1]) if xp is np else xp.arange(p.shape[1], device=p.device)
+    ref = cols[None, :] == r[:, None]
+    return xp.where(ref, 0.0, p), xp.where(ref, -q[:, None], p)
+
+
+def _shift(K: Any, rf: _Refs) -> Any:
+    """S = Z_r K Z_r'^T in place of K (r, C, C, c): S_ij = K_ij - K_rj - (K_ir' - K_rr').  Row r
+    and column r' come out exact zeros (the same differences are subtracted)."""
+    Kr = K[rf.aI, rf.rI]  # (r, C, c): K_rj
+    Kc = K[:, :, rf.rJ, rf.aJ]  # (r, C, c): K_ir'
+    Kc -= Kr[:, rf.rJ, rf.aJ][:, None, :]  # K_ir' - K_rr'
+    K -= Kr[:, None, :, :]
+    K -= Kc[:, :, None, :]
+    return K
 
 
 class _KTerms(NamedTuple):
-    """What the identity of docs/structured.md needs of one C x C matrix K per pair of a chunk;
-    K = None stands for the identity K_L = I.  Arrays of the backend's library (NumPy arrays
-    here, torch tensors in the torch backend, which calls these helpers with ``xp=torch``)."""
+    """What the identity of docs/structured.md needs of one shifted C x C matrix S per pair of a
+    chunk; S = None stands for S_I = Z_r Z_r'^T (K_L = I shifted).  Arrays of the backend's
+    library (NumPy arrays here, torch tensors in the torch backend, which calls these helpers
+    with ``xp=torch``)."""
 
-    K: Any  # (r, C, C, c) or None
-    Kp: Any  # K p', (r, C, c)
-    Ktp: Any  # K^T p, (r, C, c)
-    pKp: Any  # p^T K p', (r, c)
+    K: Any  # S (r, C, C, c) or None
+    Kp: Any  # S p', (r, C, c)
+    Ktp: Any  # S^T p, (r, C, c)
+    pKp: Any  # p^T S p', (r, c)
 
 
 def _k_terms(K: Any, pI: Any, pJT: Any, xp: Any = np) -> _KTerms:
-    """_KTerms of K (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c);
+    """_KTerms of S (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c);
     ``xp`` is the array library (numpy or torch: both have this einsum)."""
     Kp = xp.einsum("aijb,jb->aib", K, pJT)
     return _KTerms(K, Kp, xp.einsum("aijb,ai->ajb", K, pI), xp.einsum("aib,ai->ab", Kp, pI))
 
 
-def _identity_terms(pI: Any, pJT: Any, pp: Any, xp: Any = np) -> _KTerms:
-    """_KTerms of K = I (pp = p . p', (r, c))."""
-    shape = (pI.shape[0], pI.shape[1], pJT.shape[1])
-    return _KTerms(None, xp.broadcast_to(pJT, shape), xp.broadcast_to(pI[:, :, None], shape), pp)
+def _identity_terms(hI: Any, hJT: Any, hh: Any, rf: _Refs) -> _KTerms:
+    """_KTerms of S_I = Z_r Z_r'^T = I - 1 e_r^T - e_r' 1^T + [r = r'] 1 1^T from phat = Z_r^T p
+    (p with p_r replaced by -q), rows hI (r, C) and columns hJT (C, c), and hh = phat . phat':
+    S_I p' = phat' - phat'_r 1, S_I^T p = phat - phat_r' 1, p^T S_I p' = phat . phat'."""
+    return _KTerms(None, hJT[None, :, :] - hJT[rf.rI][:, None, :], hI[:, :, None] - hI[:, rf.rJ][:, None, :], hh)
 
 
-def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, xp: Any = np) -> Any:
-    """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), in O(C^2) per pair:
+def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, rf: _Refs, xp: Any = np) -> Any:
+    """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), in O(C^2) per pair, from the
+    shifted S, St (docs/numerics.md section 3):
 
-    sum_ij p_i p'_j K_ij Kt_ij - sum_i p_i (K p')_i (Kt p')_i - sum_j p'_j (K^T p)_j (Kt^T p)_j
-    + (p^T K p')(p^T Kt p')   (docs/structured.md).  Kt may be I, and K only if Kt is.
+    sum_ij p_i p'_j S_ij St_ij - sum_i p_i (S p')_i (St p')_i - sum_j p'_j (S^T p)_j (St^T p)_j
+    + (p^T S p')(p^T St p').  St may be S_I, and S only if St is; then the first term is
+    sum_i p_i p'_i S_ii - p'_r (S^T p)_r - p_r' (S p')_r' + [r = r'] p^T S p', and for S = S_I
+    (whose diagonal is 1 + [r = r'] off {r, r'}, 0 on it) its first part (1 + [r = r']) pnpn.
     """
-    if kt.K is None:  # sum_i p_i p'_i K_ii  (p . p' if K = I as well)
-        t1 = kt.pKp if k.K is None else xp.einsum("aib,ai->ab", xp.einsum("aiib->aib", k.K) * pJT, pI)
+    if kt.K is None:
+        if k.K is None:
+            diag = (1.0 + rf.eq) * rf.pnpn
+        else:
+            diag = xp.einsum("aib,ai->ab", xp.einsum("aiib->aib", k.K) * pJT, pI)
+        ktp_r = k.Ktp[rf.aI, rf.rI]  # (S^T p)_r, (r, c)
+        kp_r = k.Kp[:, rf.rJ, rf.aJ]  # (S p')_r', (r, c)
+        t1 = diag - rf.pJ_r * ktp_r - rf.pI_r * kp_r + rf.eq * k.pKp
     else:
         t1 = xp.einsum("aib,ai->ab", xp.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)
     t2 = xp.einsum("aib,ai->ab", k.Kp * kt.Kp, pI)
@@ -299,18 +493,27 @@ def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, xp: Any = np) -> Any:
     return t1 - t2 - t3 + k.pKp * kt.pKp
 
 
+def _vector_values(L: int, C: int) -> int:
+    """Values per pair of a K-route sub-chunk besides its C x C matrices (L levels): K p', K^T p
+    and their products, the gathered K_rj, K_ir' of the shift, S_I's two vectors and the cross
+    terms' shifted deltas (_pair_sum_ggn, _pair_sum_last size their sub-chunks with it)."""
+    return 8 * L * C + 6 * C + 8
+
+
 def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
     """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
-    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below."""
+    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below, each shifted to the pair's
+    reference classes."""
     L = prob.n_layers
     out = np.zeros((L, L))
     alphas = {l: FI.at[l] @ FJ.at[l].T for l in range(1, L + 1)}
     ww = np.outer(FI.w, FJ.w)
-    pp = FI.p @ FJ.p.T
+    (pnI, hI), (pnJ, hJ) = _ref_rows(FI.p, FI.r, FI.q), _ref_rows(FJ.p, FJ.r, FJ.q)
+    pnpn, hh = pnI @ pnJ.T, hI @ hJ.T
     (B, C), Bp = FI.p.shape, FJ.p.shape[0]
     omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
     gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
-    per_pair = (2 * L - 1) * C * C + 8 * L * C
+    per_pair = (2 * L - 1) * C * C + _vector_values(L, C)
     chunk_outer, chunk_inner = chunk_budgets(prob)
     for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.size, chunk_outer):
         packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
@@ -318,14 +521,15 @@ def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.nda
         for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             pI, pJT = FI.p[rr], FJ.p[cc].T
-            terms = {L: _identity_terms(pI, pJT, pp[rr, cc])}
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, pnpn[rr, cc])
+            terms = {L: _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf)}
             for l in range(1, L):
                 K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
-                terms[l] = _k_terms(K, pI, pJT)
+                terms[l] = _k_terms(_shift(K, rf), pI, pJT)
             weight = ww[rr, cc]
             for l in range(1, L + 1):
                 for m in range(l, L + 1):
-                    tr = _tr_akak(pI, pJT, terms[l], terms[m])
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m], rf)
                     out[l - 1, m - 1] += np.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
@@ -337,25 +541,30 @@ def _pair_sum_last(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> tuple
     alpha (beta w w' tr(A K A') + gamma s . s' + cross + cross'), K = K_{L-1}, summed over the pairs.
     One GEMM per chunk gives s . s' (Omega's row of ones), the packed K and E_i = sum_k W_ik a_k s_k s'_k
     (rows W_i a_n s_n after Omega diag(s_n)); a second one E'_i = sum_k W_ik s_k a'_k s'_k.
+    Shifted to the reference classes (docs/numerics.md sections 2-3): K by _shift, and the cross
+    terms through A delta' = w p o (Delta - Dbar 1), Delta = delta' - delta'_r 1 (r of n),
+    Dbar = sum_{i != r} p_i Delta_i (and the mirror term with r' of n').
     """
     L = prob.n_layers
     W = FI.W
     C, d = W.shape
     alpha = FI.at[L - 1] @ FJ.at[L - 1].T
     beta = FI.at[L] @ FJ.at[L].T
-    gamma = FI.delta[L] @ FJ.delta[L].T
+    dI_all, dJ_all = FI.delta[L], FJ.delta[L]
+    gamma = dI_all @ dJ_all.T
     inner = FI.u @ FJ.rho.T + FI.rho @ FJ.u.T + FI.rho @ FJ.rho.T
     ww = np.outer(FI.w, FJ.w)
-    pp = FI.p @ FJ.p.T
-    p_dJ = FI.p @ FJ.delta[L].T  # p . delta'
-    dI_p = FI.delta[L] @ FJ.p.T  # delta . p'
+    (pnI, hI), (pnJ, hJ) = _ref_rows(FI.p, FI.r, FI.q), _ref_rows(FJ.p, FJ.r, FJ.q)
+    hh = hI @ hJ.T  # p^T S_I p'
+    pn_dJ = pnI @ dJ_all.T  # sum_{i != r} p_i delta'_i
+    dI_pn = dI_all @ pnJ.T  # sum_{i != r'} delta_i p'_i
     sI, sJ = FI.sp[L - 1], FJ.sp[L - 1]
     asJ = FJ.at[L][:, :d] * sJ  # a' s'
     omega, pos = _omega(W, ones_row=True)
     n_k = omega.shape[0]
     omega = np.vstack([omega, W])
     total = np.zeros(2)
-    per_pair = 3 * C * C + 16 * C
+    per_pair = 3 * C * C + _vector_values(2, C)
     gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.size + C * d  # [s . s'; K; E] and E', their left sides
     chunk_outer, chunk_inner = chunk_budgets(prob)
     for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, chunk_outer):
@@ -367,14 +576,22 @@ def _pair_sum_last(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> tuple
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
             pI, pJT = FI.p[rr], FJ.p[cc].T
-            k = _k_terms(_unpack(R, pos), pI, pJT)
-            t_kk = _tr_akak(pI, pJT, k, k)
-            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc]))
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, None)
+            k = _k_terms(_shift(_unpack(R, pos), rf), pI, pJT)
+            t_kk = _tr_akak(pI, pJT, k, k, rf)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf), rf)
             E = R[:, n_k:, :]
-            cross = FI.w[rr, None] * (np.einsum("aib,ai->ab", E * FJ.delta[L][cc].T, pI)
-                                      - p_dJ[rr, cc] * np.einsum("aib,ai->ab", E, pI))
-            cross += FJ.w[None, cc] * (np.einsum("aib,ib->ab", Ep * FI.delta[L][rr, :, None], pJT)
-                                       - dI_p[rr, cc] * np.einsum("aib,ib->ab", Ep, pJT))
+            dJT, dI = dJ_all[cc].T, dI_all[rr]
+            d_r = dJT[rf.rI]  # delta'_r, (r, c)
+            Dl = dJT[None, :, :] - d_r[:, None, :]
+            Dbar = pn_dJ[rr, cc] - FI.q[rr, None] * d_r
+            Dl *= E
+            cross = FI.w[rr, None] * (np.einsum("aib,ai->ab", Dl, pI) - Dbar * np.einsum("aib,ai->ab", E, pI))
+            d_r = dI[:, rf.rJ]  # delta_r', (r, c)
+            Dl = dI[:, :, None] - d_r[:, None, :]
+            Dbar = dI_pn[rr, cc] - FJ.q[None, cc] * d_r
+            Dl *= Ep
+            cross += FJ.w[None, cc] * (np.einsum("aib,ib->ab", Dl, pJT) - Dbar * np.einsum("aib,ib->ab", Ep, pJT))
             a, w2 = alpha[rr, cc], ww[rr, cc]
             total[0] += np.sum(a * a * (w2 * t_kk + inner[rr, cc]))
             total[1] += np.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
@@ -425,10 +642,13 @@ def label_rows(prob: Problem, lo: int, hi: int) -> np.ndarray:
     return rows
 
 
-def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unnormalised moments per parameter block, as the C++ core returns them.
+def moments(prob: Problem, progress: Callable[[int, int], None] | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unnormalised moments per parameter block, as the C++ core returns them, and the magnitudes
+    of the rounding allowances (docs/numerics.md section 4):
 
-    (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m).
+    (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m,
+    trace_abs[l] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|, norms[l, m] = sum_n nu_n^{lm} for l <= m).
     """
     N, B, L = prob.n_samples, prob.batch_size, prob.n_layers
     bounds = [(lo, min(lo + B, N)) for lo in range(0, N, B)]
@@ -440,12 +660,14 @@ def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -
         return block_features(prob, np.asarray(prob.X[lo:hi], dtype=np.float64), label_rows(prob, lo, hi))
 
     block_trace = np.zeros((nb, L))
+    block_abs = np.zeros((nb, L))
+    block_norms = np.zeros((nb, L, L))
     row_sum = np.zeros((nb, L, L))  # row i: sum over j >= i of the pair sums, j increasing, off-diagonal twice
     done, total_pairs = 0, nb * (nb + 1) // 2
     for g0 in range(0, nb, group):
         rows = {i: features(i) for i in range(g0, min(g0 + group, nb))}
         for i in rows:
-            block_trace[i] = rows[i].trace
+            block_trace[i], block_abs[i], block_norms[i] = rows[i].trace, rows[i].trace_abs, rows[i].norms
         for h0 in range(g0, nb, group):
             cols = rows if h0 == g0 else {j: features(j) for j in range(h0, min(h0 + group, nb))}
             for i, fi in rows.items():
@@ -457,8 +679,10 @@ def moments(prob: Problem, progress: Callable[[int, int], None] | None = None) -
                         if progress is not None:
                             progress(done, total_pairs)
             cols = fi = fj = None  # no reference to this group while the next one is computed
-    trace, blocks = np.zeros(L), np.zeros((L, L))
+    trace, blocks, trace_abs, norms = np.zeros(L), np.zeros((L, L)), np.zeros(L), np.zeros((L, L))
     for k in range(nb):
         trace += block_trace[k]
         blocks += row_sum[k]
-    return trace, blocks
+        trace_abs += block_abs[k]
+        norms += block_norms[k]
+    return trace, blocks, trace_abs, norms

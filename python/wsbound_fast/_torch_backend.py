@@ -77,11 +77,22 @@ from ._numpy_backend import (
     _adjacent_cross,
     _curvature_step,
     _dense_cross,
+    _diag_tat,
     _identity_terms,
     _k_terms,
     _pair_chunks,
+    _ref_rows,
+    _refs,
+    _shift,
     _tr_akak,
+    _vector_values,
     chunk_budgets,
+    delta_last,
+    dense_a,
+    diag_a,
+    nu_formed,
+    nu_ggn,
+    softmax_ref,
     _within,
 )
 from ._validate import (
@@ -362,10 +373,12 @@ class DeviceData:
         return data
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        """X[lo:hi] on the device, in the compute dtype (no copy when it is there already)."""
+        """X[lo:hi] on the device, in the compute dtype and row-major (no copy when it is there
+        already; a strided X is copied, so that the GEMMs, and the rounding, do not depend on
+        its layout)."""
         dev, cdt = self.prob.device, self.prob.dtype
         if isinstance(self.X, torch.Tensor):
-            return self.X[lo:hi].to(device=dev, dtype=cdt)
+            return self.X[lo:hi].to(device=dev, dtype=cdt).contiguous()
         return torch.from_numpy(np.array(self.X[lo:hi])).to(device=dev, dtype=cdt)  # a copy: X may be read-only
 
     def label_rows(self, lo: int, hi: int) -> torch.Tensor:
@@ -396,6 +409,12 @@ class BlockFeatures:
     T: dict[int, torch.Tensor] | None = None
     rho: torch.Tensor | None = None
     u: torch.Tensor | None = None
+    # Structured path: the reference class r (int64) and q = 1 - p_r per sample (B,).
+    r: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    # Magnitudes (docs/numerics.md section 4), the block's sums in float64: trace_abs (L,), norms (L, L).
+    trace_abs: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
 
 
 def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb: torch.Tensor) -> BlockFeatures:
@@ -417,22 +436,29 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             z += b
         if l < L:
             a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z)
-    p = torch.softmax(z, dim=1)
+    sm = softmax_ref(z, torch)  # the reference class r = argmax z (docs/numerics.md section 1)
+    p = sm.p
     w = Yb.sum(dim=1)  # 1 up to rounding; kept so the maths is exact for the given rows
-    delta[L] = w[:, None] * p - Yb
+    delta[L] = delta_last(sm, w, Yb, torch)
+    at_sq = [none] + [(at[l] * at[l]).sum(dim=1) for l in range(1, L + 1)]
     if prob.structured and not prob.hessian:  # GGN, K route: T_{L-1} = W_L D_{L-1}, T_l = T_{l+1} W_{l+1} D_l
         T: dict[int, torch.Tensor] = {}
         tr_m = [none] * (L + 1)
-        tr_m[L] = w * (p * (1.0 - p)).sum(dim=1)  # tr(A)
+        tr_abs = [none] * (L + 1)
+        dA = diag_a(sm, w, torch)
+        tr_m[L], tr_abs[L] = dA.sum(dim=1), dA.abs().sum(dim=1)  # tr(A)
         Tl = none
         for l in range(L - 1, 0, -1):
             Tl = (W[L - 1][None, :, :] if l == L - 1 else Tl @ W[l]) * sp[l][:, None, :]
-            tr_m[l] = _diag_tat(p, w, Tl).sum(dim=1)
+            dg = _diag_tat(sm, w, Tl, torch)
+            tr_m[l], tr_abs[l] = dg.sum(dim=1), dg.abs().sum(dim=1)
             if l <= L - 2:
                 T[l] = Tl
-        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at, tr_m), p=p, w=w, W=W[L - 1], T=T)
+        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at_sq, tr_m), p=p, w=w, W=W[L - 1], T=T,
+                             r=sm.r, q=sm.q, trace_abs=_layer_traces(at_sq, tr_abs),
+                             norms=_sum_nu(nu_ggn(at_sq, tr_m, torch), L, p.device))
     M: list[torch.Tensor] = [none] * (L + 1)
-    M[L] = w[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    M[L] = dense_a(sm, w, torch)
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
     rho = u = None
     G_next: dict[int, torch.Tensor] = {}  # G_{l,l+1}, formed on the way to M_l
@@ -442,14 +468,18 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
         delta[l] = sp[l] * g
         if kroute and l == L - 1:  # M_{L-1} = V V^T + diag(rho), |V_k|^2 = (T^T A T)_kk
             rho = spp[l] * g
-            u = _diag_tat(p, w, Wn[None, :, :] * sp[l][:, None, :])
+            u = _diag_tat(sm, w, Wn[None, :, :] * sp[l][:, None, :], torch)
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
         G_next[l], M[l] = _curvature_step(Wn, M[l + 1], sp[l], spp[l] * g if prob.hessian else None)
     tr_m = [none] + [M[l].diagonal(dim1=1, dim2=2).sum(dim=1) if M[l].numel() else none for l in range(1, L + 1)]
+    tr_abs = [none] + [M[l].diagonal(dim1=1, dim2=2).abs().sum(dim=1) if M[l].numel() else none
+                       for l in range(1, L + 1)]
     if kroute:
         tr_m[L - 1] = u.sum(dim=1) + rho.sum(dim=1)
-    trace = _layer_traces(at, tr_m)
+        tr_abs[L - 1] = (u + rho).abs().sum(dim=1)
+    trace = _layer_traces(at_sq, tr_m)
+    trace_abs = _layer_traces(at_sq, tr_abs)
     G: dict[tuple[int, int], torch.Tensor] = {}
     for m in range(1, L + 1):
         Gc = M[m]
@@ -468,24 +498,29 @@ def block_features(prob: TorchProblem, net: DeviceWeights, Xb: torch.Tensor, Yb:
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
+    last = (u.sum(dim=1), rho, tr_m[L]) if kroute else None
+    norms = _sum_nu(nu_formed(prob, at_sq, G, Q, delta, sp, last, torch), L, p.device)
     if not kroute:
-        return BlockFeatures(at, delta, sp, G, Q, trace)
+        return BlockFeatures(at, delta, sp, G, Q, trace, trace_abs=trace_abs, norms=norms)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u)
+    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u, r=sm.r, q=sm.q,
+                         trace_abs=trace_abs, norms=norms)
 
 
-def _diag_tat(p: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """diag(T^T A T) per sample, (B, d), for T stacked (B, C, d): w sum_i p_i (T_ik - (T^T p)_k)^2
-    (as _numpy_backend._diag_tat)."""
-    Tc = T - torch.einsum("ni,nik->nk", p, T)[:, None, :]
-    return w[:, None] * torch.einsum("ni,nik->nk", p, Tc * Tc)
-
-
-def _layer_traces(at: list[torch.Tensor], tr_m: list[torch.Tensor]) -> torch.Tensor:
+def _layer_traces(at_sq: list[torch.Tensor], tr_m: list[torch.Tensor]) -> torch.Tensor:
     """trace[l-1] = sum over the block of |a~_{l-1}|^2 tr(M_l) (per sample in the compute dtype,
     summed in float64), (L,)."""
-    return torch.stack([((at[l] * at[l]).sum(dim=1) * tr_m[l]).to(ACC).sum() for l in range(1, len(at))])
+    return torch.stack([(at_sq[l] * tr_m[l]).to(ACC).sum() for l in range(1, len(at_sq))])
+
+
+def _sum_nu(nu: dict[tuple[int, int], torch.Tensor], L: int, device: torch.device) -> torch.Tensor:
+    """norms[l-1, m-1] = sum over the block of nu_n^{lm} (per sample in the compute dtype, summed
+    in float64), the (L, L) upper triangle, on the device."""
+    out = torch.zeros((L, L), dtype=ACC, device=device)
+    for (l, m), v in nu.items():
+        out[l - 1, m - 1] = v.to(ACC).sum()
+    return out
 
 
 def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -530,23 +565,25 @@ def _t_gram(TI: torch.Tensor, TJ: torch.Tensor) -> torch.Tensor:
 
 
 def _t_layout(G: torch.Tensor) -> torch.Tensor:
-    """K (r, C, C, c) from _t_gram's (r, C, c, C)."""
-    return G.permute(0, 1, 3, 2).contiguous()
+    """K (r, C, C, c) from _t_gram's (r, C, c, C), always a new tensor (_shift works in place)."""
+    return G.permute(0, 1, 3, 2).clone(memory_format=torch.contiguous_format)
 
 
 def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.Tensor:
     """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
-    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below (as _numpy_backend)."""
+    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below, each shifted to the pair's
+    reference classes (as _numpy_backend)."""
     L = prob.n_layers
     out = torch.zeros((L, L), dtype=ACC, device=prob.device)
     alphas = {l: _gram(FI.at[l], FJ.at[l]) for l in range(1, L + 1)}
     pI_all, pJ_all = FI.p.to(ACC), FJ.p.to(ACC)
     ww = FI.w.to(ACC)[:, None] * FJ.w.to(ACC)[None, :]
-    pp = _gram(FI.p, FJ.p)
+    (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, FI.q.to(ACC), torch), _ref_rows(pJ_all, FJ.r, FJ.q.to(ACC), torch)
+    pnpn, hh = pnI @ pnJ.T, hI @ hJ.T
     (B, C), Bp = FI.p.shape, FJ.p.shape[0]
     omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
     gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
-    per_pair = (2 * L - 1) * C * C + 8 * L * C
+    per_pair = (2 * L - 1) * C * C + _vector_values(L, C)
     chunk_outer, chunk_inner = chunk_budgets(prob)
     for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.numel(), chunk_outer):
         packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
@@ -554,21 +591,23 @@ def _pair_sum_ggn(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> t
         for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             pI, pJT = pI_all[rr], pJ_all[cc].T
-            terms = {L: _identity_terms(pI, pJT, pp[rr, cc], torch)}
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, pnpn[rr, cc], torch)
+            terms = {L: _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf)}
             for l in range(1, L):
                 K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
-                terms[l] = _k_terms(K, pI, pJT, torch)
+                terms[l] = _k_terms(_shift(K, rf), pI, pJT, torch)
             weight = ww[rr, cc]
             for l in range(1, L + 1):
                 for m in range(l, L + 1):
-                    tr = _tr_akak(pI, pJT, terms[l], terms[m], torch)
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m], rf, torch)
                     out[l - 1, m - 1] += torch.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
 
 def _pair_sum_last(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian blocks (L-1, L-1) and (L-1, L) by the K route, L >= 2, as float64 scalar tensors
-    (as _numpy_backend._pair_sum_last: one GEMM for [s . s'; packed K; E], one for E')."""
+    (as _numpy_backend._pair_sum_last: one GEMM for [s . s'; packed K; E], one for E'; shifted
+    to the reference classes)."""
     L = prob.n_layers
     W = FI.W
     C, d = W.shape
@@ -577,18 +616,20 @@ def _pair_sum_last(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> 
     gamma = _gram(FI.delta[L], FJ.delta[L])
     inner = _gram(FI.u, FJ.rho) + _gram(FI.rho, FJ.u) + _gram(FI.rho, FJ.rho)
     wI, wJ = FI.w.to(ACC), FJ.w.to(ACC)
+    qI, qJ = FI.q.to(ACC), FJ.q.to(ACC)
     ww = wI[:, None] * wJ[None, :]
-    pp = _gram(FI.p, FJ.p)
-    p_dJ = _gram(FI.p, FJ.delta[L])  # p . delta'
-    dI_p = _gram(FI.delta[L], FJ.p)  # delta . p'
     pI_all, pJ_all, dI_all, dJ_all = FI.p.to(ACC), FJ.p.to(ACC), FI.delta[L].to(ACC), FJ.delta[L].to(ACC)
+    (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, qI, torch), _ref_rows(pJ_all, FJ.r, qJ, torch)
+    hh = hI @ hJ.T  # p^T S_I p'
+    pn_dJ = pnI @ dJ_all.T  # sum_{i != r} p_i delta'_i
+    dI_pn = dI_all @ pnJ.T  # sum_{i != r'} delta_i p'_i
     sI, sJ = FI.sp[L - 1], FJ.sp[L - 1]
     asJ = FJ.at[L][:, :d] * sJ  # a' s'
     omega, pos = _omega(W, ones_row=True)
     n_k = omega.shape[0]
     omega = torch.cat([omega, W])
     total = torch.zeros(2, dtype=ACC, device=W.device)
-    per_pair = 3 * C * C + 16 * C
+    per_pair = 3 * C * C + _vector_values(2, C)
     gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.numel() + C * d  # [s . s'; K; E] and E', their left sides
     chunk_outer, chunk_inner = chunk_budgets(prob)
     for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, chunk_outer):
@@ -600,14 +641,22 @@ def _pair_sum_last(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> 
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
             pI, pJT = pI_all[rr], pJ_all[cc].T
-            k = _k_terms(_unpack(R, pos), pI, pJT, torch)
-            t_kk = _tr_akak(pI, pJT, k, k, torch)
-            t_ki = _tr_akak(pI, pJT, k, _identity_terms(pI, pJT, pp[rr, cc], torch), torch)
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, None, torch)
+            k = _k_terms(_shift(_unpack(R, pos), rf), pI, pJT, torch)
+            t_kk = _tr_akak(pI, pJT, k, k, rf, torch)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf), rf, torch)
             E = R[:, n_k:, :]
-            cross = wI[rr, None] * (torch.einsum("aib,ai->ab", E * dJ_all[cc].T, pI)
-                                    - p_dJ[rr, cc] * torch.einsum("aib,ai->ab", E, pI))
-            cross += wJ[None, cc] * (torch.einsum("aib,ib->ab", Ep * dI_all[rr, :, None], pJT)
-                                     - dI_p[rr, cc] * torch.einsum("aib,ib->ab", Ep, pJT))
+            dJT, dI = dJ_all[cc].T, dI_all[rr]
+            d_r = dJT[rf.rI]  # delta'_r, (r, c)
+            Dl = dJT[None, :, :] - d_r[:, None, :]
+            Dbar = pn_dJ[rr, cc] - qI[rr, None] * d_r
+            Dl *= E
+            cross = wI[rr, None] * (torch.einsum("aib,ai->ab", Dl, pI) - Dbar * torch.einsum("aib,ai->ab", E, pI))
+            d_r = dI[:, rf.rJ]  # delta_r', (r, c)
+            Dl = dI[:, :, None] - d_r[:, None, :]
+            Dbar = dI_pn[rr, cc] - qJ[None, cc] * d_r
+            Dl *= Ep
+            cross += wJ[None, cc] * (torch.einsum("aib,ib->ab", Dl, pJT) - Dbar * torch.einsum("aib,ib->ab", Ep, pJT))
             a, w2 = alpha[rr, cc], ww[rr, cc]
             total[0] += torch.sum(a * a * (w2 * t_kk + inner[rr, cc]))
             total[1] += torch.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
@@ -689,12 +738,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unnormalised moments per parameter block, as the C++ core and the NumPy backend return them.
+def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unnormalised moments per parameter block and the magnitudes of the rounding allowances, as
+    the C++ core and the NumPy backend return them:
 
-    (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m),
-    as float64 NumPy arrays.  ``progress(done, total)`` is called after each group of block
-    pairs, once that work has finished on the device.
+    (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m,
+    trace_abs[l], norms[l, m] of docs/numerics.md section 4), as float64 NumPy arrays.
+    ``progress(done, total)`` is called after each group of block pairs, once that work has
+    finished on the device.  The per-block partial sums stay on the device and come to the host
+    in two copies at the end, where they are added up in block order.
     """
     N, B, L = prob.n_samples, prob.batch_size, prob.n_layers
     dev = prob.device
@@ -709,32 +762,35 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
         return block_features(prob, net, data.rows(lo, hi), data.label_rows(lo, hi))
 
     with torch.no_grad(), ieee_float32(dev):
-        block_trace = torch.zeros((nb, L), dtype=ACC, device=dev)
-        row_sum = torch.zeros((nb, L, L), dtype=ACC, device=dev)  # row i: sum over j >= i, j increasing
+        block_vec = torch.zeros((nb, 2, L), dtype=ACC, device=dev)  # per block: trace, trace_abs
+        # per block i: [0] the pair sums over j >= i, j increasing (off-diagonal twice); [1] its norms
+        row_mat = torch.zeros((nb, 2, L, L), dtype=ACC, device=dev)
         done, total_pairs = 0, nb * (nb + 1) // 2
         for g0 in range(0, nb, group):
             rows = {i: features(i) for i in range(g0, min(g0 + group, nb))}
             for i in rows:
-                block_trace[i] = rows[i].trace
+                block_vec[i, 0], block_vec[i, 1], row_mat[i, 1] = rows[i].trace, rows[i].trace_abs, rows[i].norms
             for h0 in range(g0, nb, group):
                 cols = rows if h0 == g0 else {j: features(j) for j in range(h0, min(h0 + group, nb))}
                 for i, fi in rows.items():
                     for j, fj in cols.items():
                         if j >= i:
                             s = pair_sum(prob, fi, fj)
-                            row_sum[i] += s if i == j else 2.0 * s
+                            row_mat[i, 0] += s if i == j else 2.0 * s
                             done += 1
                 cols = fi = fj = None  # no reference to this group while the next one is computed
                 if progress is not None:
                     _synchronize(dev)
                     progress(done, total_pairs)
             del rows
-        bt, rs = block_trace.cpu().numpy(), row_sum.cpu().numpy()
-    trace, blocks = np.zeros(L), np.zeros((L, L))
+        bv, rm = block_vec.cpu().numpy(), row_mat.cpu().numpy()
+    trace, blocks, trace_abs, norms = np.zeros(L), np.zeros((L, L)), np.zeros(L), np.zeros((L, L))
     for k in range(nb):
-        trace += bt[k]
-        blocks += rs[k]
-    return trace, blocks
+        trace += bv[k, 0]
+        blocks += rm[k, 0]
+        trace_abs += bv[k, 1]
+        norms += rm[k, 1]
+    return trace, blocks, trace_abs, norms
 
 
 # --------------------------------------------------------------------------------------
@@ -742,7 +798,7 @@ def moments(prob: TorchProblem, progress: Callable[[int, int], None] | None = No
 # --------------------------------------------------------------------------------------
 
 #: _hvp.block_hvp's array operations on tensors.
-TORCH_OPS = ArrayOps(evaluate, lambda z: torch.softmax(z, dim=1), torch.zeros_like)
+TORCH_OPS = ArrayOps(evaluate, torch, torch.zeros_like)
 #: Share of memory_limit that X and the labels may take when kept on the device between products.
 RESIDENT_DATA_SHARE = 0.25
 
@@ -852,7 +908,7 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
     pq = 2 * bI * bJ
     f = 0
     if structured and not hessian:  # _pair_sum_ggn
-        f += pq * (sum(na[1:]) + C)  # alpha_l, p . p'
+        f += pq * (sum(na[1:]) + 2 * C)  # alpha_l; pn . pn', phat . phat' (S_I's terms)
         if L >= 2:
             f += pq * (C * (C + 1) // 2) * d[L - 1]  # packed K_{L-1}
         f += pq * C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
@@ -861,7 +917,8 @@ def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI:
         return int(f)
     kroute = structured and L >= 2
     if kroute:  # _pair_sum_last
-        f += pq * (na[L - 1] + na[L] + C + 3 * d[L - 1] + 3 * C)  # alpha, beta, gamma, u/rho Grams, p/delta Grams
+        # alpha, beta, gamma, the u/rho Grams; phat . phat', the pn/delta Grams
+        f += pq * (na[L - 1] + na[L] + C + 3 * d[L - 1] + 3 * C)
         f += pq * (1 + C * (C + 1) // 2 + C) * d[L - 1]  # [s . s'; packed K; E]
         f += pq * C * d[L - 1]  # E'
         f += pq * (_k_terms_madds(C) + _tr_akak_madds(C, False, False) + _tr_akak_madds(C, False, True))
@@ -895,7 +952,7 @@ def _k_terms_madds(C: int) -> int:
 
 def _tr_akak_madds(C: int, k_is_identity: bool, kt_is_identity: bool) -> int:
     """Multiply-adds per pair of the einsums in _tr_akak(k, kt) (the elementwise products left out)."""
-    if k_is_identity:  # t1 = p . p', already there
+    if k_is_identity:  # t1 = (1 + [r = r']) pn . pn' + gathered terms: elementwise
         t1 = 0
     elif kt_is_identity:
         t1 = C  # sum_i p_i p'_i K_ii
