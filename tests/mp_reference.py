@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,7 +450,13 @@ class DenseRef:
         cache = self.__dict__.setdefault("_ext", {})
         if key not in cache:
             M = self.matrix(curvature) if block is None else self.block(curvature, block)
-            w = np.linalg.eigvalsh(M)
+            try:  # torch's LAPACK on torch's (test: one) thread; OpenBLAS's threads can spin for
+                # seconds on a loaded machine at this size (P ~ 600)
+                import torch
+
+                w = torch.linalg.eigvalsh(torch.as_tensor(M)).numpy()
+            except ImportError:  # pragma: no cover
+                w = np.linalg.eigvalsh(M)
             err = mpf(self.rel_err * float(np.sqrt(np.sum(M * M))))
             cache[key] = Extremes(mpf(float(w[0])), err, mpf(float(w[-1])), err)
         return cache[key]
@@ -566,7 +573,9 @@ def hybrid_curvatures(layers, activation, X, y, reduction: str = "mean", *,
     def resid(theta):
         return (Dt * fn(theta)).sum()
 
-    R = torch.autograd.functional.hessian(resid, theta0, vectorize=True).numpy()
+    with warnings.catch_warnings():  # torch.func's first forward-mode call imports a deprecated torch.jit path
+        warnings.simplefilter("ignore", DeprecationWarning)
+        R = torch.func.jacfwd(torch.func.grad(resid))(theta0).detach().numpy()  # forward over reverse
     H = G + R / (N if reduction == "mean" else 1)
     return 0.5 * (H + H.T), 0.5 * (G + G.T)
 
