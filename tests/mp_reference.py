@@ -335,7 +335,7 @@ def sample_digits(layers, acts, x) -> tuple[int, Any]:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class MPReference:
     """Dense curvature matrices as mpmath numbers (object arrays), with the moments and
     extreme eigenvalues, and their float64 roundings."""
@@ -350,6 +350,10 @@ class MPReference:
     #: A bound on |M_computed - M_exact|_F per curvature (the AD's own rounding): added to the
     #: eigenvalue errors (Weyl).  See :func:`reference`.
     matrix_err: dict | None = None
+
+    def __repr__(self) -> str:  # short: failing tests print their locals
+        return (f"MPReference(P={self.H.shape[0]}, N={self.logits.shape[0]}, digits={self.digits}, "
+                f"1 - p_r >= {mp.nstr(self.q_min, 3)}, loss={mp.nstr(self.loss, 3)})")
 
     def matrix(self, curvature: str) -> np.ndarray:
         return self.H if curvature == "hessian" else self.G
@@ -412,7 +416,7 @@ class Extremes:
         return (mpf(lo) <= self.lam_min + self.err_min + slack) and (mpf(hi) >= self.lam_min - self.err_min - slack)
 
 
-@dataclass
+@dataclass(repr=False)
 class DenseRef:
     """A float64 dense reference (e.g. :func:`hybrid_curvatures`) behind the interface of
     :class:`MPReference` that the tests use: moments, block sizes and extreme eigenvalues by
@@ -424,6 +428,9 @@ class DenseRef:
     block_sizes: tuple[int, ...]
     rel_err: float = 1e-12
     digits: int = 30
+
+    def __repr__(self) -> str:
+        return f"DenseRef(P={self.G.shape[0]}, hessian={self.H is not None}, rel_err={self.rel_err:g})"
 
     def matrix(self, curvature: str) -> np.ndarray:
         M = self.H if curvature == "hessian" else self.G
