@@ -97,8 +97,9 @@ def test_block_schedule(spec, curvature, refs):
     """Any batch size and memory limit (features recomputed in groups) gives the same moments."""
     layers, X, y = refs.model(spec)
     base = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
+    tight = _validate.min_memory_limit(layers, curvature, "torch")  # the smallest budget accepted
     for kw in (dict(batch_size=1), dict(batch_size=3), dict(batch_size=7), dict(batch_size=50),
-               dict(batch_size=3, memory_limit=1), dict(memory_limit=1)):
+               dict(batch_size=3, memory_limit=tight), dict(memory_limit=tight)):
         assert_close(_bound(layers, X, y, spec, curvature=curvature, backend="torch", **kw), base)
 
 
@@ -396,8 +397,11 @@ def test_plan_uses_device_budget(monkeypatch):
     X = np.tile(X, (400, 1))
     y = np.tile(y, 400)
     kw = dict(activation="tanh", curvature="hessian", reduction="mean")
-    p = _torch_backend.validate_torch(layers, X, y, memory_limit=1, **kw)
-    assert p.memory_limit == 1 and p.batch_size == 1 and p.group_blocks == 1
+    tight = _validate.min_memory_limit(layers, "hessian", "torch")
+    p = _torch_backend.validate_torch(layers, X, y, memory_limit=tight, **kw)
+    assert p.memory_limit == tight and p.batch_size == 1 and p.group_blocks == 1
+    with pytest.raises(ValueError, match=f"memory_limit = 1 bytes is below .* give memory_limit >= {tight} or None"):
+        _torch_backend.validate_torch(layers, X, y, memory_limit=1, **kw)
     p = _torch_backend.validate_torch(layers, X, y, **kw)
     assert p.memory_limit == _validate.default_memory_limit() and p.device == torch.device("cpu")
     assert p.batch_size <= _validate._TARGET_BATCH

@@ -278,15 +278,27 @@ def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = 
 
 def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
                  batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
-                 dtype: Any = None) -> Problem:
+                 dtype: Any = None, moments: bool = True) -> Problem:
     """:func:`adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
 
     backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
     ``device``, ``dtype`` and the device's memory budget (importing torch).  Any other
     backend: ``validate`` on NumPy arrays, and ``device=`` is refused; ``dtype`` is left to
     the caller, which knows what float32 means for it.  activation None means the torch
-    module's activations, or "tanh" for a list of layers.
+    module's activations, or "tanh" for a list of layers.  ``moments``: the problem is for
+    the moments (bound(): their memory minimum and thread clamp apply) or, False, for the
+    curvature-vector product, which plans its own blocks (:func:`_validate.moments_plan`).
     """
+    from ._validate import moments_plan
+
+    with moments_plan(moments):
+        return _validate_for(backend, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                             batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device,
+                             dtype=dtype)
+
+
+def _validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
+                  batch_size: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any) -> Problem:
     if backend == "torch" and device is None and is_module(layers):
         device = _module_device(layers, X)
     layers, X, y, activation = adapt(layers, X, y, activation, keep_tensors=backend == "torch")
