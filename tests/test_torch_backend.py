@@ -623,3 +623,115 @@ def test_moments_runs_under_ieee_float32(monkeypatch):
     _torch_backend.moments(prob, progress=lambda d, t: calls.append(list(seen)))
     assert seen == [("enter", prob.device), ("exit", prob.device)]
     assert calls and all(c == [("enter", prob.device)] for c in calls)  # the work runs inside
+
+
+class _FakeMatmul:
+    """torch.backends.cuda.matmul's TF32 flags, recording every write (legacy or new API)."""
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+        self._allow = True
+        self._precision = "tf32"
+        self.writes = 0
+
+    @property
+    def allow_tf32(self) -> bool:
+        if self.api == "new":
+            raise RuntimeError("the legacy flag cannot be read once the new API was used")
+        return self._allow
+
+    @allow_tf32.setter
+    def allow_tf32(self, value: bool) -> None:
+        self._allow = bool(value)
+        self.writes += 1
+
+    @property
+    def fp32_precision(self) -> str:
+        return self._precision
+
+    @fp32_precision.setter
+    def fp32_precision(self, value: str) -> None:
+        self._precision = value
+        self.writes += 1
+
+    def tf32(self) -> bool:
+        return self._allow if self.api == "legacy" else self._precision == "tf32"
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_ieee_float32_is_safe_across_threads(monkeypatch, api):
+    """Two threads in ieee_float32 at once: the first to leave must not turn TF32 back on while
+    the other still computes (it did before the guard counted its users); the last restores the
+    caller's setting, written once each way.  The guard's state logic, on a stand-in flag."""
+    import threading
+
+    fake = _FakeMatmul(api)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    cuda = torch.device("cuda")
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with _torch_backend.ieee_float32(cuda):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with _torch_backend.ieee_float32(cuda):
+            b_in.set()
+            a_out.wait(10)
+            seen["after the first left"] = fake.tf32()
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"after the first left": False}
+    assert fake.tf32() and fake.writes == 2  # restored, once
+    # many threads, nested calls: TF32 is off whenever any of them is inside
+    bad = []
+
+    def worker(k):
+        for i in range(200):
+            with _torch_backend.ieee_float32(cuda):
+                if fake.tf32():
+                    bad.append(k)
+                if i % 7 == 0:
+                    with _torch_backend.ieee_float32(cuda):
+                        if fake.tf32():
+                            bad.append(k)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert not bad and fake.tf32() and _torch_backend._TF32.depth == 0
+    with _torch_backend.ieee_float32(torch.device("cpu")):  # off CUDA: untouched
+        assert fake.tf32()
+
+
+def test_ieee_float32_recovers_from_a_failed_switch(monkeypatch):
+    """If turning TF32 off raises, nothing is counted: the next call tries again."""
+
+    class Broken(_FakeMatmul):
+        @property
+        def allow_tf32(self) -> bool:
+            return True
+
+        @allow_tf32.setter
+        def allow_tf32(self, value: bool) -> None:
+            raise RuntimeError("cannot set")
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", Broken("legacy"))
+    with pytest.raises(RuntimeError, match="cannot set"):
+        with _torch_backend.ieee_float32(torch.device("cuda")):
+            pass  # pragma: no cover
+    assert _torch_backend._TF32.depth == 0
+    fake = _FakeMatmul("legacy")
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    with _torch_backend.ieee_float32(torch.device("cuda")):
+        assert not fake.tf32()
+    assert fake.tf32()
