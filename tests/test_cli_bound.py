@@ -199,7 +199,7 @@ def _bad_cases(tmp_path, model, data, X, y):
         ("y-range", [model, npz("yr.npz", X=X, y=y + 5), "--activation", "tanh"], "out of range"),
         ("X-nan", [model, npz("xn.npz", X=np.full_like(X, np.nan), y=y), "--activation", "tanh"], "NaN"),
         ("X-object", [model, npz("xo.npz", X=np.array([1, "a"], dtype=object), y=y), "--activation", "tanh"],
-         "cannot read"),
+         "holds Python objects"),
         ("model-stray-key", [npz("mk.npz", W0=W0, w1=W1), data, "--activation", "tanh"], "unexpected arrays w1"),
         ("model-gap", [npz("mg.npz", W0=W0, W2=W1), data, "--activation", "tanh"], "missing W1"),
         ("model-bias-without-W", [npz("mb.npz", W0=np.ones((3, 6)), b1=np.ones(3)), data], "b1 has no weight"),
