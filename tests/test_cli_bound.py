@@ -368,7 +368,10 @@ def test_output_json_reads_back_as_the_printed_result(files, tmp_path):
     lines = dict(ln.split(None, 1) for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith(" "))
     saved = wsb.Bound.from_dict(json.loads(out.read_text()))
     assert saved.lambda_max is not None and saved.certify_k is None
-    assert _interval(lines["lambda_max"]) == pytest.approx(saved.lambda_max_bracket, rel=1e-5)
+    for key, bracket in (("lambda_max", saved.lambda_max_bracket), ("lambda_min", saved.lambda_min_bracket)):
+        lo, hi = _interval(lines[key])
+        assert (lo, hi) == pytest.approx(bracket, rel=1e-5)
+        assert lo <= bracket[0] and hi >= bracket[1]  # rounded outward: the printed bounds hold
     assert "Lanczos" in lines and "deflated" not in lines
     assert f"result written to {out}" in proc.stdout
 
@@ -435,3 +438,14 @@ def test_output_checked_before_any_work(files, tmp_path, capsys, monkeypatch):
             continue
         code = _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--output", str(target)])
         _bad_one_line(code, capsys.readouterr().err, match)
+
+
+@pytest.mark.parametrize("lo, hi, text", [(0.42490206123, 0.4249021034, "in [0.42490206, 0.42490211]"),
+                                          (0.42490206123, 0.42490206124, "in [0.42490206123, 0.42490206125]"),
+                                          (-0.397299123, -0.000780129, "in [-0.3973, -0.000780128]"),
+                                          (1.0, 1.0, "in [1, 1]")])
+def test_printed_brackets_round_outward(lo, hi, text):
+    """Printed bounds still hold (rounded outward) and a tight bracket keeps its digits."""
+    assert _cli._interval(lo, hi) == text
+    a, b = _interval(text)
+    assert a <= lo and b >= hi

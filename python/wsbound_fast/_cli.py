@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import stat
@@ -143,8 +144,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _PLOT_CHECKPOINTS = 16
 
 
+def _directed(x: float, digits: int, up: bool) -> str:
+    """``x`` to ``digits`` significant digits, rounded down (or up): printed bounds still hold."""
+    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    d = Decimal(x)  # exact
+    quantum = Decimal(1).scaleb(d.adjusted() - digits + 1)
+    q = d.quantize(quantum, rounding=ROUND_CEILING if up else ROUND_FLOOR)  # at most digits + 1 digits
+    return f"{float(q):.{digits + 1}g}"  # the float nearest q prints back as q (no trailing zeros)
+
+
 def _interval(lo: float, hi: float) -> str:
-    return f"in [{lo:.6g}, {hi:.6g}]"
+    """"in [lo, hi]" rounded outward, with as many significant digits (6 to 12) as it takes for
+    the printed interval to be at most twice as wide as the interval itself."""
+    for digits in range(6, 13):
+        a, b = _directed(lo, digits, False), _directed(hi, digits, True)
+        if float(b) - float(a) <= 2.0 * (hi - lo):
+            break
+    return f"in [{a}, {b}]"
 
 
 def _format_table(res: object, model: object, n_classes: int, soft: bool, activation: object) -> str:
