@@ -198,9 +198,9 @@ def _format_table(res: object, model: object, n_classes: int, soft: bool, activa
         rows.append(("Lanczos", f"lambda_max ~ {res.lambda_max:.8g}, lambda_min ~ {res.lambda_min:.8g} "
                                 f"({res.lanczos_iterations} iterations, {state}, {res.lanczos_s:.3g} s)"))
     if res.certify_k is not None and res.lambda_max_upper_deflated is not None:
-        rows.append(("deflated", f"lambda_max <= {res.lambda_max_upper_deflated:.6g}, lambda_min >= "
-                                 f"{res.lambda_min_lower_deflated:.6g}  (k = {res.certify_k} Ritz pairs, residual "
-                                 f"{res.certify_residual:.3g})"))
+        up, down = _directed(res.lambda_max_upper_deflated, 9, True), _directed(res.lambda_min_lower_deflated, 9, False)
+        rows.append(("deflated", f"lambda_max <= {up}, lambda_min >= {down}  (k = {res.certify_k} Ritz pairs, "
+                                 f"residual {res.certify_residual:.3g})"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     how = "with the Lanczos and deflated bounds" if res.certify_k is not None else (
