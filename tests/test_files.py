@@ -197,3 +197,12 @@ def test_duplicate_and_compressed_members(tmp_path):
         z.writestr("y.npy", y)
     with pytest.raises(ValueError, match="compression method 12"):
         _files.load_data(str(p))
+
+
+def test_torch_archive_size_checked_before_torch_reads_it(torch, tmp_path):
+    nn = torch.nn
+    p = tmp_path / "m.pt"
+    torch.save(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)), p)
+    assert _files.load_model(str(p)).dims == (6, 4, 3)
+    with pytest.raises(ValueError, match=r"MODEL .*m.pt: the torch archive declares .* more than the limit of 100 bytes"):
+        _files.load_model(str(p), max_bytes=100)
