@@ -314,9 +314,10 @@ def _bytes(n: int) -> str:
 
 #: Whether the plan being made is the moments' (bound(), the default) and its memory minimum
 #: and thread clamp apply; the curvature-vector product (hvp, eigsh) plans its own blocks and
-#: threads (_hvp.plan_hvp) from the same validated problem, so it validates with
-#: ``moments=False`` (:func:`for_products`).  A context variable, so that the torch backend's
-#: validation, which calls validate() and plan_python() itself, follows it too.
+#: threads (_hvp.plan_hvp) from the same validated problem, so it validates within
+#: ``moments_plan(False)`` (``_torch.validate_for(moments=False)``).  A context variable, so
+#: that the torch backend's validation, which calls validate() and plan_python() itself,
+#: follows it too.
 _MOMENTS_PLAN: contextvars.ContextVar[bool] = contextvars.ContextVar("wsbound_moments_plan", default=True)
 
 
