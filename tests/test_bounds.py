@@ -254,3 +254,70 @@ def test_bound_fields_are_ws_bounds_of_the_moments(backend, refs):
     assert "lambda_max" in repr(res)
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.trace = 0.0  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------
+# results read back: Bound.from_dict / WSBounds.from_dict (also through JSON)
+# ------------------------------------------------------------------------------------
+
+
+def test_bound_from_dict_round_trips_through_json(refs):
+    import json
+
+    spec = SPECS[1]
+    layers, X, y = refs.model(spec)
+    for kw in ({}, {"exact": True}, {"certify": 2}):
+        res = wsb.bound(layers, X, y, activation=spec.activation_arg(), **kw)
+        assert wsb.Bound.from_dict(res.to_dict()) == res
+        back = wsb.Bound.from_dict(json.loads(json.dumps(res.to_dict())))
+        assert back == res
+        assert isinstance(back.lambda_max_bracket, tuple) and isinstance(back.lambda_min_bracket, tuple)
+        assert back.layer_bounds and all(isinstance(lb, wsb.LayerBound) for lb in back.layer_bounds)
+        lo, hi = back.lambda_max_bracket  # typed as always present: unpacks without a None check
+        assert lo <= hi
+
+
+def test_bound_brackets_always_present():
+    """bound() sets the brackets and layer bounds; a Bound made by hand without them gets the WS
+    intervals and no layers (not None), and reads back from its dict the same."""
+    old = wsb.Bound(n_params=2, n_samples=1, trace=1.0, trace_sq=1.0, mean=0.5, std=0.5, lambda_max_lower=0.6,
+                    lambda_max_upper=1.0, lambda_min_lower=0.0, lambda_min_upper=0.4, curvature="hessian",
+                    reduction="mean", backend="cpp", elapsed_s=0.0)
+    assert old.lambda_max_bracket == (0.6, 1.0) and old.lambda_min_bracket == (0.0, 0.4)
+    assert old.layer_bounds == ()
+    assert wsb.Bound.from_dict(old.to_dict()) == old
+    given = dataclasses.replace(old, lambda_max_bracket=(0.7, 0.9))
+    assert given.lambda_max_bracket == (0.7, 0.9) and given.lambda_min_bracket == (0.0, 0.4)
+    hints = {f.name: f.type for f in dataclasses.fields(wsb.Bound)}
+    for name in ("lambda_max_bracket", "lambda_min_bracket", "layer_bounds"):
+        assert "None" not in str(hints[name]), name
+
+
+def test_bound_from_dict_refuses_bad_input():
+    d = wsb.bound(*_tiny()).to_dict()
+    with pytest.raises(ValueError, match="unknown keys extra"):
+        wsb.Bound.from_dict({**d, "extra": 1})
+    with pytest.raises(ValueError, match="missing keys trace"):
+        wsb.Bound.from_dict({k: v for k, v in d.items() if k != "trace"})
+    with pytest.raises(ValueError, match="lambda_max_bracket"):
+        wsb.Bound.from_dict({**d, "lambda_max_bracket": [1.0, 2.0, 3.0]})
+    with pytest.raises(TypeError, match="mapping"):
+        wsb.Bound.from_dict([1, 2])  # type: ignore[arg-type]
+    # an older file without the newer fields: their defaults
+    older = {k: v for k, v in d.items() if k not in ("trace_allowance", "trace_sq_allowance")}
+    assert wsb.Bound.from_dict(older).trace_allowance is None
+
+
+def _tiny():
+    rng = np.random.default_rng(3)
+    layers = [(rng.normal(size=(4, 3)), rng.normal(size=4)), (rng.normal(size=(3, 4)), None)]
+    return layers, rng.normal(size=(9, 3)), rng.integers(0, 3, 9)
+
+
+def test_ws_bounds_from_dict():
+    import json
+
+    for ws in (wsb.ws_bounds(3.0, 5.0, 4), wsb.ws_bounds(3.0, 5.0, 40, rank=3)):
+        assert wsb.WSBounds.from_dict(json.loads(json.dumps(ws.to_dict()))) == ws
+    with pytest.raises(ValueError, match="missing keys"):
+        wsb.WSBounds.from_dict({"n": 3})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -116,9 +117,23 @@ def test_table_output(files):
     assert "backend numpy" in lines["curvature"]
     assert R.rel(float(lines["tr(H)"]), ref.trace) <= 1e-11
     assert R.rel(float(lines["tr(H^2)"]), ref.trace_sq) <= 1e-11
-    lo, hi = lines["lambda_max"].removeprefix("in [").rstrip("]").split(", ")
-    assert float(lo) == pytest.approx(ref.lambda_max_lower, rel=1e-5)
-    assert float(hi) == pytest.approx(ref.lambda_max_upper, rel=1e-5)
+    # the table leads with the certified brackets, then the loose WS interval
+    first = proc.stdout.splitlines()[:2]
+    assert first[0].startswith("lambda_max") and first[1].startswith("lambda_min")
+    for key, want in (("lambda_max", ref.lambda_max_bracket), ("lambda_min", ref.lambda_min_bracket)):
+        assert lines[key].endswith("certified")
+        assert _interval(lines[key]) == pytest.approx(want, rel=1e-5)
+    ws = lines["WS"]
+    assert _interval(ws.split("lambda_max ")[1]) == pytest.approx((ref.lambda_max_lower, ref.lambda_max_upper), rel=1e-5)
+    assert _interval(ws.split("lambda_min ")[1]) == pytest.approx((ref.lambda_min_lower, ref.lambda_min_upper), rel=1e-5)
+    assert "Lanczos" not in lines and "deflated" not in lines
+
+
+def _interval(text: str) -> tuple[float, float]:
+    """(lo, hi) of the first "in [lo, hi]" in ``text``."""
+    inner = text.split("in [", 1)[1].split("]", 1)[0]
+    lo, hi = inner.split(", ")
+    return float(lo), float(hi)
 
 
 def test_activation_stored_in_npz_and_soft_labels(tmp_path):
@@ -199,7 +214,7 @@ def _bad_cases(tmp_path, model, data, X, y):
         ("y-range", [model, npz("yr.npz", X=X, y=y + 5), "--activation", "tanh"], "out of range"),
         ("X-nan", [model, npz("xn.npz", X=np.full_like(X, np.nan), y=y), "--activation", "tanh"], "NaN"),
         ("X-object", [model, npz("xo.npz", X=np.array([1, "a"], dtype=object), y=y), "--activation", "tanh"],
-         "cannot read"),
+         "holds Python objects"),
         ("model-stray-key", [npz("mk.npz", W0=W0, w1=W1), data, "--activation", "tanh"], "unexpected arrays w1"),
         ("model-gap", [npz("mg.npz", W0=W0, W2=W1), data, "--activation", "tanh"], "missing W1"),
         ("model-bias-without-W", [npz("mb.npz", W0=np.ones((3, 6)), b1=np.ones(3)), data], "b1 has no weight"),
@@ -326,3 +341,111 @@ def test_help_lists_bound():
     assert "bound" in _run("--help").stdout
     proc = _run("bound", "--help")
     assert proc.returncode == 0 and "MODEL" in proc.stdout and "weights_only" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------
+# --certify, --exact, --memory-limit, --output
+# ------------------------------------------------------------------------------------
+
+
+def test_output_json_reads_back_as_the_printed_result(files, tmp_path):
+    layers, X, y, model, data = files
+    out = tmp_path / "result.json"
+    proc = _run("bound", model, data, "--activation", "tanh", "--certify", "2", "--output", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    printed = wsb.Bound.from_dict(json.loads(proc.stdout))
+    saved = wsb.Bound.from_dict(json.loads(out.read_text()))
+    assert saved == printed  # the same result, read back with its tuples and LayerBound objects
+    assert isinstance(saved.lambda_max_bracket, tuple) and isinstance(saved.layer_bounds[0], wsb.LayerBound)
+    ref = wsb.bound(layers, X, y, activation="tanh", certify=2)
+    assert saved.certify_k is not None and saved.lambda_max is not None
+    assert saved.lambda_max_bracket == pytest.approx(ref.lambda_max_bracket, rel=1e-9)
+    assert saved.lambda_min_bracket == pytest.approx(ref.lambda_min_bracket, rel=1e-9)
+    # the table, and the file beside it
+    out.unlink()
+    proc = _run("bound", model, data, "--activation", "tanh", "--exact", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(ln.split(None, 1) for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith(" "))
+    saved = wsb.Bound.from_dict(json.loads(out.read_text()))
+    assert saved.lambda_max is not None and saved.certify_k is None
+    for key, bracket in (("lambda_max", saved.lambda_max_bracket), ("lambda_min", saved.lambda_min_bracket)):
+        lo, hi = _interval(lines[key])
+        assert (lo, hi) == pytest.approx(bracket, rel=1e-5)
+        assert lo <= bracket[0] and hi >= bracket[1]  # rounded outward: the printed bounds hold
+    assert "Lanczos" in lines and "deflated" not in lines
+    assert f"result written to {out}" in proc.stdout
+
+
+def test_certify_row_in_the_table(files, capsys):
+    layers, X, y, model, data = files
+    assert _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--certify", "3"]) == 0
+    lines = dict(ln.split(None, 1) for ln in capsys.readouterr().out.splitlines() if ln.strip() and not ln[0] == " ")
+    ref = wsb.bound(layers, X, y, activation="tanh", certify=3)
+    assert "k = 3 Ritz pairs" in lines["deflated"] or f"k = {ref.certify_k} Ritz pairs" in lines["deflated"]
+    assert _interval(lines["lambda_max"]) == pytest.approx(ref.lambda_max_bracket, rel=1e-5)
+
+
+@pytest.mark.parametrize("text, value", [("100", 100), ("4GiB", 4 << 30), ("4G", 4 << 30), ("4gi", 4 << 30),
+                                         ("4GB", 4 * 10**9), ("512MiB", 512 << 20), ("512 MB", 512 * 10**6),
+                                         ("1.5GiB", 3 << 29), ("64k", 65536), ("64kB", 64000), ("2T", 2 << 40),
+                                         ("7b", 7)])
+def test_memory_limit_sizes(text, value):
+    assert _cli._bytes_arg(text) == value
+
+
+@pytest.mark.parametrize("text", ["1.5", "0", "0k", "4x", "-1", "GiB", "4 GiBs", ""])
+def test_memory_limit_bad_sizes(files, capsys, text):
+    _, _, _, model, data = files
+    code = _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", text])
+    _bad_one_line(code, capsys.readouterr().err, "--memory-limit")
+
+
+def test_memory_limit_applies(files, capsys):
+    from wsbound_fast import _validate
+
+    layers, X, y, model, data = files
+    code = _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", "1k"])
+    tight = _validate.min_memory_limit(layers, "hessian", "cpp")
+    _bad_one_line(code, capsys.readouterr().err, f"give --memory-limit >= {tight} or None")
+    assert _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", str(tight),
+                      "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    _check(out, wsb.bound(layers, X, y, activation="tanh"))
+
+
+def test_output_checked_before_any_work(files, tmp_path, capsys, monkeypatch):
+    from wsbound_fast import _files
+
+    _, _, _, model, data = files
+
+    def no_work(*a, **k):  # pragma: no cover - must not run
+        raise AssertionError("a file was read before --output was checked")
+
+    monkeypatch.setattr(_files, "load_model", no_work)
+    monkeypatch.setattr(_files, "load_data", no_work)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for target, match in ((tmp_path / "missing" / "o.json", "--output: folder does not exist"),
+                          (tmp_path, "--output: " + str(tmp_path) + " is a directory"),
+                          (fifo, "is not a regular file (a FIFO or a socket)"),
+                          (data, "is an input file; it would be overwritten"),
+                          (model, "is an input file"),
+                          (locked / "o.json", "--output: folder is not writable")):
+        if target == locked / "o.json" and os.access(locked, os.W_OK):  # root writes anywhere
+            continue
+        code = _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--output", str(target)])
+        _bad_one_line(code, capsys.readouterr().err, match)
+
+
+@pytest.mark.parametrize("lo, hi, text", [(0.42490206123, 0.4249021034, "in [0.42490206, 0.42490211]"),
+                                          (0.42490206123, 0.42490206124, "in [0.42490206123, 0.42490206125]"),
+                                          (-0.397299123, -0.000780129, "in [-0.3973, -0.000780128]"),
+                                          (1.0, 1.0, "in [1, 1]")])
+def test_printed_brackets_round_outward(lo, hi, text):
+    """Printed bounds still hold (rounded outward) and a tight bracket keeps its digits."""
+    assert _cli._interval(lo, hi) == text
+    a, b = _interval(text)
+    assert a <= lo and b >= hi

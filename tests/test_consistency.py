@@ -153,6 +153,11 @@ def test_threads_argument_accepted(backend, refs):
     assert_same(a, b)
 
 
+def _tightest(layers, curvature) -> int:
+    """The smallest memory_limit both the C++ and the NumPy plans accept (one sample's needs)."""
+    return max(_validate.min_memory_limit(layers, curvature, b) for b in ("cpp", "numpy"))
+
+
 def _plan(layers, X, y, spec, **kw):
     return _validate.validate(layers, X, y, activation=spec.activation_arg(), curvature=kw.pop("curvature", "hessian"),
                               reduction="mean", **kw)
@@ -166,18 +171,24 @@ def test_memory_limit_recomputes_features_in_groups(curvature, backend, refs):
     # a budget between "one block at a time" and "everything cached": groups of 2..7 of 8 blocks
     # (a grid finer than powers of two: the window is narrow beside the C++ plan's fixed part)
     mid = None
+    tight = _tightest(layers, curvature)
     for limit in (int(2 ** (k / 16)) for k in range(160, 480)):
+        if limit < tight:
+            continue
         plan = _plan(layers, X, y, spec, curvature=curvature, batch_size=3, memory_limit=limit)
         if 1 < plan.group_blocks < 8:
             mid = limit
             break
     assert mid is not None
-    cases = [dict(batch_size=3, memory_limit=1), dict(batch_size=3, memory_limit=mid), dict(memory_limit=1)]
+    cases = [dict(batch_size=3, memory_limit=tight), dict(batch_size=3, memory_limit=mid), dict(memory_limit=tight)]
     for kw in cases:
         plan = _plan(layers, X, y, spec, curvature=curvature, **kw)
         assert plan.group_blocks < math.ceil(24 / plan.batch_size)  # features are recomputed
         assert_same(_bound(layers, X, y, spec, curvature=curvature, backend=backend, **kw), base)
-    assert _plan(layers, X, y, spec, memory_limit=1).batch_size == 1
+    assert _plan(layers, X, y, spec, curvature=curvature, memory_limit=tight).batch_size == 1
+    with pytest.raises(ValueError, match=r"memory_limit = 1 bytes is below what one sample needs: at least .* "
+                                         r"give memory_limit >= \d+ or None"):
+        _bound(layers, X, y, spec, curvature=curvature, backend=backend, memory_limit=1)
 
 
 # ------------------------------------------------------------------------------------

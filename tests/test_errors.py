@@ -133,6 +133,8 @@ CASES = [
     ("threads-0", L, X0, Y0, {"threads": 0}, ValueError, r"threads"),
     ("threads-negative", L, X0, Y0, {"threads": -2}, ValueError, r"threads"),
     ("threads-float", L, X0, Y0, {"threads": 1.5}, TypeError, r"threads"),
+    ("threads-absurd", L, X0, Y0, {"threads": 5_000_000}, ValueError, r"threads must be at most 4096"),
+    ("threads-2**31", L, X0, Y0, {"threads": 2**31}, ValueError, r"threads must be at most 4096"),
     ("memory_limit-0", L, X0, Y0, {"memory_limit": 0}, ValueError, r"memory_limit"),
     ("memory_limit-float", L, X0, Y0, {"memory_limit": 1e9}, TypeError, r"memory_limit"),
 ]
@@ -224,3 +226,62 @@ def test_hvp_overflow_raises_floating_point_error(hvp_backend):
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(FloatingPointError, match="overflow"):
             wsb.hvp(layers, X, y, np.full(P_L, 1e308), reduction="sum", backend=hvp_backend)
+
+
+# ------------------------------------------------------------------------------------
+# limits: memory_limit below one sample's needs, threads clamped to the work
+# ------------------------------------------------------------------------------------
+
+
+def test_memory_limit_below_one_sample_names_the_minimum(backend):
+    from wsbound_fast import _validate
+
+    tight = _validate.min_memory_limit(L, "hessian", backend)
+    for small in (1, tight - 1):
+        with pytest.raises(ValueError, match=rf"memory_limit = {small:,} bytes.* is below what one sample needs: "
+                                             rf"at least {tight:,} bytes.*give memory_limit >= {tight} or None"):
+            wsb.bound(L, X0, Y0, backend=backend, memory_limit=small)
+    ref = wsb.bound(L, X0, Y0, backend=backend)
+    res = wsb.bound(L, X0, Y0, backend=backend, memory_limit=tight)  # the minimum itself is accepted
+    assert res.trace == pytest.approx(ref.trace, rel=1e-12) and res.trace_sq == pytest.approx(ref.trace_sq, rel=1e-12)
+    with pytest.raises(ValueError, match="below what one sample needs"):
+        wsb.plan(L, 7, memory_limit=1)
+    assert wsb.plan(L, 7).min_memory_limit == _validate.min_memory_limit(L, "hessian", "cpp")
+
+
+def test_threads_clamped_to_the_work():
+    """threads beyond the block pairs one step runs at once, or the workers the budget holds,
+    are not planned (nor allocated): the problem and wsb.plan report the clamped count."""
+    from wsbound_fast import _torch, _validate
+
+    kw = dict(activation="tanh", curvature="hessian", reduction="mean")
+    small = _torch.validate_for("cpp", L, X0, Y0, threads=4096, **kw)  # 7 samples: one block
+    assert small.threads == 1 and wsb.plan(L, 7, threads=4096).threads == 1
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((2000, 4)), rng.integers(0, 3, 2000)
+    prob = _torch.validate_for("cpp", L, X, y, threads=4096, **kw)
+    nb = -(-2000 // prob.batch_size)
+    assert 1 < prob.threads <= _validate._parallelism(2000, prob.batch_size, prob.group_blocks) <= nb * (nb + 1) // 2
+    p = wsb.plan(L, 2000, threads=4096)
+    assert (p.threads, p.batch_size, p.group_blocks) == (prob.threads, prob.batch_size, prob.group_blocks)
+    # a budget that holds one worker: one thread
+    tight = _validate.min_memory_limit(L, "hessian", "cpp")
+    assert _torch.validate_for("cpp", L, X, y, threads=8, memory_limit=tight, **kw).threads == 1
+    # results do not depend on it
+    ref = wsb.bound(L, X, y, threads=1, batch_size=100)
+    res = wsb.bound(L, X, y, threads=4096, batch_size=100)
+    assert res.trace == pytest.approx(ref.trace, rel=1e-12) and res.trace_sq == pytest.approx(ref.trace_sq, rel=1e-12)
+
+
+def test_threads_absurd_is_one_line_on_the_cli(tmp_path):
+    """Not pybind11's 'incompatible function arguments' with the arrays dumped."""
+    import subprocess
+    import sys
+
+    model, data = tmp_path / "m.npz", tmp_path / "d.npz"
+    np.savez(model, W0=L[0][0], b0=L[0][1], W1=L[1][0], W2=L[2][0], b2=L[2][1])
+    np.savez(data, X=X0, y=Y0)
+    proc = subprocess.run([sys.executable, "-m", "wsbound_fast", "bound", str(model), str(data), "--activation",
+                           "tanh", "--threads", str(2**31)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "threads must be at most 4096" in proc.stderr and "incompatible" not in proc.stderr

@@ -97,8 +97,9 @@ def test_block_schedule(spec, curvature, refs):
     """Any batch size and memory limit (features recomputed in groups) gives the same moments."""
     layers, X, y = refs.model(spec)
     base = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
+    tight = _validate.min_memory_limit(layers, curvature, "torch")  # the smallest budget accepted
     for kw in (dict(batch_size=1), dict(batch_size=3), dict(batch_size=7), dict(batch_size=50),
-               dict(batch_size=3, memory_limit=1), dict(memory_limit=1)):
+               dict(batch_size=3, memory_limit=tight), dict(memory_limit=tight)):
         assert_close(_bound(layers, X, y, spec, curvature=curvature, backend="torch", **kw), base)
 
 
@@ -401,8 +402,11 @@ def test_plan_uses_device_budget(monkeypatch):
     X = np.tile(X, (400, 1))
     y = np.tile(y, 400)
     kw = dict(activation="tanh", curvature="hessian", reduction="mean")
-    p = _torch_backend.validate_torch(layers, X, y, memory_limit=1, **kw)
-    assert p.memory_limit == 1 and p.batch_size == 1 and p.group_blocks == 1
+    tight = _validate.min_memory_limit(layers, "hessian", "torch")
+    p = _torch_backend.validate_torch(layers, X, y, memory_limit=tight, **kw)
+    assert p.memory_limit == tight and p.batch_size == 1 and p.group_blocks == 1
+    with pytest.raises(ValueError, match=f"memory_limit = 1 bytes is below .* give memory_limit >= {tight} or None"):
+        _torch_backend.validate_torch(layers, X, y, memory_limit=1, **kw)
     p = _torch_backend.validate_torch(layers, X, y, **kw)
     assert p.memory_limit == _validate.default_memory_limit() and p.device == torch.device("cpu")
     assert p.batch_size <= _validate._TARGET_BATCH
@@ -624,3 +628,115 @@ def test_moments_runs_under_ieee_float32(monkeypatch):
     _torch_backend.moments(prob, progress=lambda d, t: calls.append(list(seen)))
     assert seen == [("enter", prob.device), ("exit", prob.device)]
     assert calls and all(c == [("enter", prob.device)] for c in calls)  # the work runs inside
+
+
+class _FakeMatmul:
+    """torch.backends.cuda.matmul's TF32 flags, recording every write (legacy or new API)."""
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+        self._allow = True
+        self._precision = "tf32"
+        self.writes = 0
+
+    @property
+    def allow_tf32(self) -> bool:
+        if self.api == "new":
+            raise RuntimeError("the legacy flag cannot be read once the new API was used")
+        return self._allow
+
+    @allow_tf32.setter
+    def allow_tf32(self, value: bool) -> None:
+        self._allow = bool(value)
+        self.writes += 1
+
+    @property
+    def fp32_precision(self) -> str:
+        return self._precision
+
+    @fp32_precision.setter
+    def fp32_precision(self, value: str) -> None:
+        self._precision = value
+        self.writes += 1
+
+    def tf32(self) -> bool:
+        return self._allow if self.api == "legacy" else self._precision == "tf32"
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_ieee_float32_is_safe_across_threads(monkeypatch, api):
+    """Two threads in ieee_float32 at once: the first to leave must not turn TF32 back on while
+    the other still computes (it did before the guard counted its users); the last restores the
+    caller's setting, written once each way.  The guard's state logic, on a stand-in flag."""
+    import threading
+
+    fake = _FakeMatmul(api)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    cuda = torch.device("cuda")
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with _torch_backend.ieee_float32(cuda):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with _torch_backend.ieee_float32(cuda):
+            b_in.set()
+            a_out.wait(10)
+            seen["after the first left"] = fake.tf32()
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"after the first left": False}
+    assert fake.tf32() and fake.writes == 2  # restored, once
+    # many threads, nested calls: TF32 is off whenever any of them is inside
+    bad = []
+
+    def worker(k):
+        for i in range(200):
+            with _torch_backend.ieee_float32(cuda):
+                if fake.tf32():
+                    bad.append(k)
+                if i % 7 == 0:
+                    with _torch_backend.ieee_float32(cuda):
+                        if fake.tf32():
+                            bad.append(k)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert not bad and fake.tf32() and _torch_backend._TF32.depth == 0
+    with _torch_backend.ieee_float32(torch.device("cpu")):  # off CUDA: untouched
+        assert fake.tf32()
+
+
+def test_ieee_float32_recovers_from_a_failed_switch(monkeypatch):
+    """If turning TF32 off raises, nothing is counted: the next call tries again."""
+
+    class Broken(_FakeMatmul):
+        @property
+        def allow_tf32(self) -> bool:
+            return True
+
+        @allow_tf32.setter
+        def allow_tf32(self, value: bool) -> None:
+            raise RuntimeError("cannot set")
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", Broken("legacy"))
+    with pytest.raises(RuntimeError, match="cannot set"):
+        with _torch_backend.ieee_float32(torch.device("cuda")):
+            pass  # pragma: no cover
+    assert _torch_backend._TF32.depth == 0
+    fake = _FakeMatmul("legacy")
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    with _torch_backend.ieee_float32(torch.device("cuda")):
+        assert not fake.tf32()
+    assert fake.tf32()

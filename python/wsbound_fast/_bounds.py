@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from ._rounding import U_DOUBLE, down, up
 
 __all__ = ["Bound", "LayerBound", "WSBounds", "ws_bounds"]
+
+_T = TypeVar("_T")
+
+
+def _fields_from(cls: type[_T], d: Any, what: str, convert: Mapping[str, Any] | None = None) -> _T:
+    """``cls(**d)`` for a mapping that ``to_dict()`` wrote (possibly through JSON), with the
+    keys checked: unknown ones and missing required ones are named in a ValueError."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{what}.from_dict expects a mapping (what to_dict() returns); got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in d if k not in names)
+    if unknown:
+        raise ValueError(f"{what}.from_dict: unknown keys {', '.join(unknown)}")
+    required = [f.name for f in fields(cls)  # type: ignore[arg-type]
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{what}.from_dict: missing keys {', '.join(missing)}")
+    kw = dict(d)
+    for key, fn in (convert or {}).items():
+        if kw.get(key) is not None:
+            try:
+                kw[key] = fn(kw[key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{what}.from_dict: cannot read {key!r}: {exc}") from None
+    return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -30,6 +58,11 @@ class WSBounds:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WSBounds:
+        """The WSBounds that :meth:`to_dict` (or its JSON) describes."""
+        return _fields_from(cls, d, "WSBounds")
 
 
 def _real(value: Any, name: str) -> float:
@@ -216,6 +249,15 @@ class LayerBound:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerBound:
+        """The LayerBound that :meth:`to_dict` (or its JSON) describes."""
+        return _fields_from(cls, d, "LayerBound")
+
+
+#: Default of Bound's brackets (compared by identity): replaced by the WS intervals.
+_WS_INTERVAL: tuple[float, float] = (-math.inf, math.inf)
+
 
 @dataclass(frozen=True)
 class Bound:
@@ -245,10 +287,13 @@ class Bound:
     lambda_max_upper_rank: float | None = None
     lambda_min_lower_rank: float | None = None
     #: WS bounds of each diagonal block H^{ll} (per-layer sharpness), from the same pass.
-    layer_bounds: tuple[LayerBound, ...] | None = None
+    #: bound() always sets them; a Bound made by hand without them has none.
+    layer_bounds: tuple[LayerBound, ...] = ()
     #: Certified intervals (lower, upper): the best of every bound computed (see the docs).
-    lambda_max_bracket: tuple[float, float] | None = None
-    lambda_min_bracket: tuple[float, float] | None = None
+    #: bound() always sets them; a Bound made by hand without them gets the WS intervals
+    #: (lambda_max_lower, lambda_max_upper) and (lambda_min_lower, lambda_min_upper).
+    lambda_max_bracket: tuple[float, float] = field(default=_WS_INTERVAL)
+    lambda_min_bracket: tuple[float, float] = field(default=_WS_INTERVAL)
     #: exact=True: extreme Rayleigh quotients from Lanczos (lambda_max is a lower bound on the
     #: true largest eigenvalue, lambda_min an upper bound on the smallest; both converge to
     #: them), the residual norms |H y - lambda y| of their unit vectors, and the tightness
@@ -277,8 +322,22 @@ class Bound:
     trace_allowance: float | None = None
     trace_sq_allowance: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.lambda_max_bracket is _WS_INTERVAL:
+            object.__setattr__(self, "lambda_max_bracket", (self.lambda_max_lower, self.lambda_max_upper))
+        if self.lambda_min_bracket is _WS_INTERVAL:
+            object.__setattr__(self, "lambda_min_bracket", (self.lambda_min_lower, self.lambda_min_upper))
+
     def to_dict(self) -> dict[str, Any]:
+        """Every field; ``layer_bounds`` as a list of dicts, the brackets as tuples (JSON: lists)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Bound:
+        """The Bound that :meth:`to_dict` wrote, also after a JSON round trip (lists become
+        tuples again, ``layer_bounds`` LayerBound objects); keys missing from an older file
+        take their defaults, unknown keys are refused."""
+        return _fields_from(cls, d, "Bound", convert=_BOUND_CONVERT)
 
     def __repr__(self) -> str:
         name = "H" if self.curvature == "hessian" else "G"
@@ -305,7 +364,7 @@ class Bound:
             tight = "" if self.tightness is None else f", tightness {self.tightness:.4g}"
             lines.append(f"  Lanczos: lambda_max ~ {self.lambda_max:.8g}, lambda_min ~ {self.lambda_min:.8g} "
                          f"({self.lanczos_iterations} iterations{tight})")
-        if self.lambda_max_bracket is not None and self.lambda_min_bracket is not None:
+        if self.lambda_max_bracket is not None and self.lambda_min_bracket is not None:  # (a hand-made None)
             lines.append(f"  certified: lambda_max in [{self.lambda_max_bracket[0]:.6g}, {self.lambda_max_bracket[1]:.6g}], "
                          f"lambda_min in [{self.lambda_min_bracket[0]:.6g}, {self.lambda_min_bracket[1]:.6g}]")
         if self.layer_bounds:
@@ -313,3 +372,15 @@ class Bound:
                 lines.append(f"  layer {lb.layer} (P={lb.n_params}): lambda_max(H^ll) in "
                              f"[{lb.lambda_max_lower:.6g}, {lb.lambda_max_upper:.6g}]")
         return "".join("\n" + line for line in lines)
+
+
+def _bracket(v: Any) -> tuple[float, float]:
+    lo, hi = v  # a pair
+    return float(lo), float(hi)
+
+
+def _layer_bounds(v: Any) -> tuple[LayerBound, ...]:
+    return tuple(lb if isinstance(lb, LayerBound) else LayerBound.from_dict(lb) for lb in v)
+
+
+_BOUND_CONVERT = {"lambda_max_bracket": _bracket, "lambda_min_bracket": _bracket, "layer_bounds": _layer_bounds}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -33,6 +36,27 @@ def _int_at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(i?)b?|(b?))\s*$", re.IGNORECASE)
+_POWER = {"k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def _bytes_arg(text: str) -> int:
+    """A size in bytes: 4294967296, 4GiB, 4G (binary), 4GB (decimal), 512MiB, 1.5GiB, 64k, ..."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 4294967296, 4GiB, 512MiB or 4GB; "
+                                         f"got {text!r}")
+    number, unit, binary = m.group(1), (m.group(2) or "").lower(), m.group(3)
+    if not unit and "." in number:
+        raise argparse.ArgumentTypeError(f"a size in bytes without a unit must be a whole number; got {text!r}")
+    decimal = unit and not binary and text.strip()[-1] in "bB"  # 4GB: 10^9; 4G, 4GiB: 2^30
+    scale = (1000 if decimal else 1024) ** _POWER[unit] if unit else 1
+    value = int(float(number) * scale) if "." in number else int(number) * scale
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte; got {text!r}")
+    return value
+
+
 def _demo_lambda_max(backend: str | None, threads: int | None) -> Callable:
     """The exact lambda_max for the demo's plot: Lanczos (wsb.eigsh) over the exact Hessian-vector
     product of the tanh MLP's mean cross-entropy; drawn between the WS bounds."""
@@ -53,13 +77,35 @@ def _demo_lambda_max(backend: str | None, threads: int | None) -> Callable:
     return lambda_max
 
 
-def _check_writable(path: str) -> None:
-    """Fail before any work when ``path`` cannot be written (missing folder, no permission)."""
+def _check_writable(path: str, option: str = "--plot", inputs: Sequence[str] = ()) -> None:
+    """Fail before any work when ``path`` cannot be written (missing folder, no permission, a
+    directory, a FIFO that would block, one of the input files)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise _UsageError(f"{PROG}: error: {option}: cannot use {path}: {exc.strerror or exc}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise _UsageError(f"{PROG}: error: {option}: {path} is a directory; give a file name")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):  # (a character device: /dev/null)
+            raise _UsageError(f"{PROG}: error: {option}: {path} is not a regular file (a FIFO or a socket)")
+        for other in inputs:
+            try:
+                same = os.path.samefile(path, other)
+            except OSError:
+                same = False
+            if same:
+                raise _UsageError(f"{PROG}: error: {option}: {path} is an input file; it would be overwritten")
+        if not os.access(path, os.W_OK):
+            raise _UsageError(f"{PROG}: error: {option}: file is not writable: {path}")
+        return
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise _UsageError(f"{PROG}: error: --plot: folder does not exist: {folder}")
+        raise _UsageError(f"{PROG}: error: {option}: folder does not exist: {folder}")
     if not os.access(folder, os.W_OK):
-        raise _UsageError(f"{PROG}: error: --plot: folder is not writable: {folder}")
+        raise _UsageError(f"{PROG}: error: {option}: folder is not writable: {folder}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -98,7 +144,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _PLOT_CHECKPOINTS = 16
 
 
+def _directed(x: float, digits: int, up: bool) -> str:
+    """``x`` to ``digits`` significant digits, rounded down (or up): printed bounds still hold."""
+    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    d = Decimal(x)  # exact
+    quantum = Decimal(1).scaleb(d.adjusted() - digits + 1)
+    q = d.quantize(quantum, rounding=ROUND_CEILING if up else ROUND_FLOOR)  # at most digits + 1 digits
+    return f"{float(q):.{digits + 1}g}"  # the float nearest q prints back as q (no trailing zeros)
+
+
+def _interval(lo: float, hi: float) -> str:
+    """"in [lo, hi]" rounded outward, with as many significant digits (6 to 12) as it takes for
+    the printed interval to be at most twice as wide as the interval itself."""
+    for digits in range(6, 13):
+        a, b = _directed(lo, digits, False), _directed(hi, digits, True)
+        if float(b) - float(a) <= 2.0 * (hi - lo):
+            break
+    return f"in [{a}, {b}]"
+
+
 def _format_table(res: object, model: object, n_classes: int, soft: bool, activation: object) -> str:
+    """The result as a table: the certified brackets first, then what they were computed from
+    (the model, the data, the moments), the loose Wolkowicz-Styan interval, and with
+    --exact / --certify the Lanczos estimates and the deflated certificate."""
     from ._bounds import Bound
     from ._files import Model
 
@@ -107,7 +178,10 @@ def _format_table(res: object, model: object, n_classes: int, soft: bool, activa
     arch = "-".join(map(str, model.dims))
     acts = activation if isinstance(activation, list) else [activation] * (len(model.dims) - 2)
     act_text = ", ".join(a if isinstance(a, str) else f"{a[0]}({a[1]:g})" for a in acts) or "none (one layer)"
+    (max_lo, max_hi), (min_lo, min_hi) = res.lambda_max_bracket, res.lambda_min_bracket
     rows = [
+        ("lambda_max", f"{_interval(max_lo, max_hi)}  certified"),
+        ("lambda_min", f"{_interval(min_lo, min_hi)}  certified"),
         ("model", f"{model.description}: {arch}, {len(model.dims) - 1} layer(s), P = {res.n_params:,}"),
         ("activations", act_text),
         ("data", f"N = {res.n_samples:,} samples, {'soft' if soft else 'hard'} labels, {n_classes} classes"),
@@ -116,12 +190,23 @@ def _format_table(res: object, model: object, n_classes: int, soft: bool, activa
         (f"tr({H})", f"{res.trace:.12g}"),
         (f"tr({H}^2)", f"{res.trace_sq:.12g}"),
         ("eigenvalues", f"mean {res.mean:.6g}, std {res.std:.6g}"),
-        ("lambda_max", f"in [{res.lambda_max_lower:.6g}, {res.lambda_max_upper:.6g}]"),
-        ("lambda_min", f"in [{res.lambda_min_lower:.6g}, {res.lambda_min_upper:.6g}]"),
+        ("WS", f"lambda_max {_interval(res.lambda_max_lower, res.lambda_max_upper)}, "
+               f"lambda_min {_interval(res.lambda_min_lower, res.lambda_min_upper)}  (from tr({H}), tr({H}^2) alone)"),
     ]
+    if res.lambda_max is not None:
+        state = "converged" if res.lanczos_converged else "not converged"
+        rows.append(("Lanczos", f"lambda_max ~ {res.lambda_max:.8g}, lambda_min ~ {res.lambda_min:.8g} "
+                                f"({res.lanczos_iterations} iterations, {state}, {res.lanczos_s:.3g} s)"))
+    if res.certify_k is not None and res.lambda_max_upper_deflated is not None:
+        up, down = _directed(res.lambda_max_upper_deflated, 9, True), _directed(res.lambda_min_lower_deflated, 9, False)
+        rows.append(("deflated", f"lambda_max <= {up}, lambda_min >= {down}  (k = {res.certify_k} Ritz pairs, "
+                                 f"residual {res.certify_residual:.3g})"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    lines.append(f"{'':{width}}  (lambda_*: certified Wolkowicz-Styan bounds on the extreme eigenvalues of {H})")
+    how = "with the Lanczos and deflated bounds" if res.certify_k is not None else (
+        "with the Lanczos Rayleigh quotients" if res.lambda_max is not None else "--certify K tightens them")
+    lines.append(f"{'':{width}}  (certified: the best bounds proved on the extreme eigenvalues of {H}, rounding "
+                 f"included; {how})")
     return "\n".join(lines)
 
 
@@ -135,6 +220,8 @@ def _cmd_bound(args: argparse.Namespace) -> int:
     from ._files import load_data, load_model, parse_activation
 
     activation = parse_activation(args.activation)
+    if args.output is not None:  # before any work
+        _check_writable(args.output, "--output", inputs=(args.model, args.data))
     model = load_model(args.model)
     X, y = load_data(args.data)
     if model.source == "npz":
@@ -147,11 +234,22 @@ def _cmd_bound(args: argparse.Namespace) -> int:
             )
     which = resolve_backend(args.backend)
     # a progress bar over block pairs on a terminal (stderr), unless --quiet
-    res = bound(model.layers, X, y, activation=activation, curvature=args.curvature, reduction=args.reduction,
-                batch_size=args.batch_size, threads=args.threads, backend=which, device=args.device,
-                dtype=args.dtype, progress=not args.quiet and sys.stderr.isatty())
+    try:
+        res = bound(model.layers, X, y, activation=activation, curvature=args.curvature, reduction=args.reduction,
+                    batch_size=args.batch_size, threads=args.threads, backend=which, device=args.device,
+                    dtype=args.dtype, progress=not args.quiet and sys.stderr.isatty(), memory_limit=args.memory_limit,
+                    exact=args.exact, certify=args.certify)
+    except ValueError as exc:  # the library names its arguments; on the command line, the options
+        text = str(exc)
+        if text.startswith("memory_limit = "):
+            raise ValueError(text.replace("memory_limit", "--memory-limit")) from None
+        raise
+    text = json.dumps(res.to_dict(), indent=2)
+    if args.output is not None:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
     if args.json:
-        print(json.dumps(res.to_dict(), indent=2))
+        print(text)
     else:
         if model.source == "torch":
             from ._torch import convert
@@ -160,6 +258,8 @@ def _cmd_bound(args: argparse.Namespace) -> int:
         elif activation is None:
             activation = []
         print(_format_table(res, model, model.dims[-1], np.ndim(y) == 2, activation))
+        if args.output is not None:
+            print(f"result written to {args.output} (JSON; wsbound_fast.Bound.from_dict reads it back)")
     return 0
 
 
@@ -206,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     bnd = sub.add_parser(
         "bound",
         help="tr(H), tr(H^2) and the WS bounds of a model file on a data file",
-        description="Exact tr(H), tr(H^2) of the cross-entropy loss curvature of the MLP in MODEL over the data "
-                    "in DATA, and the Wolkowicz-Styan bounds on its extreme eigenvalues. MODEL: an .npz of "
+        description="Certified bounds on the extreme eigenvalues (lambda_max, lambda_min) of the cross-entropy "
+                    "loss curvature of the MLP in MODEL over the data in DATA, from its exact tr(H) and tr(H^2) "
+                    "(Wolkowicz-Styan, rank and per-layer bounds; with --exact / --certify K also Lanczos and the "
+                    "deflated certificate). MODEL: an .npz of "
                     "W0, b0, W1, b1, ... (W of shape (out, in) as torch.nn.Linear; b optional; optional "
                     "'activation' strings), or a torch.save-d nn.Sequential (needs torch; read with "
                     "weights_only=True, only the supported module classes are allowed). DATA: an .npz with X "
@@ -236,9 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per streamed block (default: chosen from the memory budget)")
     bnd.add_argument("--threads", type=_int_at_least(1), default=None, metavar="T",
                      help="worker threads of the cpp backend (default: all available cores)")
+    bnd.add_argument("--exact", action="store_true",
+                     help="also run Lanczos on the exact curvature-vector product: Rayleigh quotients (a certified "
+                          "lower bound on lambda_max, upper bound on lambda_min) that tighten the certified brackets")
+    bnd.add_argument("--certify", type=_int_at_least(1), default=None, metavar="K",
+                     help="the deflated certificate from the K Ritz pairs of largest magnitude (implies --exact): "
+                          "usually the tightest certified upper bound on lambda_max")
+    bnd.add_argument("--memory-limit", type=_bytes_arg, default=None, metavar="BYTES",
+                     help="memory the engine may use for features and scratch: bytes, or with a unit (4GiB, 512MiB, "
+                          "4G = 4GiB; 4GB = 4*10^9) (default: a quarter of the machine's memory, at most 4 GiB)")
+    bnd.add_argument("--output", metavar="FILE", default=None,
+                     help="also write the result as JSON to FILE (checked writable before any work; read it back "
+                          "with wsbound_fast.Bound.from_dict)")
     bnd.add_argument("--quiet", action="store_true", help="no status line on a terminal")
     bnd.set_defaults(func=_cmd_bound)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a message of several lines is joined)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (ValueError, TypeError, ImportError, FloatingPointError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{PROG}: error: out of memory (a smaller --memory-limit or --batch-size may help)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -13,7 +13,7 @@ import numpy as np
 from ._cost import (cpp_fixed_doubles, cpp_group_doubles, cpp_worker_doubles, feature_doubles, feature_flops,
                     pair_flops)
 from ._validate import (CURVATURES, _choice, _positive_int, choose_structured, default_memory_limit,
-                        default_threads, plan_blocks, validate_activations, validate_layers)
+                        min_memory_cpp, plan_cpp, validate_activations, validate_layers, validate_threads)
 
 #: Fraction of NumPy's float64 GEMM rate the engine is assumed to reach (pairs and features).
 ASSUMED_EFFICIENCY = 0.6
@@ -37,6 +37,10 @@ class Plan:
     memory_bytes: int
     gemm_gflops: float
     predicted_seconds: float
+    #: Worker threads of the plan: ``threads`` clamped to the work's parallelism and the budget.
+    threads: int = 1
+    #: The smallest memory_limit bound() accepts for this model (backend "cpp"): one sample's needs.
+    min_memory_limit: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +78,10 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     are recomputed for each group).  Seconds assume the engine reaches 60% of this machine's
     float64 NumPy GEMM rate, measured once, on both.
     ``activation`` is accepted for symmetry with :func:`bound` and checked; the cost does not
-    depend on it.  ``layers`` may be a torch module.
+    depend on it.  ``layers`` may be a torch module.  ``threads`` is clamped as bound() clamps
+    it (to the block pairs one step runs at once and the workers the budget holds; the plan's
+    ``threads``); a ``memory_limit`` below what one sample needs is a ValueError naming the
+    minimum.
     """
     from . import _torch
 
@@ -84,14 +91,14 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
         validate_activations(activation, len(weights))
     n = _positive_int(n_samples, "n_samples")
     curv = _choice(curvature, "curvature", CURVATURES)
-    nthreads = default_threads() if threads is None else _positive_int(threads, "threads")
+    nthreads = validate_threads(threads)
     budget = default_memory_limit() if memory_limit is None else _positive_int(memory_limit, "memory_limit")
     batch_arg = None if batch_size is None else _positive_int(batch_size, "batch_size")
     dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian)
-    batch, group = plan_blocks(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget, cpp=True)
+    batch, group, nthreads = plan_cpp(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget)
     n_blocks = math.ceil(n / batch)
     sizes = [min(batch, n - k * batch) for k in range(n_blocks)]
     # upper triangle of block pairs: sum_{I <= J} |I| |J| = (N^2 + sum |I|^2) / 2 sample pairs
@@ -107,4 +114,5 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     rate = gemm_rate()
     P = int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
     return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops, fflops,
-                8 * n * f, memory, rate / 1e9, (flops + fflops) / (ASSUMED_EFFICIENCY * rate))
+                8 * n * f, memory, rate / 1e9, (flops + fflops) / (ASSUMED_EFFICIENCY * rate), nthreads,
+                min_memory_cpp(dims, has_bias, hessian, structured))

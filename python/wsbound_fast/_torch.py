@@ -278,15 +278,27 @@ def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = 
 
 def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
                  batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
-                 dtype: Any = None) -> Problem:
+                 dtype: Any = None, moments: bool = True) -> Problem:
     """:func:`adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
 
     backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
     ``device``, ``dtype`` and the device's memory budget (importing torch).  Any other
     backend: ``validate`` on NumPy arrays, and ``device=`` is refused; ``dtype`` is left to
     the caller, which knows what float32 means for it.  activation None means the torch
-    module's activations, or "tanh" for a list of layers.
+    module's activations, or "tanh" for a list of layers.  ``moments``: the problem is for
+    the moments (bound(): their memory minimum and thread clamp apply) or, False, for the
+    curvature-vector product, which plans its own blocks (:func:`_validate.moments_plan`).
     """
+    from ._validate import moments_plan
+
+    with moments_plan(moments):
+        return _validate_for(backend, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                             batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device,
+                             dtype=dtype)
+
+
+def _validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
+                  batch_size: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any) -> Problem:
     if backend == "torch" and device is None and is_module(layers):
         device = _module_device(layers, X)
     layers, X, y, activation = adapt(layers, X, y, activation, keep_tensors=backend == "torch")
@@ -331,11 +343,32 @@ def _safe_classes() -> list[Any]:
             nn.Identity, nn.Flatten, nn.Dropout, nn.LogSoftmax]
 
 
-def load_module(path: str) -> Any:
+def _refusal(exc: BaseException) -> str:
+    """torch.load's refusal in our own words, one line: the global it would have needed, or
+    the reason without torch's advice (add_safe_globals, weights_only=False)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"unsupported GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it needs {found.group(1)}, which is not one of the modules allowed"
+    advice = ("weights_only", "safe_globals", "Re-running", "re-running", "Please", "please", "Check the documentation",
+              "trust", "In PyTorch", "WeightsUnpickler error:")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not any(a in ln for a in advice)]
+    reason = useful[0] if useful else (lines[0].split(". ")[0] if lines else type(exc).__name__)
+    reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)
+    return reason[:200] + ("..." if len(reason) > 200 else "")
+
+
+def load_module(path: str, file: Any = None) -> Any:
     """Read a ``torch.save``-d nn.Sequential without running arbitrary pickled code.
 
     ``torch.load(weights_only=True)`` with only the module classes of :func:`from_torch`
     allowed: a file that needs anything else is refused with an error, never executed.
+    ``file``: an open binary file to read instead of opening ``path`` (which names it).
+    Refusals are one line of our own (the class it needs, or the reason), without torch's
+    advice to allow more or to turn ``weights_only`` off.
     """
     torch = _import_torch()
     safe_globals = getattr(torch.serialization, "safe_globals", None)
@@ -343,15 +376,20 @@ def load_module(path: str) -> Any:
         raise ImportError(f"reading a saved torch module safely needs torch >= 2.5; this is {torch.__version__}")
     try:
         with safe_globals(_safe_classes()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+            obj = torch.load(path if file is None else file, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
+    except MemoryError:
+        raise ValueError(f"{path}: torch.load ran out of memory reading it (a damaged or hostile file?)") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "Unsupported global" in ln or "GLOBAL" in ln), first[0] if first else "")
+        allowed = ", ".join(c.__name__ for c in _safe_classes())
+        reason = _refusal(exc)
+        if reason.startswith("it needs "):
+            raise ValueError(f"{path}: torch.load refused it (weights_only=True): {reason} ({allowed}); "
+                             "it was not loaded") from None
         raise ValueError(
             f"{path}: not a readable .npz of W0, b0, ... nor a torch.save-d nn.Sequential of supported modules "
-            f"(torch.load refused it: {detail})"
+            f"(torch.load refused it: {reason})"
         ) from None
     if not isinstance(obj, torch.nn.Module):
         hint = " (a state_dict? save the module itself: torch.save(model, path))" if isinstance(obj, dict) else ""

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -700,6 +701,53 @@ def pair_sum(prob: TorchProblem, FI: BlockFeatures, FJ: BlockFeatures) -> torch.
     return out
 
 
+class _TF32Guard:
+    """The process-wide state of :func:`ieee_float32`: the flag is global to cuBLAS, so calls
+    from several threads share one guard.  The first to enter turns TF32 off and keeps the
+    caller's setting; the last to leave restores it (a count under a lock), so that no call
+    restores TF32 while another still runs in float32."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.restore: Callable[[], None] | None = None
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self.restore = _tf32_off()  # raises before counting: nothing to undo
+            self.depth += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                restore, self.restore = self.restore, None
+                if restore is not None:
+                    restore()
+
+
+_TF32 = _TF32Guard()
+
+
+def _tf32_off() -> Callable[[], None] | None:
+    """Turn TF32 matmuls off; return what restores the caller's setting (None: it was off)."""
+    m = torch.backends.cuda.matmul
+    try:
+        legacy = bool(m.allow_tf32)
+    except RuntimeError:  # the new API is in use (torch >= 2.9): the legacy flag cannot be read
+        legacy = None
+    if legacy is True:
+        m.allow_tf32 = False
+        return lambda: setattr(m, "allow_tf32", True)
+    if legacy is None:
+        old = m.fp32_precision
+        if old != "ieee":
+            m.fp32_precision = "ieee"
+            return lambda: setattr(m, "fp32_precision", old)
+    return None
+
+
 @contextlib.contextmanager
 def ieee_float32(device: torch.device) -> Iterator[None]:
     """Within the block: float32 matmuls on ``device`` (CUDA) in IEEE float32, not TF32.
@@ -707,30 +755,18 @@ def ieee_float32(device: torch.device) -> Iterator[None]:
     torch has two APIs for the flag (``allow_tf32``, and ``fp32_precision`` since 2.9) and
     refuses to read the legacy one once the new one was used; the setting is changed and
     restored through the API that can read it, so that the caller's later reads of either
-    keep working.  Nothing happens off CUDA (the flag is cuBLAS's).
+    keep working.  Nothing happens off CUDA (the flag is cuBLAS's).  Safe under concurrent
+    calls from several threads (and nested ones): the flag stays off until the last one
+    leaves, which restores the setting the first one found (:class:`_TF32Guard`).
     """
     if device.type != "cuda":
         yield
         return
-    m = torch.backends.cuda.matmul
-    restore: Callable[[], None] | None = None
-    try:
-        legacy = bool(m.allow_tf32)
-    except RuntimeError:  # the new API is in use (torch >= 2.9): the legacy flag cannot be read
-        legacy = None
-    if legacy is True:
-        m.allow_tf32 = False
-        restore = lambda: setattr(m, "allow_tf32", True)  # noqa: E731
-    elif legacy is None:
-        old = m.fp32_precision
-        if old != "ieee":
-            m.fp32_precision = "ieee"
-            restore = lambda: setattr(m, "fp32_precision", old)  # noqa: E731
+    _TF32.enter()
     try:
         yield
     finally:
-        if restore is not None:
-            restore()
+        _TF32.exit()
 
 
 def _synchronize(device: torch.device) -> None:

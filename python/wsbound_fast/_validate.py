@@ -9,11 +9,13 @@ probability rows, and the block plan (batch size, blocks cached at once).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,6 +289,126 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+#: Most worker threads accepted: more is a mistake, not a machine (and the C++ engine takes
+#: a C int).  Within it, the plan clamps threads to the work's parallelism and the budget.
+MAX_THREADS = 4096
+
+
+def validate_threads(value: Any) -> int:
+    """``threads``: None (every core available) or an integer in [1, MAX_THREADS]."""
+    if value is None:
+        return default_threads()
+    t = _positive_int(value, "threads")
+    if t > MAX_THREADS:
+        raise ValueError(f"threads must be at most {MAX_THREADS} (worker threads, clamped to the work's "
+                         f"parallelism); got {t}")
+    return t
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n:,} bytes ({n / size:.3g} {unit})"
+    return f"{n:,} bytes"
+
+
+#: Whether the plan being made is the moments' (bound(), the default) and its memory minimum
+#: and thread clamp apply; the curvature-vector product (hvp, eigsh) plans its own blocks and
+#: threads (_hvp.plan_hvp) from the same validated problem, so it validates within
+#: ``moments_plan(False)`` (``_torch.validate_for(moments=False)``).  A context variable, so
+#: that the torch backend's validation, which calls validate() and plan_python() itself,
+#: follows it too.
+_MOMENTS_PLAN: contextvars.ContextVar[bool] = contextvars.ContextVar("wsbound_moments_plan", default=True)
+
+
+@contextlib.contextmanager
+def moments_plan(moments: bool) -> Iterator[None]:
+    """Within the block, validation plans for the moments (True) or for products (False)."""
+    token = _MOMENTS_PLAN.set(bool(moments))
+    try:
+        yield
+    finally:
+        _MOMENTS_PLAN.reset(token)
+
+
+def check_memory_limit(memory_limit: int, minimum: int, what: str) -> None:
+    """ValueError naming the minimum when ``memory_limit`` is below it (the engine would have
+    to exceed the budget whatever the plan).  Not while validating for products."""
+    if memory_limit < minimum and _MOMENTS_PLAN.get():
+        raise ValueError(f"memory_limit = {_bytes(memory_limit)} is below what one sample needs: at least "
+                         f"{_bytes(minimum)} for this model ({what}); give memory_limit >= {minimum} "
+                         "or None for the default")
+
+
+def min_memory_cpp(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool) -> int:
+    """Smallest memory_limit of the C++ engine's moments: its weight copy and fixed part, one
+    worker's scratch for one-sample blocks, the features of two one-sample blocks and the
+    bookkeeping of one block pair (_cost.cpp_*)."""
+    f = feature_doubles(dims, has_bias, hessian, structured)
+    return 8 * (cpp_fixed_doubles(dims, has_bias) + cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
+                + 2 * f + cpp_group_doubles(len(dims) - 1, 1, 1))
+
+
+def min_memory_python(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool) -> int:
+    """Smallest memory_limit of the NumPy and torch backends' moments: the weights, two
+    one-sample blocks' features and their scratch (plan_blocks' count at batch 1); on the K
+    route the chunks of sample pairs take KROUTE_SCRATCH_SHARE of the budget on top."""
+    P = sum(dims[l - 1] * dims[l] + dims[l] * int(has_bias[l - 1]) for l in range(1, len(dims)))
+    f = feature_doubles(dims, has_bias, hessian, structured)
+    scratch = (pair_scratch_doubles(dims, 1, hessian, structured, PY_CROSS_COPIES) + int(PY_FEATURE_TEMPORARIES * f)
+               + feature_scratch_doubles(dims, hessian, structured))
+    need = 8 * (P + 2 * f + scratch)
+    if structured:
+        need = math.ceil(need / (1.0 - KROUTE_SCRATCH_SHARE))
+    return need
+
+
+def min_memory_limit(layers: Any, curvature: str = "hessian", backend: str = "cpp") -> int:
+    """The smallest memory_limit bound() accepts for ``layers`` ((W, b) pairs) on ``backend``:
+    the C++ engine's count (:func:`min_memory_cpp`), or the NumPy and torch backends'
+    (:func:`min_memory_python`; for torch, on its device)."""
+    weights, biases = validate_layers(layers)
+    dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+    has_bias = [b is not None for b in biases]
+    hessian = _choice(curvature, "curvature", CURVATURES) == "hessian"
+    structured = choose_structured(dims, has_bias, hessian)
+    cpp = min_memory_cpp(dims, has_bias, hessian, structured)
+    py = min_memory_python(dims, has_bias, hessian, structured)
+    return cpp if _choice(backend, "backend", BACKENDS) == "cpp" else py
+
+
+def _parallelism(n_samples: int, batch: int, group: int) -> int:
+    """Most tasks one parallel step of the C++ engine's plan runs: the block pairs of the first
+    group with itself, or of two groups (engine.cpp, compute_moments); the features are one
+    task per block of a group, never more."""
+    nb = math.ceil(n_samples / batch)
+    g = min(group, nb)
+    return max(g * (g + 1) // 2, g * min(g, nb - g) if nb > g else 0)
+
+
+def plan_cpp(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
+             threads: int, batch_size: int | None, memory_limit: int) -> tuple[int, int, int]:
+    """(batch_size, blocks cached at once, threads) of the C++ engine's moments.
+
+    ValueError when ``memory_limit`` is below what one sample needs (:func:`min_memory_cpp`).
+    ``threads`` is clamped to the workers the budget holds (each with its scratch and two
+    blocks of features for one-sample blocks) and to the most tasks one step of the plan runs
+    at once, so that no worker is planned for, or allocated, without work.
+    """
+    minimum = min_memory_cpp(dims, has_bias, hessian, structured)
+    check_memory_limit(memory_limit, minimum, "the weights, one sample's features and one worker's scratch")
+    worker = 8 * (cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
+                  + 2 * feature_doubles(dims, has_bias, hessian, structured))
+    threads = max(1, min(threads, 1 + (memory_limit - minimum) // worker))
+    while True:
+        batch, group = plan_blocks(dims, has_bias, n_samples, hessian, structured, threads, batch_size, memory_limit,
+                                   cpp=True)
+        tasks = _parallelism(n_samples, batch, group)
+        if tasks >= threads:
+            return batch, group, threads
+        threads = max(1, tasks)  # fewer threads than planned for: plan again with them
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -386,10 +508,13 @@ def plan_python(prob: Problem, batch_size: int | None, memory_limit: int, *, acc
     The K route's chunks (``Problem.chunks``) get up to KROUTE_SCRATCH_SHARE of the budget,
     16 bytes per chunk value (a chunk's GEMM outputs and a sub-chunk's elementwise work), and
     the block plan the rest; on the CPU no more than CPU_CHUNK_VALUES.  ``shape``: the
-    preferred block of :func:`plan_blocks` (target_batch, max_pair_flops).
+    preferred block of :func:`plan_blocks` (target_batch, max_pair_flops).  ValueError when
+    ``memory_limit`` is below what one sample needs (:func:`min_memory_python`).
     """
     dims = [prob.weights[0].shape[1]] + [w.shape[0] for w in prob.weights]
     has_bias = [b is not None for b in prob.biases]
+    check_memory_limit(memory_limit, min_memory_python(dims, has_bias, prob.hessian, prob.structured),
+                       "the weights, two one-sample blocks' features and their scratch")
     share = max(1.0, KROUTE_SCRATCH_SHARE * memory_limit / 16.0)
     chunks = (share, share) if accelerator else (min(CPU_CHUNK_VALUES[0], share), min(CPU_CHUNK_VALUES[1], share))
     budget = memory_limit
@@ -404,11 +529,16 @@ def plan_python(prob: Problem, batch_size: int | None, memory_limit: int, *, acc
 
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
              batch_size: Any = None, threads: Any = None, memory_limit: Any = None,
-             check_X: Callable[[Any, int], Any] | None = None, backend: str = "cpp") -> Problem:
+             check_X: Callable[[Any, int], Any] | None = None, backend: str | None = None) -> Problem:
     """Validate everything; ``check_X`` replaces :func:`validate_X` (the torch backend checks
     tensors on their own device, with the same errors, instead of copying them to NumPy).
-    ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting;
-    otherwise :func:`plan_python`'s; validate_torch plans again for its device)."""
+    ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting,
+    "numpy": :func:`plan_python`'s).  For these, the moments' plan (unless within
+    ``moments_plan(False)``): a memory_limit below what one sample needs is a ValueError
+    naming the minimum, and threads are clamped (:func:`plan_cpp`).  None: the C++ engine's
+    plan as a default, without those checks, for callers that plan again themselves
+    (validate_torch for its device, where plan_python checks the budget; the dense reference).
+    """
     weights, biases = validate_layers(layers)
     acts = validate_activations(activation, len(weights))
     Xa = (validate_X if check_X is None else check_X)(X, weights[0].shape[1])
@@ -419,7 +549,7 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     curv = _choice(curvature, "curvature", CURVATURES)
     red = _choice(reduction, "reduction", REDUCTIONS)
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
-    nthreads = default_threads() if threads is None else _positive_int(threads, "threads")
+    nthreads = validate_threads(threads)
     budget = default_memory_limit() if memory_limit is None else _positive_int(memory_limit, "memory_limit")
     dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     has_bias = [b is not None for b in biases]
@@ -427,8 +557,12 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     structured = choose_structured(dims, has_bias, hessian)
     prob = Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
                    1, nthreads, 1, budget)
-    if backend == "cpp":
-        size, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget, cpp=True)
-        return dataclasses.replace(prob, batch_size=size, group_blocks=group)
+    if backend in ("cpp", None):
+        if backend is None or not _MOMENTS_PLAN.get():  # a default plan (the caller plans again)
+            size, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,
+                                      cpp=True)
+            return dataclasses.replace(prob, batch_size=size, group_blocks=group)
+        size, group, nthreads = plan_cpp(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget)
+        return dataclasses.replace(prob, batch_size=size, group_blocks=group, threads=nthreads)
     size, group, chunks = plan_python(prob, batch, budget)  # NumPy, torch: one block pair at a time
     return dataclasses.replace(prob, batch_size=size, group_blocks=group, chunks=chunks)
