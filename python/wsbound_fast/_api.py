@@ -26,15 +26,13 @@ class Moments(NamedTuple):
 
     trace: np.ndarray
     blocks: np.ndarray
-    trace_abs: np.ndarray | None
-    norms: np.ndarray | None
+    trace_abs: np.ndarray
+    norms: np.ndarray
 
 
 def _as_moments(out: Any) -> Moments:
-    if len(out) == 2:  # TEMP (until the engines report magnitudes): a crude stand-in
-        t, b = out
-        return Moments(t, b, np.abs(t) * 10, np.sqrt(np.abs(b)) * 10)
-    return Moments(*out)
+    trace, blocks, trace_abs, norms = out
+    return Moments(trace, blocks, trace_abs, norms)
 
 
 def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> Moments:

@@ -249,7 +249,7 @@ def validate_for_products(backend: str, layers: Any, X: Any, y: Any, *, activati
     backend="torch" the device and its memory budget), then dtype, which must mean float64."""
     prob = _torch.validate_for(backend, layers, X, y, activation=activation, curvature=curvature,
                                reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
-                               dtype=dtype)
+                               dtype=dtype, moments=False)
     if compute_dtype(dtype) == "float32":
         raise ValueError("dtype='float32' is not available for the curvature-vector product (hvp, eigsh): it is "
                          "computed in float64 on every backend; leave dtype=None")

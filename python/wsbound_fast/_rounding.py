@@ -201,15 +201,13 @@ def moment_gammas(prob: Any, cond: float | None = None) -> tuple[float, float]:
     return g_trace, g_pair
 
 
-def moment_allowance(prob: Any, trace_abs: np.ndarray | None, norms: np.ndarray | None) -> Allowance:
+def moment_allowance(prob: Any, trace_abs: np.ndarray, norms: np.ndarray) -> Allowance:
     """The allowances of the moments (and of one product) from the pass's magnitudes.
 
     ``trace_abs`` (L,) and ``norms`` (L, L) are unnormalised sums over the samples, as the
     backends return them; the result is in the problem's reduction.
     """
     L = prob.n_layers
-    if trace_abs is None or norms is None:
-        raise ValueError("the moment pass did not return the magnitudes the rounding allowances need")
     cond = conditioning(prob)
     g_trace, g_pair = moment_gammas(prob, cond)
     N = prob.n_samples
