@@ -484,12 +484,21 @@ inline Index packed_index(Index i, Index j, Index C) {
 // K_ij over n' is the row base + at(i, j) * B'.
 template <class At>
 void shift_columns(const double* base, At at, int r, const int* rj, Index C, Index Bp, RowMat& dc) {
+    thread_local std::vector<Index> off;  // off[i C + c]: offset of the row K_ic
+    off.resize(static_cast<size_t>(C * C));
+    for (Index i = 0; i < C; ++i)
+        for (Index c = 0; c < C; ++c) off[static_cast<size_t>(i * C + c)] = at(i, c) * Bp;
     dc.resize(C, Bp);
-    for (Index t = 0; t < Bp; ++t) {
-        const Index rp = rj[t];
-        const double krr = base[at(r, rp) * Bp + t];
-        for (Index i = 0; i < C; ++i) dc(i, t) = base[at(i, rp) * Bp + t] - krr;
+    double* krr = dc.row(r).data();  // K_{r r'} first, zero at the end
+    const Index* orr = off.data() + r * C;
+    for (Index t = 0; t < Bp; ++t) krr[t] = base[orr[rj[t]] + t];
+    for (Index i = 0; i < C; ++i) {
+        if (i == r) continue;
+        const Index* oi = off.data() + i * C;
+        double* d = dc.row(i).data();
+        for (Index t = 0; t < Bp; ++t) d[t] = base[oi[rj[t]] + t] - krr[t];
     }
+    dc.row(r).setZero();
 }
 
 // For one sample n of I, the C x C matrices S = Z_r K Z_{r'}^T of its pairs with every n' of J,
@@ -628,17 +637,22 @@ void shifted_terms(const RowMat& packed, Index r0, const double* p, int r, const
     v.setZero(C, Bp);
     t4.setZero(Bp);
     t2.setZero(Bp);
-    for (Index i = 0; i < C; ++i) {
-        if (i == r) continue;  // S's row r is zero
-        for (Index j = 0; j < C; ++j) {
-            const double* kij = base + at(i, j) * Bp;
-            const double* krj = base + at(r, j) * Bp;
-            if (i == j) {
-                shifted_update<true>(Bp, kij, krj, dc.row(i).data(), pt.row(j).data(), p[i], u.row(i).data(),
-                                     v.row(j).data(), t4.data(), t2.data());
-            } else {
-                shifted_update<false>(Bp, kij, krj, dc.row(i).data(), pt.row(j).data(), p[i], u.row(i).data(),
-                                      v.row(j).data(), t4.data(), nullptr);
+    // in tiles of n' so that the rows of u, v, p' and K_r. in use stay in the L1 cache
+    constexpr Index tile = 64;
+    for (Index t0 = 0; t0 < Bp; t0 += tile) {
+        const Index nt = std::min(tile, Bp - t0);
+        for (Index i = 0; i < C; ++i) {
+            if (i == r) continue;  // S's row r is zero
+            for (Index j = 0; j < C; ++j) {
+                const double* kij = base + at(i, j) * Bp + t0;
+                const double* krj = base + at(r, j) * Bp + t0;
+                if (i == j) {
+                    shifted_update<true>(nt, kij, krj, dc.row(i).data() + t0, pt.row(j).data() + t0, p[i],
+                                         u.row(i).data() + t0, v.row(j).data() + t0, t4.data() + t0, t2.data() + t0);
+                } else {
+                    shifted_update<false>(nt, kij, krj, dc.row(i).data() + t0, pt.row(j).data() + t0, p[i],
+                                          u.row(i).data() + t0, v.row(j).data() + t0, t4.data() + t0, nullptr);
+                }
             }
         }
     }
