@@ -80,7 +80,7 @@ void add_dense_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l, I
         product(A.at[m].leftCols(d_prev), Qk, s.z, s);  // [n, r] = (Q_k^T b_n)[r]
         const CMapMat P(s.p2.row(k).data(), nA, d_l);
         Eigen::VectorXd t = (s.z.array() * P.array()).rowwise().sum().matrix();
-        if (gA.size() > 0) t = t.cwiseProduct(gA) * row_scale(dB, k);
+        if (gA.size() > 0) t.array() *= gA.array() * row_scale(dB, k);
         if (swap) {
             s.inner.row(k) += t.transpose();
         } else {
@@ -112,7 +112,7 @@ void add_adjacent_cross(const FeaturesOf<M>& A, const FeaturesOf<M>& Bf, Index l
                 const CMapMat P(s.p2.row(k).data(), c, d_l);
                 const auto spk = Bf.sp[l].row(k).template cast<double>().array();
                 Eigen::VectorXd t = ((P.array() * ad.array()).rowwise() * spk).rowwise().sum().matrix();
-                if (scaled) t = t.cwiseProduct(gA.segment(n0, c)) * row_scale(dB, k);
+                if (scaled) t.array() *= gA.segment(n0, c).array() * row_scale(dB, k);
                 if (swap) {
                     s.inner.row(k).segment(n0, c) += t.transpose();
                 } else {
