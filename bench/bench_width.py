@@ -9,7 +9,7 @@ noisy machine:
   block Lanczos + certificate), the width it reached and the products it used;
 * wsb.bound(certify=k) for a few k (the fixed-k certificate): time and width.
 
-    python bench/bench_width.py [--quick] [--workloads W1 W3 W2] [--threads T] [--repeats R]
+    python bench/bench_width.py [--quick] [--workloads W1 D W3] [--threads T] [--repeats R]
 
 Prints a markdown table and writes bench/results/width.json.  Not part of the test suite.
 """
@@ -29,7 +29,11 @@ sys.path.insert(0, str(HERE))
 
 import wsbound_fast as wsb  # noqa: E402
 from _peers import curvlinops_eigsh, versions  # noqa: E402
-from _workloads import RESULTS, full_workloads, make_data, quick_workloads, trained_layers  # noqa: E402
+from _workloads import RESULTS, Workload, full_workloads, make_data, quick_workloads, trained_layers  # noqa: E402
+
+#: A deep model whose moment pass takes seconds, not minutes (W2's takes ~110 s here).
+DEEP = Workload("D", "deep: digits, 64-64-64-64-10 tanh trained by the demo's gradient descent", "digits", 1797,
+                (64, 64, 64, 64, 10), "tanh", ("hessian",), "demo", 1000, 0.5)
 
 
 def _best(fn, repeats: int):
@@ -45,13 +49,15 @@ def _best(fn, repeats: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny workloads (smoke run)")
-    parser.add_argument("--workloads", nargs="+", default=["W1", "W3", "W2"])
+    parser.add_argument("--workloads", nargs="+", default=["W1", "D", "W3"],
+                        help="names from bench/_workloads.py, and D (a deep digits model)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rtols", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 10, 30])
     args = parser.parse_args(argv)
     table = quick_workloads() if args.quick else full_workloads()
+    table["D"] = DEEP
     print(f"1-min load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (timings are noisy above it)")
     rows = []
     for name in args.workloads:
