@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -449,3 +450,23 @@ def test_printed_brackets_round_outward(lo, hi, text):
     assert _cli._interval(lo, hi) == text
     a, b = _interval(text)
     assert a <= lo and b >= hi
+
+
+def test_certify_auto_to_a_width(files, capsys):
+    layers, X, y, model, data = files
+    argv = ["bound", str(model), str(data), "--activation", "tanh", "--certify", "auto", "--rtol", "0.05", "--json"]
+    assert _cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = wsb.bound(layers, X, y, activation="tanh", certify=True, rtol=0.05)
+    assert out["certify_rtol"] == 0.05 and out["certify_met"] is True
+    lo, hi = out["lambda_max_bracket"]
+    assert lo <= hi and (hi - lo) <= 0.05 * max(abs(lo), abs(hi))
+    assert (lo, hi) == pytest.approx(ref.lambda_max_bracket, rel=1e-12)
+
+
+@pytest.mark.parametrize("args, message", [(["--certify", "0"], "must be >= 1"), (["--certify", "maybe"], "integer"),
+                                           (["--certify", "auto", "--rtol", "0"], r"must be in \(0, 10\]")])
+def test_certify_auto_bad_arguments(files, args, message):
+    _, _, _, model, data = files
+    proc = _run("bound", str(model), str(data), "--activation", "tanh", *args)
+    assert proc.returncode == 2 and re.search(message, proc.stderr) and "Traceback" not in proc.stderr

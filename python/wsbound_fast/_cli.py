@@ -23,6 +23,23 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
+def _certify_arg(text: str) -> int | bool:
+    """--certify: K >= 1, or 'auto' (certify=True: to the width --rtol)."""
+    if text.strip().lower() == "auto":
+        return True
+    return _int_at_least(1)(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0.0 < value <= 10.0):
+        raise argparse.ArgumentTypeError(f"must be in (0, 10], got {text}")
+    return value
+
+
 def _int_at_least(least: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -238,7 +255,7 @@ def _cmd_bound(args: argparse.Namespace) -> int:
         res = bound(model.layers, X, y, activation=activation, curvature=args.curvature, reduction=args.reduction,
                     batch_size=args.batch_size, threads=args.threads, backend=which, device=args.device,
                     dtype=args.dtype, progress=not args.quiet and sys.stderr.isatty(), memory_limit=args.memory_limit,
-                    exact=args.exact, certify=args.certify)
+                    exact=args.exact, certify=args.certify, rtol=args.rtol)
     except ValueError as exc:  # the library names its arguments; on the command line, the options
         text = str(exc)
         if text.startswith("memory_limit = "):
@@ -341,9 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     bnd.add_argument("--exact", action="store_true",
                      help="also run Lanczos on the exact curvature-vector product: Rayleigh quotients (a certified "
                           "lower bound on lambda_max, upper bound on lambda_min) that tighten the certified brackets")
-    bnd.add_argument("--certify", type=_int_at_least(1), default=None, metavar="K",
+    bnd.add_argument("--certify", type=_certify_arg, default=None, metavar="K|auto",
                      help="the deflated certificate from the K Ritz pairs of largest magnitude (implies --exact): "
-                          "usually the tightest certified upper bound on lambda_max")
+                          "usually the tightest certified upper bound on lambda_max; 'auto': certified to the "
+                          "relative width --rtol, choosing K itself")
+    bnd.add_argument("--rtol", type=_positive_float, default=1e-2, metavar="R",
+                     help="with --certify auto: stop when the certified lambda_max bracket is R wide relative to it "
+                          "(hi/lo - 1 <= R; default 0.01)")
     bnd.add_argument("--memory-limit", type=_bytes_arg, default=None, metavar="BYTES",
                      help="memory the engine may use for features and scratch: bytes, or with a unit (4GiB, 512MiB, "
                           "4G = 4GiB; 4GB = 4*10^9) (default: a quarter of the machine's memory, at most 4 GiB)")
