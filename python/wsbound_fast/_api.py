@@ -31,8 +31,7 @@ class Moments(NamedTuple):
 
 
 def _as_moments(out: Any) -> Moments:
-    trace, blocks, trace_abs, norms = out
-    return Moments(trace, blocks, trace_abs, norms)
+    return Moments(*out)  # a backend's (trace, blocks, trace_abs, norms)
 
 
 def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> Moments:

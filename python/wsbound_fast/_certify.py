@@ -244,7 +244,7 @@ def ritz_certificate(matvec: Matvec, Y: np.ndarray, trace: float, trace_sq: floa
             best_j, best = j, score
     Yj, HYj = Yr[:, :best_j], HYr[:, :best_j]
     th_j, rho = _certified_ritz(Yj, HYj, trace_sq, e2, al.product)
-    # Rayleigh-Ritz: lambda_max >= the largest eigenvalue of Theta_Q, within rho of theta's
+    # the Ritz vectors' exact Rayleigh quotients: lambda_max >= max, lambda_min <= min
     lo, hi = rayleigh_intervals(Yr, HYr, al.product)
     return RitzCertificate(deflated_bounds(trace, trace_sq, n, th_j, rho, rank, trace_err=e1, trace_sq_err=e2),
                            float(theta.max()), float(theta.min()), float(lo.max()), float(hi.min()))
@@ -274,11 +274,11 @@ def _predicted(theta: np.ndarray, res: np.ndarray, trace: float, trace_sq: float
     reorthogonalisation), and the number of leading pairs (by |theta|) that gives it."""
     order = np.argsort(-np.abs(theta), kind="stable")[:usable]
     th, rho = theta[order], np.sqrt(np.cumsum(res[order] ** 2))
+    radius = max(abs(float(theta[-1])), abs(float(theta[0])))
     best, best_j = math.inf, 1
     for j in range(1, th.shape[0] + 1):
         d = deflated_bounds(trace, trace_sq, n, th[:j], float(rho[j - 1]), rank, trace_err=allowance.trace,
                             trace_sq_err=allowance.trace_sq)
-        radius = max(abs(float(theta[-1])), abs(float(theta[0])))
         w = relative_width(float(theta[-1]), d.max_upper, radius) if end == "max" else \
             relative_width(d.min_lower, float(theta[0]), radius)
         if w < best:
@@ -292,7 +292,6 @@ class WidthCertificate:
 
     certificates: dict  # "max" / "min" -> RitzCertificate
     products: int  # curvature-vector products of the Lanczos run
-    explicit: int  # products of the explicit certificates
     widths: dict  # "max" / "min" -> relative width reached (with the other bounds, see refine)
     met: bool
     why: str  # when not met: what stopped it
@@ -316,8 +315,7 @@ def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank
     lz = BlockLanczos(matvec, n, block, rng, maxiter)
     certs: dict = {}
     widths: dict = {}
-    explicit, retry_at = 0, 0
-    why = ""
+    retry_at = 0
 
     def combined(end: str, cert: RitzCertificate) -> float:
         lo0, hi0 = other[end]
@@ -334,24 +332,20 @@ def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank
         theta, S, res = lz.ritz()
         usable = max(1, lz.m - (0 if done else lz.b))  # the newest block's Ritz pairs are rough
         pending = [e for e in ends if e not in certs or widths[e] > rtol]
-        ready = done or (lz.m >= retry_at and all(
-            _predicted(theta, res, trace, trace_sq, n, rank, allowance, e, usable)[0] <= 0.5 * rtol for e in pending))
-        if ready:
-            for e in pending:
-                _, j = _predicted(theta, res, trace, trace_sq, n, rank, allowance, e, usable)
-                order = np.argsort(-np.abs(theta), kind="stable")[: min(usable, j + lz.b)]
-                ext = int(np.argmax(theta)) if e == "max" else int(np.argmin(theta))
-                cols = np.union1d(order, [ext])
-                Y = lz.vectors(S[:, cols])
-                certs[e] = ritz_certificate(matvec, Y, trace, trace_sq, n, rank, allowance, end=e)
-                explicit += Y.shape[1]
-                widths[e] = combined(e, certs[e])
-            if all(widths[e] <= rtol for e in ends):
-                ext = lz.vectors(S[:, [int(np.argmax(theta)), int(np.argmin(theta))]])
-                return WidthCertificate(certs, lz.products, explicit, widths, True, "", ext)
-            retry_at = lz.m + 2 * lz.b
-        if done:
-            why = ("the Krylov space spans every direction" if lz.m >= n else
-                   f"lanczos_maxiter = {maxiter} products were used")
+        met = False
+        if done or lz.m >= retry_at:
+            pred = {e: _predicted(theta, res, trace, trace_sq, n, rank, allowance, e, usable) for e in pending}
+            if done or all(w <= 0.5 * rtol for w, _ in pred.values()):
+                for e in pending:
+                    order = np.argsort(-np.abs(theta), kind="stable")[: min(usable, pred[e][1] + lz.b)]
+                    ext = int(np.argmax(theta)) if e == "max" else int(np.argmin(theta))
+                    Y = lz.vectors(S[:, np.union1d(order, [ext])])
+                    certs[e] = ritz_certificate(matvec, Y, trace, trace_sq, n, rank, allowance, end=e)
+                    widths[e] = combined(e, certs[e])
+                met = all(widths[e] <= rtol for e in ends)
+                retry_at = lz.m + 2 * lz.b
+        if met or done:
+            why = "" if met else ("the Krylov space spans every direction" if lz.m >= n else
+                                  f"lanczos_maxiter = {maxiter} products were used")
             ext = lz.vectors(S[:, [int(np.argmax(theta)), int(np.argmin(theta))]])
-            return WidthCertificate(certs, lz.products, explicit, widths, False, why, ext)
+            return WidthCertificate(certs, lz.products, widths, met, why, ext)

@@ -43,9 +43,7 @@ def check_exact_options(exact: Any, certify: Any, tol: Any, maxiter: Any, seed: 
     if not isinstance(exact, (bool, np.bool_)):
         raise TypeError(f"exact must be True or False; got {exact!r}")
     k, auto = 0, certify is True or certify is np.True_
-    if auto:
-        pass
-    elif certify is not None and certify is not False:
+    if not auto and certify is not None and certify is not False:
         if isinstance(certify, bool) or not isinstance(certify, numbers.Integral):
             raise TypeError("certify must be None, True (certified to the width rtol) or a positive integer k "
                             f"(Ritz pairs to deflate); got {certify!r}")
