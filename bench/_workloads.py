@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import wsbound_fast as wsb
-from wsbound_fast._demo import init_mlp, loss_and_grads, train
+from wsbound_fast._cli.demo import init_mlp, loss_and_grads, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

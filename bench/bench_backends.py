@@ -33,8 +33,8 @@ except ImportError:  # not installed: use the source tree (the NumPy backend onl
     sys.path.insert(0, str(HERE.parent / "python"))
     import wsbound_fast as wsb
 
-from wsbound_fast._data import load_digits  # noqa: E402
-from wsbound_fast._demo import init_mlp, loss_and_grads, train  # noqa: E402
+from wsbound_fast._api.data import load_digits  # noqa: E402
+from wsbound_fast._cli.demo import init_mlp, loss_and_grads, train  # noqa: E402
 
 HIDDEN = 128
 EPOCHS = 200
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     try:
-        wsb._load_core()
+        from wsbound_fast._backends.compiled import load_core
+        load_core()
     except ImportError as exc:
         print(f"bench_backends: the compiled backend is needed for this comparison: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ except ImportError:  # not installed: use the source tree (the NumPy backend onl
     sys.path.insert(0, str(HERE.parent / "python"))
     import wsbound_fast as wsb
 
-from wsbound_fast._demo import init_mlp, loss_and_grads, train  # noqa: E402
+from wsbound_fast._cli.demo import init_mlp, loss_and_grads, train  # noqa: E402
 
 
 def settings() -> list[tuple[str, list, np.ndarray, np.ndarray, str]]:

@@ -16,9 +16,9 @@ import dataclasses
 import time
 
 import numpy as np
-from wsbound_fast import _api
-from wsbound_fast._cost import _ELEMENTWISE_WEIGHT, _terms
-from wsbound_fast._validate import validate
+from wsbound_fast._backends import compiled
+from wsbound_fast._planning.cost import _ELEMENTWISE_WEIGHT, _terms
+from wsbound_fast._problem.validate import validate
 
 SHAPES = ["64-16-10", "64-32-10", "64-64-10", "64-128-10", "64-512-10", "64-32-32-10", "64-128-128-10",
           "64-64-64-64-10", "64-128-3", "64-32-100", "64-128-100"]
@@ -45,7 +45,7 @@ def main() -> None:
                 times = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
-                    _, blocks = _api._moments_cpp(p)[:2]
+                    _, blocks = compiled.moments(p)[:2]
                     times.append(time.perf_counter() - t0)
                 best[structured], sums[structured] = min(times), float(blocks.sum())
             assert abs(sums[True] - sums[False]) <= 1e-10 * abs(sums[False]), (shape, curvature)

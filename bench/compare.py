@@ -53,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import wsbound_fast as wsb  # noqa: E402
+from wsbound_fast._backends import compiled
 
 import _flops  # noqa: E402
 import _peers  # noqa: E402
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {list(table)}")
     try:
-        wsb._load_core()
+        compiled.load_core()
     except ImportError as exc:
         print(f"compare: the compiled backend is needed: {exc}", file=sys.stderr)
         return 2

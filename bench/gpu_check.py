@@ -14,7 +14,7 @@ On a CUDA device:
 3. prints a table for 784-1024-10 tanh at N = 4000 and N = 10000 and a deep
    784-512-512-512-10 GELU model at N = 2000 (full Hessian, mean reduction, random weights
    and pixel-like inputs; X and y already on the GPU): time to the bound, the flop count of
-   the pair phase (``_torch_backend.total_pair_flops``: the GEMMs that pair_sum performs,
+   the pair phase (``torch_backend.total_pair_flops``: the GEMMs that pair_sum performs,
    for the block plan and contraction path chosen) and the TFLOP/s that makes against the measured GEMM rate,
    the float32 mode's time and error, and the time of a torch Hessian-vector-product
    Lanczos estimate of lambda_max on the same card (forward-over-reverse HVP with
@@ -61,7 +61,7 @@ except ImportError:  # not installed: use the source tree (no compiled backend)
     import wsbound_fast as wsb
 
 import torch  # noqa: E402
-from wsbound_fast import _torch_backend  # noqa: E402
+from wsbound_fast._backends import torch as torch_backend  # noqa: E402
 
 RTOL = 1e-10
 FLOAT32_RTOL = 2e-5
@@ -117,7 +117,8 @@ def failure(where: str, exc: BaseException, device: torch.device) -> str:
 
 def reference_backend() -> str:
     try:
-        wsb._load_core()
+        from wsbound_fast._backends.compiled import load_core
+        load_core()
         return "cpp"
     except Exception:  # pragma: no cover - extension not built
         return "numpy"
@@ -347,10 +348,10 @@ def table_row(device: torch.device, w: dict[str, Any], rate64: float) -> tuple[s
     y = torch.from_numpy(yn).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prob = _torch_backend.validate_torch(layers, X, y, activation=act, curvature="hessian", reduction="mean",
+    prob = torch_backend.validate_torch(layers, X, y, activation=act, curvature="hessian", reduction="mean",
                                          device=device)
     has_bias = [b is not None for _, b in layers]
-    flops = _torch_backend.total_pair_flops(dims, has_bias, True, n, prob.batch_size, prob.structured)
+    flops = torch_backend.total_pair_flops(dims, has_bias, True, n, prob.batch_size, prob.structured)
     plan = f"{prob.batch_size} x {prob.group_blocks}{', structured' if prob.structured else ''}"
     # the plan (and so the flop count) fixed by passing its budget explicitly
     t64, r64 = time_bound(layers, X, y, act, device, "float64", w["repeats"], prob.memory_limit)
@@ -452,7 +453,7 @@ def describe_cuda(device: torch.device) -> None:
           f"{torch.cuda.device_count()} visible device(s)")
     free, total = torch.cuda.mem_get_info(device)
     print(f"memory free at start: {free / 2**30:.1f} of {total / 2**30:.1f} GiB; bound()'s default budget "
-          f"{_torch_backend.default_budget(device) / 2**30:.1f} GiB")
+          f"{torch_backend.default_budget(device) / 2**30:.1f} GiB")
     print('TF32 switched on for this process (torch.set_float32_matmul_precision("high")): the float32 columns '
           "check that bound(dtype='float32') turns it off (TF32 would show as errors of ~1e-3)")
 
@@ -514,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def gemm() -> bool:
                 rates.append(gemm_rate(device, 8192, torch.float64, 5))
-                with _torch_backend.ieee_float32(device):
+                with torch_backend.ieee_float32(device):
                     rate32 = gemm_rate(device, 8192, torch.float32, 5)
                 print(f"\n## 2. GEMM rate (torch.matmul, 8192^3): float64 {rates[0] / 1e12:.1f} TFLOP/s, "
                       f"float32 (IEEE, TF32 off: what dtype='float32' gets) {rate32 / 1e12:.1f} TFLOP/s")

@@ -22,7 +22,7 @@ CHILD = r"""
 import json, resource, sys
 import numpy as np
 import wsbound_fast as wsb
-from wsbound_fast._demo import init_mlp
+from wsbound_fast._cli.demo import init_mlp
 N, curvature = int(sys.argv[1]), sys.argv[2]
 limit = None if sys.argv[3] == "default" else int(sys.argv[3])
 X0, y0 = wsb.load_digits()

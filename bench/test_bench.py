@@ -24,8 +24,8 @@ except ImportError:  # not installed: use the source tree (the NumPy backend onl
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
     import wsbound_fast as wsb
 
-from wsbound_fast._data import load_digits
-from wsbound_fast._demo import init_mlp, train
+from wsbound_fast._api.data import load_digits
+from wsbound_fast._cli.demo import init_mlp, train
 
 HIDDEN = 32
 EPOCHS = 100
@@ -51,7 +51,8 @@ def test_bound(benchmark: Any, problem: tuple[Any, np.ndarray, np.ndarray], refe
                backend: str) -> None:
     if backend == "cpp":
         try:
-            wsb._load_core()
+            from wsbound_fast._backends.compiled import load_core
+            load_core()
         except ImportError as exc:
             pytest.skip(str(exc))
     layers, X, y = problem

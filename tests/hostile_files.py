@@ -211,7 +211,7 @@ def _limit() -> None:  # pragma: no cover - runs in the child
 #: (VmHWM: of this process since its exec, not the forking parent's) to the file in argv[1].
 _WRAPPER = r"""
 import sys
-from wsbound_fast._cli import main
+from wsbound_fast._cli.main import main
 try:
     rc = main(sys.argv[2:])
 finally:

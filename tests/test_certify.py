@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 import reference as R
 import wsbound_fast as wsb
-from wsbound_fast import _certify, _demo, _validate
+from wsbound_fast._cli import demo as cli_demo
+from wsbound_fast._problem import validate as validation
+from wsbound_fast._spectral import certify as spectral_certify
 
 HYPO = settings(max_examples=60, deadline=None, database=None)
 EPS = np.finfo(float).eps
@@ -92,15 +94,15 @@ RANK_SPECS = [
 def test_one_sample_rank_is_at_most_r1(spec, curvature, refs):
     layers, X, y = refs.model(spec)
     H = refs.numpy(spec, curvature, "sum")
-    prob = _validate.validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+    prob = validation.validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
                               reduction="sum")
-    r1 = _certify.sample_rank(prob)
+    r1 = spectral_certify.sample_rank(prob)
     d = spec.dims
     closed = d[-1] - 1 + (2 * sum(d[1:-1]) if curvature == "hessian" else 0)
     assert r1 <= closed
     rank = np.linalg.matrix_rank(H, tol=1e-9 * np.abs(H).max())
     assert rank <= r1
-    assert _certify.rank_bound(prob) == min(r1, prob.n_params) or _certify.rank_bound(prob) <= r1
+    assert spectral_certify.rank_bound(prob) == min(r1, prob.n_params) or spectral_certify.rank_bound(prob) <= r1
 
 
 DATA_SPECS = [
@@ -253,7 +255,7 @@ def test_deflated_bounds_hold_for_any_orthonormal_Y(kind, quality, k):
     Theta = Y.T @ H @ Y
     theta = np.linalg.eigvalsh(0.5 * (Theta + Theta.T))
     rho = float(np.linalg.norm(H @ Y - Y @ Theta, 2))
-    d = _certify.deflated_bounds(t, t2, n, theta, rho, rank)
+    d = spectral_certify.deflated_bounds(t, t2, n, theta, rho, rank)
     s = 1e-9 * math.sqrt(t2) + math.sqrt(64 * EPS * t2)
     assert eig[-1] <= d.max_upper + s
     assert d.min_lower <= eig[0] + s
@@ -263,7 +265,7 @@ def test_deflated_bounds_hold_for_any_orthonormal_Y(kind, quality, k):
     if quality == "exact":  # exact eigenvectors of the largest |lambda|: the bound is sharp-ish
         assert d.max_upper <= math.sqrt(t2) + s
     # the same through ritz_certificate (exact products H @ Y)
-    cert = _certify.ritz_certificate(lambda V_: V_ @ H, Y, t, t2, n, rank)
+    cert = spectral_certify.ritz_certificate(lambda V_: V_ @ H, Y, t, t2, n, rank)
     assert eig[-1] <= cert.deflated.max_upper + s and cert.deflated.min_lower <= eig[0] + s
     assert eig[0] - s <= cert.theta_min <= cert.theta_max <= eig[-1] + s
 
@@ -285,7 +287,7 @@ def test_deflated_bounds_random(n, k, seed, noise, k_scale):
     t, t2 = float(eig.sum()), float(np.sum(eig * eig))
     s = 1e-9 * math.sqrt(t2) + math.sqrt(64 * EPS * t2)  # relative: the spectra may be tiny
     for r in (None, max(rank, 1)):
-        d = _certify.deflated_bounds(t, t2, n, theta, rho, r)
+        d = spectral_certify.deflated_bounds(t, t2, n, theta, rho, r)
         assert eig[-1] <= d.max_upper + s and d.min_lower <= eig[0] + s
 
 
@@ -368,7 +370,7 @@ def trained_digits():
     X, y = X[idx], y[idx]
     out = {}
     for act, sizes in (("tanh", (64, 8, 10)), ("sigmoid", (64, 8, 10)), ("tanh", (64, 6, 6, 10))):
-        layers = [(W, b) for W, b in _demo.init_mlp(sizes, np.random.default_rng(1))]
+        layers = [(W, b) for W, b in cli_demo.init_mlp(sizes, np.random.default_rng(1))]
         lr = 2.0 if act == "sigmoid" else 0.5
         layers, final_loss = _train(layers, act, X, y, steps=300, lr=lr)
         out[(act, len(sizes))] = (layers, final_loss)

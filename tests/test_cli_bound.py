@@ -2,7 +2,7 @@
 
 The JSON output is parsed and compared with bound() on the same arrays; bad files exit 2
 with one line on stderr.  The long matrix of bad inputs runs in-process through
-``_cli.main`` (the process exit status is its return value), the main paths as real
+``cli_main.main`` (the process exit status is its return value), the main paths as real
 subprocesses.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 import reference as R
 import wsbound_fast as wsb
-from wsbound_fast import _cli
+from wsbound_fast._cli import main as cli_main
 
 TOL = 1e-12
 
@@ -143,7 +143,7 @@ def test_activation_stored_in_npz_and_soft_labels(tmp_path):
     model = _save_model(tmp_path / "m.npz", layers, activation=np.array(["leaky_relu:0.2"]))
     data = tmp_path / "d.npz"
     np.savez(data, X=X, y=Y)
-    assert _cli.main(["bound", str(model), str(data), "--json"]) == 0  # activation from the file
+    assert cli_main.main(["bound", str(model), str(data), "--json"]) == 0  # activation from the file
     proc = _run("bound", model, data, "--json")
     assert proc.returncode == 0, proc.stderr
     _check(json.loads(proc.stdout), wsb.bound(layers, X, Y, activation=("leaky_relu", 0.2)))
@@ -171,7 +171,7 @@ def test_torch_model_file(torch, tmp_path, capsys):
     proc = _run("bound", path, data, "--json")
     assert proc.returncode == 0, proc.stderr
     _check(json.loads(proc.stdout), wsb.bound(model, X, y))
-    assert _cli.main(["bound", str(path), str(data)]) == 0  # in-process: one torch start-up is enough
+    assert cli_main.main(["bound", str(path), str(data)]) == 0  # in-process: one torch start-up is enough
     out = capsys.readouterr().out
     assert "activations  gelu" in out and "torch Sequential" in out
 
@@ -245,7 +245,7 @@ def test_bad_input_exits_2(files, tmp_path, capsys, case):
     cases = {c[0]: c[1:] for c in _bad_cases(tmp_path, str(model), str(data), X, y)}
     assert sorted(cases) == sorted(BAD)
     argv, match = cases[case]
-    code = _cli.main(["bound", *argv])
+    code = cli_main.main(["bound", *argv])
     out, err = capsys.readouterr()
     assert out == ""
     _bad_one_line(code, err, match)
@@ -256,7 +256,7 @@ def test_bad_torch_files(torch, files, tmp_path, capsys):
     nn = torch.nn
 
     def check(path, match, *extra):
-        code = _cli.main(["bound", str(path), str(data), *extra])
+        code = cli_main.main(["bound", str(path), str(data), *extra])
         out, err = capsys.readouterr()
         assert out == ""
         _bad_one_line(code, err, match)
@@ -276,7 +276,7 @@ def test_bad_torch_files(torch, files, tmp_path, capsys):
     p = tmp_path / "tanh.pt"
     torch.save(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)), p)
     check(p, "disagrees", "--activation", "relu")
-    assert _cli.main(["bound", str(p), str(data), "--activation", "tanh", "--json"]) == 0
+    assert cli_main.main(["bound", str(p), str(data), "--activation", "tanh", "--json"]) == 0
     capsys.readouterr()
 
 
@@ -294,7 +294,7 @@ def test_torch_file_cannot_run_code(torch, files, tmp_path, capsys):
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.pt"
     torch.save(_Evil(str(marker)), p)
-    code = _cli.main(["bound", str(p), str(data)])
+    code = cli_main.main(["bound", str(p), str(data)])
     _, err = capsys.readouterr()
     _bad_one_line(code, err, "torch.load refused it")
     assert not marker.exists()
@@ -307,7 +307,7 @@ def test_model_file_without_torch(files, tmp_path):
     other.write_bytes(b"whatever")
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from wsbound_fast._cli import main\n"
+        "from wsbound_fast._cli.main import main\n"
         f"assert main(['bound', {str(model)!r}, {str(data)!r}, '--activation', 'tanh', '--json']) == 0\n"
         f"raise SystemExit(main(['bound', {str(other)!r}, {str(data)!r}]))\n"
     )
@@ -328,7 +328,7 @@ def test_progress_bar_on_a_terminal(files, monkeypatch, capsys, quiet):
     err = _TTY()
     monkeypatch.setattr(sys, "stderr", err)
     argv = ["bound", str(model), str(data), "--activation", "tanh", "--json"] + (["--quiet"] if quiet else [])
-    assert _cli.main(argv) == 0
+    assert cli_main.main(argv) == 0
     json.loads(capsys.readouterr().out)  # stdout stays clean JSON
     text = err.getvalue()
     if quiet:
@@ -379,7 +379,7 @@ def test_output_json_reads_back_as_the_printed_result(files, tmp_path):
 
 def test_certify_row_in_the_table(files, capsys):
     layers, X, y, model, data = files
-    assert _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--certify", "3"]) == 0
+    assert cli_main.main(["bound", str(model), str(data), "--activation", "tanh", "--certify", "3"]) == 0
     lines = dict(ln.split(None, 1) for ln in capsys.readouterr().out.splitlines() if ln.strip() and not ln[0] == " ")
     ref = wsb.bound(layers, X, y, activation="tanh", certify=3)
     assert "k = 3 Ritz pairs" in lines["deflated"] or f"k = {ref.certify_k} Ritz pairs" in lines["deflated"]
@@ -391,39 +391,37 @@ def test_certify_row_in_the_table(files, capsys):
                                          ("1.5GiB", 3 << 29), ("64k", 65536), ("64kB", 64000), ("2T", 2 << 40),
                                          ("7b", 7)])
 def test_memory_limit_sizes(text, value):
-    assert _cli._bytes_arg(text) == value
+    assert cli_main._bytes_arg(text) == value
 
 
 @pytest.mark.parametrize("text", ["1.5", "0", "0k", "4x", "-1", "GiB", "4 GiBs", ""])
 def test_memory_limit_bad_sizes(files, capsys, text):
     _, _, _, model, data = files
-    code = _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", text])
+    code = cli_main.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", text])
     _bad_one_line(code, capsys.readouterr().err, "--memory-limit")
 
 
 def test_memory_limit_applies(files, capsys):
-    from wsbound_fast import _validate
+    from wsbound_fast._problem import validate as validation
 
     layers, X, y, model, data = files
-    code = _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", "1k"])
-    tight = _validate.min_memory_limit(layers, "hessian", "cpp")
+    code = cli_main.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", "1k"])
+    tight = validation.min_memory_limit(layers, "hessian", "cpp")
     _bad_one_line(code, capsys.readouterr().err, f"give --memory-limit >= {tight} or None")
-    assert _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", str(tight),
+    assert cli_main.main(["bound", str(model), str(data), "--activation", "tanh", "--memory-limit", str(tight),
                       "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     _check(out, wsb.bound(layers, X, y, activation="tanh"))
 
 
 def test_output_checked_before_any_work(files, tmp_path, capsys, monkeypatch):
-    from wsbound_fast import _files
-
     _, _, _, model, data = files
 
     def no_work(*a, **k):  # pragma: no cover - must not run
         raise AssertionError("a file was read before --output was checked")
 
-    monkeypatch.setattr(_files, "load_model", no_work)
-    monkeypatch.setattr(_files, "load_data", no_work)
+    monkeypatch.setattr(cli_main, "load_model", no_work)
+    monkeypatch.setattr(cli_main, "load_data", no_work)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     locked = tmp_path / "locked"
@@ -437,7 +435,7 @@ def test_output_checked_before_any_work(files, tmp_path, capsys, monkeypatch):
                           (locked / "o.json", "--output: folder is not writable")):
         if target == locked / "o.json" and os.access(locked, os.W_OK):  # root writes anywhere
             continue
-        code = _cli.main(["bound", str(model), str(data), "--activation", "tanh", "--output", str(target)])
+        code = cli_main.main(["bound", str(model), str(data), "--activation", "tanh", "--output", str(target)])
         _bad_one_line(code, capsys.readouterr().err, match)
 
 
@@ -447,7 +445,7 @@ def test_output_checked_before_any_work(files, tmp_path, capsys, monkeypatch):
                                           (1.0, 1.0, "in [1, 1]")])
 def test_printed_brackets_round_outward(lo, hi, text):
     """Printed bounds still hold (rounded outward) and a tight bracket keeps its digits."""
-    assert _cli._interval(lo, hi) == text
+    assert cli_main._interval(lo, hi) == text
     a, b = _interval(text)
     assert a <= lo and b >= hi
 
@@ -455,7 +453,7 @@ def test_printed_brackets_round_outward(lo, hi, text):
 def test_certify_auto_to_a_width(files, capsys):
     layers, X, y, model, data = files
     argv = ["bound", str(model), str(data), "--activation", "tanh", "--certify", "auto", "--rtol", "0.05", "--json"]
-    assert _cli.main(argv) == 0
+    assert cli_main.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     ref = wsb.bound(layers, X, y, activation="tanh", certify=True, rtol=0.05)
     assert out["certify_rtol"] == 0.05 and out["certify_met"] is True

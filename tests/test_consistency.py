@@ -10,7 +10,7 @@ import pytest
 
 import reference as R
 import wsbound_fast as wsb
-from wsbound_fast import _validate
+from wsbound_fast._problem import validate as validation
 
 TOL = 1e-12
 
@@ -155,11 +155,11 @@ def test_threads_argument_accepted(backend, refs):
 
 def _tightest(layers, curvature) -> int:
     """The smallest memory_limit both the C++ and the NumPy plans accept (one sample's needs)."""
-    return max(_validate.min_memory_limit(layers, curvature, b) for b in ("cpp", "numpy"))
+    return max(validation.min_memory_limit(layers, curvature, b) for b in ("cpp", "numpy"))
 
 
 def _plan(layers, X, y, spec, **kw):
-    return _validate.validate(layers, X, y, activation=spec.activation_arg(), curvature=kw.pop("curvature", "hessian"),
+    return validation.validate(layers, X, y, activation=spec.activation_arg(), curvature=kw.pop("curvature", "hessian"),
                               reduction="mean", **kw)
 
 

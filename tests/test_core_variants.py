@@ -7,8 +7,8 @@ import importlib
 import numpy as np
 import pytest
 
-import wsbound_fast as wsb
-from wsbound_fast._loader import cpu_has_avx2_fma, load_core
+from wsbound_fast._backends import compiled
+from wsbound_fast._backends.compiled import cpu_has_avx2_fma, load_core
 
 
 def _avx2_core():
@@ -51,7 +51,7 @@ def test_variant_choice_is_validated() -> None:
 
 
 def test_default_core_is_importable() -> None:
-    assert hasattr(wsb._load_core(), "moments")
+    assert hasattr(compiled.load_core(), "moments")
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])

@@ -39,7 +39,7 @@ _CHILD = r"""
 import json, sys
 import numpy as np
 import wsbound_fast as wsb
-from wsbound_fast._torch import validate_for
+from wsbound_fast._backends import validate_for
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -15,12 +15,13 @@ import pytest
 
 import reference as R
 import wsbound_fast as wsb
-from wsbound_fast import _api
-from wsbound_fast._validate import validate
+from wsbound_fast._backends import compiled
+from wsbound_fast._engine import schedule as engine_schedule
+from wsbound_fast._problem.validate import validate
 
 
 def _core_moments(layers, X, y, hessian, structured, batch=2, group=1, threads=2, f32=False, acts=None):
-    core = wsb._load_core()
+    core = compiled.load_core()
     L = len(layers)
     codes = [1] * (L - 1) if acts is None else acts
     return core.moments([W for W, _ in layers], [b for _, b in layers], codes, [0.0] * (L - 1), X, y, hessian,
@@ -73,8 +74,8 @@ def test_saturated_logistic_regression_is_exact(margin, curvature):
     tr2 = sum(g[n][k] ** 2 * sum((As[n] * As[k])[i, i] for i in range(3)) for n in range(len(As)) for k in range(len(As)))
     for structured in (False, True):
         prob = validate(layers, X, y, activation="tanh", curvature=curvature, reduction="sum", batch_size=2)
-        mom = _api._moments_cpp(dataclasses.replace(prob, structured=structured))
-        t, t2 = _api.total_moments(mom.trace, mom.blocks)
+        mom = compiled.moments(dataclasses.replace(prob, structured=structured))
+        t, t2 = engine_schedule.total_moments(mom.trace, mom.blocks)
         assert float(abs(t - tr) / tr) < 1e-11
         assert float(abs(t2 - tr2) / tr2) < 1e-11
 
@@ -89,7 +90,7 @@ def test_saturated_paths_agree(dims, margin, curvature):
     res = []
     for structured in (False, True):
         t, b, ta, nu = _core_moments(layers, X, y, curvature == "hessian", structured)
-        res.append(_api.total_moments(t, b))
+        res.append(engine_schedule.total_moments(t, b))
         assert np.all(nu >= 0) and np.all(ta >= np.abs(t) * (1 - 1e-12))
     (t0, s0), (t1, s1) = res
     assert t0 > 0 and s0 > 0
@@ -105,8 +106,8 @@ def test_saturated_float32(dims, structured, curvature):
     after a per-row power-of-two scaling, so that 1e-120 does not underflow to zero."""
     for margin in (40, 100, 300):
         layers, X, y = _saturated(dims, margin)
-        want = _api.total_moments(*_core_moments(layers, X, y, curvature == "hessian", structured)[:2])
-        got = _api.total_moments(*_core_moments(layers, X, y, curvature == "hessian", structured, f32=True)[:2])
+        want = engine_schedule.total_moments(*_core_moments(layers, X, y, curvature == "hessian", structured)[:2])
+        got = engine_schedule.total_moments(*_core_moments(layers, X, y, curvature == "hessian", structured, f32=True)[:2])
         assert want[1] > 0
         assert abs(got[0] - want[0]) <= 1e-6 * want[0]
         assert abs(got[1] - want[1]) <= 1e-5 * want[1]
@@ -239,7 +240,7 @@ def test_unaligned_arrays_give_the_same_moments_and_products(x_dtype, soft):
         y = rng.dirichlet(np.ones(3), 11)
     Xs = _unaligned(np.asfortranarray(np.repeat(X, 2, axis=1)))[:, ::2]  # strided and unaligned
     ua = [(_unaligned(W), _unaligned(b)) for W, b in layers]
-    core = wsb._load_core()
+    core = compiled.load_core()
     for hessian in (True, False):
         ref = _core_moments(layers, X, y, hessian, True)
         for Xu in (_unaligned(X), Xs):

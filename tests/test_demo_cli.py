@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import wsbound_fast as wsb
-from wsbound_fast import _demo
+from wsbound_fast._cli import demo as cli_demo
 
 
 def test_load_digits() -> None:
@@ -23,8 +23,8 @@ def test_load_digits() -> None:
 def test_demo_gradient_matches_finite_differences() -> None:
     X, y = wsb.load_digits()
     X, y = X[:40], y[:40]
-    layers = _demo.init_mlp([64, 5, 10], np.random.default_rng(3))
-    _, _, grads = _demo.loss_and_grads(layers, X, y)
+    layers = cli_demo.init_mlp([64, 5, 10], np.random.default_rng(3))
+    _, _, grads = cli_demo.loss_and_grads(layers, X, y)
     rng = np.random.default_rng(4)
     for li, (W, b) in enumerate(layers):
         for arr, g in ((W, grads[li][0]), (b, grads[li][1])):
@@ -33,9 +33,9 @@ def test_demo_gradient_matches_finite_differences() -> None:
                 old = arr[idx]
                 h = 1e-6
                 arr[idx] = old + h
-                up = _demo.loss_and_grads(layers, X, y)[0]
+                up = cli_demo.loss_and_grads(layers, X, y)[0]
                 arr[idx] = old - h
-                down = _demo.loss_and_grads(layers, X, y)[0]
+                down = cli_demo.loss_and_grads(layers, X, y)[0]
                 arr[idx] = old
                 assert g[idx] == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
 
@@ -45,8 +45,8 @@ def test_demo_rows_are_exact_for_the_trained_model() -> None:
     X, y = wsb.load_digits()
     X, y = X[:200], y[:200]
     seen: dict[int, list] = {}
-    layers = _demo.init_mlp([64, 4, 10], np.random.default_rng(0))
-    _demo.train(layers, X, y, epochs=5, checkpoints=[0, 5],
+    layers = cli_demo.init_mlp([64, 4, 10], np.random.default_rng(0))
+    cli_demo.train(layers, X, y, epochs=5, checkpoints=[0, 5],
                 on_checkpoint=lambda e, p, loss, acc: seen.__setitem__(e, [(W.copy(), b.copy()) for W, b in p]))
     assert sorted(seen) == [0, 5]
     for params in seen.values():
@@ -66,7 +66,7 @@ def test_cli_demo_prints_a_table() -> None:
     lines = proc.stdout.splitlines()
     assert "P = 310" in lines[0]  # 64*4 + 4 + 4*10 + 10
     rows = [ln.split() for ln in lines if ln.strip() and ln.split()[0].isdigit()]
-    assert [int(r[0]) for r in rows] == _demo.checkpoint_epochs(8, 3)
+    assert [int(r[0]) for r in rows] == cli_demo.checkpoint_epochs(8, 3)
     for r in rows:
         lo, hi = float(r[5]), float(r[6])
         assert lo <= hi
@@ -86,12 +86,12 @@ def test_cli_console_script_help() -> None:
 
 def test_demo_lambda_max_is_the_top_eigenvalue() -> None:
     """The λ_max curve of demo --plot: Lanczos equals eigvalsh of the dense Hessian, inside the WS bounds."""
-    from wsbound_fast import _cli
+    from wsbound_fast._cli import main as cli_main
 
     X, y = wsb.load_digits()
     X, y = X[:150], y[:150]
-    layers = _demo.init_mlp([64, 3, 10], np.random.default_rng(1))
-    lam = _cli._demo_lambda_max("cpp", 1)(layers, X, y)
+    layers = cli_demo.init_mlp([64, 3, 10], np.random.default_rng(1))
+    lam = cli_main._demo_lambda_max("cpp", 1)(layers, X, y)
     H = wsb.dense_hessian(layers, X, y, activation="tanh")
     top = np.linalg.eigvalsh(H)[-1]
     assert lam == pytest.approx(top, rel=1e-7)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 import wsbound_fast as wsb
-from wsbound_fast import _api
+from wsbound_fast import _backends as backends
+from wsbound_fast._api import bound as api_bound
+from wsbound_fast._planning import blocks as planning_blocks
+from wsbound_fast._problem import validate as validation
 
 
 def _model():
@@ -170,10 +173,10 @@ def test_backend_name_normalised():
 def test_raises_before_any_work(layers, X, y, kwargs, exc, match, backend, monkeypatch):
     """Validation happens before the backend is called (for either backend)."""
 
-    def boom(prob):  # pragma: no cover - must not run
+    def boom(*args):  # pragma: no cover - must not run
         raise AssertionError("the backend ran on invalid input")
 
-    monkeypatch.setitem(_api._BACKENDS, backend, boom)
+    monkeypatch.setattr(api_bound, "moments", boom)
     with pytest.raises(exc, match=match):
         wsb.bound(layers, X, y, backend=backend, **kwargs)
 
@@ -234,9 +237,8 @@ def test_hvp_overflow_raises_floating_point_error(hvp_backend):
 
 
 def test_memory_limit_below_one_sample_names_the_minimum(backend):
-    from wsbound_fast import _validate
 
-    tight = _validate.min_memory_limit(L, "hessian", backend)
+    tight = validation.min_memory_limit(L, "hessian", backend)
     for small in (1, tight - 1):
         with pytest.raises(ValueError, match=rf"memory_limit = {small:,} bytes.* is below what one sample needs: "
                                              rf"at least {tight:,} bytes.*give memory_limit >= {tight} or None"):
@@ -246,27 +248,26 @@ def test_memory_limit_below_one_sample_names_the_minimum(backend):
     assert res.trace == pytest.approx(ref.trace, rel=1e-12) and res.trace_sq == pytest.approx(ref.trace_sq, rel=1e-12)
     with pytest.raises(ValueError, match="below what one sample needs"):
         wsb.plan(L, 7, memory_limit=1)
-    assert wsb.plan(L, 7).min_memory_limit == _validate.min_memory_limit(L, "hessian", "cpp")
+    assert wsb.plan(L, 7).min_memory_limit == validation.min_memory_limit(L, "hessian", "cpp")
 
 
 def test_threads_clamped_to_the_work():
     """threads beyond the block pairs one step runs at once, or the workers the budget holds,
     are not planned (nor allocated): the problem and wsb.plan report the clamped count."""
-    from wsbound_fast import _torch, _validate
 
     kw = dict(activation="tanh", curvature="hessian", reduction="mean")
-    small = _torch.validate_for("cpp", L, X0, Y0, threads=4096, **kw)  # 7 samples: one block
+    small = backends.validate_for("cpp", L, X0, Y0, threads=4096, **kw)  # 7 samples: one block
     assert small.threads == 1 and wsb.plan(L, 7, threads=4096).threads == 1
     rng = np.random.default_rng(7)
     X, y = rng.standard_normal((2000, 4)), rng.integers(0, 3, 2000)
-    prob = _torch.validate_for("cpp", L, X, y, threads=4096, **kw)
+    prob = backends.validate_for("cpp", L, X, y, threads=4096, **kw)
     nb = -(-2000 // prob.batch_size)
-    assert 1 < prob.threads <= _validate._parallelism(2000, prob.batch_size, prob.group_blocks) <= nb * (nb + 1) // 2
+    assert 1 < prob.threads <= planning_blocks._parallelism(2000, prob.batch_size, prob.group_blocks) <= nb * (nb + 1) // 2
     p = wsb.plan(L, 2000, threads=4096)
     assert (p.threads, p.batch_size, p.group_blocks) == (prob.threads, prob.batch_size, prob.group_blocks)
     # a budget that holds one worker: one thread
-    tight = _validate.min_memory_limit(L, "hessian", "cpp")
-    assert _torch.validate_for("cpp", L, X, y, threads=8, memory_limit=tight, **kw).threads == 1
+    tight = validation.min_memory_limit(L, "hessian", "cpp")
+    assert backends.validate_for("cpp", L, X, y, threads=8, memory_limit=tight, **kw).threads == 1
     # results do not depend on it
     ref = wsb.bound(L, X, y, threads=1, batch_size=100)
     res = wsb.bound(L, X, y, threads=4096, batch_size=100)

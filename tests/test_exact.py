@@ -16,7 +16,7 @@ import pytest
 
 import reference as R
 import wsbound_fast as wsb
-from wsbound_fast import _validate
+from wsbound_fast._problem import validate as validation
 
 TOL = 1e-9
 
@@ -150,7 +150,7 @@ def test_several_default_blocks(backend, torch, refs):
     """N > the default block size: the default plan streams several blocks."""
     spec = R.ModelSpec((3, 5, 4, 3), "tanh", "alt", n=600, labels="soft", seed=11)
     layers, X, y = refs.model(spec)
-    plan = _validate.validate(layers, X, y, activation="tanh", curvature="hessian", reduction="mean")
+    plan = validation.validate(layers, X, y, activation="tanh", curvature="hessian", reduction="mean")
     assert plan.batch_size < 600
     for curvature in ("hessian", "ggn"):
         res = wsb.bound(layers, X, y, activation="tanh", curvature=curvature, backend=backend)
@@ -319,15 +319,15 @@ def test_dense_hessian_parameter_order_matches_torch_module(torch):
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_per_block_moments_match_dense_blocks(curvature, backend, torch, refs):
     """Per-layer traces and <H^{lm}, H^{lm}> from the engine equal the dense Hessian's blocks."""
-    import wsbound_fast._api as api
-    from wsbound_fast._validate import validate
+    from wsbound_fast._backends import compiled, numpy as numpy_backend
+    from wsbound_fast._problem.validate import validate
 
     spec = R.ModelSpec(dims=(4, 5, 3, 3), bias=(True, False, True), seed=11, n=9)
     layers, X, y = refs.model(spec)
     ref = R.torch_hessian if curvature == "hessian" else R.torch_ggn
     H = ref(layers, "tanh", X, y, reduction="sum")
     prob = validate(layers, X, y, activation="tanh", curvature=curvature, reduction="sum", batch_size=4)
-    trace, blocks = {"cpp": api._moments_cpp, "numpy": api._moments_numpy}[backend](prob)[:2]
+    trace, blocks = {"cpp": compiled.moments, "numpy": numpy_backend.moments}[backend](prob)[:2]
     edges = np.cumsum([0] + [W.size + (0 if b is None else b.size) for W, b in layers])
     for l in range(len(layers)):
         sl = slice(edges[l], edges[l + 1])

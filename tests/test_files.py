@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import hostile_files as H
-from wsbound_fast import _files
+from wsbound_fast._cli import files as cli_files
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS, /proc and FIFOs: Linux")
 
@@ -95,9 +95,9 @@ def test_fifo_is_never_opened(tmp_path, monkeypatch):
     real = os.open
     monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(p) or real(p, *a, **k))
     with pytest.raises(ValueError, match="is a FIFO"):
-        _files.load_data(str(fifo))
+        cli_files.load_data(str(fifo))
     with pytest.raises(ValueError, match="is a FIFO"):
-        _files.load_model(str(fifo))
+        cli_files.load_model(str(fifo))
     assert opened == []
 
 
@@ -110,7 +110,7 @@ def test_swapped_for_a_fifo_after_the_stat(tmp_path, monkeypatch):
     real_stat = os.stat
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if str(p) == str(fifo) else real_stat(p, *a, **k))
     with pytest.raises(ValueError, match="is a FIFO"):
-        _files.load_data(str(fifo))
+        cli_files.load_data(str(fifo))
 
 
 def test_arrays_read_as_np_load_reads_them(tmp_path):
@@ -120,7 +120,7 @@ def test_arrays_read_as_np_load_reads_them(tmp_path):
     for save in (np.savez, np.savez_compressed):
         p = tmp_path / f"{save.__name__}.npz"
         save(p, X=X, y=y, Z=np.zeros((0, 5)))
-        Xr, yr = _files.load_data(str(p))
+        Xr, yr = cli_files.load_data(str(p))
         with np.load(p) as f:
             assert np.array_equal(Xr, f["X"]) and Xr.dtype == f["X"].dtype
             assert np.array_equal(yr, f["y"]) and yr.dtype == f["y"].dtype
@@ -128,7 +128,7 @@ def test_arrays_read_as_np_load_reads_them(tmp_path):
     W0, W1 = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(2, 4))
     p = tmp_path / "m.npz"
     np.savez_compressed(p, W0=W0, b0=np.zeros(4), W1=W1, activation=np.array(["leaky_relu:0.2"]))
-    m = _files.load_model(str(p))
+    m = cli_files.load_model(str(p))
     assert m.dims == (3, 4, 2) and m.activation == ("leaky_relu", 0.2)
     assert np.array_equal(m.layers[0][0], W0) and m.layers[1][1] is None
 
@@ -142,34 +142,34 @@ def test_npy_versions_2_and_3(tmp_path):
             head = head[:6] + b"\x03\x00" + head[8:]
         p = H.zip_entries(tmp_path / f"v{version[0]}.npz", [("X.npy", head + X.tobytes(), {}),
                                                              ("y.npy", H._npy(y), {})])
-        Xr, yr = _files.load_data(str(p))
+        Xr, yr = cli_files.load_data(str(p))
         assert np.array_equal(Xr, X) and np.array_equal(yr, y)
     head = H.npy_header("<f8", (4, 3))
     p = H.zip_entries(tmp_path / "v9.npz", [("X.npy", head[:6] + b"\x09\x00" + head[8:] + X.tobytes(), {}),
                                             ("y.npy", H._npy(y), {})])
     with pytest.raises(ValueError, match="unsupported .npy format version 9.0"):
-        _files.load_data(str(p))
+        cli_files.load_data(str(p))
 
 
 def test_limit_and_damage_in_process(tmp_path):
     X, y = np.ones((100, 10)), np.zeros(100, np.int64)
     p = tmp_path / "d.npz"
     np.savez(p, X=X, y=y)
-    assert _files.load_data(str(p), max_bytes=X.nbytes + y.nbytes)[0].shape == (100, 10)
+    assert cli_files.load_data(str(p), max_bytes=X.nbytes + y.nbytes)[0].shape == (100, 10)
     with pytest.raises(ValueError, match=r"the arrays would take 8.59 KiB \('X': float64 \(100, 10\)\), more than "
                                          r"the limit of 8.59 KiB"):
-        _files.load_data(str(p), max_bytes=X.nbytes + y.nbytes - 1)
+        cli_files.load_data(str(p), max_bytes=X.nbytes + y.nbytes - 1)
     # a member cut short of its declared size, and a wrong CRC
     data = H._npy(X)
     p = H.zip_entries(tmp_path / "short.npz", [("X.npy", data[:-8], {"size": len(data)}), ("y.npy", H._npy(y), {})])
     with pytest.raises(ValueError, match="is damaged: it declares"):
-        _files.load_data(str(p))
+        cli_files.load_data(str(p))
     raw = bytearray((tmp_path / "d.npz").read_bytes())
     at = raw.find(X.tobytes()[:64])
     raw[at] ^= 1
     (tmp_path / "crc.npz").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="'X.npy' cannot be read: Bad CRC-32"):
-        _files.load_data(str(tmp_path / "crc.npz"))
+        cli_files.load_data(str(tmp_path / "crc.npz"))
 
 
 @pytest.mark.parametrize("keys, match", [
@@ -183,26 +183,26 @@ def test_layer_names(tmp_path, keys, match):
     p = tmp_path / "m.npz"
     np.savez(p, **{k: np.ones((3, 2)) for k in keys})
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        _files.load_model(str(p))
+        cli_files.load_model(str(p))
 
 
 def test_duplicate_and_compressed_members(tmp_path):
     y = H._npy(np.zeros(3, np.int64))
     p = H.zip_entries(tmp_path / "dup.npz", [("y.npy", y, {}), ("y.npy", y, {})])
     with pytest.raises(ValueError, match="member 'y.npy' is listed twice"):
-        _files.load_data(str(p))
+        cli_files.load_data(str(p))
     p = tmp_path / "bz.npz"
     with zipfile.ZipFile(p, "w", zipfile.ZIP_BZIP2) as z:
         z.writestr("X.npy", H._npy(np.ones((3, 2))))
         z.writestr("y.npy", y)
     with pytest.raises(ValueError, match="compression method 12"):
-        _files.load_data(str(p))
+        cli_files.load_data(str(p))
 
 
 def test_torch_archive_size_checked_before_torch_reads_it(torch, tmp_path):
     nn = torch.nn
     p = tmp_path / "m.pt"
     torch.save(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)), p)
-    assert _files.load_model(str(p)).dims == (6, 4, 3)
+    assert cli_files.load_model(str(p)).dims == (6, 4, 3)
     with pytest.raises(ValueError, match=r"MODEL .*m.pt: the torch archive declares .* more than the limit of 100 bytes"):
-        _files.load_model(str(p), max_bytes=100)
+        cli_files.load_model(str(p), max_bytes=100)

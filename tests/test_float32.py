@@ -14,9 +14,10 @@ import pytest
 
 import reference as R
 import wsbound_fast as wsb
-import wsbound_fast._api as api
+from wsbound_fast._backends import compiled
+from wsbound_fast._engine.schedule import total_moments
 from test_structured import SPECS
-from wsbound_fast._validate import validate
+from wsbound_fast._problem.validate import validate
 
 F32_RTOL = 1e-5
 
@@ -28,13 +29,13 @@ def test_float32_close_to_float64_and_torch(spec, curvature, structured, torch, 
     layers, X, y = refs.model(spec)
     prob = validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum",
                     batch_size=4)
-    t64, b64 = api._moments_cpp(replace(prob, structured=structured))[:2]
-    t32, b32 = api._moments_cpp(replace(prob, structured=structured, single=True))[:2]
+    t64, b64 = compiled.moments(replace(prob, structured=structured))[:2]
+    t32, b32 = compiled.moments(replace(prob, structured=structured, single=True))[:2]
     np.testing.assert_allclose(t32, t64, rtol=1e-12)  # traces come from float64 features
     np.testing.assert_allclose(b32, b64, rtol=F32_RTOL, atol=F32_RTOL * np.abs(b64).max())
     ref = R.torch_hessian if curvature == "hessian" else R.torch_ggn
     H = ref(layers, spec.activation_arg(), X, y, reduction="sum")
-    assert api.total_moments(t32, b32)[1] == pytest.approx(np.sum(H * H), rel=F32_RTOL)
+    assert total_moments(t32, b32)[1] == pytest.approx(np.sum(H * H), rel=F32_RTOL)
 
 
 def test_float32_bitwise_independent_of_threads():

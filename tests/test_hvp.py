@@ -9,7 +9,8 @@ import pytest
 
 import reference as R
 import wsbound_fast as wsb
-from wsbound_fast import _hvp, _validate
+from wsbound_fast._planning import blocks as planning_blocks
+from wsbound_fast._problem import validate as validation
 
 # depths 1-4, every kind of activation curvature, bias patterns, label kinds, float32 X
 SPECS = [
@@ -113,9 +114,9 @@ def test_hvp_threads_bitwise_and_batch_invariant(curvature):
 def test_hvp_plan_respects_memory_limit():
     spec = SPECS[1]
     layers, X, y = spec.build()
-    prob = _validate.validate(layers, X, y, activation="tanh", curvature="hessian", reduction="mean", threads=8,
+    prob = validation.validate(layers, X, y, activation="tanh", curvature="hessian", reduction="mean", threads=8,
                               memory_limit=1)
-    planned = _hvp.plan_hvp(prob, 5, None)
+    planned = planning_blocks.plan_hvp(prob, 5, None)
     assert planned.threads == 1 and 1 <= planned.batch_size <= X.shape[0]
 
 

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 import wsbound_fast as wsb
-from wsbound_fast import _api, _torch, _validate
+from wsbound_fast import _backends as backends
+from wsbound_fast._backends import compiled
+from wsbound_fast._backends import numpy as numpy_backend
+from wsbound_fast._planning import blocks as planning_blocks
 
 # (dims, curvature, N, memory_limit): the K route of a one-hidden-layer Hessian (blocks
 # (L-1, L-1), (L-1, L)) and of a deep GGN, a deep generic Hessian with its dense cross terms;
@@ -46,7 +49,7 @@ def test_numpy_backend_keeps_within_memory_limit(dims, curvature, n, limit):
     layers, X, y = _model(dims, n)
     kw = dict(activation="gelu", curvature=curvature, memory_limit=limit, backend="numpy")
     wsb.bound(layers, X[:20], y[:20], **kw)  # imports (SciPy's erf) happen once, outside the measure
-    prob = _torch.validate_for("numpy", layers, X, y, activation="gelu", curvature=curvature, reduction="mean",
+    prob = backends.validate_for("numpy", layers, X, y, activation="gelu", curvature=curvature, reduction="mean",
                                memory_limit=limit)
     assert 1 < prob.group_blocks < -(-n // prob.batch_size), "the budget should cache only some blocks"
     peak = _peak(lambda: wsb.bound(layers, X, y, **kw))
@@ -59,14 +62,14 @@ def test_numpy_plan_differs_from_cpp_only_in_its_shape():
     dims, curvature, n, limit = CASES[0]
     layers, X, y = _model(dims, n)
     kw = dict(activation="gelu", curvature=curvature, reduction="mean", memory_limit=limit)
-    cpp = _torch.validate_for("cpp", layers, X, y, **kw)
-    py = _torch.validate_for("numpy", layers, X, y, **kw)
+    cpp = backends.validate_for("cpp", layers, X, y, **kw)
+    py = backends.validate_for("numpy", layers, X, y, **kw)
     assert cpp.chunks is None and py.chunks is not None
-    assert 8 * sum(py.chunks) <= _validate.KROUTE_SCRATCH_SHARE * limit
-    assert py.batch_size == _validate.plan_python(cpp, None, limit)[0]
-    a = _api._moments_numpy(py)
-    b = _api._moments_cpp(dataclasses.replace(cpp, threads=1))
+    assert 8 * sum(py.chunks) <= planning_blocks.KROUTE_SCRATCH_SHARE * limit
+    assert py.batch_size == planning_blocks.plan_python(cpp, None, limit)[0]
+    a = numpy_backend.moments(py)
+    b = compiled.moments(dataclasses.replace(cpp, threads=1))
     np.testing.assert_allclose(a[0], b[0], rtol=1e-12)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-11)
-    fixed = _torch.validate_for("numpy", layers, X, y, batch_size=37, **kw)
+    fixed = backends.validate_for("numpy", layers, X, y, batch_size=37, **kw)
     assert fixed.batch_size == 37  # an explicit batch_size is kept

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from wsbound_fast import _cli
+from wsbound_fast._cli import main as cli_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def _read_png(path):
 
 def test_plot_sharpness_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from wsbound_fast._plot import plot_sharpness
+    from wsbound_fast._cli.plot import plot_sharpness
 
     steps = [0, 1, 3, 10, 30, 100, 300]
     trace = [14.6, 21.5, 30.8, 19.3, 6.9, 4.5, 2.0]
@@ -46,7 +46,7 @@ def test_plot_sharpness_png(tmp_path):
 
 def test_plot_sharpness_rejects_ragged_series(tmp_path):
     pytest.importorskip("matplotlib")
-    from wsbound_fast._plot import plot_sharpness
+    from wsbound_fast._cli.plot import plot_sharpness
 
     with pytest.raises(ValueError, match="ws_upper must have one value per step"):
         plot_sharpness(str(tmp_path / "x.png"), [0, 1], [1.0, 2.0], [1.0])
@@ -63,7 +63,7 @@ def test_cli_demo_plot(tmp_path):
 
 
 def test_cli_demo_plot_missing_folder(tmp_path, capsys):
-    code = _cli.main(["demo", "--epochs", "1", "--plot", str(tmp_path / "no" / "such" / "x.png")])
+    code = cli_main.main(["demo", "--epochs", "1", "--plot", str(tmp_path / "no" / "such" / "x.png")])
     out, err = capsys.readouterr()
     if "matplotlib" in err:  # without the extra, that is reported first
         pytest.skip("matplotlib not installed")
@@ -73,7 +73,7 @@ def test_cli_demo_plot_missing_folder(tmp_path, capsys):
 
 def test_cli_demo_plot_unknown_format(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    code = _cli.main(["demo", "--epochs", "1", "--plot", str(tmp_path / "x.xyz")])
+    code = cli_main.main(["demo", "--epochs", "1", "--plot", str(tmp_path / "x.xyz")])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""  # refused before training
     assert len(err.strip().splitlines()) == 1 and "image format" in err and ".png" in err
@@ -82,7 +82,7 @@ def test_cli_demo_plot_unknown_format(tmp_path, capsys):
 def test_cli_demo_plot_without_matplotlib(tmp_path):
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from wsbound_fast._cli import main\n"
+        "from wsbound_fast._cli.main import main\n"
         f"raise SystemExit(main(['demo', '--epochs', '1', '--plot', {str(tmp_path / 'x.png')!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 import wsbound_fast as wsb
-from wsbound_fast import _api, _validate
-from wsbound_fast._cost import feature_doubles, feature_flops, pair_flops
+from wsbound_fast._backends import numpy as numpy_backend
+from wsbound_fast._engine import schedule as engine_schedule
+from wsbound_fast._problem import validate as validation
+from wsbound_fast._planning.cost import feature_doubles, feature_flops, pair_flops
 
 
 def _model(rng, dims=(6, 5, 4)):
@@ -76,7 +78,6 @@ def test_plan_matches_what_bound_runs(curvature):
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_plan_feature_flops_count_the_recomputed_blocks(curvature, monkeypatch):
     # a budget that caches only some blocks at once: later groups' features are recomputed
-    from wsbound_fast import _numpy_backend, _validate
 
     rng = np.random.default_rng(6)
     dims = [6, 9, 7, 5]
@@ -85,18 +86,18 @@ def test_plan_feature_flops_count_the_recomputed_blocks(curvature, monkeypatch):
     p = wsb.plan(layers, 83, curvature=curvature, batch_size=10, memory_limit=budget, threads=1)
     assert 1 < p.group_blocks < p.n_blocks  # the case this test is about
     rows = []
-    real = _numpy_backend.block_features
+    real = engine_schedule.block_features
 
     def counting(prob, Xb, Yb):
         rows.append(Xb.shape[0])
         return real(prob, Xb, Yb)
 
-    monkeypatch.setattr(_numpy_backend, "block_features", counting)
+    monkeypatch.setattr(engine_schedule, "block_features", counting)
     # the C++ engine's block plan (wsb.plan's), run by the NumPy backend, which counts here
-    prob = _validate.validate(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), activation="tanh",
+    prob = validation.validate(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), activation="tanh",
                               curvature=curvature, reduction="mean", batch_size=10, memory_limit=budget, threads=1)
     assert (prob.batch_size, prob.group_blocks) == (p.batch_size, p.group_blocks)
-    _api._moments_numpy(prob)
+    numpy_backend.moments(prob)
     assert sum(rows) > 83  # some blocks were computed more than once
     per_sample = feature_flops(dims, curvature == "hessian", p.structured)
     assert p.feature_flops == pytest.approx(sum(rows) * per_sample)

@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 
 import wsbound_fast as wsb
-from wsbound_fast import _numpy_backend as nb
-from wsbound_fast._api import total_moments
-from wsbound_fast._dense import dense_hessian
-from wsbound_fast._validate import validate
+from wsbound_fast import _backends as backends
+from wsbound_fast._engine import schedule as engine_schedule
+from wsbound_fast._engine.schedule import total_moments
+from wsbound_fast._api.dense import dense_hessian
+from wsbound_fast._problem.validate import validate
 
 MARGINS = [20.0, 40.0, 100.0, 300.0]
 DIMS = {2: (3, 8, 3), 3: (3, 6, 5, 3)}
@@ -65,12 +66,11 @@ def _moments(backend: str, layers, X, y, curvature: str, structured: bool, batch
     kw = dict(activation="tanh", curvature=curvature, reduction="sum", batch_size=batch_size)
     if backend == "torch":
         pytest.importorskip("torch")
-        from wsbound_fast import _torch_backend as tb
-
-        return tb.moments(replace(tb.validate_torch(layers, X, y, **kw), structured=structured))
+        torch_backend = backends.torch_backend()
+        return torch_backend.moments(replace(torch_backend.validate_torch(layers, X, y, **kw), structured=structured))
     prob = replace(validate(layers, X, y, backend="numpy", **kw), structured=structured)
     with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
-        return nb.moments(prob)
+        return engine_schedule.moments(prob)
 
 
 def _rel(a: float, b: float) -> float:

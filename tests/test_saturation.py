@@ -33,7 +33,9 @@ from mpmath import mp, mpf
 import mp_reference as MP
 import reference as R
 import wsbound_fast as wsb
-from wsbound_fast import _api, _validate
+from wsbound_fast import _backends as backends
+from wsbound_fast._engine import schedule as engine_schedule
+from wsbound_fast._problem import validate as validation
 
 RTOL = 1e-12
 TINY = 1e-290
@@ -162,18 +164,15 @@ def grid(dims, activation, margin, labels) -> Sat:
 
 def engine_moments(layers, X, y, activation, curvature, reduction, engine, structured):
     """(tr, tr^2) normalised as bound() normalises them, from the backend's moment pass
-    (_api._moments_cpp / _numpy / _torch) with the contraction path forced."""
+    (_backends.moments) with the contraction path forced."""
     kw = dict(activation=activation, curvature=curvature, reduction=reduction)
     if engine == "torch":
-        from wsbound_fast import _torch_backend
-
-        prob = _torch_backend.validate_torch(layers, X, y, **kw)
+        prob = backends.torch_backend().validate_torch(layers, X, y, **kw)
     else:
-        prob = _validate.validate(layers, X, y, **kw)
+        prob = validation.validate(layers, X, y, **kw)
     prob = dataclasses.replace(prob, structured=structured)
-    fn = {"cpp": _api._moments_cpp, "numpy": _api._moments_numpy, "torch": _api._moments_torch}[engine]
-    mom = fn(prob)
-    tr, tr2 = _api.total_moments(mom[0], mom[1])
+    mom = backends.moments(prob, engine)
+    tr, tr2 = engine_schedule.total_moments(mom[0], mom[1])
     if reduction == "mean":
         N = X.shape[0]
         tr, tr2 = tr / N, tr2 / (N * N)

@@ -19,7 +19,8 @@ from mpmath import mp, mpf
 import mp_reference as MP
 import wsbound_fast as wsb
 from test_saturation import check_allowance, check_bound, check_moments, engine  # noqa: F401
-from wsbound_fast import _data, _demo
+from wsbound_fast._api import data as api_data
+from wsbound_fast._cli import demo as cli_demo
 
 SCALES = (1, 2, 3, 6)
 SMALL_SCALES = (1, 3, 6)
@@ -44,11 +45,11 @@ def _loss(layers, X, y) -> float:
 
 @pytest.fixture(scope="module")
 def digits_model():
-    X, y = _data.load_digits()
+    X, y = api_data.load_digits()
     rng = np.random.default_rng(0)
     idx = np.concatenate([rng.choice(np.flatnonzero(y == c), 6, replace=False) for c in range(10)])
     X, y = X[idx], y[idx]
-    layers = _demo.train(_demo.init_mlp([64, 8, 10], np.random.default_rng(1)), X, y, epochs=3000)
+    layers = cli_demo.train(cli_demo.init_mlp([64, 8, 10], np.random.default_rng(1)), X, y, epochs=3000)
     return layers, X, y
 
 
@@ -97,7 +98,7 @@ def test_digits_bound(digits_ref, scale, curvature, engine):
 
 @pytest.fixture(scope="module")
 def small_model():
-    X, y = _data.load_digits()
+    X, y = api_data.load_digits()
     keep = y < 3
     X, y = X[keep], y[keep]
     Xc = X - X.mean(axis=0)
@@ -107,7 +108,7 @@ def small_model():
     rng = np.random.default_rng(2)
     idx = np.concatenate([rng.choice(np.flatnonzero(y == c), 30, replace=False) for c in range(3)])
     Z, y = Z[idx], y[idx]
-    layers = _demo.train(_demo.init_mlp([4, 4, 3], np.random.default_rng(3)), Z, y, epochs=3000)
+    layers = cli_demo.train(cli_demo.init_mlp([4, 4, 3], np.random.default_rng(3)), Z, y, epochs=3000)
     sub = np.array([0, 1, 30, 31, 60, 61])  # two samples of each class
     return layers, np.ascontiguousarray(Z[sub]), y[sub].copy(), Z, y
 

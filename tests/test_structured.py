@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import reference as R
-import wsbound_fast._api as api
-import wsbound_fast._numpy_backend as nb
-from wsbound_fast._validate import validate
+from wsbound_fast._backends import compiled, numpy as numpy_backend
+from wsbound_fast._engine import features as engine_features, kroute as engine_kroute
+from wsbound_fast._engine.schedule import total_moments
+from wsbound_fast._problem.validate import validate
 
 SPECS = [
     R.ModelSpec((5, 3), "tanh", "all", n=7, labels="hard", seed=1),
@@ -25,7 +26,7 @@ SPECS = [
     R.ModelSpec((4, 3, 5, 4, 3), ("silu", "tanh", "gelu_tanh"), "alt", n=11, labels="soft", seed=5),
     R.ModelSpec((3, 6, 2), "relu", "all", n=9, labels="hard", seed=6),
 ]
-MOMENTS = {"cpp": api._moments_cpp, "numpy": api._moments_numpy}
+MOMENTS = {"cpp": compiled.moments, "numpy": numpy_backend.moments}
 
 
 def _moments(spec, layers, X, y, curvature, backend, structured, batch_size, chunks=None):
@@ -46,8 +47,8 @@ def test_structured_equals_generic_and_dense(spec, curvature, backend, batch_siz
     np.testing.assert_allclose(t_s, t_g, rtol=1e-11, atol=1e-13 * np.abs(t_g).max())
     ref = R.torch_hessian if curvature == "hessian" else R.torch_ggn
     H = ref(layers, spec.activation_arg(), X, y, reduction="sum")
-    assert api.total_moments(t_s, b_s)[0] == pytest.approx(np.trace(H), rel=1e-10, abs=1e-12)
-    assert api.total_moments(t_s, b_s)[1] == pytest.approx(np.sum(H * H), rel=1e-10)
+    assert total_moments(t_s, b_s)[0] == pytest.approx(np.trace(H), rel=1e-10, abs=1e-12)
+    assert total_moments(t_s, b_s)[1] == pytest.approx(np.sum(H * H), rel=1e-10)
 
 
 DEEP = [s for s in SPECS if s.depth >= 2]
@@ -56,7 +57,7 @@ DEEP = [s for s in SPECS if s.depth >= 2]
 def _features(spec, layers, X, y, curvature, structured):
     prob = replace(validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum"),
                    structured=structured)
-    return prob, nb.block_features(prob, X, nb.label_rows(prob, 0, X.shape[0]))
+    return prob, engine_features.block_features(prob, X, engine_features.label_rows(prob, 0, X.shape[0]))
 
 
 @pytest.mark.parametrize("spec", DEEP, ids=lambda s: "-".join(map(str, s.dims)))
@@ -106,7 +107,7 @@ def test_pair_chunks_cover_the_block_pair(B, Bp, per_pair, per_row):
     (or a single row of pairs when one row needs more)."""
     budget = 1e6
     seen = np.zeros((B, Bp), dtype=int)
-    for rows, cols in nb._pair_chunks(B, Bp, int(per_pair), int(per_row), budget):
+    for rows, cols in engine_kroute._pair_chunks(B, Bp, int(per_pair), int(per_row), budget):
         block = seen[rows, cols]
         size = block.size * per_pair + block.shape[0] * per_row
         assert size <= budget or block.shape[0] == 1
@@ -123,9 +124,9 @@ def test_structured_cpp_bitwise_independent_of_threads(dims, curvature, refs):
     layers, X, y = refs.model(spec)
     prob = replace(validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum",
                             batch_size=7), structured=True)
-    runs = [api._moments_cpp(replace(prob, threads=t))[:2] for t in (1, 2, 3, 5)]
+    runs = [compiled.moments(replace(prob, threads=t))[:2] for t in (1, 2, 3, 5)]
     for t, b in runs[1:]:
         np.testing.assert_array_equal(t, runs[0][0])
         np.testing.assert_array_equal(b, runs[0][1])
-    t_g, b_g = api._moments_cpp(replace(prob, structured=False))[:2]
+    t_g, b_g = compiled.moments(replace(prob, structured=False))[:2]
     np.testing.assert_allclose(runs[0][1], b_g, rtol=1e-11, atol=1e-13 * np.abs(b_g).max())

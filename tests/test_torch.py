@@ -357,7 +357,7 @@ def test_works_without_torch():
 def test_import_does_not_import_torch():
     code = ("import sys, numpy as np, wsbound_fast as wsb; "
             "wsb.bound([(np.eye(3), None)], np.eye(3), np.arange(3), activation='tanh'); "
-            "import wsbound_fast._cli, wsbound_fast._files, wsbound_fast._plot; "
+            "import wsbound_fast._cli.main, wsbound_fast._cli.files, wsbound_fast._cli.plot; "
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -25,7 +25,11 @@ import wsbound_fast as wsb  # noqa: E402
 from test_consistency import EXTREME, SPEC_IDS, SPECS, _jacobian_scale  # noqa: E402
 from test_errors import CASES  # noqa: E402
 from test_exact import SWEEP  # noqa: E402
-from wsbound_fast import _api, _numpy_backend, _torch_backend, _validate  # noqa: E402
+from wsbound_fast._api import bound as api_bound  # noqa: E402
+from wsbound_fast._backends import torch as torch_backend  # noqa: E402
+from wsbound_fast._engine import schedule as engine_schedule  # noqa: E402
+from wsbound_fast._planning import blocks as planning_blocks  # noqa: E402
+from wsbound_fast._problem import validate as validation  # noqa: E402
 
 TOL = 1e-10
 #: float32 mode against float64: measured up to ~2e-7 relative on these small models and
@@ -97,14 +101,14 @@ def test_block_schedule(spec, curvature, refs):
     """Any batch size and memory limit (features recomputed in groups) gives the same moments."""
     layers, X, y = refs.model(spec)
     base = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
-    tight = _validate.min_memory_limit(layers, curvature, "torch")  # the smallest budget accepted
+    tight = validation.min_memory_limit(layers, curvature, "torch")  # the smallest budget accepted
     for kw in (dict(batch_size=1), dict(batch_size=3), dict(batch_size=7), dict(batch_size=50),
                dict(batch_size=3, memory_limit=tight), dict(memory_limit=tight)):
         assert_close(_bound(layers, X, y, spec, curvature=curvature, backend="torch", **kw), base)
 
 
 def _torch_problem(layers, X, y, spec, curvature, **kw):
-    return _torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+    return torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
                                          reduction="sum", **kw)
 
 
@@ -116,11 +120,11 @@ def test_moments_blockwise_equal_numpy_backend(spec, curvature, refs):
     layers, X, y = refs.model(spec)
     tprob = _torch_problem(layers, X, y, spec, curvature, batch_size=3)
     tprob = _replace(tprob, group_blocks=2)
-    nprob = _validate.validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+    nprob = validation.validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
                                reduction="sum", batch_size=3)
     nprob = _replace(nprob, group_blocks=2)
-    t_trace, t_blocks, t_abs, t_norms = _torch_backend.moments(tprob)
-    n_trace, n_blocks, n_abs, n_norms = _numpy_backend.moments(nprob)
+    t_trace, t_blocks, t_abs, t_norms = torch_backend.moments(tprob)
+    n_trace, n_blocks, n_abs, n_norms = engine_schedule.moments(nprob)
     scale = max(float(np.abs(n_blocks).max()), 1e-300)
     np.testing.assert_allclose(t_trace, n_trace, rtol=1e-12, atol=1e-12 * math.sqrt(scale))
     np.testing.assert_allclose(t_blocks, n_blocks, rtol=1e-12, atol=1e-13 * scale)
@@ -217,12 +221,12 @@ def test_bad_tensor_input_same_error_as_cpp(layers, X, y, kwargs, exc, match):
 
 def test_check_X_finite_in_chunks(monkeypatch):
     """The NaN / Inf check of a tensor X walks it in chunks (no X-sized temporary)."""
-    monkeypatch.setattr(_torch_backend, "_FINITE_CHUNK", 8)
+    monkeypatch.setattr(torch_backend, "_FINITE_CHUNK", 8)
     X = torch.zeros((50, 4), dtype=torch.float64)
-    assert _torch_backend.check_X(X, 4) is not None
+    assert torch_backend.check_X(X, 4) is not None
     X[49, 3] = math.inf
     with pytest.raises(ValueError, match="X contains NaN or Inf"):
-        _torch_backend.check_X(X, 4)
+        torch_backend.check_X(X, 4)
 
 
 @pytest.mark.parametrize(("kwargs", "exc", "match"), [
@@ -265,10 +269,10 @@ def test_dtype_float32_for_cpp_and_torch_not_numpy():
 
 
 def test_raises_before_any_work(monkeypatch):
-    def boom(prob):  # pragma: no cover - must not run
+    def boom(*args):  # pragma: no cover - must not run
         raise AssertionError("the backend ran on invalid input")
 
-    monkeypatch.setitem(_api._BACKENDS, "torch", boom)
+    monkeypatch.setattr(api_bound, "moments", boom)
     for c in CASES[::3]:
         with pytest.raises(c[5], match=c[6]):
             wsb.bound(c[1], c[2], c[3], backend="torch", **c[4])
@@ -360,7 +364,7 @@ def test_inputs_not_modified():
 
 def test_device_and_dtype_resolution():
     layers, X, y = _small()
-    r = _torch_backend.resolve_device
+    r = torch_backend.resolve_device
     assert r(None, layers, X, y) == torch.device("cpu")
     assert r(None, layers, torch.from_numpy(X), y) == torch.device("cpu")
     meta = torch.empty((3, 4), device="meta")
@@ -368,9 +372,9 @@ def test_device_and_dtype_resolution():
     assert r(None, [(meta, None)], X, y) == torch.device("meta")  # then the weights'
     assert r("cpu", layers, meta, y) == torch.device("cpu")  # an explicit device wins
     assert r(torch.device("cpu"), layers, X, y) == torch.device("cpu")
-    assert _torch_backend.resolve_dtype(None) is torch.float64
-    assert _torch_backend.resolve_dtype(" Float32 ") is torch.float32
-    assert _torch_backend.resolve_dtype("torch.float64") is torch.float64
+    assert torch_backend.resolve_dtype(None) is torch.float64
+    assert torch_backend.resolve_dtype(" Float32 ") is torch.float32
+    assert torch_backend.resolve_dtype("torch.float64") is torch.float64
     for kw in ({"device": "cpu"}, {"device": torch.device("cpu")}, {"dtype": torch.float64}):
         assert wsb.bound(layers, X, y, backend="torch", **kw).backend == "torch"
 
@@ -378,15 +382,15 @@ def test_device_and_dtype_resolution():
 def test_module_device_is_the_default(monkeypatch):
     """A torch module's own device is the default compute device when X is not a tensor (its
     weights become NumPy copies before resolve_device sees them); a tensor X's device wins."""
-    from wsbound_fast import _torch
+    from wsbound_fast import _backends as backends
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     X = np.random.default_rng(0).standard_normal((6, 4))
-    assert _torch._module_device(net.to("meta"), X) == torch.device("meta")
-    assert _torch._module_device(net, torch.from_numpy(X)) is None
+    assert backends._module_device(net.to("meta"), X) == torch.device("meta")
+    assert backends._module_device(net, torch.from_numpy(X)) is None
     seen = []
-    real = _torch_backend.validate_torch
-    monkeypatch.setattr(_torch_backend, "validate_torch", lambda *a, **kw: seen.append(kw["device"]) or real(*a, **kw))
+    real = torch_backend.validate_torch
+    monkeypatch.setattr(torch_backend, "validate_torch", lambda *a, **kw: seen.append(kw["device"]) or real(*a, **kw))
     net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     y = np.array([0, 1, 2, 0, 1, 2])
     ref = wsb.bound(net, X, y, backend="cpp")
@@ -402,37 +406,37 @@ def test_plan_uses_device_budget(monkeypatch):
     X = np.tile(X, (400, 1))
     y = np.tile(y, 400)
     kw = dict(activation="tanh", curvature="hessian", reduction="mean")
-    tight = _validate.min_memory_limit(layers, "hessian", "torch")
-    p = _torch_backend.validate_torch(layers, X, y, memory_limit=tight, **kw)
+    tight = validation.min_memory_limit(layers, "hessian", "torch")
+    p = torch_backend.validate_torch(layers, X, y, memory_limit=tight, **kw)
     assert p.memory_limit == tight and p.batch_size == 1 and p.group_blocks == 1
     with pytest.raises(ValueError, match=f"memory_limit = 1 bytes is below .* give memory_limit >= {tight} or None"):
-        _torch_backend.validate_torch(layers, X, y, memory_limit=1, **kw)
-    p = _torch_backend.validate_torch(layers, X, y, **kw)
-    assert p.memory_limit == _validate.default_memory_limit() and p.device == torch.device("cpu")
-    assert p.batch_size <= _validate._TARGET_BATCH
+        torch_backend.validate_torch(layers, X, y, memory_limit=1, **kw)
+    p = torch_backend.validate_torch(layers, X, y, **kw)
+    assert p.memory_limit == planning_blocks.default_memory_limit() and p.device == torch.device("cpu")
+    assert p.batch_size <= planning_blocks._TARGET_BATCH
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
-    assert _torch_backend.default_budget(torch.device("cuda")) == int(0.5 * (12 << 30))
+    assert torch_backend.default_budget(torch.device("cuda")) == int(0.5 * (12 << 30))
     dims, has_bias = [4, 5, 6, 3], [True, False, True]
-    cpu = _validate.plan_blocks(dims, has_bias, len(y), True, False, 1, None, 1 << 30)
-    gpu = _validate.plan_blocks(dims, has_bias, len(y), True, False, 1, None, 1 << 30, **_torch_backend.GPU_PLAN)
+    cpu = planning_blocks.plan_blocks(dims, has_bias, len(y), True, False, 1, None, 1 << 30)
+    gpu = planning_blocks.plan_blocks(dims, has_bias, len(y), True, False, 1, None, 1 << 30, **torch_backend.GPU_PLAN)
     assert gpu[0] > cpu[0]
 
 
 def test_progress_callback():
     layers, X, y = _small()
-    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="sum",
+    prob = torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="sum",
                                          batch_size=2)
     prob = _replace(prob, group_blocks=2)
     calls = []
-    out = _torch_backend.moments(prob, progress=lambda d, t: calls.append((d, t)))
+    out = torch_backend.moments(prob, progress=lambda d, t: calls.append((d, t)))
     nb = math.ceil(11 / 2)
     total = nb * (nb + 1) // 2
     assert calls[-1] == (total, total)
     assert all(t == total for _, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    again = _torch_backend.moments(prob)
+    again = torch_backend.moments(prob)
     assert len(out) == len(again) == 4 and all(np.array_equal(a, b) for a, b in zip(out, again))
 
 
@@ -454,19 +458,19 @@ def test_pair_flops_match_flop_counter(dims, bias, curvature, structured):
 
     spec = R.ModelSpec(dims, "tanh", bias, n=13, seed=11)
     layers, X, y = spec.build()
-    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature=curvature, reduction="sum")
+    prob = torch_backend.validate_torch(layers, X, y, activation="tanh", curvature=curvature, reduction="sum")
     prob = _replace(prob, structured=structured)
-    net = _torch_backend.DeviceWeights.of(prob)
+    net = torch_backend.DeviceWeights.of(prob)
     Y = torch.nn.functional.one_hot(torch.from_numpy(y), dims[-1]).to(torch.float64)
-    FI = _torch_backend.block_features(prob, net, torch.from_numpy(X[:5]), Y[:5])
-    FJ = _torch_backend.block_features(prob, net, torch.from_numpy(X[5:]), Y[5:])
+    FI = torch_backend.block_features(prob, net, torch.from_numpy(X[:5]), Y[:5])
+    FJ = torch_backend.block_features(prob, net, torch.from_numpy(X[5:]), Y[5:])
     with FlopCounterMode(display=False) as counter:
-        _torch_backend.pair_sum(prob, FI, FJ)
+        torch_backend.pair_sum(prob, FI, FJ)
     has_bias = [b is not None for _, b in layers]
     hess = curvature == "hessian"
-    assert counter.get_total_flops() == _torch_backend.pair_flops(dims, has_bias, hess, 5, 8, structured)
-    assert _torch_backend.total_pair_flops(dims, has_bias, hess, 13, 5, structured) == sum(
-        _torch_backend.pair_flops(dims, has_bias, hess, a, b, structured)
+    assert counter.get_total_flops() == torch_backend.pair_flops(dims, has_bias, hess, 5, 8, structured)
+    assert torch_backend.total_pair_flops(dims, has_bias, hess, 13, 5, structured) == sum(
+        torch_backend.pair_flops(dims, has_bias, hess, a, b, structured)
         for a, b in [(5, 5), (5, 5), (5, 3), (5, 5), (5, 3), (3, 3)])
 
 
@@ -567,7 +571,7 @@ def test_gpu_check_time_limit(capsys, monkeypatch):
 
 _TF32_SCRIPT = r"""
 import sys, torch
-from wsbound_fast._torch_backend import ieee_float32
+from wsbound_fast._backends.torch import ieee_float32
 m = torch.backends.cuda.matmul
 mode = sys.argv[1]
 if mode == "legacy": m.allow_tf32 = True
@@ -620,12 +624,12 @@ def test_moments_runs_under_ieee_float32(monkeypatch):
         yield
         seen.append(("exit", device))
 
-    monkeypatch.setattr(_torch_backend, "ieee_float32", record)
+    monkeypatch.setattr(torch_backend, "ieee_float32", record)
     layers, X, y = _small()
-    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="sum",
+    prob = torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="sum",
                                          dtype="float32", batch_size=4)
     calls = []
-    _torch_backend.moments(prob, progress=lambda d, t: calls.append(list(seen)))
+    torch_backend.moments(prob, progress=lambda d, t: calls.append(list(seen)))
     assert seen == [("enter", prob.device), ("exit", prob.device)]
     assert calls and all(c == [("enter", prob.device)] for c in calls)  # the work runs inside
 
@@ -677,14 +681,14 @@ def test_ieee_float32_is_safe_across_threads(monkeypatch, api):
     seen = {}
 
     def first():
-        with _torch_backend.ieee_float32(cuda):
+        with torch_backend.ieee_float32(cuda):
             a_in.set()
             b_in.wait(10)
         a_out.set()
 
     def second():
         a_in.wait(10)
-        with _torch_backend.ieee_float32(cuda):
+        with torch_backend.ieee_float32(cuda):
             b_in.set()
             a_out.wait(10)
             seen["after the first left"] = fake.tf32()
@@ -700,11 +704,11 @@ def test_ieee_float32_is_safe_across_threads(monkeypatch, api):
 
     def worker(k):
         for i in range(200):
-            with _torch_backend.ieee_float32(cuda):
+            with torch_backend.ieee_float32(cuda):
                 if fake.tf32():
                     bad.append(k)
                 if i % 7 == 0:
-                    with _torch_backend.ieee_float32(cuda):
+                    with torch_backend.ieee_float32(cuda):
                         if fake.tf32():
                             bad.append(k)
 
@@ -713,8 +717,8 @@ def test_ieee_float32_is_safe_across_threads(monkeypatch, api):
         t.start()
     for t in pool:
         t.join(60)
-    assert not bad and fake.tf32() and _torch_backend._TF32.depth == 0
-    with _torch_backend.ieee_float32(torch.device("cpu")):  # off CUDA: untouched
+    assert not bad and fake.tf32() and torch_backend._TF32.depth == 0
+    with torch_backend.ieee_float32(torch.device("cpu")):  # off CUDA: untouched
         assert fake.tf32()
 
 
@@ -732,11 +736,11 @@ def test_ieee_float32_recovers_from_a_failed_switch(monkeypatch):
 
     monkeypatch.setattr(torch.backends.cuda, "matmul", Broken("legacy"))
     with pytest.raises(RuntimeError, match="cannot set"):
-        with _torch_backend.ieee_float32(torch.device("cuda")):
+        with torch_backend.ieee_float32(torch.device("cuda")):
             pass  # pragma: no cover
-    assert _torch_backend._TF32.depth == 0
+    assert torch_backend._TF32.depth == 0
     fake = _FakeMatmul("legacy")
     monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
-    with _torch_backend.ieee_float32(torch.device("cuda")):
+    with torch_backend.ieee_float32(torch.device("cuda")):
         assert not fake.tf32()
     assert fake.tf32()

@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import reference as R  # noqa: E402
 from test_structured import SPECS  # noqa: E402
-from wsbound_fast import _torch_backend, _validate  # noqa: E402
+from wsbound_fast._backends import torch as torch_backend  # noqa: E402
+from wsbound_fast._problem import validate as validation  # noqa: E402
 
 #: Copies between devices (checked separately) and ops that take no tensor data.
 _COPIES = {"aten._to_copy.default", "aten.copy_.default"}
@@ -71,16 +72,16 @@ class DeviceRules(TorchDispatchMode):
 def _check_X_meta(X, d_in):
     """check_X without its NaN/Inf scan (a meta tensor holds no values to read)."""
     if isinstance(X, torch.Tensor) and X.device.type == "meta":
-        _validate.check_X_shape(tuple(X.shape), d_in)
+        validation.check_X_shape(tuple(X.shape), d_in)
         return X.detach()
-    return _torch_backend.check_X.__wrapped__(X, d_in)
+    return torch_backend.check_X.__wrapped__(X, d_in)
 
 
 @pytest.fixture
 def meta_X(monkeypatch):
-    orig = _torch_backend.check_X
+    orig = torch_backend.check_X
     _check_X_meta.__wrapped__ = orig
-    monkeypatch.setattr(_torch_backend, "check_X", _check_X_meta)
+    monkeypatch.setattr(torch_backend, "check_X", _check_X_meta)
 
 
 def test_rules_catch_a_cpu_tensor_and_a_host_read():
@@ -118,14 +119,14 @@ def test_moments_stay_on_the_device(spec, curvature, structured, x_kind, dtype, 
     X = np.tile(X, (2, 1))
     y = np.tile(y, 2) if y.ndim == 1 else np.tile(y, (2, 1))
     Xa = {"numpy": X, "host tensor": torch.from_numpy(X), "device tensor": torch.from_numpy(X).to("meta")}[x_kind]
-    prob = _torch_backend.validate_torch(layers, Xa, y, activation=spec.activation_arg(), curvature=curvature,
+    prob = torch_backend.validate_torch(layers, Xa, y, activation=spec.activation_arg(), curvature=curvature,
                                          reduction="mean", device="meta", dtype=dtype, batch_size=4)
     prob = replace(prob, structured=structured, group_blocks=2)
     nb = math.ceil(prob.n_samples / 4)
     assert nb >= 4
     progress = []
     with DeviceRules() as m:
-        trace, blocks, trace_abs, norms = _torch_backend.moments(prob, progress=lambda d, t: progress.append(d))
+        trace, blocks, trace_abs, norms = torch_backend.moments(prob, progress=lambda d, t: progress.append(d))
     assert progress[-1] == nb * (nb + 1) // 2
     assert m.on_device > 50 * nb  # the work did run on the device
     assert sum(m.to_host.values()) == 2, m.to_host
@@ -139,10 +140,10 @@ def test_products_stay_on_the_device(spec, curvature, refs):
     """The curvature-vector product: one (k, P) result copied to the host per call, nothing
     else, whatever the number of blocks."""
     layers, X, y = refs.model(spec)
-    prob = _torch_backend.validate_torch(layers, np.tile(X, (5, 1)), np.tile(y, 5) if y.ndim == 1 else
+    prob = torch_backend.validate_torch(layers, np.tile(X, (5, 1)), np.tile(y, 5) if y.ndim == 1 else
                                          np.tile(y, (5, 1)), activation=spec.activation_arg(),
                                          curvature=curvature, reduction="mean", device="meta")
-    products = _torch_backend.hvp_products(prob, 2, 3)
+    products = torch_backend.hvp_products(prob, 2, 3)
     V = np.random.default_rng(0).standard_normal((2, prob.n_params))
     with DeviceRules() as m:
         out = products(V)
@@ -206,10 +207,10 @@ def test_moments_keep_within_memory_limit(dims, curvature, n, budget, meta_X):
     rng = np.random.default_rng(2)
     layers = [(rng.normal(size=(b, a)), rng.normal(size=b)) for a, b in zip(dims[:-1], dims[1:])]
     X = torch.empty((n, dims[0]), dtype=torch.float64, device="meta")
-    prob = _torch_backend.validate_torch(layers, X, rng.integers(0, dims[-1], n), activation="gelu",
+    prob = torch_backend.validate_torch(layers, X, rng.integers(0, dims[-1], n), activation="gelu",
                                          curvature=curvature, reduction="mean", device="meta", memory_limit=budget)
     nb = math.ceil(n / prob.batch_size)
     assert 1 < prob.group_blocks < nb  # features are recomputed: the case at stake
     with LiveBytes() as m, pytest.raises(NotImplementedError, match="meta"):
-        _torch_backend.moments(prob)  # all the work, then the partial sums cannot come to the host
+        torch_backend.moments(prob)  # all the work, then the partial sums cannot come to the host
     assert 0.4 * budget < m.peak <= budget, (m.peak / budget, prob.batch_size, prob.group_blocks, nb)

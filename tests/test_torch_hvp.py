@@ -21,7 +21,11 @@ from test_certify import NET_SPECS  # noqa: E402
 from test_eigsh import IDS as EIG_IDS, SPECS as EIG_SPECS  # noqa: E402
 from test_errors import CASES, P_L  # noqa: E402
 from test_torch_backend import _as_tensor, _error, _tensor_layers  # noqa: E402
-from wsbound_fast import _hvp, _lanczos, _torch_backend, _validate  # noqa: E402
+from wsbound_fast import _backends as backends  # noqa: E402
+from wsbound_fast._backends import torch as torch_backend  # noqa: E402
+from wsbound_fast._planning import blocks as planning_blocks  # noqa: E402
+from wsbound_fast._problem import validate as validation  # noqa: E402
+from wsbound_fast._spectral import lanczos as spectral_lanczos  # noqa: E402
 
 #: Relative agreement with the C++ backend (the products differ by rounding, ~1e-15).
 TOL = 1e-10
@@ -85,16 +89,16 @@ def test_exact_and_certify_match_cpp(spec, curvature, refs):
 def device_basis(monkeypatch):
     """The Lanczos basis kept with the product in the torch backend's DeviceSpace (what a GPU
     gets) here on the CPU; counts the steps taken there."""
-    monkeypatch.setattr(_hvp, "_DEVICE_BASIS_ON_CPU", True)
+    monkeypatch.setattr(torch_backend, "uses_device_basis", lambda device: True)
     steps = []
-    real = _torch_backend.DeviceSpace.apply
+    real = torch_backend.DeviceSpace.apply
 
     def apply(self, q):
         assert isinstance(q, torch.Tensor)
         steps.append(q.shape)
         return real(self, q)
 
-    monkeypatch.setattr(_torch_backend.DeviceSpace, "apply", apply)
+    monkeypatch.setattr(torch_backend.DeviceSpace, "apply", apply)
     return steps
 
 
@@ -130,21 +134,21 @@ def test_device_basis_only_when_it_fits(monkeypatch):
     """A basis of maxiter vectors over DEVICE_BASIS_SHARE of memory_limit stays on the host;
     an overflowing product raises the same FloatingPointError from the device space."""
     layers, X, y, spec = _model()
-    monkeypatch.setattr(_hvp, "_DEVICE_BASIS_ON_CPU", True)
-    prob = _torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature="hessian",
+    monkeypatch.setattr(torch_backend, "uses_device_basis", lambda device: True)
+    prob = torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature="hessian",
                                          reduction="mean", memory_limit=1 << 16)
-    space = _hvp.make_matvec(prob, "torch").space
+    space = backends.make_matvec(prob, "torch").space
     P = prob.n_params
-    rows = int(_torch_backend.DEVICE_BASIS_SHARE * (1 << 16)) // (8 * P)
+    rows = int(torch_backend.DEVICE_BASIS_SHARE * (1 << 16)) // (8 * P)
     assert 1 <= rows < P and space.holds(rows, P) and not space.holds(rows + 1, P)
     seen = []
-    monkeypatch.setattr(_torch_backend.DeviceSpace, "apply", lambda self, q: seen.append(1) or q)
-    run = _lanczos.lanczos(_hvp.make_matvec(prob, "torch"), P, wanted=lambda th: np.arange(1), n_wanted=1,
+    monkeypatch.setattr(torch_backend.DeviceSpace, "apply", lambda self, q: seen.append(1) or q)
+    run = spectral_lanczos.lanczos(backends.make_matvec(prob, "torch"), P, wanted=lambda th: np.arange(1), n_wanted=1,
                            tol=0.0, maxiter=P, rng=np.random.default_rng(0))
     assert not seen and run.space is None and run.iterations > rows  # the basis stayed on the host
     monkeypatch.undo()
     with pytest.raises(FloatingPointError, match="overflowed"):
-        _torch_backend.DeviceSpace(lambda V: V * np.inf, 1.0, prob).apply(torch.ones(P, dtype=torch.float64))
+        torch_backend.DeviceSpace(lambda V: V * np.inf, 1.0, prob).apply(torch.ones(P, dtype=torch.float64))
 
 
 def test_exact_with_float32_moments():
@@ -202,7 +206,7 @@ def test_any_block_plan(kw):
     layers, X, y, spec = _model()
     if kw.get("memory_limit") == "tight":  # the smallest budget validation accepts (that of the moments
         # until hvp's validation asks for the products' plan: _torch.validate_for(moments=False))
-        kw = dict(kw, memory_limit=_validate.min_memory_limit(layers, "hessian", "torch"))
+        kw = dict(kw, memory_limit=validation.min_memory_limit(layers, "hessian", "torch"))
     V = np.random.default_rng(1).standard_normal((R.n_params(layers), 2))
     ref = wsb.hvp(layers, X, y, V, activation=spec.activation_arg(), backend="cpp")
     assert _rel(wsb.hvp(layers, X, y, V, activation=spec.activation_arg(), backend="torch", **kw), ref) <= TOL
@@ -216,23 +220,23 @@ def test_resident_and_streamed_data_agree_bitwise(monkeypatch):
     kw = dict(activation=spec.activation_arg(), backend="torch", batch_size=6)
     resident = wsb.hvp(layers, X, y, V, **kw)
     assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **kw))
-    monkeypatch.setattr(_torch_backend, "RESIDENT_DATA_SHARE", 0.0)
+    monkeypatch.setattr(torch_backend, "RESIDENT_DATA_SHARE", 0.0)
     assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **kw))
 
 
 def test_plan_and_host_budget():
     layers, X, y, spec = _model()
-    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="mean")
+    prob = torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="mean")
     # the Lanczos basis lives on the host: its budget is the host's, whatever the device's
-    assert prob.host_memory_limit == _validate.default_memory_limit()
-    assert _lanczos.basis_memory_limit(prob) == prob.host_memory_limit
-    prob = _torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="mean",
+    assert prob.host_memory_limit == planning_blocks.default_memory_limit()
+    assert spectral_lanczos.basis_memory_limit(prob) == prob.host_memory_limit
+    prob = torch_backend.validate_torch(layers, X, y, activation="tanh", curvature="hessian", reduction="mean",
                                          memory_limit=12345)
-    assert _lanczos.basis_memory_limit(prob) == prob.memory_limit == 12345
-    big = _validate.validate(layers, np.tile(X, (200, 1)), np.tile(y, (200, 1)), activation="tanh",
+    assert spectral_lanczos.basis_memory_limit(prob) == prob.memory_limit == 12345
+    big = validation.validate(layers, np.tile(X, (200, 1)), np.tile(y, (200, 1)), activation="tanh",
                              curvature="hessian", reduction="mean")
-    assert _hvp.plan_hvp(big, 1, None).batch_size == 256
-    assert _hvp.plan_hvp(big, 1, None, target_batch=_torch_backend.GPU_PLAN["target_batch"]).batch_size == 2048
+    assert planning_blocks.plan_hvp(big, 1, None).batch_size == 256
+    assert planning_blocks.plan_hvp(big, 1, None, target_batch=torch_backend.GPU_PLAN["target_batch"]).batch_size == 2048
 
 
 # --------------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def test_raises_before_any_work(monkeypatch):
     def boom(*args):  # pragma: no cover - must not run
         raise AssertionError("the product ran on invalid input")
 
-    monkeypatch.setattr(_torch_backend, "hvp_products", boom)
+    monkeypatch.setattr(torch_backend, "hvp_products", boom)
     for c in CASES[::5]:
         with pytest.raises(c[5], match=c[6]):
             wsb.hvp(c[1], c[2], c[3], np.ones(P_L), backend="torch", **c[4])

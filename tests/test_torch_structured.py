@@ -3,7 +3,7 @@ and generic) equal the C++ core.
 
 The torch backend honours ``prob.structured`` as chosen by validate() (the cost model);
 for the tiny test models that is usually the generic path, so here both paths are forced
-on every model of tests/test_structured.py and compared with ``_moments_cpp`` on the same
+on every model of tests/test_structured.py and compared with ``compiled.moments`` on the same
 forced problem.  Skipped as a whole without torch.
 """
 
@@ -18,10 +18,14 @@ torch = pytest.importorskip("torch")
 
 import reference as R  # noqa: E402
 import wsbound_fast as wsb  # noqa: E402
-import wsbound_fast._api as api  # noqa: E402
+from wsbound_fast._backends import compiled  # noqa: E402
+from wsbound_fast._engine.schedule import total_moments  # noqa: E402
 from test_structured import SPECS  # noqa: E402
 from test_torch_backend import FLOAT32_TOL  # noqa: E402
-from wsbound_fast import _cost, _torch_backend, _validate  # noqa: E402
+from wsbound_fast._backends import torch as torch_backend  # noqa: E402
+from wsbound_fast._planning import blocks as planning_blocks  # noqa: E402
+from wsbound_fast._planning import cost as cost_model  # noqa: E402
+from wsbound_fast._problem import validate as validation  # noqa: E402
 
 SPEC_IDS = ["-".join(map(str, s.dims)) + f"-{s.seed}" for s in SPECS]
 
@@ -32,7 +36,7 @@ def _one_thread(torch):  # the conftest fixture: torch with one intra-op thread
 
 
 def _tprob(spec, layers, X, y, curvature, batch_size, structured, **kw):
-    prob = _torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+    prob = torch_backend.validate_torch(layers, X, y, activation=spec.activation_arg(), curvature=curvature,
                                          reduction="sum", batch_size=batch_size, **kw)
     return replace(prob, structured=structured)
 
@@ -44,8 +48,8 @@ def _tprob(spec, layers, X, y, curvature, batch_size, structured, **kw):
 def test_torch_path_equals_cpp(spec, structured, curvature, batch_size, refs):
     layers, X, y = refs.model(spec)
     prob = _tprob(spec, layers, X, y, curvature, batch_size, structured)
-    t_t, b_t = _torch_backend.moments(prob)[:2]
-    t_c, b_c = api._moments_cpp(prob)[:2]
+    t_t, b_t = torch_backend.moments(prob)[:2]
+    t_c, b_c = compiled.moments(prob)[:2]
     scale = np.abs(b_c).max()
     np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * scale)
     np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
@@ -59,8 +63,8 @@ def test_float32_structured(spec, curvature, refs):
     layers, X, y = refs.model(spec)
     p32 = _tprob(spec, layers, X, y, curvature, 4, True, dtype="float32")
     p64 = replace(p32, dtype=torch.float64)
-    tr32, sq32 = api.total_moments(*_torch_backend.moments(p32)[:2])
-    tr64, sq64 = api.total_moments(*api._moments_cpp(p64)[:2])
+    tr32, sq32 = total_moments(*torch_backend.moments(p32)[:2])
+    tr64, sq64 = total_moments(*compiled.moments(p64)[:2])
     assert R.rel(tr32, tr64, np.sqrt(sq64)) <= FLOAT32_TOL
     assert R.rel(sq32, sq64) <= FLOAT32_TOL
 
@@ -72,8 +76,8 @@ def test_validate_torch_keeps_structured_choice():
     layers, X, y = spec.build()
     for curvature in ("ggn", "hessian"):
         kw = dict(activation="tanh", curvature=curvature, reduction="sum")
-        prob = _validate.validate(layers, X, y, **kw)
-        tprob = _torch_backend.validate_torch(layers, X, y, **kw)
+        prob = validation.validate(layers, X, y, **kw)
+        tprob = torch_backend.validate_torch(layers, X, y, **kw)
         assert prob.structured and tprob.structured
         a = wsb.bound(layers, X, y, backend="torch", **kw)
         b = wsb.bound(layers, X, y, backend="cpp", **kw)
@@ -89,8 +93,8 @@ def test_k_route_chunks(spec, curvature, scratch, values, refs):
     or of a few rows and columns (the test models fit one chunk otherwise), still equals the C++ core."""
     layers, X, y = refs.model(spec)
     prob = replace(_tprob(spec, layers, X, y, curvature, 4, True), chunks=(scratch, values))
-    t_t, b_t = _torch_backend.moments(prob)[:2]
-    t_c, b_c = api._moments_cpp(prob)[:2]
+    t_t, b_t = torch_backend.moments(prob)[:2]
+    t_c, b_c = compiled.moments(prob)[:2]
     np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * np.abs(b_c).max())
     np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
 
@@ -104,8 +108,8 @@ def test_k_route_accelerator_chunks(spec, curvature, chunk_values, refs):
     the whole block pair), run here on the CPU, still equals the C++ core."""
     layers, X, y = refs.model(spec)
     prob = replace(_tprob(spec, layers, X, y, curvature, 5, True), chunks=(chunk_values, chunk_values))
-    t_t, b_t = _torch_backend.moments(prob)[:2]
-    t_c, b_c = api._moments_cpp(prob)[:2]
+    t_t, b_t = torch_backend.moments(prob)[:2]
+    t_c, b_c = compiled.moments(prob)[:2]
     np.testing.assert_allclose(b_t, b_c, rtol=1e-11, atol=1e-13 * np.abs(b_c).max())
     np.testing.assert_allclose(t_t, t_c, rtol=1e-11, atol=1e-13 * np.abs(t_c).max())
 
@@ -119,23 +123,23 @@ def test_plan_sets_aside_k_route_scratch():
     layers = [(rng.standard_normal((128, 20)), rng.standard_normal(128)), (rng.standard_normal((10, 128)), None)]
     X, y = rng.standard_normal((300, 20)), rng.integers(0, 10, 300)
     kw = dict(activation="tanh", curvature="hessian", reduction="mean")
-    share = _validate.KROUTE_SCRATCH_SHARE
+    share = planning_blocks.KROUTE_SCRATCH_SHARE
     dims, has_bias = [20, 128, 10], [True, False]
-    py = dict(cross_copies=_validate.PY_CROSS_COPIES, feature_temporaries=_validate.PY_FEATURE_TEMPORARIES,
-              feature_scratch=_cost.feature_scratch_doubles(dims, True, True))
+    py = dict(cross_copies=planning_blocks.PY_CROSS_COPIES, feature_temporaries=planning_blocks.PY_FEATURE_TEMPORARIES,
+              feature_scratch=cost_model.feature_scratch_doubles(dims, True, True))
     for limit in (1 << 24, 1 << 32):
-        cpu = _torch_backend.validate_torch(layers, X, y, memory_limit=limit, **kw)
+        cpu = torch_backend.validate_torch(layers, X, y, memory_limit=limit, **kw)
         assert cpu.structured
-        want = tuple(min(cap, share * limit / 16) for cap in _validate.CPU_CHUNK_VALUES)
+        want = tuple(min(cap, share * limit / 16) for cap in planning_blocks.CPU_CHUNK_VALUES)
         assert cpu.chunks == pytest.approx(want)
-        expect = _validate.plan_blocks(dims, has_bias, 300, True, True, 1, None, limit - int(8 * sum(want)), **py)
+        expect = planning_blocks.plan_blocks(dims, has_bias, 300, True, True, 1, None, limit - int(8 * sum(want)), **py)
         assert (cpu.batch_size, cpu.group_blocks) == expect
-    assert cpu.chunks == _validate.CPU_CHUNK_VALUES  # a large budget: the cache-sized chunks
-    meta = _torch_backend.validate_torch(layers, X, y, device="meta", memory_limit=1 << 24, **kw)
+    assert cpu.chunks == planning_blocks.CPU_CHUNK_VALUES  # a large budget: the cache-sized chunks
+    meta = torch_backend.validate_torch(layers, X, y, device="meta", memory_limit=1 << 24, **kw)
     assert meta.memory_limit == 1 << 24
     assert meta.chunks == pytest.approx((share * (1 << 24) / 16,) * 2)
-    expect = _validate.plan_blocks(dims, has_bias, 300, True, True, 1, None, int((1 - share) * (1 << 24)),
-                                   **_torch_backend.GPU_PLAN, **py)
+    expect = planning_blocks.plan_blocks(dims, has_bias, 300, True, True, 1, None, int((1 - share) * (1 << 24)),
+                                   **torch_backend.GPU_PLAN, **py)
     assert (meta.batch_size, meta.group_blocks) == expect
 
 
@@ -143,13 +147,13 @@ def test_plan_sets_aside_k_route_scratch():
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
 def test_k_route_features_match_numpy(spec, curvature, refs):
     """The torch K route's features (p, w, rho, u, the stacked T_l) are the NumPy backend's."""
-    from wsbound_fast import _numpy_backend
+    from wsbound_fast._engine import features as engine_features
 
     layers, X, y = refs.model(spec)
     prob = _tprob(spec, layers, X, y, curvature, 100, True)
-    Y = _numpy_backend.label_rows(prob, 0, X.shape[0])
-    fn = _numpy_backend.block_features(prob, X, Y)
-    ft = _torch_backend.block_features(prob, _torch_backend.DeviceWeights.of(prob), torch.from_numpy(X),
+    Y = engine_features.label_rows(prob, 0, X.shape[0])
+    fn = engine_features.block_features(prob, X, Y)
+    ft = torch_backend.block_features(prob, torch_backend.DeviceWeights.of(prob), torch.from_numpy(X),
                                        torch.from_numpy(Y))
     for name in ("p", "w", "rho", "u"):
         a, b = getattr(fn, name), getattr(ft, name)

@@ -1,5 +1,5 @@
 """``python -m wsbound_fast``: the ``wsbound-fast`` command line."""
 
-from ._cli import main
+from ._cli.main import main
 
 raise SystemExit(main())

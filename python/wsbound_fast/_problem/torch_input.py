@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ._validate import Problem
+from .activations import validate_activations
 
 __all__ = ["from_torch", "is_module", "is_tensor", "load_module"]
 
@@ -254,8 +253,6 @@ def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = 
     if is_module(layers):
         layers, acts, flatten = convert(layers)
         if activation is not None:
-            from ._validate import validate_activations
-
             mine = validate_activations(acts, len(layers))
             given = validate_activations(activation, len(layers))
             if mine != given:
@@ -274,57 +271,6 @@ def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = 
     if is_tensor(y):
         y = tensor_to_numpy(y, copy=False)
     return layers, X, y, activation
-
-
-def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
-                 batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
-                 dtype: Any = None, moments: bool = True) -> Problem:
-    """:func:`adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
-
-    backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
-    ``device``, ``dtype`` and the device's memory budget (importing torch).  Any other
-    backend: ``validate`` on NumPy arrays, and ``device=`` is refused; ``dtype`` is left to
-    the caller, which knows what float32 means for it.  activation None means the torch
-    module's activations, or "tanh" for a list of layers.  ``moments``: the problem is for
-    the moments (bound(): their memory minimum and thread clamp apply) or, False, for the
-    curvature-vector product, which plans its own blocks (:func:`_validate.moments_plan`).
-    """
-    from ._validate import moments_plan
-
-    with moments_plan(moments):
-        return _validate_for(backend, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                             batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device,
-                             dtype=dtype)
-
-
-def _validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
-                  batch_size: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any) -> Problem:
-    if backend == "torch" and device is None and is_module(layers):
-        device = _module_device(layers, X)
-    layers, X, y, activation = adapt(layers, X, y, activation, keep_tensors=backend == "torch")
-    kw = dict(activation="tanh" if activation is None else activation, curvature=curvature, reduction=reduction,
-              batch_size=batch_size, threads=threads, memory_limit=memory_limit)
-    if backend == "torch":
-        from ._torch_backend import validate_torch
-
-        return validate_torch(layers, X, y, device=device, dtype=dtype, **kw)
-    from ._validate import validate
-
-    prob = validate(layers, X, y, backend=backend, **kw)
-    if device is not None:
-        raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
-    return prob
-
-
-def _module_device(module: Any, X: Any) -> Any:
-    """The default device of backend="torch" for a module: X's if X is a tensor, else that of
-    the module's first parameter (adapt() turns the weights into NumPy copies, which would
-    lose it: a model on "cuda" with NumPy data would otherwise be computed on the CPU)."""
-    if is_tensor(X):
-        return None  # resolve_device takes X's device
-    for param in module.parameters():
-        return param.device
-    return None
 
 
 def _flattened(X: Any) -> Any:

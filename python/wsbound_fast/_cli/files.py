@@ -2,7 +2,7 @@
 
 MODEL: an ``.npz`` of ``W0, b0, W1, b1, ...`` (W_l of shape (d_out, d_in) as torch.nn.Linear,
 b_l optional per layer; an optional ``activation`` array of names), or a torch.save-d
-``nn.Sequential`` (read safely, see :func:`wsbound_fast._torch.load_module`).
+``nn.Sequential`` (read safely, see :func:`wsbound_fast._problem.torch_input.load_module`).
 DATA: an ``.npz`` with ``X`` (N, d) and ``y`` (N,) or (N, C); other arrays are ignored
 (never decompressed).
 
@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
+
+from .._problem import torch_input
 
 __all__ = ["Model", "default_file_limit", "load_data", "load_model", "parse_activation"]
 
@@ -456,21 +458,19 @@ def load_model(path: str, max_bytes: int | None = None) -> Model:
             if declared > limit:
                 raise ValueError(f"MODEL {path}: the torch archive declares {_size(declared)}, more than the limit of "
                                  f"{_size(limit)} for one file")
-        from . import _torch
-
         try:
-            _torch._import_torch()
+            torch_input._import_torch()
         except ImportError:
             raise ValueError(f"MODEL {path} is not an .npz of W0, b0, W1, b1, ...; reading it as a saved torch "
                              "module needs PyTorch, which is not installed") from None
         op.f.seek(0)
         try:
-            module = _torch.load_module(path, op.f)
+            module = torch_input.load_module(path, op.f)
         except ValueError as exc:
             raise ValueError(f"MODEL {exc}") from None
     finally:
         op.close()
-    layers, _, _ = _torch.convert(module)  # errors name the unsupported module
+    layers, _, _ = torch_input.convert(module)  # errors name the unsupported module
     dims = (int(layers[0][0].shape[1]),) + tuple(int(W.shape[0]) for W, _ in layers)
     return Model("torch", module, None, dims, f"{path} (torch {type(module).__name__})")
 

@@ -13,13 +13,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._bounds import Bound, LayerBound, ws_bounds
-from ._certify import (certify_to_width, layer_rank_bounds, rank_bound, rayleigh_intervals, relative_width,
-                       ritz_certificate)
-from ._hvp import make_matvec
-from ._rounding import Allowance, down, up
-from ._lanczos import _seed, _tol, default_maxiter, lanczos, select_indices
-from ._validate import Problem, _positive_int
+from .._backends import make_matvec
+from .._problem.problem import Problem
+from .._problem.validate import _positive_int
+from .bounds import Bound, LayerBound, ws_bounds
+from .certify import (
+    certify_to_width,
+    layer_rank_bounds,
+    rank_bound,
+    rayleigh_intervals,
+    relative_width,
+    ritz_certificate,
+)
+from .lanczos import _seed, _tol, default_maxiter, lanczos, select_indices
+from .rounding import Allowance, down, up
 
 
 class ExactOptions(NamedTuple):

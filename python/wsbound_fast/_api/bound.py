@@ -5,87 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
-
-from . import _torch
-from ._bounds import Bound, ws_bounds
-from ._progress import ProgressFn, Reporter
-from ._rounding import moment_allowance
-from ._validate import BACKENDS, Problem, _choice, compute_dtype
-
-
-class Moments(NamedTuple):
-    """What a backend's moment pass returns (unnormalised, per parameter block, layers 0..L-1).
-
-    trace[l] = sum_n tr H_n^{ll}; blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> (l <= m, zero
-    below); and the magnitudes of docs/numerics.md section 4 that the rounding allowances use:
-    trace_abs[l] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|, norms[l, m] = sum_n nu_n^{lm} (l <= m).
-    """
-
-    trace: np.ndarray
-    blocks: np.ndarray
-    trace_abs: np.ndarray
-    norms: np.ndarray
-
-
-def _as_moments(out: Any) -> Moments:
-    return Moments(*out)  # a backend's (trace, blocks, trace_abs, norms)
-
-
-def _moments_cpp(prob: Problem, progress: ProgressFn | None = None) -> Moments:
-    from . import _load_core
-
-    core = _load_core()
-    return _as_moments(core.moments(
-        list(prob.weights),
-        list(prob.biases),
-        [a.code for a in prob.activations],
-        [a.param for a in prob.activations],
-        prob.X,
-        prob.labels,
-        prob.hessian,
-        prob.structured,
-        prob.batch_size,
-        prob.group_blocks,
-        prob.threads,
-        progress,
-        prob.single,
-    ))
-
-
-def _moments_numpy(prob: Problem, progress: ProgressFn | None = None) -> Moments:
-    from ._numpy_backend import moments
-
-    # Overflow surfaces as the FloatingPointError raised in bound(), not as NumPy warnings.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return _as_moments(moments(prob, progress))
-
-
-def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
-    """(tr H, tr H^2) from per-layer traces and the upper triangle of <H^{lm}, H^{lm}>.
-
-    Summed in a fixed order, so the totals are as reproducible as the blocks.
-    """
-    L = layer_trace.shape[0]
-    tr = 0.0
-    for t in layer_trace:
-        tr += float(t)
-    tr2 = 0.0
-    for l in range(L):
-        for m in range(l, L):
-            tr2 += float(blocks[l, m]) if l == m else 2.0 * float(blocks[l, m])
-    return tr, tr2
-
-
-def _moments_torch(prob: Problem, progress: ProgressFn | None = None) -> Moments:
-    from ._torch_backend import moments
-
-    return _as_moments(moments(prob, progress))  # type: ignore[arg-type]  # a TorchProblem (validate_torch)
-
-
-_BACKENDS = {"cpp": _moments_cpp, "numpy": _moments_numpy, "torch": _moments_torch}
+from .._backends import moments, validate_for
+from .._engine.schedule import ProgressFn, total_moments
+from .._problem.problem import BACKENDS
+from .._problem.validate import _choice, compute_dtype
+from .._spectral.bounds import Bound, ws_bounds
+from .._spectral.lanczos import basis_memory_limit
+from .._spectral.refine import check_exact_options, refine
+from .._spectral.rounding import moment_allowance
+from .progress import Reporter
 
 
 def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
@@ -165,21 +95,17 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     chosen = _choice(backend, "backend", BACKENDS)
     reporter = Reporter(progress, callback)
     # a torch module becomes (layers, activations); tensors become arrays except for the torch backend
-    prob = _torch.validate_for(chosen, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                               batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device,
-                               dtype=dtype)
+    prob = validate_for(chosen, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                        batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device, dtype=dtype)
     if chosen != "torch" and compute_dtype(dtype) == "float32":
         if chosen != "cpp":
             raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={chosen!r}")
         prob = dataclasses.replace(prob, single=True)
-    from ._exact import check_exact_options
-    from ._lanczos import basis_memory_limit
-
     opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params,
                                basis_memory_limit(prob), rtol, which)
     t0 = time.perf_counter()
     try:
-        mom = _BACKENDS[chosen](prob, reporter if reporter.active else None)
+        mom = moments(prob, chosen, reporter if reporter.active else None)
     finally:
         reporter.close()
     layer_trace, blocks = mom.trace, mom.blocks
@@ -203,6 +129,4 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         lambda_min_lower=ws.lambda_min_lower, lambda_min_upper=ws.lambda_min_upper,
         curvature=prob.curvature, reduction=prob.reduction, backend=chosen, elapsed_s=elapsed,
     )
-    from ._exact import refine
-
     return refine(res, prob, chosen, layer_trace, blocks, opts, allowance)

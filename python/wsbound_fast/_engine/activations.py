@@ -1,42 +1,24 @@
-"""Activation functions with their first and second derivatives (NumPy).
+"""Activation functions with their first and second derivatives, for the Python engine.
 
-The C++ core has its own implementation (cpp/wsbound/activations.hpp); the two are
-held to each other and to finite differences by the tests.  The integer codes below
-are the ones the core understands; keep them in sync with ``wsb::Act``.
+The C++ core has its own implementation (cpp/wsbound/activations.hpp); the two are held
+to each other and to finite differences by the tests.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 
+from .._problem.activations import Activation
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
 _GELU_TANH_C = 0.044715
-
-#: Name -> (code in the C++ core, default parameter).  The parameter is only used by
-#: ``leaky_relu`` (its negative slope; torch's default is 0.01).
-ACTIVATIONS: dict[str, tuple[int, float]] = {
-    "identity": (0, 0.0),
-    "tanh": (1, 0.0),
-    "sigmoid": (2, 0.0),
-    "softplus": (3, 0.0),
-    "gelu": (4, 0.0),
-    "gelu_tanh": (5, 0.0),
-    "silu": (6, 0.0),
-    "relu": (7, 0.0),
-    "leaky_relu": (8, 0.01),
-}
-
-
-class Activation(NamedTuple):
-    """A resolved hidden-layer activation: its name, core code and parameter."""
-
-    name: str
-    code: int
-    param: float
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _numpy_backend as nb
-from . import _torch
-from ._validate import validate
+from .._engine.features import block_features, label_rows
+from .._problem import torch_input
+from .._problem.validate import validate
 
 #: Largest P for which dense_hessian builds the matrix (P^2 float64 = 3.2 GB at the limit).
 MAX_DENSE_PARAMS = 20000
@@ -35,7 +35,7 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvat
     ``torch.nn.Sequential.parameters()``).  Refuses P > 20000; use :func:`bound` there.
     Takes the same inputs as :func:`bound` (a torch module and tensors too).
     """
-    layers, X, y, activation = _torch.adapt(layers, X, y, activation)
+    layers, X, y, activation = torch_input.adapt(layers, X, y, activation)
     if activation is None:
         activation = "tanh"
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
@@ -59,7 +59,7 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvat
     N = prob.n_samples
     for lo in range(0, N, prob.batch_size):
         hi = min(lo + prob.batch_size, N)
-        f = nb.block_features(prob, np.asarray(prob.X[lo:hi], dtype=np.float64), nb.label_rows(prob, lo, hi))
+        f = block_features(prob, np.asarray(prob.X[lo:hi], dtype=np.float64), label_rows(prob, lo, hi))
         B = hi - lo
         for l in range(1, L + 1):
             for m in range(l, L + 1):

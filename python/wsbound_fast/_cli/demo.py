@@ -15,9 +15,12 @@ from typing import TextIO
 
 import numpy as np
 
-from ._bounds import Bound
-from ._data import load_digits
-from ._validate import BACKENDS, _choice
+from .._api.bound import bound
+from .._api.data import load_digits
+from .._backends.compiled import load_core
+from .._problem.problem import BACKENDS
+from .._problem.validate import _choice
+from .._spectral.bounds import Bound
 
 __all__ = ["DemoRow", "checkpoint_epochs", "init_mlp", "loss_and_grads", "resolve_backend", "run_demo", "train"]
 
@@ -104,15 +107,13 @@ def resolve_backend(backend: str | None, notice: TextIO | None = None) -> str:
 
     An explicit "cpp" whose core cannot be imported raises ImportError here, before any work.
     """
-    from . import _load_core
-
     if backend is not None:
         which = _choice(backend, "backend", BACKENDS)
         if which == "cpp":
-            _load_core()
+            load_core()
         return which
     try:
-        _load_core()
+        load_core()
     except ImportError as exc:
         reason = exc.__cause__ if exc.__cause__ is not None else exc
         print(f"note: compiled backend unavailable ({reason}); falling back to backend='numpy' (slower)",
@@ -166,8 +167,6 @@ def run_demo(hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS, seed: i
     (default stdout).  Returns the rows.  ``lambda_max(layers, X, y)``, when given, is called
     at each checkpoint and its value stored in the row (for plots; not printed).
     """
-    from ._api import bound
-
     for name, value, least in (("hidden", hidden, 1), ("epochs", epochs, 0), ("checkpoints", checkpoints, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")

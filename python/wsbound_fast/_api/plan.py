@@ -10,10 +10,25 @@ from typing import Any
 
 import numpy as np
 
-from ._cost import (cpp_fixed_doubles, cpp_group_doubles, cpp_worker_doubles, feature_doubles, feature_flops,
-                    pair_flops)
-from ._validate import (CURVATURES, _choice, _positive_int, choose_structured, default_memory_limit,
-                        min_memory_cpp, plan_cpp, validate_activations, validate_layers, validate_threads)
+from .._planning.blocks import default_memory_limit, min_memory_cpp, plan_cpp
+from .._planning.cost import (
+    choose_structured,
+    cpp_fixed_doubles,
+    cpp_group_doubles,
+    cpp_worker_doubles,
+    feature_doubles,
+    feature_flops,
+    pair_flops,
+)
+from .._problem import torch_input
+from .._problem.activations import validate_activations
+from .._problem.problem import CURVATURES
+from .._problem.validate import (
+    _choice,
+    _positive_int,
+    validate_layers,
+    validate_threads,
+)
 
 #: Fraction of NumPy's float64 GEMM rate the engine is assumed to reach (pairs and features).
 ASSUMED_EFFICIENCY = 0.6
@@ -83,9 +98,7 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     ``threads``); a ``memory_limit`` below what one sample needs is a ValueError naming the
     minimum.
     """
-    from . import _torch
-
-    layers, _, _, activation = _torch.adapt(layers, None, None, activation)
+    layers, _, _, activation = torch_input.adapt(layers, None, None, activation)
     weights, biases = validate_layers(layers)
     if activation is not None:
         validate_activations(activation, len(weights))

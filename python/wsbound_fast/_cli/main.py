@@ -11,6 +11,22 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from .._api.bound import bound
+from .._api.products import eigsh
+from .._backends.compiled import load_core
+from .._problem.torch_input import convert
+from .._spectral.bounds import Bound
+from .._version import __version__
+from .demo import (
+    DEFAULT_CHECKPOINTS,
+    DEFAULT_EPOCHS,
+    DEFAULT_HIDDEN,
+    resolve_backend,
+    run_demo,
+)
+from .files import Model, load_data, load_model, parse_activation
+from .plot import plot_demo, require_matplotlib
+
 PROG = "wsbound-fast"
 
 
@@ -77,9 +93,6 @@ def _bytes_arg(text: str) -> int:
 def _demo_lambda_max(backend: str | None, threads: int | None) -> Callable:
     """The exact lambda_max for the demo's plot: Lanczos (wsb.eigsh) over the exact Hessian-vector
     product of the tanh MLP's mean cross-entropy; drawn between the WS bounds."""
-    from ._lanczos import eigsh
-    from ._loader import load_core
-
     if backend is None:  # as run_demo: the compiled core when it imports, else NumPy
         try:
             load_core()
@@ -126,12 +139,8 @@ def _check_writable(path: str, option: str = "--plot", inputs: Sequence[str] = (
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import DEFAULT_CHECKPOINTS, run_demo
-
     checkpoints = args.checkpoints
     if args.plot is not None:
-        from ._plot import require_matplotlib
-
         require_matplotlib()  # before training: a missing extra is an input error (exit 2)
         _check_writable(args.plot)
         from matplotlib.figure import Figure
@@ -148,8 +157,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     backend=args.backend, threads=args.threads,
                     lambda_max=None if args.plot is None else _demo_lambda_max(args.backend, args.threads))
     if args.plot is not None:
-        from ._plot import plot_demo
-
         N = rows[0].bound.n_samples
         plot_demo(rows, args.plot, title=f"digits (N = {N}), tanh MLP 64-{args.hidden}-10: "
                                          f"sharpness during training")
@@ -187,9 +194,6 @@ def _format_table(res: object, model: object, n_classes: int, soft: bool, activa
     """The result as a table: the certified brackets first, then what they were computed from
     (the model, the data, the moments), the loose Wolkowicz-Styan interval, and with
     --exact / --certify the Lanczos estimates and the deflated certificate."""
-    from ._bounds import Bound
-    from ._files import Model
-
     assert isinstance(res, Bound) and isinstance(model, Model)
     H = "H" if res.curvature == "hessian" else "G"
     arch = "-".join(map(str, model.dims))
@@ -232,10 +236,6 @@ def _cmd_bound(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ._api import bound
-    from ._demo import resolve_backend
-    from ._files import load_data, load_model, parse_activation
-
     activation = parse_activation(args.activation)
     if args.output is not None:  # before any work
         _check_writable(args.output, "--output", inputs=(args.model, args.data))
@@ -269,8 +269,6 @@ def _cmd_bound(args: argparse.Namespace) -> int:
         print(text)
     else:
         if model.source == "torch":
-            from ._torch import convert
-
             activation = convert(model.layers)[1]
         elif activation is None:
             activation = []
@@ -282,9 +280,6 @@ def _cmd_bound(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per sub-parser."""
-    from . import __version__
-    from ._demo import DEFAULT_CHECKPOINTS, DEFAULT_EPOCHS, DEFAULT_HIDDEN
-
     parser = _Parser(
         prog=PROG,
         description="Exact tr(H), tr(H^2) of the loss Hessian of an MLP and Wolkowicz-Styan bounds on its "

@@ -1,4 +1,8 @@
-"""Finding the compiled core: the fastest variant this CPU runs, with a helpful error."""
+"""The compiled core (cpp/): finding the fastest variant this CPU runs, and calling it.
+
+The bindings convert and check their arguments, release the GIL and poll for Ctrl-C
+(cpp/bind_common.hpp); what reaches them here is a validated problem.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,11 @@ import functools
 import importlib
 import os
 from types import ModuleType
+
+import numpy as np
+
+from .._engine.schedule import Moments, ProgressFn
+from .._problem.problem import Problem
 
 #: Environment variable that pins the variant: "auto" (default), "baseline" or "avx2".
 ENV_VARIANT = "WSBOUND_FAST_CORE"
@@ -15,7 +24,9 @@ _MODULES = {"baseline": "_core", "avx2": "_core_avx2"}
 def cpu_has_avx2_fma() -> bool:
     """Whether this CPU runs the x86-64-v3 variant (AVX2 and FMA), as NumPy detects it."""
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as feats  # NumPy >= 2
+        from numpy._core._multiarray_umath import (
+            __cpu_features__ as feats,  # NumPy >= 2
+        )
     except ImportError:  # pragma: no cover - NumPy 1.x
         try:
             from numpy.core._multiarray_umath import __cpu_features__ as feats
@@ -49,3 +60,20 @@ def load_core(variant: str | None = None) -> ModuleType:
             f"{exc}. Reinstall with `pip install .` from the source tree (a C++17 compiler is needed), "
             "or pass backend='numpy' to use the NumPy implementation."
         ) from exc
+
+
+def moments(prob: Problem, progress: ProgressFn | None = None) -> Moments:
+    """The C++ engine's moment pass (cpp/wsbound/engine.cpp)."""
+    return Moments(*load_core().moments(
+        list(prob.weights), list(prob.biases), [a.code for a in prob.activations], [a.param for a in prob.activations],
+        prob.X, prob.labels, prob.hessian, prob.structured, prob.batch_size, prob.group_blocks, prob.threads,
+        progress, prob.single,
+    ))
+
+
+def hvp(prob: Problem, V: np.ndarray) -> np.ndarray:
+    """The C++ core's unnormalised product sum_n H_n V[j] of a (k, P) float64 array (cpp/wsbound/hvp.cpp)."""
+    return load_core().hvp(
+        list(prob.weights), list(prob.biases), [a.code for a in prob.activations],
+        [a.param for a in prob.activations], prob.X, prob.labels, V, prob.hessian, prob.batch_size, prob.threads,
+    )

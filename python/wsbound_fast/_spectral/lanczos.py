@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._hvp import Matvec, make_matvec, validate_for_products
-from ._validate import HVP_BACKENDS, Problem, _choice, _positive_int
+from .._backends import Matvec
+from .._problem.problem import Problem
 
 WHICH = ("LA", "SA", "BE", "LM")
 
@@ -207,80 +206,6 @@ def basis_memory_limit(prob: Problem) -> int:
     return int(getattr(prob, "host_memory_limit", prob.memory_limit))
 
 
-def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activation: Any = None,
-          curvature: str = "hessian", reduction: str = "mean", tol: float = 1e-10, maxiter: int | None = None,
-          seed: int = 0, return_eigenvectors: bool = False, batch_size: int | None = None,
-          threads: int | None = None, backend: str = "cpp", memory_limit: int | None = None, device: Any = None,
-          dtype: Any = None) -> Any:
-    """Extreme eigenvalues (and vectors) of the loss Hessian or GGN by Lanczos.
-
-    Lanczos with full reorthogonalisation over the exact curvature-vector product
-    (:func:`hvp`, same arguments and conventions as :func:`bound`).
-
-    Parameters
-    ----------
-    k : number of eigenvalues, 1 <= k <= P.
-    which : "LA" (largest algebraic), "SA" (smallest algebraic), "BE" (both ends: k // 2
-        from the bottom, the rest from the top) or "LM" (largest magnitude).
-    tol : stop when every wanted Ritz pair has residual |H y - theta y| <= tol * max|theta|
-        (an eigenvalue of H lies within that residual of theta).
-    maxiter : at most this many Lanczos steps (curvature-vector products); default
-        min(P, max(300, 10 k)), reduced so that the basis (maxiter * P float64 values) takes
-        at most half of ``memory_limit``.
-    seed : the random start vector; the result is deterministic for a seed.
-    return_eigenvectors : also return the unit Ritz vectors as the columns of a (P, k) array.
-    backend, device, dtype, batch_size, threads, memory_limit : as for :func:`hvp`, which
-        computes the products ("cpp", "numpy" or "torch" on ``device``, e.g. "cuda"; float64
-        only).  The Lanczos basis and its reorthogonalisation stay in host memory (NumPy),
-        except for "torch" on a GPU, where they stay on the device with the product when
-        maxiter vectors take at most a quarter of ``memory_limit`` there (only scalars cross
-        per step); otherwise one (P,) vector goes to the device and back per step.
-
-    Returns
-    -------
-    The k Ritz values in ascending order (as scipy.sparse.linalg.eigsh), or (values, vectors).
-    Every Ritz value lies between lambda_min and lambda_max of H (a Rayleigh quotient), so
-    the largest is a certified lower bound on lambda_max.  If the wanted pairs have not
-    converged within ``maxiter`` steps, a RuntimeWarning says so and the current Ritz
-    pairs are returned.
-    """
-    which_b = _choice(backend, "backend", HVP_BACKENDS)
-    prob = validate_for_products(which_b, layers, X, y, activation=activation, curvature=curvature,
-                                 reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
-                                 dtype=dtype)
-    P = prob.n_params
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an integer, the number of eigenvalues; got {k!r}")
-    if not 1 <= int(k) <= P:
-        raise ValueError(f"k must satisfy 1 <= k <= P = {P} (the number of parameters); got {k}")
-    k = int(k)
-    if not isinstance(which, str):
-        raise TypeError(f"which must be a string, one of {', '.join(map(repr, WHICH))}; got {which!r}")
-    wh = which.strip().upper()
-    if wh not in WHICH:
-        raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}; got {which!r}")
-    t = _tol(tol)
-    mi = default_maxiter(P, k, basis_memory_limit(prob)) if maxiter is None else _positive_int(maxiter, "maxiter")
-    if mi < k and mi < P:
-        raise ValueError(f"maxiter must be >= k = {k} (each step adds one Ritz pair); got {mi}")
-    s = _seed(seed)
-    batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
-    if not isinstance(return_eigenvectors, (bool, np.bool_)):
-        raise TypeError(f"return_eigenvectors must be True or False; got {return_eigenvectors!r}")
-    matvec = make_matvec(prob, which_b, 1, batch)
-    res = lanczos(matvec, P, wanted=lambda th: select_indices(th, wh, k), n_wanted=k, tol=t, maxiter=mi,
-                  rng=np.random.default_rng(s))
-    idx = select_indices(res.theta, wh, k)
-    if not res.converged:
-        warnings.warn(
-            f"eigsh: {k} Ritz pair(s) ({wh}) did not reach tol={t:g} in maxiter={mi} Lanczos steps "
-            f"(largest residual {float(res.residuals[idx].max()):.3g}); returning the current Ritz values, "
-            "which are Rayleigh quotients (inside [lambda_min, lambda_max]) but not yet accurate",
-            RuntimeWarning, stacklevel=2)
-    values = res.theta[idx].copy()
-    if return_eigenvectors:
-        return values, res.vectors(idx)
-    return values
 
 
 class BlockLanczos:

@@ -72,13 +72,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError("backend='torch' needs PyTorch (pip install torch, or the wsbound_fast[torch] extra)") from exc
 
-from ._activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI, Activation
-from ._hvp import ArrayOps, block_hvp, offsets, plan_hvp
-from ._numpy_backend import (
-    _adjacent_cross,
-    _curvature_step,
-    _dense_cross,
-    _diag_tat,
+from .._engine.activations import _GELU_TANH_C, _INV_SQRT_2PI, _SQRT_2_OVER_PI
+from .._engine.features import _curvature_step, nu_formed, nu_ggn
+from .._engine.kroute import (
     _identity_terms,
     _k_terms,
     _pair_chunks,
@@ -87,23 +83,21 @@ from ._numpy_backend import (
     _shift,
     _tr_akak,
     _vector_values,
-    chunk_budgets,
-    delta_last,
-    dense_a,
-    diag_a,
-    nu_formed,
-    nu_ggn,
-    softmax_ref,
     _within,
+    chunk_budgets,
 )
-from ._validate import (
-    KROUTE_SCRATCH_SHARE,
+from .._engine.pairs import _adjacent_cross, _dense_cross
+from .._engine.products import ArrayOps, block_hvp, offsets
+from .._engine.softmax import _diag_tat, delta_last, dense_a, diag_a, softmax_ref
+from .._planning.blocks import (
     PY_CROSS_COPIES,
-    Problem,
     default_memory_limit,
+    plan_hvp,
     plan_python,
-    validate,
 )
+from .._problem.activations import Activation
+from .._problem.problem import Problem
+from .._problem.validate import check_X_shape, validate, validate_X
 
 #: Accepted ``dtype=`` values (strings, or the torch dtypes themselves).
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
@@ -173,13 +167,9 @@ def check_X(X: Any, d_in: int) -> Any:
     """validate_X for a tensor, on its device and without copying it; anything else goes to
     validate_X itself.  Same checks, same order, same messages."""
     if not isinstance(X, torch.Tensor):
-        from ._validate import validate_X
-
         return validate_X(X, d_in)
     if X.dtype == torch.bool or X.is_complex() or not (X.is_floating_point() or _is_integer(X.dtype)):
         raise TypeError(f"X must hold real numbers (integer or floating dtype); got dtype {_dtype_name(X.dtype)}")
-    from ._validate import check_X_shape
-
     check_X_shape(tuple(X.shape), d_in)
     X = X.detach()
     if X.is_floating_point():
@@ -878,8 +868,19 @@ def hvp_products(prob: TorchProblem, k: int, batch_size: int | None) -> Callable
     def products(V: np.ndarray) -> np.ndarray:
         return on_device(_from_numpy(V).to(device=planned.device, dtype=ACC)).cpu().numpy()
 
+    def device_space(scale: float) -> DeviceSpace | None:
+        """The Lanczos basis on the device (None: on the host), see :func:`uses_device_basis`."""
+        return DeviceSpace(on_device, scale, planned) if uses_device_basis(planned.device) else None
+
     products.on_device = on_device  # type: ignore[attr-defined]
+    products.device_space = device_space  # type: ignore[attr-defined]
     return products
+
+
+def uses_device_basis(device: torch.device) -> bool:
+    """Whether Lanczos keeps its basis on ``device``: off the CPU only, where a host basis would
+    cost a transfer and a host pass per step (on the CPU the two are the same memory)."""
+    return device.type != "cpu"
 
 
 class DeviceSpace:

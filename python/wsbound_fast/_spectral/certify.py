@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._bounds import _sup_upper
-from ._hvp import Matvec
-from ._rounding import U_DOUBLE, Allowance, down, gamma, up
-from ._validate import Problem
+from .._backends import Matvec
+from .._problem.problem import Problem
+from .bounds import _sup_upper
+from .lanczos import BlockLanczos
+from .rounding import U_DOUBLE, Allowance, down, gamma, up
 
 
 def _dims(prob: Problem) -> list[int]:
@@ -310,8 +311,6 @@ def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank
     ``other[end]`` = (lo, hi): the bounds already known (WS, rank-aware, per-layer), which the
     width counts as well.
     """
-    from ._lanczos import BlockLanczos
-
     lz = BlockLanczos(matvec, n, block, rng, maxiter)
     certs: dict = {}
     widths: dict = {}

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from ._rounding import U_DOUBLE, down, up
+from .rounding import U_DOUBLE, down, up
 
 __all__ = ["Bound", "LayerBound", "WSBounds", "ws_bounds"]
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
-ProgressFn = Callable[[int, int], None]
+from .._engine.schedule import ProgressFn
 
 
 class _TextBar:

@@ -1,0 +1,129 @@
+"""Where the engine runs: the compiled core, or the Python engine on NumPy or torch arrays.
+
+This package is the one door to the backends: validation for a backend (torch input stays on
+its device for backend="torch"), the moment pass and the curvature-vector product, dispatched
+by backend name.  Library-specific code lives in one module per library: ``compiled.py`` (the
+C++ core), ``numpy.py`` and ``torch.py`` (device, memory budget, TF32 guard); the algorithm
+itself is ``_engine`` (Python) and cpp/wsbound (C++).  torch is optional: ``torch.py`` is
+imported only when backend="torch" is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .._engine.schedule import Moments, ProgressFn
+from .._planning.blocks import moments_plan, plan_hvp
+from .._problem import torch_input
+from .._problem.problem import Problem
+from .._problem.validate import compute_dtype, validate
+from . import compiled, numpy
+
+#: A float64 NumPy matvec V (k, P) -> (k, P), whatever the backend computes on.
+Matvec = Callable[[np.ndarray], np.ndarray]
+
+
+def torch_backend() -> ModuleType:
+    """The torch adapter (``_backends/torch.py``), imported on first use: torch is optional."""
+    return importlib.import_module(f"{__name__}.torch")
+
+
+def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
+                 batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
+                 dtype: Any = None, moments: bool = True) -> Problem:
+    """:func:`torch_input.adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
+
+    backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
+    ``device``, ``dtype`` and the device's memory budget (importing torch).  Any other
+    backend: ``validate`` on NumPy arrays, and ``device=`` is refused; ``dtype`` is left to
+    the caller, which knows what float32 means for it.  activation None means the torch
+    module's activations, or "tanh" for a list of layers.  ``moments``: the problem is for
+    the moments (bound(): their memory minimum and thread clamp apply) or, False, for the
+    curvature-vector product, which plans its own blocks (:func:`moments_plan`).
+    """
+    with moments_plan(moments):
+        if backend == "torch" and device is None and torch_input.is_module(layers):
+            device = _module_device(layers, X)
+        layers, X, y, activation = torch_input.adapt(layers, X, y, activation, keep_tensors=backend == "torch")
+        kw = dict(activation="tanh" if activation is None else activation, curvature=curvature, reduction=reduction,
+                  batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+        if backend == "torch":
+            return torch_backend().validate_torch(layers, X, y, device=device, dtype=dtype, **kw)
+        prob = validate(layers, X, y, backend=backend, **kw)
+    if device is not None:
+        raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
+    return prob
+
+
+def _module_device(module: Any, X: Any) -> Any:
+    """The default device of backend="torch" for a module: X's if X is a tensor, else that of
+    the module's first parameter (adapt() turns the weights into NumPy copies, which would
+    lose it: a model on "cuda" with NumPy data would otherwise be computed on the CPU)."""
+    if torch_input.is_tensor(X):
+        return None  # resolve_device takes X's device
+    for param in module.parameters():
+        return param.device
+    return None
+
+
+def validate_for_products(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any,
+                          reduction: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any) -> Problem:
+    """Validation of hvp() and eigsh(): as bound() (torch objects, and for backend="torch" the
+    device and its memory budget), then dtype, which must mean float64."""
+    prob = validate_for(backend, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                        threads=threads, memory_limit=memory_limit, device=device, dtype=dtype, moments=False)
+    if compute_dtype(dtype) == "float32":
+        raise ValueError("dtype='float32' is not available for the curvature-vector product (hvp, eigsh): it is "
+                         "computed in float64 on every backend; leave dtype=None")
+    return prob
+
+
+def moments(prob: Problem, backend: str, progress: ProgressFn | None = None) -> Moments:
+    """The moment pass of ``backend`` ("cpp", "numpy" or "torch") on a problem validated for it."""
+    if backend == "cpp":
+        return compiled.moments(prob, progress)
+    if backend == "numpy":
+        return numpy.moments(prob, progress)
+    return Moments(*torch_backend().moments(prob, progress))  # a TorchProblem (validate_torch)
+
+
+def _products(prob: Problem, backend: str, k: int, batch_size: int | None) -> Matvec:
+    """The backend's unnormalised product V (k', P) -> sum_n H_n V[j], planned for k vectors."""
+    if backend == "torch":
+        return torch_backend().hvp_products(prob, k, batch_size)  # a TorchProblem (validate_torch)
+    fn = compiled.hvp if backend == "cpp" else numpy.hvp
+    planned = plan_hvp(prob, k, batch_size)
+    return lambda V: fn(planned, V)
+
+
+def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None = None) -> Matvec:
+    """A function V (k', P) -> the curvature applied to each row, normalised as prob says.
+
+    Backend-agnostic for its callers (hvp(), the Lanczos of eigsh() and bound(exact=...,
+    certify=...)): V and the result are float64 NumPy arrays whatever the backend computes on.
+    A backend that keeps the Lanczos basis on its device gives the matvec a ``space``
+    (_spectral.lanczos.lanczos uses it).
+    """
+    products = _products(prob, backend, k, batch_size)
+    scale = 1.0 / prob.n_samples if prob.mean else 1.0
+
+    def matvec(V: np.ndarray) -> np.ndarray:
+        out = products(np.ascontiguousarray(V, dtype=np.float64))
+        if scale != 1.0:
+            out *= scale
+        if not np.isfinite(out).all():
+            raise FloatingPointError("the curvature-vector product overflowed float64; "
+                                     "the weights, inputs or v are too large in magnitude")
+        return out
+
+    space = getattr(products, "device_space", None)
+    if space is not None:
+        matvec.space = space(scale)  # type: ignore[attr-defined]
+        if matvec.space is None:  # type: ignore[attr-defined]
+            del matvec.space  # type: ignore[attr-defined]
+    return matvec

@@ -1,0 +1,272 @@
+"""The K route of the pair sum (docs/structured.md), shifted to the reference classes
+(docs/numerics.md section 3): every block of the GGN, and the Hessian's blocks (L-1, L-1) and
+(L-1, L) when L >= 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._planning.blocks import CPU_CHUNK_VALUES
+from .._problem.problem import Problem
+from .features import BlockFeatures
+from .softmax import _float
+
+
+def chunk_budgets(prob: Problem) -> tuple[float, float]:
+    """(values of a chunk's GEMM outputs, values of a sub-chunk's elementwise work) on the K
+    route: the plan's (``prob.chunks``, :func:`wsbound_fast._validate.plan_python`), else the
+    cache-sized CPU defaults."""
+    return CPU_CHUNK_VALUES if prob.chunks is None else prob.chunks
+
+
+def _pair_chunks(B: int, Bp: int, per_pair: int, per_row: int, budget: float) -> Iterator[tuple[slice, slice]]:
+    """(rows of I, columns of J) chunks of a B x B' block pair whose temporaries, per_pair values
+    per sample pair plus per_row per row of I, stay within budget values (at least one pair a
+    chunk)."""
+    cols = max(1, min(Bp, int(budget // per_pair)))
+    rows = max(1, min(B, int(budget // (per_pair * cols + per_row))))
+    for r0 in range(0, B, rows):
+        for c0 in range(0, Bp, cols):
+            yield slice(r0, min(B, r0 + rows)), slice(c0, min(Bp, c0 + cols))
+
+
+def _within(outer: slice, inner: slice) -> slice:
+    """The block pair's indices of the sub-chunk ``inner`` of the chunk ``outer``."""
+    return slice(outer.start + inner.start, outer.start + inner.stop)
+
+
+def _omega(W: np.ndarray, ones_row: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Omega, the rows W_i * W_j (i <= j, i-major) of W = W_L (C, d), after a row of ones if
+    ones_row; and pos (C, C), the row of Omega that holds (i, j) (see _unpack)."""
+    C, d = W.shape
+    i, j = np.triu_indices(C)
+    pos = np.empty((C, C), dtype=np.intp)
+    pos[i, j] = pos[j, i] = np.arange(i.size) + int(ones_row)
+    rows = W[i] * W[j]
+    return (np.vstack([np.ones((1, d)), rows]) if ones_row else rows), pos
+
+
+def _stacked_gram(YI: np.ndarray, sJ: np.ndarray) -> np.ndarray:
+    """out[n, q, n'] = Y_n[q] . s_n' for Y stacked (r, q, d) and s (c, d): one GEMM, (r, q, c).
+
+    With Y_n = Omega diag(s_n) that is the packed K_{L-1} = Z Omega^T of docs/structured.md
+    (Z = s_n * s_n'), without forming Z: the same C(C+1)/2 d multiply-adds per pair."""
+    r, q, d = YI.shape
+    return (YI.reshape(r * q, d) @ sJ.T).reshape(r, q, sJ.shape[0])
+
+
+def _unpack(packed: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The symmetric K (r, C, C, c) from its packed rows (r, q, c): K[:, i, j] = packed[:, pos[i, j]]."""
+    C = pos.shape[0]
+    return np.take(packed, pos.ravel(), axis=1).reshape(packed.shape[0], C, C, packed.shape[2])
+
+
+def _t_gram(TI: np.ndarray, TJ: np.ndarray) -> np.ndarray:
+    """G[n, i, n', j] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, c, C);
+    K of a sub-chunk is _t_layout(G[rows, :, cols])."""
+    r, C, d = TI.shape
+    return (TI.reshape(r * C, d) @ TJ.reshape(-1, d).T).reshape(r, C, TJ.shape[0], C)
+
+
+def _t_layout(G: np.ndarray) -> np.ndarray:
+    """K (r, C, C, c) from _t_gram's (r, C, c, C), always a new array (_shift works in place)."""
+    return G.transpose(0, 1, 3, 2).copy()
+
+
+class _Refs(NamedTuple):
+    """The reference classes of a chunk of pairs and what the shifted identity needs of them."""
+
+    rI: Any  # r of the rows n, (r,)
+    rJ: Any  # r' of the columns n', (c,)
+    aI: Any  # 0 .. r - 1 (with rI: the index of (n, r_n) along the first two axes)
+    aJ: Any  # 0 .. c - 1 (with rJ: the index of (r'_n', n') along the last two axes)
+    eq: Any  # [r = r'], (r, c), in the dtype of p
+    pJ_r: Any  # p'_r, (r, c)
+    pI_r: Any  # p_r', (r, c)
+    pnpn: Any  # sum over i not in {r, r'} of p_i p'_i, (r, c) (None where no K = I pairs with itself)
+
+
+def _refs(rI: Any, rJ: Any, pI: Any, pJT: Any, pnpn: Any, xp: Any = np) -> _Refs:
+    """_Refs of a chunk: rI (r,), rJ (c,), its softmax rows pI (r, C) and columns pJT (C, c)."""
+    if xp is np:
+        aI, aJ = np.arange(rI.shape[0]), np.arange(rJ.shape[0])
+    else:
+        aI, aJ = xp.arange(rI.shape[0], device=rI.device), xp.arange(rJ.shape[0], device=rJ.device)
+    return _Refs(rI, rJ, aI, aJ, _float(rI[:, None] == rJ[None, :], pI, xp), pJT[rI], pI[:, rJ], pnpn)
+
+
+def _ref_rows(p: Any, r: Any, q: Any, xp: Any = np) -> tuple[Any, Any]:
+    """(p with p_r = 0, phat = Z_r^T p = p with p_r replaced by -q) of a block's rows (B, C)."""
+    cols = np.arange(p.shape[1]) if xp is np else xp.arange(p.shape[1], device=p.device)
+    ref = cols[None, :] == r[:, None]
+    return xp.where(ref, 0.0, p), xp.where(ref, -q[:, None], p)
+
+
+def _shift(K: Any, rf: _Refs) -> Any:
+    """S = Z_r K Z_r'^T in place of K (r, C, C, c): S_ij = K_ij - K_rj - (K_ir' - K_rr').  Row r
+    and column r' come out exact zeros (the same differences are subtracted)."""
+    Kr = K[rf.aI, rf.rI]  # (r, C, c): K_rj
+    Kc = K[:, :, rf.rJ, rf.aJ]  # (r, C, c): K_ir'
+    Kc -= Kr[:, rf.rJ, rf.aJ][:, None, :]  # K_ir' - K_rr'
+    K -= Kr[:, None, :, :]
+    K -= Kc[:, :, None, :]
+    return K
+
+
+class _KTerms(NamedTuple):
+    """What the identity of docs/structured.md needs of one shifted C x C matrix S per pair of a
+    chunk; S = None stands for S_I = Z_r Z_r'^T (K_L = I shifted).  Arrays of the backend's
+    library (NumPy arrays here, torch tensors in the torch backend, which calls these helpers
+    with ``xp=torch``)."""
+
+    K: Any  # S (r, C, C, c) or None
+    Kp: Any  # S p', (r, C, c)
+    Ktp: Any  # S^T p, (r, C, c)
+    pKp: Any  # p^T S p', (r, c)
+
+
+def _k_terms(K: Any, pI: Any, pJT: Any, xp: Any = np) -> _KTerms:
+    """_KTerms of S (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c);
+    ``xp`` is the array library (numpy or torch: both have this einsum)."""
+    Kp = xp.einsum("aijb,jb->aib", K, pJT)
+    return _KTerms(K, Kp, xp.einsum("aijb,ai->ajb", K, pI), xp.einsum("aib,ai->ab", Kp, pI))
+
+
+def _identity_terms(hI: Any, hJT: Any, hh: Any, rf: _Refs) -> _KTerms:
+    """_KTerms of S_I = Z_r Z_r'^T = I - 1 e_r^T - e_r' 1^T + [r = r'] 1 1^T from phat = Z_r^T p
+    (p with p_r replaced by -q), rows hI (r, C) and columns hJT (C, c), and hh = phat . phat':
+    S_I p' = phat' - phat'_r 1, S_I^T p = phat - phat_r' 1, p^T S_I p' = phat . phat'."""
+    return _KTerms(None, hJT[None, :, :] - hJT[rf.rI][:, None, :], hI[:, :, None] - hI[:, rf.rJ][:, None, :], hh)
+
+
+def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, rf: _Refs, xp: Any = np) -> Any:
+    """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), in O(C^2) per pair, from the
+    shifted S, St (docs/numerics.md section 3):
+
+    sum_ij p_i p'_j S_ij St_ij - sum_i p_i (S p')_i (St p')_i - sum_j p'_j (S^T p)_j (St^T p)_j
+    + (p^T S p')(p^T St p').  St may be S_I, and S only if St is; then the first term is
+    sum_i p_i p'_i S_ii - p'_r (S^T p)_r - p_r' (S p')_r' + [r = r'] p^T S p', and for S = S_I
+    (whose diagonal is 1 + [r = r'] off {r, r'}, 0 on it) its first part (1 + [r = r']) pnpn.
+    """
+    if kt.K is None:
+        if k.K is None:
+            diag = (1.0 + rf.eq) * rf.pnpn
+        else:
+            diag = xp.einsum("aib,ai->ab", xp.einsum("aiib->aib", k.K) * pJT, pI)
+        ktp_r = k.Ktp[rf.aI, rf.rI]  # (S^T p)_r, (r, c)
+        kp_r = k.Kp[:, rf.rJ, rf.aJ]  # (S p')_r', (r, c)
+        t1 = diag - rf.pJ_r * ktp_r - rf.pI_r * kp_r + rf.eq * k.pKp
+    else:
+        t1 = xp.einsum("aib,ai->ab", xp.einsum("aijb,jb->aib", k.K * kt.K, pJT), pI)
+    t2 = xp.einsum("aib,ai->ab", k.Kp * kt.Kp, pI)
+    t3 = xp.einsum("ajb,jb->ab", k.Ktp * kt.Ktp, pJT)
+    return t1 - t2 - t3 + k.pKp * kt.pKp
+
+
+def _vector_values(L: int, C: int) -> int:
+    """Values per pair of a K-route sub-chunk besides its C x C matrices (L levels): K p', K^T p
+    and their products, the gathered K_rj, K_ir' of the shift, S_I's two vectors and the cross
+    terms' shifted deltas (_pair_sum_ggn, _pair_sum_last size their sub-chunks with it)."""
+    return 8 * L * C + 6 * C + 8
+
+
+def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
+    """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
+    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below, each shifted to the pair's
+    reference classes."""
+    L = prob.n_layers
+    out = np.zeros((L, L))
+    alphas = {l: FI.at[l] @ FJ.at[l].T for l in range(1, L + 1)}
+    ww = np.outer(FI.w, FJ.w)
+    (pnI, hI), (pnJ, hJ) = _ref_rows(FI.p, FI.r, FI.q), _ref_rows(FJ.p, FJ.r, FJ.q)
+    pnpn, hh = pnI @ pnJ.T, hI @ hJ.T
+    (B, C), Bp = FI.p.shape, FJ.p.shape[0]
+    omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
+    gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
+    per_pair = (2 * L - 1) * C * C + _vector_values(L, C)
+    chunk_outer, chunk_inner = chunk_budgets(prob)
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.size, chunk_outer):
+        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
+        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            pI, pJT = FI.p[rr], FJ.p[cc].T
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, pnpn[rr, cc])
+            terms = {L: _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf)}
+            for l in range(1, L):
+                K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
+                terms[l] = _k_terms(_shift(K, rf), pI, pJT)
+            weight = ww[rr, cc]
+            for l in range(1, L + 1):
+                for m in range(l, L + 1):
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m], rf)
+                    out[l - 1, m - 1] += np.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
+    return out
+
+
+def _pair_sum_last(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> tuple[float, float]:
+    """Hessian blocks (L-1, L-1) and (L-1, L) by the K route (docs/structured.md), L >= 2:
+
+    alpha^2 (w w' tr(A K A' K) + u . rho' + rho . u' + rho . rho') and
+    alpha (beta w w' tr(A K A') + gamma s . s' + cross + cross'), K = K_{L-1}, summed over the pairs.
+    One GEMM per chunk gives s . s' (Omega's row of ones), the packed K and E_i = sum_k W_ik a_k s_k s'_k
+    (rows W_i a_n s_n after Omega diag(s_n)); a second one E'_i = sum_k W_ik s_k a'_k s'_k.
+    Shifted to the reference classes (docs/numerics.md sections 2-3): K by _shift, and the cross
+    terms through A delta' = w p o (Delta - Dbar 1), Delta = delta' - delta'_r 1 (r of n),
+    Dbar = sum_{i != r} p_i Delta_i (and the mirror term with r' of n').
+    """
+    L = prob.n_layers
+    W = FI.W
+    C, d = W.shape
+    alpha = FI.at[L - 1] @ FJ.at[L - 1].T
+    beta = FI.at[L] @ FJ.at[L].T
+    dI_all, dJ_all = FI.delta[L], FJ.delta[L]
+    gamma = dI_all @ dJ_all.T
+    inner = FI.u @ FJ.rho.T + FI.rho @ FJ.u.T + FI.rho @ FJ.rho.T
+    ww = np.outer(FI.w, FJ.w)
+    (pnI, hI), (pnJ, hJ) = _ref_rows(FI.p, FI.r, FI.q), _ref_rows(FJ.p, FJ.r, FJ.q)
+    hh = hI @ hJ.T  # p^T S_I p'
+    pn_dJ = pnI @ dJ_all.T  # sum_{i != r} p_i delta'_i
+    dI_pn = dI_all @ pnJ.T  # sum_{i != r'} delta_i p'_i
+    sI, sJ = FI.sp[L - 1], FJ.sp[L - 1]
+    asJ = FJ.at[L][:, :d] * sJ  # a' s'
+    omega, pos = _omega(W, ones_row=True)
+    n_k = omega.shape[0]
+    omega = np.vstack([omega, W])
+    total = np.zeros(2)
+    per_pair = 3 * C * C + _vector_values(2, C)
+    gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.size + C * d  # [s . s'; K; E] and E', their left sides
+    chunk_outer, chunk_inner = chunk_budgets(prob)
+    for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, chunk_outer):
+        YI = omega[None, :, :] * sI[rows, None, :]
+        YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
+        R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
+        Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
+        for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, 0, chunk_inner):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
+            pI, pJT = FI.p[rr], FJ.p[cc].T
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, None)
+            k = _k_terms(_shift(_unpack(R, pos), rf), pI, pJT)
+            t_kk = _tr_akak(pI, pJT, k, k, rf)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf), rf)
+            E = R[:, n_k:, :]
+            dJT, dI = dJ_all[cc].T, dI_all[rr]
+            d_r = dJT[rf.rI]  # delta'_r, (r, c)
+            Dl = dJT[None, :, :] - d_r[:, None, :]
+            Dbar = pn_dJ[rr, cc] - FI.q[rr, None] * d_r
+            Dl *= E
+            cross = FI.w[rr, None] * (np.einsum("aib,ai->ab", Dl, pI) - Dbar * np.einsum("aib,ai->ab", E, pI))
+            d_r = dI[:, rf.rJ]  # delta_r', (r, c)
+            Dl = dI[:, :, None] - d_r[:, None, :]
+            Dbar = dI_pn[rr, cc] - FJ.q[None, cc] * d_r
+            Dl *= Ep
+            cross += FJ.w[None, cc] * (np.einsum("aib,ib->ab", Dl, pJT) - Dbar * np.einsum("aib,ib->ab", Ep, pJT))
+            a, w2 = alpha[rr, cc], ww[rr, cc]
+            total[0] += np.sum(a * a * (w2 * t_kk + inner[rr, cc]))
+            total[1] += np.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
+    return float(total[0]), float(total[1])

@@ -1,0 +1,74 @@
+"""The validated problem that every backend computes on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .activations import Activation
+
+CURVATURES = ("hessian", "ggn")
+
+
+REDUCTIONS = ("mean", "sum")
+
+
+#: Backends of the curvature-vector product (hvp, eigsh, bound(exact=...)).
+HVP_BACKENDS = ("cpp", "numpy", "torch")
+
+
+BACKENDS = ("cpp", "numpy", "torch")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated problem, ready for a backend."""
+
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray | None, ...]
+    activations: tuple[Activation, ...]
+    X: np.ndarray
+    labels: np.ndarray
+    soft: bool
+    hessian: bool
+    structured: bool
+    mean: bool
+    batch_size: int
+    threads: int
+    group_blocks: int
+    memory_limit: int
+    single: bool = False  # cpp backend: Gram products in float32, float64 accumulation
+    #: NumPy and torch backends, K route: float64 values that the GEMM outputs of a chunk of
+    #: sample pairs, and the elementwise work of a sub-chunk, may hold; set by
+    #: :func:`plan_python` from the budget.  None: the NumPy backend's cache-sized defaults.
+    chunks: tuple[float, float] | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.weights)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.weights[-1].shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return n_params(self.weights, self.biases)
+
+    @property
+    def curvature(self) -> str:
+        return "hessian" if self.hessian else "ggn"
+
+    @property
+    def reduction(self) -> str:
+        return "mean" if self.mean else "sum"
+
+
+def n_params(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None]) -> int:
+    return int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
