@@ -14,7 +14,7 @@ On a CUDA device:
 3. prints a table for 784-1024-10 tanh at N = 4000 and N = 10000 and a deep
    784-512-512-512-10 GELU model at N = 2000 (full Hessian, mean reduction, random weights
    and pixel-like inputs; X and y already on the GPU): time to the bound, the flop count of
-   the pair phase (``torch_backend.total_pair_flops``: the GEMMs that pair_sum performs,
+   the pair phase (``_planning.cost.total_pair_flops``: the GEMMs that the pair sum performs,
    for the block plan and contraction path chosen) and the TFLOP/s that makes against the measured GEMM rate,
    the float32 mode's time and error, and the time of a torch Hessian-vector-product
    Lanczos estimate of lambda_max on the same card (forward-over-reverse HVP with
@@ -62,6 +62,7 @@ except ImportError:  # not installed: use the source tree (no compiled backend)
 
 import torch  # noqa: E402
 from wsbound_fast._backends import torch as torch_backend  # noqa: E402
+from wsbound_fast._planning import cost as cost_model  # noqa: E402
 
 RTOL = 1e-10
 FLOAT32_RTOL = 2e-5
@@ -351,7 +352,7 @@ def table_row(device: torch.device, w: dict[str, Any], rate64: float) -> tuple[s
     prob = torch_backend.validate_torch(layers, X, y, activation=act, curvature="hessian", reduction="mean",
                                          device=device)
     has_bias = [b is not None for _, b in layers]
-    flops = torch_backend.total_pair_flops(dims, has_bias, True, n, prob.batch_size, prob.structured)
+    flops = cost_model.total_pair_flops(dims, has_bias, True, n, prob.batch_size, prob.structured)
     plan = f"{prob.batch_size} x {prob.group_blocks}{', structured' if prob.structured else ''}"
     # the plan (and so the flop count) fixed by passing its budget explicitly
     t64, r64 = time_bound(layers, X, y, act, device, "float64", w["repeats"], prob.memory_limit)

@@ -88,9 +88,9 @@ def test_plan_feature_flops_count_the_recomputed_blocks(curvature, monkeypatch):
     rows = []
     real = engine_schedule.block_features
 
-    def counting(prob, Xb, Yb):
+    def counting(prob, arr, net, Xb, Yb):
         rows.append(Xb.shape[0])
-        return real(prob, Xb, Yb)
+        return real(prob, arr, net, Xb, Yb)
 
     monkeypatch.setattr(engine_schedule, "block_features", counting)
     # the C++ engine's block plan (wsb.plan's), run by the NumPy backend, which counts here

@@ -29,6 +29,8 @@ import pytest
 import wsbound_fast as wsb
 from wsbound_fast import _backends as backends
 from wsbound_fast._engine import schedule as engine_schedule
+from wsbound_fast._engine.data import HostData
+from wsbound_fast._engine.namespace import Weights
 from wsbound_fast._engine.schedule import total_moments
 from wsbound_fast._api.dense import dense_hessian
 from wsbound_fast._problem.validate import validate
@@ -70,7 +72,8 @@ def _moments(backend: str, layers, X, y, curvature: str, structured: bool, batch
         return torch_backend.moments(replace(torch_backend.validate_torch(layers, X, y, **kw), structured=structured))
     prob = replace(validate(layers, X, y, backend="numpy", **kw), structured=structured)
     with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
-        return engine_schedule.moments(prob)
+        arr = backends.numpy.ARRAYS  # the engine itself: backends.numpy.moments ignores FP warnings
+        return engine_schedule.moments(prob, arr, Weights.of(prob, arr), HostData(prob, arr))
 
 
 def _rel(a: float, b: float) -> float:

@@ -15,6 +15,8 @@ import pytest
 import reference as R
 from wsbound_fast._backends import compiled, numpy as numpy_backend
 from wsbound_fast._engine import features as engine_features, kroute as engine_kroute
+from wsbound_fast._engine.data import label_rows
+from wsbound_fast._engine.namespace import Weights
 from wsbound_fast._engine.schedule import total_moments
 from wsbound_fast._problem.validate import validate
 
@@ -57,7 +59,8 @@ DEEP = [s for s in SPECS if s.depth >= 2]
 def _features(spec, layers, X, y, curvature, structured):
     prob = replace(validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum"),
                    structured=structured)
-    return prob, engine_features.block_features(prob, X, engine_features.label_rows(prob, 0, X.shape[0]))
+    return prob, engine_features.block_features(prob, numpy_backend.ARRAYS, Weights.of(prob, numpy_backend.ARRAYS), X,
+                                                label_rows(prob, 0, X.shape[0]))
 
 
 @pytest.mark.parametrize("spec", DEEP, ids=lambda s: "-".join(map(str, s.dims)))

@@ -27,8 +27,12 @@ from test_errors import CASES  # noqa: E402
 from test_exact import SWEEP  # noqa: E402
 from wsbound_fast._api import bound as api_bound  # noqa: E402
 from wsbound_fast._backends import torch as torch_backend  # noqa: E402
-from wsbound_fast._engine import schedule as engine_schedule  # noqa: E402
+from wsbound_fast._backends import numpy as numpy_backend  # noqa: E402
+from wsbound_fast._engine.features import block_features  # noqa: E402
+from wsbound_fast._engine.namespace import Weights  # noqa: E402
+from wsbound_fast._engine.pairs import pair_sum  # noqa: E402
 from wsbound_fast._planning import blocks as planning_blocks  # noqa: E402
+from wsbound_fast._planning import cost as cost_model  # noqa: E402
 from wsbound_fast._problem import validate as validation  # noqa: E402
 
 TOL = 1e-10
@@ -124,7 +128,7 @@ def test_moments_blockwise_equal_numpy_backend(spec, curvature, refs):
                                reduction="sum", batch_size=3)
     nprob = _replace(nprob, group_blocks=2)
     t_trace, t_blocks, t_abs, t_norms = torch_backend.moments(tprob)
-    n_trace, n_blocks, n_abs, n_norms = engine_schedule.moments(nprob)
+    n_trace, n_blocks, n_abs, n_norms = numpy_backend.moments(nprob)
     scale = max(float(np.abs(n_blocks).max()), 1e-300)
     np.testing.assert_allclose(t_trace, n_trace, rtol=1e-12, atol=1e-12 * math.sqrt(scale))
     np.testing.assert_allclose(t_blocks, n_blocks, rtol=1e-12, atol=1e-13 * scale)
@@ -441,7 +445,7 @@ def test_progress_callback():
 
 
 # ------------------------------------------------------------------------------------
-# the flop count used by bench/gpu_check.py follows what pair_sum does
+# the flop count of the cost model (bench/, gpu_check.py) follows what the pair sum does
 # ------------------------------------------------------------------------------------
 
 
@@ -460,17 +464,18 @@ def test_pair_flops_match_flop_counter(dims, bias, curvature, structured):
     layers, X, y = spec.build()
     prob = torch_backend.validate_torch(layers, X, y, activation="tanh", curvature=curvature, reduction="sum")
     prob = _replace(prob, structured=structured)
-    net = torch_backend.DeviceWeights.of(prob)
+    arr = torch_backend.arrays(prob)
+    net = Weights.of(prob, arr)
     Y = torch.nn.functional.one_hot(torch.from_numpy(y), dims[-1]).to(torch.float64)
-    FI = torch_backend.block_features(prob, net, torch.from_numpy(X[:5]), Y[:5])
-    FJ = torch_backend.block_features(prob, net, torch.from_numpy(X[5:]), Y[5:])
+    FI = block_features(prob, arr, net, torch.from_numpy(X[:5]), Y[:5])
+    FJ = block_features(prob, arr, net, torch.from_numpy(X[5:]), Y[5:])
     with FlopCounterMode(display=False) as counter:
-        torch_backend.pair_sum(prob, FI, FJ)
+        pair_sum(prob, arr, FI, FJ)
     has_bias = [b is not None for _, b in layers]
     hess = curvature == "hessian"
-    assert counter.get_total_flops() == torch_backend.pair_flops(dims, has_bias, hess, 5, 8, structured)
-    assert torch_backend.total_pair_flops(dims, has_bias, hess, 13, 5, structured) == sum(
-        torch_backend.pair_flops(dims, has_bias, hess, a, b, structured)
+    assert counter.get_total_flops() == cost_model.block_pair_flops(dims, has_bias, hess, 5, 8, structured)
+    assert cost_model.total_pair_flops(dims, has_bias, hess, 13, 5, structured) == sum(
+        cost_model.block_pair_flops(dims, has_bias, hess, a, b, structured)
         for a, b in [(5, 5), (5, 5), (5, 3), (5, 5), (5, 3), (3, 3)])
 
 

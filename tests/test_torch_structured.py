@@ -146,15 +146,19 @@ def test_plan_sets_aside_k_route_scratch():
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.depth >= 2], ids=lambda s: "-".join(map(str, s.dims)))
 def test_k_route_features_match_numpy(spec, curvature, refs):
-    """The torch K route's features (p, w, rho, u, the stacked T_l) are the NumPy backend's."""
-    from wsbound_fast._engine import features as engine_features
+    """The engine's K-route features (p, w, rho, u, the stacked T_l) on torch tensors are those on
+    NumPy arrays."""
+    from wsbound_fast._backends.numpy import ARRAYS
+    from wsbound_fast._engine.data import label_rows
+    from wsbound_fast._engine.features import block_features
+    from wsbound_fast._engine.namespace import Weights
 
     layers, X, y = refs.model(spec)
     prob = _tprob(spec, layers, X, y, curvature, 100, True)
-    Y = engine_features.label_rows(prob, 0, X.shape[0])
-    fn = engine_features.block_features(prob, X, Y)
-    ft = torch_backend.block_features(prob, torch_backend.DeviceWeights.of(prob), torch.from_numpy(X),
-                                       torch.from_numpy(Y))
+    Y = label_rows(prob, 0, X.shape[0])
+    fn = block_features(prob, ARRAYS, Weights.of(prob, ARRAYS), X, Y)
+    tarr = torch_backend.arrays(prob)
+    ft = block_features(prob, tarr, Weights.of(prob, tarr), torch.from_numpy(X), torch.from_numpy(Y))
     for name in ("p", "w", "rho", "u"):
         a, b = getattr(fn, name), getattr(ft, name)
         assert (a is None) == (b is None), name

@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .._engine.features import block_features, label_rows
+from .._backends.numpy import ARRAYS
+from .._engine.data import HostData
+from .._engine.features import block_features
+from .._engine.namespace import Weights
 from .._problem import torch_input
 from .._problem.validate import validate
 
@@ -57,9 +60,10 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvat
         offset += dims[l] * dims[l - 1] + dims[l] * int(has_b)
     H = np.zeros((P, P))
     N = prob.n_samples
+    net, data = Weights.of(prob, ARRAYS), HostData(prob, ARRAYS)
     for lo in range(0, N, prob.batch_size):
         hi = min(lo + prob.batch_size, N)
-        f = block_features(prob, np.asarray(prob.X[lo:hi], dtype=np.float64), label_rows(prob, lo, hi))
+        f = block_features(prob, ARRAYS, net, data.rows(lo, hi), data.label_rows(lo, hi))
         B = hi - lo
         for l in range(1, L + 1):
             for m in range(l, L + 1):

@@ -89,7 +89,7 @@ def moments(prob: Problem, backend: str, progress: ProgressFn | None = None) -> 
         return compiled.moments(prob, progress)
     if backend == "numpy":
         return numpy.moments(prob, progress)
-    return Moments(*torch_backend().moments(prob, progress))  # a TorchProblem (validate_torch)
+    return torch_backend().moments(prob, progress)  # a TorchProblem (validate_torch)
 
 
 def _products(prob: Problem, backend: str, k: int, batch_size: int | None) -> Matvec:

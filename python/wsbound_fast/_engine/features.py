@@ -5,113 +5,117 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .._problem.problem import Problem
 from .activations import evaluate
+from .namespace import Arrays, Weights
 from .softmax import _diag_tat, delta_last, dense_a, diag_a, softmax_ref
 
 
 @dataclass
 class BlockFeatures:
-    """Per-sample features of one block of B samples (index 0 of every array is n).
+    """Per-sample features of one block of B samples (index 0 of every array is n), on the engine's device;
+    per-sample values in the compute dtype, the block sums ``trace``, ``trace_abs``, ``norms`` in the
+    accumulation dtype.
 
-    Layers are numbered 1..L as in DESIGN.md; index 0 of the lists is unused.
+    Layers are numbered 1..L as in docs/design.md; index 0 of the lists is unused.
     """
 
-    at: list[np.ndarray]  # at[l]: augmented input of layer l, (B, d_{l-1} [+1])
-    delta: list[np.ndarray]  # delta[l]: dloss/dz_l, (B, d_l)
-    sp: list[np.ndarray]  # sp[l]: sigma'(z_l), (B, d_l), l < L
-    G: dict[tuple[int, int], np.ndarray]  # G[l, m]: (B, d_l * d_m) flattened row-major, l <= m
-    Q: dict[tuple[int, int], np.ndarray]  # Q[l, m]: (B, d_{m-1}, d_l), l < m - 1 (full Hessian)
-    trace: np.ndarray  # trace[l-1]: sum over the block's samples of |a~_{l-1}|^2 tr(M_l)
+    at: list[Any]  # at[l]: augmented input of layer l, (B, d_{l-1} [+1])
+    delta: list[Any]  # delta[l]: dloss/dz_l, (B, d_l)
+    sp: list[Any]  # sp[l]: sigma'(z_l), (B, d_l), l < L
+    G: dict[tuple[int, int], Any]  # G[l, m]: (B, d_l * d_m) flattened row-major, l <= m
+    Q: dict[tuple[int, int], Any]  # Q[l, m]: (B, d_{m-1}, d_l), l < m - 1 (full Hessian)
+    trace: Any  # trace[l-1]: sum over the block's samples of |a~_{l-1}|^2 tr(M_l)
     # Structured path (docs/structured.md): p = softmax(z_L) and w = sum of the label row
     # (A = w (diag p - p p^T)); W = W_L, (C, d_{L-1}), the same array for every block.
     # GGN: T[l] = T_{L,l} = dz_L/dz_l stacked per sample, (B, C, d_l), l <= L - 2.
     # Hessian (L >= 2): M_{L-1} = V V^T + diag(rho), u_k = |V_k|^2 (V = D_{L-1} W_L^T S, A = S S^T);
     # G[L-1, L-1] and G[L-1, L] are not kept.
-    p: np.ndarray | None = None
-    w: np.ndarray | None = None
-    W: np.ndarray | None = None
-    T: dict[int, np.ndarray] | None = None
-    rho: np.ndarray | None = None
-    u: np.ndarray | None = None
+    p: Any | None = None
+    w: Any | None = None
+    W: Any | None = None
+    T: dict[int, Any] | None = None
+    rho: Any | None = None
+    u: Any | None = None
     # Structured path: r = argmax z_L (the reference class, docs/numerics.md section 1), int64 (B,),
     # and q = 1 - p_r (B,), from the non-reference exponentials.
-    r: np.ndarray | None = None
-    q: np.ndarray | None = None
+    r: Any | None = None
+    q: Any | None = None
     # Magnitudes for the rounding allowances (docs/numerics.md section 4), the block's sums:
     # trace_abs[l-1] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|; norms[l-1, m-1] = sum_n nu_n^{lm} (l <= m).
-    trace_abs: np.ndarray | None = None
-    norms: np.ndarray | None = None
+    trace_abs: Any | None = None
+    norms: Any | None = None
 
 
-def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatures:
-    """Features of one block; Xb is (B, d_0) float64, Yb is (B, C) label rows."""
-    W, bias, L = prob.weights, prob.biases, prob.n_layers
+def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -> BlockFeatures:
+    """Features of one block; Xb is (B, d_0), Yb is (B, C) label rows, both on ``arr``'s device in
+    its compute dtype, as are the weights ``net``."""
+    xp = arr.xp
+    W, bias, L = net.W, net.b, prob.n_layers
     B = Xb.shape[0]
-    at: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    sp: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    spp: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    delta: list[np.ndarray] = [np.empty(0)] * (L + 1)
+    none = xp.empty((0,), dtype=arr.dtype, device=arr.device)
+    at: list[Any] = [none] * (L + 1)
+    sp: list[Any] = [none] * (L + 1)
+    spp: list[Any] = [none] * (L + 1)
+    delta: list[Any] = [none] * (L + 1)
     a = Xb
     z = Xb
     for l in range(1, L + 1):
         b = bias[l - 1]
-        at[l] = a if b is None else np.hstack([a, np.ones((B, 1))])
+        at[l] = a if b is None else xp.concat([a, xp.ones((B, 1), dtype=a.dtype, device=arr.device)], axis=1)
         z = a @ W[l - 1].T
         if b is not None:
             z += b
         if l < L:
-            a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z)
-    sm = softmax_ref(z)
+            a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z, arr)
+    sm = softmax_ref(z, xp)  # the reference class r = argmax z (docs/numerics.md section 1)
     p = sm.p
-    w = Yb.sum(axis=1)  # 1 up to rounding; kept so the maths is exact for the given rows
-    delta[L] = delta_last(sm, w, Yb)
-    at_sq = [np.empty(0)] + [np.einsum("ni,ni->n", at[l], at[l]) for l in range(1, L + 1)]
+    w = xp.sum(Yb, axis=1)  # 1 up to rounding; kept so the maths is exact for the given rows
+    delta[L] = delta_last(sm, w, Yb, xp)
+    at_sq = [none] + [xp.sum(at[l] * at[l], axis=1) for l in range(1, L + 1)]
     if prob.structured and not prob.hessian:  # GGN, K route: T_{L-1} = W_L D_{L-1}, T_l = T_{l+1} W_{l+1} D_l
-        T: dict[int, np.ndarray] = {}
-        tr_m = [np.empty(0)] * (L + 1)
-        tr_abs = [np.empty(0)] * (L + 1)
-        dA = diag_a(sm, w)
-        tr_m[L], tr_abs[L] = dA.sum(axis=1), np.abs(dA).sum(axis=1)  # tr(A)
-        Tl = np.empty(0)
+        T: dict[int, Any] = {}
+        tr_m = [none] * (L + 1)
+        tr_abs = [none] * (L + 1)
+        dA = diag_a(sm, w, xp)
+        tr_m[L], tr_abs[L] = xp.sum(dA, axis=1), xp.sum(xp.abs(dA), axis=1)  # tr(A)
+        Tl = none
         for l in range(L - 1, 0, -1):
             Tl = (W[L - 1][None, :, :] if l == L - 1 else Tl @ W[l]) * sp[l][:, None, :]
-            dg = _diag_tat(sm, w, Tl)
-            tr_m[l], tr_abs[l] = dg.sum(axis=1), np.abs(dg).sum(axis=1)
+            dg = _diag_tat(sm, w, Tl, xp)
+            tr_m[l], tr_abs[l] = xp.sum(dg, axis=1), xp.sum(xp.abs(dg), axis=1)
             if l <= L - 2:
                 T[l] = Tl
-        norms = _sum_nu(nu_ggn(at_sq, tr_m, np), L)
-        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at_sq, tr_m), p=p, w=w, W=W[L - 1], T=T,
-                             r=sm.r, q=sm.q, trace_abs=_layer_traces(at_sq, tr_abs), norms=norms)
-    M: list[np.ndarray] = [np.empty(0)] * (L + 1)
-    M[L] = dense_a(sm, w)
+        norms = _sum_nu(nu_ggn(at_sq, tr_m, xp), L, arr)
+        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at_sq, tr_m, arr), p=p, w=w, W=W[L - 1], T=T,
+                             r=sm.r, q=sm.q, trace_abs=_layer_traces(at_sq, tr_abs, arr), norms=norms)
+    M: list[Any] = [none] * (L + 1)
+    M[L] = dense_a(sm, w, xp)
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
     rho = u = None
-    G_next: dict[int, np.ndarray] = {}  # G_{l,l+1}, formed on the way to M_l
+    G_next: dict[int, Any] = {}  # G_{l,l+1}, formed on the way to M_l
     for l in range(L - 1, 0, -1):
         Wn = W[l]  # W_{l+1}, (d_{l+1}, d_l)
         g = delta[l + 1] @ Wn
         delta[l] = sp[l] * g
         if kroute and l == L - 1:  # M_{L-1} = V V^T + diag(rho), |V_k|^2 = (T^T A T)_kk
             rho = spp[l] * g
-            u = _diag_tat(sm, w, Wn[None, :, :] * sp[l][:, None, :])
+            u = _diag_tat(sm, w, Wn[None, :, :] * sp[l][:, None, :], xp)
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
         G_next[l], M[l] = _curvature_step(Wn, M[l + 1], sp[l], spp[l] * g if prob.hessian else None)
-    tr_m = [np.empty(0)] + [np.trace(M[l], axis1=1, axis2=2) if M[l].size else np.empty(0) for l in range(1, L + 1)]
-    tr_abs = [np.empty(0)] + [np.abs(np.diagonal(M[l], axis1=1, axis2=2)).sum(axis=1) if M[l].size else np.empty(0)
-                              for l in range(1, L + 1)]
+    tr_m = [none] + [xp.linalg.trace(M[l]) if M[l].ndim == 3 else none for l in range(1, L + 1)]
+    tr_abs = [none] + [xp.sum(xp.abs(xp.linalg.diagonal(M[l])), axis=1) if M[l].ndim == 3 else none
+                       for l in range(1, L + 1)]
     if kroute:
-        tr_m[L - 1] = u.sum(axis=1) + rho.sum(axis=1)
-        tr_abs[L - 1] = np.abs(u + rho).sum(axis=1)
-    trace = _layer_traces(at_sq, tr_m)
-    trace_abs = _layer_traces(at_sq, tr_abs)
-    G: dict[tuple[int, int], np.ndarray] = {}
+        tr_m[L - 1] = xp.sum(u, axis=1) + xp.sum(rho, axis=1)
+        tr_abs[L - 1] = xp.sum(xp.abs(u + rho), axis=1)
+    trace = _layer_traces(at_sq, tr_m, arr)
+    trace_abs = _layer_traces(at_sq, tr_abs, arr)
+    G: dict[tuple[int, int], Any] = {}
     for m in range(1, L + 1):
         Gc = M[m]
-        if Gc.size == 0:  # M_1 of a one-hidden-layer net on the K route: never formed
+        if Gc.ndim != 3:  # M_1 of a one-hidden-layer net on the K route: never formed
             continue
         G[m, m] = Gc.reshape(B, -1)
         for l in range(m - 1, 0, -1):  # G_{l,m} = D_l W_{l+1}^T G_{l+1,m}
@@ -119,15 +123,15 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
                 break  # G_{1,2} goes by the K route and nothing lies below it
             Gc = G_next[l] if l == m - 1 and l in G_next else sp[l][:, :, None] * (W[l].T @ Gc)
             G[l, m] = Gc.reshape(B, -1)
-    Q: dict[tuple[int, int], np.ndarray] = {}
+    Q: dict[tuple[int, int], Any] = {}
     if prob.hessian:
         for l in range(1, L - 1):  # Q_{l,l+1} = D_l;  Q_{l,m} = D_{m-1} W_{m-1} Q_{l,m-1}
             Qc = W[l][None, :, :] * sp[l][:, None, :]  # W_{l+1} D_l, (B, d_{l+1}, d_l)
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-    last = (u.sum(axis=1), rho, tr_m[L]) if kroute else None
-    norms = _sum_nu(nu_formed(prob, at_sq, G, Q, delta, sp, last, np), L)
+    last = (xp.sum(u, axis=1), rho, tr_m[L]) if kroute else None
+    norms = _sum_nu(nu_formed(prob, at_sq, G, Q, delta, sp, last, xp), L, arr)
     if not kroute:
         return BlockFeatures(at, delta, sp, G, Q, trace, trace_abs=trace_abs, norms=norms)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
@@ -137,8 +141,7 @@ def block_features(prob: Problem, Xb: np.ndarray, Yb: np.ndarray) -> BlockFeatur
 
 
 def _curvature_step(Wn: Any, M_next: Any, s: Any, diag: Any) -> tuple[Any, Any]:
-    """One step of the backward recursion per sample, on NumPy arrays or torch tensors (the
-    torch backend uses it too): G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1}), and
+    """One step of the backward recursion per sample: G_{l,l+1} = D_l W_{l+1}^T M_{l+1}, (B, d_l, d_{l+1}), and
     M_l = G_{l,l+1} W_{l+1} D_l + diag(diag) (``diag`` None for the GGN), (B, d_l, d_l)."""
     Gn = s[:, :, None] * (Wn.T @ M_next)
     Ml = Gn @ Wn
@@ -149,12 +152,13 @@ def _curvature_step(Wn: Any, M_next: Any, s: Any, diag: Any) -> tuple[Any, Any]:
     return Gn, Ml
 
 
-def _layer_traces(at_sq: list[np.ndarray], tr_m: list[np.ndarray]) -> np.ndarray:
-    """trace[l-1] = sum over the block of |a~_{l-1}|^2 tr(M_l), from |a~_{l-1}|^2 and tr(M_l) per sample."""
-    return np.array([float(np.sum(at_sq[l] * tr_m[l])) for l in range(1, len(at_sq))])
+def _layer_traces(at_sq: list[Any], tr_m: list[Any], arr: Arrays) -> Any:
+    """trace[l-1] = sum over the block of |a~_{l-1}|^2 tr(M_l), from |a~_{l-1}|^2 and tr(M_l) per sample
+    (in the compute dtype), summed in the accumulation dtype, (L,)."""
+    return arr.xp.stack([arr.total(at_sq[l] * tr_m[l]) for l in range(1, len(at_sq))])
 
 
-def _row_norm(x: Any, xp: Any = np) -> Any:
+def _row_norm(x: Any, xp: Any) -> Any:
     """The Euclidean (Frobenius) norm of each sample's entries of x (B, ...), (B,)."""
     f = x.reshape(x.shape[0], -1)
     return xp.sqrt(xp.einsum("ni,ni->n", f, f))
@@ -162,7 +166,7 @@ def _row_norm(x: Any, xp: Any = np) -> Any:
 
 def nu_formed(prob: Problem, at_sq: list[Any], G: dict[tuple[int, int], Any], Q: dict[tuple[int, int], Any],
               delta: list[Any], sp: list[Any], last: tuple[Any, Any, Any] | None,
-              xp: Any = np) -> dict[tuple[int, int], Any]:
+              xp: Any) -> dict[tuple[int, int], Any]:
     """nu_n^{lm} (docs/numerics.md section 4) per sample, {(l, m): (B,)} for l <= m, wherever the
     G_lm are formed (g_lm = |G_lm|_F), except on the Hessian's K route (``last`` = (sum_k u_k,
     rho, tr A) per sample): g_{L-1,L-1} = sum_k u_k + |rho|, g_{L-1,L} = (sum_k u_k tr A)^{1/2}.
@@ -185,7 +189,7 @@ def nu_formed(prob: Problem, at_sq: list[Any], G: dict[tuple[int, int], Any], Q:
     return nu
 
 
-def nu_ggn(at_sq: list[Any], tau: list[Any], xp: Any = np) -> dict[tuple[int, int], Any]:
+def nu_ggn(at_sq: list[Any], tau: list[Any], xp: Any) -> dict[tuple[int, int], Any]:
     """nu_n^{lm} of the GGN's K route: |a~_{l-1}| |a~_{m-1}| (tau_l tau_m)^{1/2}, tau_l = tr(T_l^T A T_l)
     per sample (tau_L = tr A)."""
     L = len(at_sq) - 1
@@ -193,17 +197,11 @@ def nu_ggn(at_sq: list[Any], tau: list[Any], xp: Any = np) -> dict[tuple[int, in
     return {(l, m): na[l] * (xp.sqrt(tau[l] * tau[m]) * na[m]) for l in range(1, L + 1) for m in range(l, L + 1)}
 
 
-def _sum_nu(nu: dict[tuple[int, int], np.ndarray], L: int) -> np.ndarray:
-    """norms[l-1, m-1] = sum over the block of nu_n^{lm}, upper triangle, (L, L)."""
-    out = np.zeros((L, L))
+def _sum_nu(nu: dict[tuple[int, int], Any], L: int, arr: Arrays) -> Any:
+    """norms[l-1, m-1] = sum over the block of nu_n^{lm} (per sample in the compute dtype, summed in
+    the accumulation dtype), upper triangle, (L, L)."""
+    out = arr.zeros((L, L))
     for (l, m), v in nu.items():
-        out[l - 1, m - 1] = float(np.sum(v))
+        out[l - 1, m - 1] = arr.total(v)
     return out
 
-
-def label_rows(prob: Problem, lo: int, hi: int) -> np.ndarray:
-    if prob.soft:
-        return prob.labels[lo:hi]
-    rows = np.zeros((hi - lo, prob.n_classes))
-    rows[np.arange(hi - lo), prob.labels[lo:hi]] = 1.0
-    return rows

@@ -5,20 +5,23 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import array_api_compat
 import numpy as np
 
 from .._planning.blocks import CPU_CHUNK_VALUES
 from .._problem.problem import Problem
 from .features import BlockFeatures
+from .namespace import Arrays
 from .softmax import _float
 
 
 def chunk_budgets(prob: Problem) -> tuple[float, float]:
     """(values of a chunk's GEMM outputs, values of a sub-chunk's elementwise work) on the K
-    route: the plan's (``prob.chunks``, :func:`wsbound_fast._validate.plan_python`), else the
+    route: the plan's (``prob.chunks``, :func:`wsbound_fast._planning.blocks.plan_python`), else the
     cache-sized CPU defaults."""
     return CPU_CHUNK_VALUES if prob.chunks is None else prob.chunks
 
@@ -39,42 +42,46 @@ def _within(outer: slice, inner: slice) -> slice:
     return slice(outer.start + inner.start, outer.start + inner.stop)
 
 
-def _omega(W: np.ndarray, ones_row: bool) -> tuple[np.ndarray, np.ndarray]:
+def _omega(W: Any, ones_row: bool, arr: Arrays) -> tuple[Any, Any]:
     """Omega, the rows W_i * W_j (i <= j, i-major) of W = W_L (C, d), after a row of ones if
-    ones_row; and pos (C, C), the row of Omega that holds (i, j) (see _unpack)."""
+    ones_row; and pos (C * C,), the row of Omega that holds (i, j) at i C + j (see _unpack)."""
     C, d = W.shape
     i, j = np.triu_indices(C)
-    pos = np.empty((C, C), dtype=np.intp)
+    pos = np.empty((C, C), dtype=np.int64)
     pos[i, j] = pos[j, i] = np.arange(i.size) + int(ones_row)
-    rows = W[i] * W[j]
-    return (np.vstack([np.ones((1, d)), rows]) if ones_row else rows), pos
+    xp = arr.xp
+    rows = W[arr.from_host(i, xp.int64)] * W[arr.from_host(j, xp.int64)]
+    if ones_row:
+        rows = xp.concat([xp.ones((1, d), dtype=W.dtype, device=arr.device), rows], axis=0)
+    return rows, arr.from_host(pos.reshape(-1), xp.int64)
 
 
-def _stacked_gram(YI: np.ndarray, sJ: np.ndarray) -> np.ndarray:
-    """out[n, q, n'] = Y_n[q] . s_n' for Y stacked (r, q, d) and s (c, d): one GEMM, (r, q, c).
+def _stacked_gram(YI: Any, sJ: Any, arr: Arrays) -> Any:
+    """out[n, q, n'] = Y_n[q] . s_n' for Y stacked (r, q, d) and s (c, d): one GEMM in the compute
+    dtype, (r, q, c) in the accumulation dtype.
 
     With Y_n = Omega diag(s_n) that is the packed K_{L-1} = Z Omega^T of docs/structured.md
     (Z = s_n * s_n'), without forming Z: the same C(C+1)/2 d multiply-adds per pair."""
     r, q, d = YI.shape
-    return (YI.reshape(r * q, d) @ sJ.T).reshape(r, q, sJ.shape[0])
+    return arr.gram(YI.reshape(r * q, d), sJ).reshape(r, q, sJ.shape[0])
 
 
-def _unpack(packed: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """The symmetric K (r, C, C, c) from its packed rows (r, q, c): K[:, i, j] = packed[:, pos[i, j]]."""
-    C = pos.shape[0]
-    return np.take(packed, pos.ravel(), axis=1).reshape(packed.shape[0], C, C, packed.shape[2])
+def _unpack(packed: Any, pos: Any, xp: Any) -> Any:
+    """The symmetric K (r, C, C, c) from its packed rows (r, q, c): K[:, i, j] = packed[:, pos[i C + j]]."""
+    C = math.isqrt(pos.shape[0])
+    return xp.take(packed, pos, axis=1).reshape(packed.shape[0], C, C, packed.shape[2])
 
 
-def _t_gram(TI: np.ndarray, TJ: np.ndarray) -> np.ndarray:
-    """G[n, i, n', j] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, c, C);
-    K of a sub-chunk is _t_layout(G[rows, :, cols])."""
+def _t_gram(TI: Any, TJ: Any, arr: Arrays) -> Any:
+    """G[n, i, n', j] = (T_n T_n'^T)[i, j] from stacked T, (r, C, d) and (c, C, d): (r, C, c, C), the
+    GEMM in the compute dtype, G in the accumulation dtype; K of a sub-chunk is _t_layout(G[rows, :, cols])."""
     r, C, d = TI.shape
-    return (TI.reshape(r * C, d) @ TJ.reshape(-1, d).T).reshape(r, C, TJ.shape[0], C)
+    return arr.gram(TI.reshape(r * C, d), TJ.reshape(-1, d)).reshape(r, C, TJ.shape[0], C)
 
 
-def _t_layout(G: np.ndarray) -> np.ndarray:
+def _t_layout(G: Any, arr: Arrays) -> Any:
     """K (r, C, C, c) from _t_gram's (r, C, c, C), always a new array (_shift works in place)."""
-    return G.transpose(0, 1, 3, 2).copy()
+    return arr.copy_c(arr.xp.permute_dims(G, (0, 1, 3, 2)))
 
 
 class _Refs(NamedTuple):
@@ -90,18 +97,16 @@ class _Refs(NamedTuple):
     pnpn: Any  # sum over i not in {r, r'} of p_i p'_i, (r, c) (None where no K = I pairs with itself)
 
 
-def _refs(rI: Any, rJ: Any, pI: Any, pJT: Any, pnpn: Any, xp: Any = np) -> _Refs:
+def _refs(rI: Any, rJ: Any, pI: Any, pJT: Any, pnpn: Any, xp: Any) -> _Refs:
     """_Refs of a chunk: rI (r,), rJ (c,), its softmax rows pI (r, C) and columns pJT (C, c)."""
-    if xp is np:
-        aI, aJ = np.arange(rI.shape[0]), np.arange(rJ.shape[0])
-    else:
-        aI, aJ = xp.arange(rI.shape[0], device=rI.device), xp.arange(rJ.shape[0], device=rJ.device)
+    dev = array_api_compat.device(rI)
+    aI, aJ = xp.arange(rI.shape[0], device=dev), xp.arange(rJ.shape[0], device=dev)
     return _Refs(rI, rJ, aI, aJ, _float(rI[:, None] == rJ[None, :], pI, xp), pJT[rI], pI[:, rJ], pnpn)
 
 
-def _ref_rows(p: Any, r: Any, q: Any, xp: Any = np) -> tuple[Any, Any]:
+def _ref_rows(p: Any, r: Any, q: Any, xp: Any) -> tuple[Any, Any]:
     """(p with p_r = 0, phat = Z_r^T p = p with p_r replaced by -q) of a block's rows (B, C)."""
-    cols = np.arange(p.shape[1]) if xp is np else xp.arange(p.shape[1], device=p.device)
+    cols = xp.arange(p.shape[1], device=array_api_compat.device(p))
     ref = cols[None, :] == r[:, None]
     return xp.where(ref, 0.0, p), xp.where(ref, -q[:, None], p)
 
@@ -119,9 +124,7 @@ def _shift(K: Any, rf: _Refs) -> Any:
 
 class _KTerms(NamedTuple):
     """What the identity of docs/structured.md needs of one shifted C x C matrix S per pair of a
-    chunk; S = None stands for S_I = Z_r Z_r'^T (K_L = I shifted).  Arrays of the backend's
-    library (NumPy arrays here, torch tensors in the torch backend, which calls these helpers
-    with ``xp=torch``)."""
+    chunk; S = None stands for S_I = Z_r Z_r'^T (K_L = I shifted)."""
 
     K: Any  # S (r, C, C, c) or None
     Kp: Any  # S p', (r, C, c)
@@ -129,9 +132,9 @@ class _KTerms(NamedTuple):
     pKp: Any  # p^T S p', (r, c)
 
 
-def _k_terms(K: Any, pI: Any, pJT: Any, xp: Any = np) -> _KTerms:
+def _k_terms(K: Any, pI: Any, pJT: Any, xp: Any) -> _KTerms:
     """_KTerms of S (r, C, C, c) for the chunk's softmax rows pI (r, C) and columns pJT (C, c);
-    ``xp`` is the array library (numpy or torch: both have this einsum)."""
+    ``xp`` is the array namespace (einsum: see namespace.py)."""
     Kp = xp.einsum("aijb,jb->aib", K, pJT)
     return _KTerms(K, Kp, xp.einsum("aijb,ai->ajb", K, pI), xp.einsum("aib,ai->ab", Kp, pI))
 
@@ -143,7 +146,7 @@ def _identity_terms(hI: Any, hJT: Any, hh: Any, rf: _Refs) -> _KTerms:
     return _KTerms(None, hJT[None, :, :] - hJT[rf.rI][:, None, :], hI[:, :, None] - hI[:, rf.rJ][:, None, :], hh)
 
 
-def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, rf: _Refs, xp: Any = np) -> Any:
+def _tr_akak(pI: Any, pJT: Any, k: _KTerms, kt: _KTerms, rf: _Refs, xp: Any) -> Any:
     """tr(A K A' Kt^T) / (w w') for every pair of a chunk, (r, c), in O(C^2) per pair, from the
     shifted S, St (docs/numerics.md section 3):
 
@@ -174,99 +177,105 @@ def _vector_values(L: int, C: int) -> int:
     return 8 * L * C + 6 * C + 8
 
 
-def _pair_sum_ggn(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> np.ndarray:
+def _pair_sum_ggn(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatures) -> Any:
     """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
     K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below, each shifted to the pair's
-    reference classes."""
+    reference classes; (L, L) in the accumulation dtype."""
+    xp, acc = arr.xp, arr.to_acc
     L = prob.n_layers
-    out = np.zeros((L, L))
-    alphas = {l: FI.at[l] @ FJ.at[l].T for l in range(1, L + 1)}
-    ww = np.outer(FI.w, FJ.w)
-    (pnI, hI), (pnJ, hJ) = _ref_rows(FI.p, FI.r, FI.q), _ref_rows(FJ.p, FJ.r, FJ.q)
+    out = arr.zeros((L, L))
+    alphas = {l: arr.gram(FI.at[l], FJ.at[l]) for l in range(1, L + 1)}
+    pI_all, pJ_all = acc(FI.p), acc(FJ.p)
+    ww = acc(FI.w)[:, None] * acc(FJ.w)[None, :]
+    (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, acc(FI.q), xp), _ref_rows(pJ_all, FJ.r, acc(FJ.q), xp)
     pnpn, hh = pnI @ pnJ.T, hI @ hJ.T
     (B, C), Bp = FI.p.shape, FJ.p.shape[0]
-    omega, pos = _omega(FI.W, ones_row=False)  # (not used when L = 1: K_L = I only)
+    omega, pos = _omega(FI.W, False, arr)  # (not used when L = 1: K_L = I only)
     gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
     per_pair = (2 * L - 1) * C * C + _vector_values(L, C)
     chunk_outer, chunk_inner = chunk_budgets(prob)
-    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.size, chunk_outer):
-        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols]) if L >= 2 else None
-        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols]) for l in range(1, L - 1)}
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.shape[0] * omega.shape[1], chunk_outer):
+        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols], arr) \
+            if L >= 2 else None
+        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols], arr) for l in range(1, L - 1)}
         for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
-            pI, pJT = FI.p[rr], FJ.p[cc].T
-            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, pnpn[rr, cc])
+            pI, pJT = pI_all[rr], pJ_all[cc].T
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, pnpn[rr, cc], xp)
             terms = {L: _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf)}
             for l in range(1, L):
-                K = _unpack(packed[sr, :, sc], pos) if l == L - 1 else _t_layout(grams[l][sr, :, sc])
-                terms[l] = _k_terms(_shift(K, rf), pI, pJT)
+                K = _unpack(packed[sr, :, sc], pos, xp) if l == L - 1 else _t_layout(grams[l][sr, :, sc], arr)
+                terms[l] = _k_terms(_shift(K, rf), pI, pJT, xp)
             weight = ww[rr, cc]
             for l in range(1, L + 1):
                 for m in range(l, L + 1):
-                    tr = _tr_akak(pI, pJT, terms[l], terms[m], rf)
-                    out[l - 1, m - 1] += np.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
+                    tr = _tr_akak(pI, pJT, terms[l], terms[m], rf, xp)
+                    out[l - 1, m - 1] += xp.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
     return out
 
 
-def _pair_sum_last(prob: Problem, FI: BlockFeatures, FJ: BlockFeatures) -> tuple[float, float]:
+def _pair_sum_last(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatures) -> tuple[Any, Any]:
     """Hessian blocks (L-1, L-1) and (L-1, L) by the K route (docs/structured.md), L >= 2:
 
     alpha^2 (w w' tr(A K A' K) + u . rho' + rho . u' + rho . rho') and
-    alpha (beta w w' tr(A K A') + gamma s . s' + cross + cross'), K = K_{L-1}, summed over the pairs.
+    alpha (beta w w' tr(A K A') + gamma s . s' + cross + cross'), K = K_{L-1}, summed over the pairs
+    (two 0-d arrays in the accumulation dtype).
     One GEMM per chunk gives s . s' (Omega's row of ones), the packed K and E_i = sum_k W_ik a_k s_k s'_k
     (rows W_i a_n s_n after Omega diag(s_n)); a second one E'_i = sum_k W_ik s_k a'_k s'_k.
     Shifted to the reference classes (docs/numerics.md sections 2-3): K by _shift, and the cross
     terms through A delta' = w p o (Delta - Dbar 1), Delta = delta' - delta'_r 1 (r of n),
     Dbar = sum_{i != r} p_i Delta_i (and the mirror term with r' of n').
     """
+    xp, acc = arr.xp, arr.to_acc
     L = prob.n_layers
     W = FI.W
     C, d = W.shape
-    alpha = FI.at[L - 1] @ FJ.at[L - 1].T
-    beta = FI.at[L] @ FJ.at[L].T
-    dI_all, dJ_all = FI.delta[L], FJ.delta[L]
-    gamma = dI_all @ dJ_all.T
-    inner = FI.u @ FJ.rho.T + FI.rho @ FJ.u.T + FI.rho @ FJ.rho.T
-    ww = np.outer(FI.w, FJ.w)
-    (pnI, hI), (pnJ, hJ) = _ref_rows(FI.p, FI.r, FI.q), _ref_rows(FJ.p, FJ.r, FJ.q)
+    alpha = arr.gram(FI.at[L - 1], FJ.at[L - 1])
+    beta = arr.gram(FI.at[L], FJ.at[L])
+    gamma = arr.gram(FI.delta[L], FJ.delta[L])
+    inner = arr.gram(FI.u, FJ.rho) + arr.gram(FI.rho, FJ.u) + arr.gram(FI.rho, FJ.rho)
+    wI, wJ, qI, qJ = acc(FI.w), acc(FJ.w), acc(FI.q), acc(FJ.q)
+    ww = wI[:, None] * wJ[None, :]
+    pI_all, pJ_all, dI_all, dJ_all = acc(FI.p), acc(FJ.p), acc(FI.delta[L]), acc(FJ.delta[L])
+    (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, qI, xp), _ref_rows(pJ_all, FJ.r, qJ, xp)
     hh = hI @ hJ.T  # p^T S_I p'
     pn_dJ = pnI @ dJ_all.T  # sum_{i != r} p_i delta'_i
     dI_pn = dI_all @ pnJ.T  # sum_{i != r'} delta_i p'_i
     sI, sJ = FI.sp[L - 1], FJ.sp[L - 1]
     asJ = FJ.at[L][:, :d] * sJ  # a' s'
-    omega, pos = _omega(W, ones_row=True)
+    omega, pos = _omega(W, True, arr)
     n_k = omega.shape[0]
-    omega = np.vstack([omega, W])
-    total = np.zeros(2)
+    omega = xp.concat([omega, W], axis=0)
+    total = arr.zeros((2,))
     per_pair = 3 * C * C + _vector_values(2, C)
-    gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.size + C * d  # [s . s'; K; E] and E', their left sides
+    gemm_per_pair, gemm_per_row = omega.shape[0] + C, omega.shape[0] * d + C * d  # [s . s'; K; E] and E', their left sides
     chunk_outer, chunk_inner = chunk_budgets(prob)
     for rows, cols in _pair_chunks(sI.shape[0], sJ.shape[0], gemm_per_pair, gemm_per_row, chunk_outer):
         YI = omega[None, :, :] * sI[rows, None, :]
         YI[:, n_k:, :] *= FI.at[L][rows, None, :d]  # W diag(a_n s_n)
-        R_all = _stacked_gram(YI, sJ[cols])  # [s . s'; packed K; E]
-        Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols])
+        R_all = _stacked_gram(YI, sJ[cols], arr)  # [s . s'; packed K; E]
+        Ep_all = _stacked_gram(W[None, :, :] * sI[rows, None, :], asJ[cols], arr)
         for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
-            pI, pJT = FI.p[rr], FJ.p[cc].T
-            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, None)
-            k = _k_terms(_shift(_unpack(R, pos), rf), pI, pJT)
-            t_kk = _tr_akak(pI, pJT, k, k, rf)
-            t_ki = _tr_akak(pI, pJT, k, _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf), rf)
+            pI, pJT = pI_all[rr], pJ_all[cc].T
+            rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, None, xp)
+            k = _k_terms(_shift(_unpack(R, pos, xp), rf), pI, pJT, xp)
+            t_kk = _tr_akak(pI, pJT, k, k, rf, xp)
+            t_ki = _tr_akak(pI, pJT, k, _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf), rf, xp)
             E = R[:, n_k:, :]
             dJT, dI = dJ_all[cc].T, dI_all[rr]
             d_r = dJT[rf.rI]  # delta'_r, (r, c)
             Dl = dJT[None, :, :] - d_r[:, None, :]
-            Dbar = pn_dJ[rr, cc] - FI.q[rr, None] * d_r
+            Dbar = pn_dJ[rr, cc] - qI[rr, None] * d_r
             Dl *= E
-            cross = FI.w[rr, None] * (np.einsum("aib,ai->ab", Dl, pI) - Dbar * np.einsum("aib,ai->ab", E, pI))
+            cross = wI[rr, None] * (xp.einsum("aib,ai->ab", Dl, pI) - Dbar * xp.einsum("aib,ai->ab", E, pI))
             d_r = dI[:, rf.rJ]  # delta_r', (r, c)
             Dl = dI[:, :, None] - d_r[:, None, :]
-            Dbar = dI_pn[rr, cc] - FJ.q[None, cc] * d_r
+            Dbar = dI_pn[rr, cc] - qJ[None, cc] * d_r
             Dl *= Ep
-            cross += FJ.w[None, cc] * (np.einsum("aib,ib->ab", Dl, pJT) - Dbar * np.einsum("aib,ib->ab", Ep, pJT))
+            cross += wJ[None, cc] * (xp.einsum("aib,ib->ab", Dl, pJT) - Dbar * xp.einsum("aib,ib->ab", Ep, pJT))
             a, w2 = alpha[rr, cc], ww[rr, cc]
-            total[0] += np.sum(a * a * (w2 * t_kk + inner[rr, cc]))
-            total[1] += np.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
-    return float(total[0]), float(total[1])
+            total[0] += xp.sum(a * a * (w2 * t_kk + inner[rr, cc]))
+            total[1] += xp.sum(a * (beta[rr, cc] * w2 * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
+    return total[0], total[1]

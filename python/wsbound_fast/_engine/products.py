@@ -3,15 +3,11 @@ products"): R-propagation, mirroring cpp/wsbound/hvp.cpp."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from .._problem.activations import Activation
 from .._problem.problem import Problem
 from .activations import evaluate
+from .namespace import Arrays, Weights
 from .softmax import a_times, delta_last, softmax_ref
 
 
@@ -23,31 +19,14 @@ def offsets(prob: Problem) -> list[int]:
     return off
 
 
-@dataclasses.dataclass(frozen=True)
-class ArrayOps:
-    """The operations of :func:`block_hvp` that NumPy and torch spell differently.
-
-    Everything else it uses (``@``, ``.T``, slicing, ``reshape``, ``ravel``,
-    ``sum(axis=..., keepdims=...)``, broadcasting, in-place ``+=``) is common to both.
-    """
-
-    evaluate: Callable[[Activation, Any], tuple[Any, Any, Any]]  # (sigma, sigma', sigma'') of z
-    xp: Any  # the array library (numpy or torch), for the softmax helpers of _numpy_backend
-    zeros_like: Callable[[Any], Any]
-
-
-NUMPY_OPS = ArrayOps(evaluate, np, np.zeros_like)
-
-
-def block_hvp(prob: Problem, W: Sequence[Any], bias: Sequence[Any], Xb: Any, Yb: Any, V: Any, off: list[int],
-              ops: ArrayOps = NUMPY_OPS) -> Any:
+def block_hvp(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any, V: Any, off: list[int]) -> Any:
     """sum over the block of H_n V[j] (mirrors cpp/wsbound/hvp.cpp; layers 1..L).
 
-    One implementation for both array libraries: ``W``, ``bias`` (entries None for layers
-    without bias), ``Xb`` (B, d_0), ``Yb`` (B, C) label rows and ``V`` (k, P) are all NumPy
-    arrays (``ops`` = :data:`NUMPY_OPS`) or all tensors on one device (the torch backend's
-    ops); the result is a (k, P) array of the same kind.  ``off`` is :func:`offsets`.
+    ``net`` (the weights), ``Xb`` (B, d_0), ``Yb`` (B, C) label rows and ``V`` (k, P) are arrays on
+    ``arr``'s device; the result is a (k, P) array there.  ``off`` is :func:`offsets`.
     """
+    xp = arr.xp
+    W, bias = net.W, net.b
     L, hess = prob.n_layers, prob.hessian
     nw = [0] + [Wl.shape[0] * Wl.shape[1] for Wl in W]  # entries of W_l (torch's .size is a method)
     A: list[Any] = [Xb]
@@ -59,17 +38,17 @@ def block_hvp(prob: Problem, W: Sequence[Any], bias: Sequence[Any], Xb: Any, Yb:
         if bias[l - 1] is not None:
             z = z + bias[l - 1]
         if l < L:
-            a, S1[l], S2[l] = ops.evaluate(prob.activations[l - 1], z)
+            a, S1[l], S2[l] = evaluate(prob.activations[l - 1], z, arr)
             A.append(a)
-    sm = softmax_ref(z, ops.xp)  # the reference class r = argmax z (docs/numerics.md section 1)
-    w = Yb.sum(axis=1)
+    sm = softmax_ref(z, xp)  # the reference class r = argmax z (docs/numerics.md section 1)
+    w = xp.sum(Yb, axis=1)
     D: list[Any] = [None] * (L + 1)
     G: list[Any] = [None] * (L + 1)
-    D[L] = delta_last(sm, w, Yb, ops.xp)
+    D[L] = delta_last(sm, w, Yb, xp)
     for l in range(L - 1, 0, -1):
         G[l] = D[l + 1] @ W[l]
         D[l] = S1[l] * G[l]
-    out = ops.zeros_like(V)
+    out = xp.zeros_like(V)
     for j in range(V.shape[0]):
         v = V[j]
         Vl = [v[off[l - 1]: off[l - 1] + nw[l]].reshape(W[l - 1].shape) for l in range(1, L + 1)]
@@ -85,7 +64,7 @@ def block_hvp(prob: Problem, W: Sequence[Any], bias: Sequence[Any], Xb: Any, Yb:
             if l < L:
                 RA[l] = S1[l] * rz
         RD: list[Any] = [None] * (L + 1)
-        RD[L] = a_times(sm, w, RZ[L], ops.xp)  # A R{z_L}, shifted to r: no cancellation when p saturates
+        RD[L] = a_times(sm, w, RZ[L], xp)  # A R{z_L}, shifted to r: no cancellation when p saturates
         for l in range(L - 1, 0, -1):
             T = RD[l + 1] @ W[l]
             if hess:

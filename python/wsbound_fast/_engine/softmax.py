@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
+import array_api_compat
 
 
-def _take(x: Any, idx: Any, axis: int, xp: Any = np) -> Any:
+def _take(x: Any, idx: Any, axis: int, xp: Any) -> Any:
     """x gathered along ``axis`` at ``idx`` (same number of dimensions, broadcast in the others)."""
-    return np.take_along_axis(x, idx, axis) if xp is np else xp.take_along_dim(x, idx, axis)
+    return xp.take_along_axis(x, idx, axis=axis)
 
 
-def _float(mask: Any, like: Any, xp: Any = np) -> Any:
+def _float(mask: Any, like: Any, xp: Any) -> Any:
     """A boolean array as 0 / 1 in ``like``'s dtype."""
-    return mask.astype(like.dtype) if xp is np else mask.to(like.dtype)
+    return xp.astype(mask, like.dtype)
 
 
 class Softmax(NamedTuple):
@@ -31,12 +31,12 @@ class Softmax(NamedTuple):
     q: Any  # (B,) 1 - p_r = sum_{k != r} e_k / E, no cancellation
 
 
-def softmax_ref(z: Any, xp: Any = np) -> Softmax:
+def softmax_ref(z: Any, xp: Any) -> Softmax:
     """Softmax of the rows of z (B, C) with e_k = exp(z_k - z_r) <= 1, e_r = 1, and q = 1 - p_r
     summed from the non-reference e_k.  Margins beyond ~745 give exact zeros, never NaN."""
     r = z.argmax(1)
     C = z.shape[1]
-    cols = np.arange(C) if xp is np else xp.arange(C, device=z.device)
+    cols = xp.arange(C, device=array_api_compat.device(z))
     ref = cols[None, :] == r[:, None]
     e = xp.exp(z - _take(z, r[:, None], 1, xp))
     E = e.sum(1)
@@ -44,18 +44,18 @@ def softmax_ref(z: Any, xp: Any = np) -> Softmax:
     return Softmax(e / E[:, None], r, ref, q)
 
 
-def delta_last(sm: Softmax, w: Any, Y: Any, xp: Any = np) -> Any:
+def delta_last(sm: Softmax, w: Any, Y: Any, xp: Any) -> Any:
     """delta_L = w p - y for k != r and delta_r = -sum_{k != r} delta_k (exact: sum delta = 0)."""
     d = xp.where(sm.ref, 0.0, w[:, None] * sm.p - Y)
     return xp.where(sm.ref, -d.sum(1)[:, None], d)
 
 
-def diag_a(sm: Softmax, w: Any, xp: Any = np) -> Any:
+def diag_a(sm: Softmax, w: Any, xp: Any) -> Any:
     """The diagonal of A = w (diag p - p p^T), w p_i (1 - p_i) with 1 - p_r = q, (B, C)."""
     return w[:, None] * sm.p * xp.where(sm.ref, sm.q[:, None], 1.0 - sm.p)
 
 
-def dense_a(sm: Softmax, w: Any, xp: Any = np) -> Any:
+def dense_a(sm: Softmax, w: Any, xp: Any) -> Any:
     """A per sample, (B, C, C): -w p_i p_j off the diagonal, diag_a on it."""
     p = sm.p
     A = (-w)[:, None, None] * p[:, :, None] * p[:, None, :]
@@ -64,7 +64,7 @@ def dense_a(sm: Softmax, w: Any, xp: Any = np) -> Any:
     return A
 
 
-def a_times(sm: Softmax, w: Any, x: Any, xp: Any = np) -> Any:
+def a_times(sm: Softmax, w: Any, x: Any, xp: Any) -> Any:
     """A x per row, (B, C), as w p o (xhat - xbar 1), xhat = x - x_r 1, xbar = sum_i p_i xhat_i
     (A 1 = 0; entry r is -w p_r xbar, of size q |x|)."""
     xh = x - _take(x, sm.r[:, None], 1, xp)
@@ -72,7 +72,7 @@ def a_times(sm: Softmax, w: Any, x: Any, xp: Any = np) -> Any:
     return w[:, None] * sm.p * (xh - xb[:, None])
 
 
-def _diag_tat(sm: Softmax, w: Any, T: Any, xp: Any = np) -> Any:
+def _diag_tat(sm: Softmax, w: Any, T: Any, xp: Any) -> Any:
     """diag(T^T A T) per sample, (B, d), for T stacked (B, C, d) and A = w (diag p - p p^T), on
     NumPy arrays or torch tensors.
 

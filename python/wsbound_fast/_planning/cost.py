@@ -273,3 +273,87 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
         pair += p2 + xt + ct + z
     packed = sum(v for v in (left, right) if v > _GEMM_ON_STACK)
     return feat + pair + packed
+
+
+# Exact GEMM flop counts of the Python engine's pair sum (held to torch's FlopCounterMode by the
+# tests): what the benchmarks divide by the time.  The planner's pair_flops above weighs the same
+# terms per sample pair with the elementwise work added, to choose paths and block sizes.
+
+
+def block_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI: int, bJ: int,
+                     structured: bool = False) -> int:
+    """Floating-point operations of the matrix products in one pair_sum of a bI x bJ block pair.
+
+    Counts 2 flops per multiply-add of every GEMM / batched GEMM / einsum contraction that
+    the engine's pair_sum performs on the path ``structured`` selects, term by term; the
+    elementwise products and sums are left out (a few per Gram matrix against inner
+    dimensions of d or d^2; on the K route a few per entry of each C x C matrix K, against
+    the C(C+1)/2 d of forming K_{L-1}).
+    """
+    L = len(dims) - 1
+    d = list(dims)
+    C = d[L]
+    na = [0] + [d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1)]  # len(at[l])
+    pq = 2 * bI * bJ
+    f = 0
+    if structured and not hessian:  # kroute._pair_sum_ggn
+        f += pq * (sum(na[1:]) + 2 * C)  # alpha_l; pn . pn', phat . phat' (S_I's terms)
+        if L >= 2:
+            f += pq * (C * (C + 1) // 2) * d[L - 1]  # packed K_{L-1}
+        f += pq * C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
+        f += pq * (L - 1) * _k_terms_madds(C)  # K p', K^T p, p^T K p' of every K but K_L = I
+        f += pq * sum(_tr_akak_madds(C, l == L, m == L) for l in range(1, L + 1) for m in range(l, L + 1))
+        return int(f)
+    kroute = structured and L >= 2
+    if kroute:  # kroute._pair_sum_last
+        # alpha, beta, gamma, the u/rho Grams; phat . phat', the pn/delta Grams
+        f += pq * (na[L - 1] + na[L] + C + 3 * d[L - 1] + 3 * C)
+        f += pq * (1 + C * (C + 1) // 2 + C) * d[L - 1]  # [s . s'; packed K; E]
+        f += pq * C * d[L - 1]  # E'
+        f += pq * (_k_terms_madds(C) + _tr_akak_madds(C, False, False) + _tr_akak_madds(C, False, True))
+        f += pq * 4 * C  # the two cross terms
+    for l in range(1, L + 1):
+        if kroute and l == L - 1:
+            continue
+        f += pq * na[l]  # alpha
+        for m in range(l, L + 1):
+            f += pq * d[l] * d[m]  # KG
+            if l == m:
+                continue
+            f += pq * na[m]  # at[m] Gram
+            if not hessian:
+                continue
+            f += pq * d[m]  # gamma
+            if m == l + 1:
+                f += pq * d[l]  # sigma' Gram
+                f += 2 * (pq * d[l] * d[m] + pq * min(d[l], d[m]))  # two adjacent crosses: GEMM, then the narrower sum
+            else:
+                f += pq * d[m - 1] * d[l]  # Q Gram
+                # two dense crosses: P1 (b Q), P2 (G delta); their product summed over r is elementwise
+                f += 2 * (pq * d[m - 1] * d[l] + pq * d[l] * d[m])
+    return int(f)
+
+
+def _k_terms_madds(C: int) -> int:
+    """Multiply-adds per pair of _k_terms: K p', K^T p (C^2 each), p^T K p' (C)."""
+    return 2 * C * C + C
+
+
+def _tr_akak_madds(C: int, k_is_identity: bool, kt_is_identity: bool) -> int:
+    """Multiply-adds per pair of the einsums in _tr_akak(k, kt) (the elementwise products left out)."""
+    if k_is_identity:  # t1 = (1 + [r = r']) pn . pn' + gathered terms: elementwise
+        t1 = 0
+    elif kt_is_identity:
+        t1 = C  # sum_i p_i p'_i K_ii
+    else:
+        t1 = C * C + C  # (K * Kt) p', then p^T
+    return t1 + 2 * C  # t2, t3
+
+
+def total_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, n_samples: int,
+                     batch_size: int, structured: bool = False) -> int:
+    """block_pair_flops summed over the block pairs I <= J that the moment pass visits (what bench/
+    and gpu_check.py divide by the time: TFLOP/s reached)."""
+    sizes = [min(batch_size, n_samples - lo) for lo in range(0, n_samples, batch_size)]
+    return sum(block_pair_flops(dims, has_bias, hessian, sizes[i], sizes[j], structured)
+               for i in range(len(sizes)) for j in range(i, len(sizes)))
