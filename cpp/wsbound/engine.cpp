@@ -1,6 +1,7 @@
 #include "engine.hpp"
 
 #include "features.hpp"
+#include "pairs.hpp"
 #include "parallel.hpp"
 
 #include <algorithm>
