@@ -10,6 +10,7 @@ namespace py = pybind11;
 
 void bind_moments(py::module_& m);  // bind_moments.cpp
 void bind_hvp(py::module_& m);      // bind_hvp.cpp
+void bind_tiles(py::module_& m);    // bind_tiles.cpp
 
 #ifndef WSB_MODULE_NAME
 #define WSB_MODULE_NAME _core
@@ -20,4 +21,5 @@ PYBIND11_MODULE(WSB_MODULE_NAME, m) {
     py::register_exception<wsb::Cancelled>(m, "Cancelled", PyExc_KeyboardInterrupt);
     bind_moments(m);
     bind_hvp(m);
+    bind_tiles(m);
 }
