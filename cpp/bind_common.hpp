@@ -1,4 +1,4 @@
-// Helpers shared by the binding files (bindings.cpp, bind_hvp.cpp): conversion of the
+// Helpers shared by the binding files (bind_moments.cpp, bind_hvp.cpp, ...): conversion of the
 // Python arguments into core types, and running core work with the GIL released while
 // the calling thread polls for Ctrl-C.
 #pragma once

@@ -1,5 +1,5 @@
 // Activation functions with first and second derivatives, elementwise.
-// Mirrors python/wsbound_fast/_activations.py.
+// Mirrors the Python engine (python/wsbound_fast/_engine/activations.py).
 #pragma once
 
 #include "model.hpp"

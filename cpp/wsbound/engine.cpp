@@ -1,6 +1,7 @@
 #include "engine.hpp"
 
 #include "features.hpp"
+#include "pairs.hpp"
 #include "parallel.hpp"
 
 #include <algorithm>
@@ -78,17 +79,37 @@ std::int64_t block_pairs(Index n, Index batch) {
     return nb * (nb + 1) / 2;
 }
 
+namespace {
+
+// Features of the samples [lo, hi) of (X, y) into F, and with opt.f32 their float32 copy into *Ff
+// (to_single keeps F.trace, F.trace_abs and F.norms and releases F's matrices).  One code path
+// for compute_moments and compute_pair_sums, so that both see the same features.
+void features_of(const Model& model, const InputView& X, const Labels& y, Index lo, Index hi, const Options& opt,
+                 BlockFeatures& F, BlockFeaturesF* Ff) {
+    RowMat Xb, Yb;
+    X.gather(lo, hi, Xb);
+    y.gather(lo, hi, model.d(model.n_layers()), Yb);
+    block_features(model, Xb, Yb, opt, F);
+    if (opt.f32) to_single(F, *Ff);
+}
+
+void check_block(const Model& model, const InputView& X, const Labels& y, const std::string& where) {
+    if (X.rows < 1) throw std::invalid_argument(where + "X: at least one sample is required");
+    if (X.cols != model.d(0)) throw std::invalid_argument(where + "X: width does not match layers[0]");
+    if ((y.index == nullptr) == (y.soft == nullptr)) throw std::invalid_argument(where + "y: give indices or soft rows");
+}
+
+}  // namespace
+
 Moments compute_moments(const Model& model, const InputView& X, const Labels& y, const Options& opt,
                         const std::atomic<bool>* cancel, std::atomic<std::int64_t>* pairs_done) {
     model.validate();
-    if (X.rows < 1) throw std::invalid_argument("X: at least one sample is required");
-    if (X.cols != model.d(0)) throw std::invalid_argument("X: width does not match layers[0]");
-    if ((y.index == nullptr) == (y.soft == nullptr)) throw std::invalid_argument("y: give indices or soft rows");
+    check_block(model, X, y, "");
     if (opt.batch < 1) throw std::invalid_argument("batch_size must be >= 1");
     if (opt.group < 1) throw std::invalid_argument("group must be >= 1");
     if (opt.threads < 1) throw std::invalid_argument("threads must be >= 1");
 
-    const Index N = X.rows, B = opt.batch, C = model.d(model.n_layers());
+    const Index N = X.rows, B = opt.batch;
     const Index nb = (N + B - 1) / B;
     const Index group = std::min(opt.group, nb);
     const int threads = opt.threads;
@@ -108,12 +129,8 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
         parallel_tasks(count, threads, cancel, [&](Index t, int) {
             const Index k = first + t;
             const Index lo = k * B, hi = std::min(lo + B, N);
-            RowMat Xb, Yb;
-            X.gather(lo, hi, Xb);
-            y.gather(lo, hi, C, Yb);
-            BlockFeatures& F = out[static_cast<size_t>(t)];
-            block_features(model, Xb, Yb, opt, F);
-            if (opt.f32) to_single(F, out_f[static_cast<size_t>(t)]);  // keeps F.trace, releases F's matrices
+            features_of(model, X, y, lo, hi, opt, out[static_cast<size_t>(t)],
+                        opt.f32 ? &out_f[static_cast<size_t>(t)] : nullptr);
         });
     };
 
@@ -178,6 +195,71 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
             out.norms[q] += block_norms[at + q];
         }
     }
+    return out;
+}
+
+PairSums compute_pair_sums(const Model& model, const std::vector<BlockInput>& blocks,
+                           const std::vector<std::pair<Index, Index>>& pairs, const Options& opt,
+                           const std::atomic<bool>* cancel, std::atomic<std::int64_t>* pairs_done) {
+    model.validate();
+    if (blocks.empty()) throw std::invalid_argument("blocks: at least one block is required");
+    if (pairs.empty()) throw std::invalid_argument("pairs: at least one block pair is required");
+    if (opt.threads < 1) throw std::invalid_argument("threads must be >= 1");
+    const auto n_blocks = static_cast<Index>(blocks.size());
+    std::vector<Index> slot(blocks.size(), -1);  // block -> its place among the referenced blocks
+    for (size_t t = 0; t < pairs.size(); ++t) {
+        const auto [i, j] = pairs[t];
+        if (i < 0 || j < 0 || i >= n_blocks || j >= n_blocks)
+            throw std::invalid_argument("pairs[" + std::to_string(t) + "]: block index out of range");
+        if (i > j) throw std::invalid_argument("pairs[" + std::to_string(t) + "]: needs i <= j");
+        slot[static_cast<size_t>(i)] = slot[static_cast<size_t>(j)] = 0;
+    }
+    PairSums out;
+    out.L = model.n_layers();
+    for (Index k = 0; k < n_blocks; ++k) {
+        if (slot[static_cast<size_t>(k)] < 0) continue;
+        const BlockInput& b = blocks[static_cast<size_t>(k)];
+        check_block(model, b.X, b.y, "blocks[" + std::to_string(k) + "]: ");
+        slot[static_cast<size_t>(k)] = static_cast<Index>(out.blocks.size());
+        out.blocks.push_back(k);
+    }
+    const int threads = opt.threads;
+    const auto np_ = static_cast<size_t>((out.L + 1) * (out.L + 1));
+    const size_t K = out.blocks.size();
+
+    // Every referenced block's features, held at once.
+    std::vector<BlockFeatures> F(K);
+    std::vector<BlockFeaturesF> Ff(opt.f32 ? K : 0);
+    parallel_tasks(static_cast<Index>(K), threads, cancel, [&](Index t, int) {
+        const BlockInput& b = blocks[static_cast<size_t>(out.blocks[static_cast<size_t>(t)])];
+        features_of(model, b.X, b.y, 0, b.X.rows, opt, F[static_cast<size_t>(t)],
+                    opt.f32 ? &Ff[static_cast<size_t>(t)] : nullptr);
+    });
+    out.trace.assign(K * np_, 0.0);
+    out.trace_abs.assign(K * np_, 0.0);
+    out.norms.assign(K * np_, 0.0);
+    for (size_t k = 0; k < K; ++k) {
+        const auto at = static_cast<std::ptrdiff_t>(k * np_);
+        std::copy(F[k].trace.begin(), F[k].trace.end(), out.trace.begin() + at);
+        std::copy(F[k].trace_abs.begin(), F[k].trace_abs.end(), out.trace_abs.begin() + at);
+        std::copy(F[k].norms.begin(), F[k].norms.end(), out.norms.begin() + at);
+    }
+
+    // Every pair's sum, each into its own zeroed slot (as compute_moments' results).
+    out.pairs.assign(pairs.size() * np_, 0.0);
+    std::vector<PairScratch> scratch(static_cast<size_t>(threads));
+    parallel_tasks(static_cast<Index>(pairs.size()), threads, cancel, [&](Index t, int worker) {
+        const auto i = static_cast<size_t>(slot[static_cast<size_t>(pairs[static_cast<size_t>(t)].first)]);
+        const auto j = static_cast<size_t>(slot[static_cast<size_t>(pairs[static_cast<size_t>(t)].second)]);
+        PairScratch& sc = scratch[static_cast<size_t>(worker)];
+        double* res = out.pairs.data() + static_cast<size_t>(t) * np_;
+        if (opt.f32) {
+            pair_sum(model, Ff[i], Ff[j], opt, sc, res);
+        } else {
+            pair_sum(model, F[i], F[j], opt, sc, res);
+        }
+        if (pairs_done != nullptr) pairs_done->fetch_add(1, std::memory_order_relaxed);
+    });
     return out;
 }
 

@@ -15,7 +15,7 @@ namespace wsb {
 
 namespace {
 
-// Per-worker storage for one block; layers 1..L as in DESIGN.md (index 0 of the
+// Per-worker storage for one block; layers 1..L as in docs/design.md (index 0 of the
 // per-layer vectors is a_0 = x for A and unused otherwise).
 struct Scratch {
     RowMat Xb, Yb;

@@ -14,7 +14,7 @@ using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowM
 using Vec = Eigen::VectorXd;
 using Index = Eigen::Index;
 
-// Codes shared with python/wsbound_fast/_activations.py (ACTIVATIONS).
+// Codes shared with python/wsbound_fast/_problem/activations.py (ACTIVATIONS).
 enum class Act : int {
     Identity = 0,
     Tanh = 1,
@@ -33,7 +33,7 @@ struct Activation {
 };
 
 // An MLP: z_l = W_l a_{l-1} + b_l, a_l = act_l(z_l) for l < L, logits z_L.
-// Layers are stored 0-based here (W[0] is W_1 of DESIGN.md).
+// Layers are stored 0-based here (W[0] is W_1 of docs/design.md).
 struct Model {
     std::vector<RowMat> W;          // W[l]: (d_{l+1}, d_l)
     std::vector<Vec> b;             // b[l]: (d_{l+1}) or empty when !has_bias[l]

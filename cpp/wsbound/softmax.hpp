@@ -1,5 +1,6 @@
 // Saturation-stable softmax quantities (docs/numerics.md sections 1-2), shared by the
-// moments' features (features.cpp) and the curvature-vector product (hvp.cpp).
+// moments' features (features.cpp), the K route (kroute.cpp) and the curvature-vector
+// product (hvp.cpp).
 //
 // r = argmax z (the first one on ties) is the reference class; e_k = exp(z_k - z_r) <= 1,
 // p_k = e_k / E, and q = 1 - p_r = (sum_{k != r} e_k) / E is a sum of non-negative terms.

@@ -41,3 +41,26 @@ def hvp(
 ) -> npt.NDArray[np.float64]:
     """(k, P): row j is sum_n H_n V[j] (or the GGN) for V of shape (k, P), C-contiguous
     float64.  Unnormalised."""
+
+def pair_sums(
+    weights: Sequence[npt.NDArray[np.float64]],
+    biases: Sequence[Optional[npt.NDArray[np.float64]]],
+    act_codes: Sequence[int],
+    act_params: Sequence[float],
+    X_blocks: list[npt.NDArray[np.floating]],
+    label_blocks: list[npt.NDArray[np.int64] | npt.NDArray[np.float64]],
+    pairs: npt.NDArray[np.integer],
+    hessian: bool,
+    structured: bool,
+    threads: int,
+    progress: Optional[Callable[[int, int], None]] = None,
+    f32: bool = False,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64],
+           npt.NDArray[np.float64]]:
+    """The tiles of moments() for block k = (X_blocks[k], label_blocks[k]) and the block pairs
+    (i, j), i <= j, of pairs (T, 2): (blocks_used (K,) int64, the referenced blocks in increasing
+    order; trace (K, L), trace_abs (K, L), norms (K, L, L): each such block's share of moments()'
+    trace, trace_abs and norms; pair_out (T, L, L): each pair's unweighted sum over n in I, n' in J).
+    With the blocks moments() cuts and the same options, its blocks equal
+    sum_i sum_{j >= i} (1 if i == j else 2) pair_out(i, j), bitwise, summed in that order.
+    Lower triangles zero; unnormalised."""

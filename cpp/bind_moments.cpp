@@ -1,6 +1,4 @@
-// The module definition (PYBIND11_MODULE) and the moments binding.  Binding code lives in
-// cpp/bind_*.{hpp,cpp}: arguments are converted and checked with the GIL held, then the GIL
-// is released for the pure C++ core while the caller polls for Ctrl-C (bind_common.hpp).
+// Binding of the streamed moments engine (cpp/wsbound/engine.hpp: compute_moments).
 #include "bind_common.hpp"
 #include "wsbound/engine.hpp"
 
@@ -67,15 +65,7 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
 
 }  // namespace
 
-void bind_hvp(py::module_& m);  // bind_hvp.cpp
-
-#ifndef WSB_MODULE_NAME
-#define WSB_MODULE_NAME _core
-#endif
-
-PYBIND11_MODULE(WSB_MODULE_NAME, m) {
-    m.doc() = "wsbound_fast compiled core: exact tr(H) and tr(H^2) of MLP cross-entropy curvature";
-    py::register_exception<wsb::Cancelled>(m, "Cancelled", PyExc_KeyboardInterrupt);
+void bind_moments(py::module_& m) {
     m.def("moments", &moments, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),
           py::arg("X"), py::arg("labels"), py::arg("hessian"), py::arg("structured"), py::arg("batch"), py::arg("group"),
           py::arg("threads"), py::arg("progress") = py::none(), py::arg("f32") = false,
@@ -86,5 +76,4 @@ the magnitudes of docs/numerics.md section 4 for the rounding allowances).
 
 Arguments are validated by wsbound_fast.bound(); this low-level entry point checks
 shapes again and raises ValueError (TypeError for dtypes) on inconsistent input.)doc");
-    bind_hvp(m);
 }
