@@ -9,7 +9,7 @@ import importlib
 import numpy as np
 import pytest
 
-from wsbound_fast._loader import cpu_has_avx2_fma, load_core  # the one import of the loader
+from wsbound_fast._backends.compiled import cpu_has_avx2_fma, load_core  # the one import of the loader
 
 BATCH = 5
 N = 23  # five blocks, the last one of three samples

@@ -380,3 +380,21 @@ def test_wide_ggn_without_first_bias(wide_ggn, engine):
     layers, X, y = model(case)
     ref = MP.DenseRef(None, G, MP.block_sizes(layers))
     check_moments(layers, X, y, "tanh", "mean", "ggn", engine, ref)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy", "torch"])
+def test_tiny_curvature_keeps_its_allowances(backend):
+    """A logistic model so saturated that the curvature is ~1e-266 (found by the property test):
+    the per-sample norms behind the rounding allowances must not underflow to zero (the squares of
+    1e-266 do), or the product allowance is too small and the certified brackets of lambda_min come
+    out empty.  The brackets hold against the dense eigenvalues."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    layers = [(np.array([[617.93497291], [-649.26486576]]), np.array([78.3531279, 12.83410618]))]
+    X, y = np.array([[-0.53566937]]), np.array([1])
+    res = wsb.bound(layers, X, y, activation="tanh", backend=backend, exact=True, certify=2)
+    lam = np.linalg.eigvalsh(wsb.dense_hessian(layers, X, y, activation="tanh"))
+    assert 0 < lam[-1] < 1e-260
+    slack = 1e-13 * lam[-1]  # eigvalsh's own error (its lambda_min of this PSD matrix is -1e-282)
+    for (lo, hi), true in ((res.lambda_max_bracket, lam[-1]), (res.lambda_min_bracket, lam[0])):
+        assert lo <= hi and lo - slack <= true <= hi + slack

@@ -59,18 +59,18 @@ void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool 
     const Index L = F.L;
     for (Index n = 0; n < F.B; ++n)
         for (Index l = 1; l <= L; ++l) {
-            const double al = F.at[l].row(n).norm();
+            const double al = F.at[l].row(n).stableNorm();
             for (Index m = l; m <= L; ++m) {
-                const double am = F.at[m].row(n).norm();
+                const double am = F.at[m].row(n).stableNorm();
                 double nu;
                 if (!hessian) {
                     nu = (al * std::sqrt(dabs(n, l))) * (am * std::sqrt(dabs(n, m)));
                 } else {
                     double cross = 0.0;
                     if (m == l + 1) {
-                        cross = F.delta[m].row(n).norm() * F.sp[l].row(n).norm();
+                        cross = F.delta[m].row(n).stableNorm() * F.sp[l].row(n).stableNorm();
                     } else if (m > l + 1) {
-                        cross = F.delta[m].row(n).norm() * F.Q[F.pair(l, m)].row(n).norm();
+                        cross = F.delta[m].row(n).stableNorm() * F.Q[F.pair(l, m)].row(n).stableNorm();
                     }
                     nu = al * (gnorm(n, F.pair(l, m)) * am + cross);
                 }
@@ -190,7 +190,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
                 const double gl = std::sqrt(a2) * std::sqrt(tau(n, l));
                 for (Index m = l; m <= L; ++m)
                     F.norms[static_cast<size_t>(F.pair(l, m))] +=
-                        gl * (F.at[m].row(n).norm() * std::sqrt(tau(n, m)));
+                        gl * (F.at[m].row(n).stableNorm() * std::sqrt(tau(n, m)));
             }
         }
         F.u2 = RowMat();  // only the trace shares and the magnitudes use it
@@ -278,12 +278,12 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             for (Index m = l; m <= L; ++m) {
                 const RowMat& G = F.G[F.pair(l, m)];
                 if (G.size() == 0) continue;
-                for (Index n = 0; n < B; ++n) gnorm(n, F.pair(l, m)) = G.row(n).norm();
+                for (Index n = 0; n < B; ++n) gnorm(n, F.pair(l, m)) = G.row(n).stableNorm();
             }
         if (lowrank)
             for (Index n = 0; n < B; ++n) {
                 const double su = F.u2.row(n).sum();
-                gnorm(n, F.pair(L - 1, L - 1)) = su + F.rho.row(n).norm();
+                gnorm(n, F.pair(L - 1, L - 1)) = su + F.rho.row(n).stableNorm();
                 gnorm(n, F.pair(L - 1, L)) = std::sqrt(su) * std::sqrt(tau_a[static_cast<size_t>(n)]);
             }
     }

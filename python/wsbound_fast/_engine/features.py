@@ -159,9 +159,16 @@ def _layer_traces(at_sq: list[Any], tr_m: list[Any], arr: Arrays) -> Any:
 
 
 def _row_norm(x: Any, xp: Any) -> Any:
-    """The Euclidean (Frobenius) norm of each sample's entries of x (B, ...), (B,)."""
+    """The Euclidean (Frobenius) norm of each sample's entries of x (B, ...), (B,), scaled by the
+    largest magnitude first so that entries below sqrt(tiny) do not underflow to a zero norm (as
+    Eigen's stableNorm in the C++ engine): a norm that underflowed would make a rounding allowance
+    too small (docs/numerics.md section 4)."""
     f = x.reshape(x.shape[0], -1)
-    return xp.sqrt(xp.einsum("ni,ni->n", f, f))
+    if f.shape[1] == 0:
+        return xp.sum(f, axis=1)
+    m = xp.max(xp.abs(f), axis=1)
+    g = f / xp.where(m > 0, m, xp.ones_like(m))[:, None]
+    return m * xp.sqrt(xp.einsum("ni,ni->n", g, g))
 
 
 def nu_formed(prob: Problem, at_sq: list[Any], G: dict[tuple[int, int], Any], Q: dict[tuple[int, int], Any],
