@@ -22,29 +22,22 @@ sys.path.insert(0, str(HERE))
 import _flops  # noqa: E402
 
 
-def test_pair_flops_w1_matches_the_issue() -> None:
-    """W1 full Hessian: 17,456 multiply-adds per pair, 5.64e10 flops, the C^2 h term 73 %."""
-    terms = _flops.pair_multiply_adds((64, 128, 10), True, "hessian")
-    per_pair = sum(terms.values())
-    assert per_pair == 17456
-    assert terms["<G_11> (C^2 d)"] == 10 * 10 * 128
-    assert terms["<G_11> (C^2 d)"] / per_pair == pytest.approx(0.733, abs=1e-3)
-    assert _flops.pair_flops((64, 128, 10), True, 1797) == pytest.approx(5.64e10, rel=1e-3)
+def test_pair_flops_are_the_cost_model() -> None:
+    """bench/ counts flops with the package's cost model (one place), on the planner's path."""
+    from wsbound_fast._planning.cost import choose_structured, total_pair_flops
 
-
-def test_pair_flops_variants_and_pairs() -> None:
     for dims in [(64, 128, 10), (64, 256, 256, 256, 10), (784, 1024, 10), (5, 3, 4, 2)]:
         for curv in ("hessian", "ggn"):
-            s = _flops.pair_flops(dims, True, 100, curv)
-            d = _flops.pair_flops(dims, True, 100, curv, variant="dense")
-            assert 0 < s <= d
-    # no bias: the augmented inputs shrink by one
-    assert (_flops.pair_multiply_adds((4, 3, 2), False)["alpha"]
-            == _flops.pair_multiply_adds((4, 3, 2), True)["alpha"] - 2)
-    assert _flops.n_pairs(10) == 55
-    assert _flops.n_pairs(10, 1) == 55  # blocks of one sample: the sample-level triangle
-    assert _flops.n_pairs(10, 10) == 100  # one block, contracted in full
-    assert _flops.n_pairs(10, 3) == (9 + 9 + 9 + 1) + (3 * 9 + 3 * 3)  # blocks 3, 3, 3, 1: diagonal + I < J
+            hess = curv == "hessian"
+            bias = [True] * (len(dims) - 1)
+            for s in (False, True):
+                assert _flops.pair_flops(dims, 1000, curv, structured=s) == total_pair_flops(dims, bias, hess, 1000,
+                                                                                              256, s)
+            assert _flops.pair_flops(dims, 100, curv) == total_pair_flops(dims, bias, hess, 100, 100,
+                                                                          choose_structured(dims, bias, hess))
+    # W1's Hessian: the K route does fewer GEMM flops than the generic Gram path
+    assert _flops.pair_flops((64, 128, 10), 1797, structured=True) < _flops.pair_flops((64, 128, 10), 1797,
+                                                                                       structured=False)
 
 
 def test_gemm_rate_is_positive() -> None:
