@@ -1,0 +1,2 @@
+"""The public functions: bound, hvp, eigsh, dense_hessian, plan, load_digits (re-exported by the
+package root)."""
