@@ -32,7 +32,7 @@ class Workload:
     sizes: tuple[int, ...]
     activation: str
     curvatures: tuple[str, ...]
-    trainer: str  # "demo" (wsbound_fast._demo.train, tanh only) or "torch-adam"
+    trainer: str  # "demo" (wsbound_fast._cli.demo.train, tanh only) or "torch-adam"
     epochs: int
     lr: float
     seed: int = 0

@@ -1,6 +1,6 @@
 """Time the generic and the structured contraction of the C++ engine on a range of shapes,
 next to the cost model's prediction, to fit ``_ELEMENTWISE_WEIGHT`` and
-``_STRUCTURED_MAX_RATIO`` in python/wsbound_fast/_cost.py.
+``_STRUCTURED_MAX_RATIO`` in python/wsbound_fast/_planning/cost.py.
 
     python bench/calibrate_paths.py [--threads 1] [--repeats 3]
 

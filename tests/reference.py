@@ -1,6 +1,6 @@
 """Independent references for the test suite.
 
-Nothing here imports wsbound_fast, and nothing here uses the formulas of DESIGN.md
+Nothing here imports wsbound_fast, and nothing here uses the formulas of docs/design.md
 (no features, no pair contractions).  The references are:
 
 * a pure-NumPy forward pass and backpropagation (my own activations and first

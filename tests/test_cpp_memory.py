@@ -7,7 +7,7 @@ MALLOC_MMAP_THRESHOLD_=65536 every allocation of 64 KiB or more is its own mappi
 back when freed, so the resident set follows the heap: against an allocation counter (peak
 live bytes) it came out 1.5 MiB below to 0.5 MiB above.  The tolerance, 1 MiB + 2 %, covers
 what RSS counts beside the heap: whole pages, touched thread stacks, malloc's arenas.
-Before the plan counted the C++ engine's own memory (_cost.cpp_*: the weight copy, each
+Before the plan counted the C++ engine's own memory (_planning.cost.cpp_*: the weight copy, each
 thread's K-route operands and block intermediates), and before the one-hidden-layer Hessian
 stopped building a G_{1,2} (B d_1 C values) only to drop it, bound() went up to 1.75 x over.
 """

@@ -1,4 +1,4 @@
-"""MODEL and DATA files as hostile input (_files.py): every hostile file is refused in one
+"""MODEL and DATA files as hostile input (_cli/files.py): every hostile file is refused in one
 line of our own, exit status 2, quickly and within a 2 GiB address space (the CLI runs in a
 subprocess under RLIMIT_AS with a timeout, tests/hostile_files.py); and what is accepted is
 read exactly as np.load reads it, only the arrays needed."""

@@ -3,7 +3,8 @@
 The shared ``backend`` fixture stays (cpp, numpy); this file adds the torch backend by
 comparing it with ``backend="cpp"`` on the models of the foundation tests
 (tests/test_exact.py's sweep, tests/test_consistency.py's specs and extreme magnitudes)
-and with ``_numpy_backend`` block by block.  Skipped as a whole without torch.
+and with the NumPy backend (``_backends/numpy.py``) block by block: both run the one Python
+engine (``_engine``), on tensors and on arrays.  Skipped as a whole without torch.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def _torch_problem(layers, X, y, spec, curvature, **kw):
 @pytest.mark.parametrize("curvature", CURVATURES)
 def test_moments_blockwise_equal_numpy_backend(spec, curvature, refs):
     """Per-layer traces and every (l, m) block moment, for the same block plan, as the NumPy
-    backend (the module this one mirrors)."""
+    backend (the same Python engine, ``_engine``, run on NumPy arrays)."""
     layers, X, y = refs.model(spec)
     tprob = _torch_problem(layers, X, y, spec, curvature, batch_size=3)
     tprob = _replace(tprob, group_blocks=2)

@@ -205,7 +205,7 @@ def test_any_block_plan(kw):
     """Any batch size or memory limit (one-sample blocks, X streamed) gives the same product."""
     layers, X, y, spec = _model()
     if kw.get("memory_limit") == "tight":  # the smallest budget validation accepts (that of the moments
-        # until hvp's validation asks for the products' plan: _torch.validate_for(moments=False))
+        # until hvp's validation asks for the products' plan: _backends.validate_for(moments=False))
         kw = dict(kw, memory_limit=validation.min_memory_limit(layers, "hessian", "torch"))
     V = np.random.default_rng(1).standard_normal((R.n_params(layers), 2))
     ref = wsb.hvp(layers, X, y, V, activation=spec.activation_arg(), backend="cpp")

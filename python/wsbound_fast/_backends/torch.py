@@ -70,14 +70,14 @@ from .._problem.validate import check_X_shape, validate, validate_X
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 #: Accumulation dtype of every pair sum, whatever the compute dtype.
 ACC = torch.float64
-#: (B, B', d_l) temporaries of the batched cross terms alive at once (_dense_cross: its two
-#: products), for the block plan's scratch (_cost.pair_scratch_doubles); as the NumPy backend's.
+#: (B, B', d_l) temporaries of the batched cross terms alive at once (_engine.pairs._dense_cross:
+#: its two products), for the block plan's scratch (_planning.cost.pair_scratch_doubles); as on NumPy.
 CROSS_COPIES = PY_CROSS_COPIES
-#: Block shape preferred on an accelerator (see plan_blocks).
+#: Block shape preferred on an accelerator (see _planning.blocks.plan_blocks).
 GPU_PLAN = {"target_batch": 2048, "max_pair_flops": 4e12}
 #: Share of the device's free memory used by default on CUDA.
 CUDA_BUDGET_FRACTION = 0.5
-# KROUTE_SCRATCH_SHARE (_validate): on an accelerator, the share of memory_limit set aside
+# KROUTE_SCRATCH_SHARE (_planning.blocks): on an accelerator, the share of memory_limit set aside
 # for the K route's chunk temporaries (the GEMM outputs of a chunk of sample pairs and the
 # elementwise work on them); the block plan gets the rest.  On the CPU the chunks are the
 # NumPy backend's (at most a few million values, sized for its caches); on a GPU that would
@@ -390,21 +390,22 @@ RESIDENT_DATA_SHARE = 0.25
 
 
 #: Share of memory_limit that the Lanczos basis (maxiter x P float64 values) may take on the
-#: device; a larger basis stays in host memory (see _lanczos.lanczos).
+#: device; a larger basis stays in host memory (see _spectral.lanczos.lanczos).
 DEVICE_BASIS_SHARE = 0.25
 
 
 def hvp_products(prob: TorchProblem, k: int, batch_size: int | None) -> Callable[[np.ndarray], np.ndarray]:
     """The unnormalised product V (k', P) -> sum_n H_n V[j] on ``prob.device``, as a function
-    of float64 NumPy arrays (what :func:`wsbound_fast._hvp.make_matvec` wraps); the same
+    of float64 NumPy arrays (what :func:`wsbound_fast._backends.make_matvec` wraps); the same
     product on float64 tensors on the device is its attribute ``on_device``.
 
-    Always in float64 (``prob.dtype`` is the moments' precision; see README).  The block of
-    :func:`wsbound_fast._hvp.block_hvp` -- the NumPy backend's code, run on tensors -- for
-    each block of samples, summed in block order on the device; one copy of the (k', P)
-    result to the host per call.  The plan is :func:`~wsbound_fast._hvp.plan_hvp`'s with
-    one block at a time within ``memory_limit`` on the device (larger preferred blocks on an
-    accelerator, as for the moments).  The weights and labels are copied to the device once,
+    Always in float64 (``prob.dtype`` is the moments' precision; see README).  The block
+    product :func:`wsbound_fast._engine.products.block_hvp` -- the one Python engine, which
+    the NumPy backend runs on arrays and this one on tensors -- for each block of samples,
+    summed in block order on the device; one copy of the (k', P) result to the host per
+    call.  The plan is :func:`~wsbound_fast._planning.blocks.plan_hvp`'s with one block at a
+    time within ``memory_limit`` on the device (larger preferred blocks on an accelerator, as
+    for the moments).  The weights and labels are copied to the device once,
     and so is X when X and the labels take at most ``RESIDENT_DATA_SHARE`` of memory_limit
     (Lanczos calls the product hundreds of times); otherwise each block of X is moved when
     needed.
@@ -440,7 +441,7 @@ def uses_device_basis(device: torch.device) -> bool:
 
 
 class DeviceSpace:
-    """The Lanczos vectors on the compute device (see :func:`wsbound_fast._lanczos.lanczos`):
+    """The Lanczos vectors on the compute device (see :func:`wsbound_fast._spectral.lanczos.lanczos`):
     the basis, its reorthogonalisation and the product stay there, and each step reads
     two scalars (q . Hq and |w|) and a finiteness flag back.  Used on an accelerator when
     maxiter vectors take at most ``DEVICE_BASIS_SHARE`` of memory_limit: with a host basis

@@ -100,7 +100,7 @@ def plot_sharpness(path: str, steps: Sequence[float], trace: Sequence[float], ws
 
 
 def plot_demo(rows: Sequence[Any], path: str, *, title: str | None = None) -> None:
-    """The demo's picture: its rows (``_demo.DemoRow``) against the training epoch."""
+    """The demo's picture: its rows (``_cli.demo.DemoRow``) against the training epoch."""
     lmax = [r.lambda_max for r in rows]
     plot_sharpness(
         path,

@@ -1,12 +1,15 @@
 """The array library the engine computes with: the Python array API, plus what it lacks.
 
 The engine (features, pair sums, K route, products, schedule) is written once against an
-:class:`Arrays`: ``xp`` is the library's namespace from ``array_api_compat`` (NumPy, torch,
-CuPy), and the methods below are the few operations the array API standard does not have
-(erfc, a C-ordered copy, the GPU's synchronisation, the host copy at the end).  Each library
-adapter (``_backends/numpy.py``, ``torch.py``, ``cupy.py``) gives its own :class:`Arrays`.
+:class:`Arrays`: ``xp`` is the library's namespace from ``array_api_compat`` (NumPy or torch),
+and the methods below are the few operations the array API standard does not have (erfc, a
+C-ordered copy, the GPU's synchronisation, the host copy at the end).  Each library adapter
+(``_backends/numpy.py``, ``_backends/torch.py``) gives its own :class:`Arrays`.  A CuPy
+adapter would be one more subclass (erfc from ``cupyx.scipy.special``, ``sigmoid``,
+``copy_c``, ``to_numpy`` through ``.get()``, ``sync``) plus a backend name; none is shipped
+yet, as it is untested (docs/design.md, "Porting to another array library").
 
-Beyond the standard, the engine relies on what all three namespaces provide: ``einsum``,
+Beyond the standard, the engine relies on what NumPy, torch and CuPy all provide: ``einsum``,
 in-place updates of views (``out[i] += s``, the diagonal of a reshaped view), advanced integer
 indexing and the ``@`` operator.  A JAX port would need those replaced by functional updates
 (``.at[].add``) and its own einsum; see docs/design.md, "Porting to another array library".

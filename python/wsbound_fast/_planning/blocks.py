@@ -61,8 +61,8 @@ def _bytes(n: int) -> str:
 
 #: Whether the plan being made is the moments' (bound(), the default) and its memory minimum
 #: and thread clamp apply; the curvature-vector product (hvp, eigsh) plans its own blocks and
-#: threads (_hvp.plan_hvp) from the same validated problem, so it validates within
-#: ``moments_plan(False)`` (``_torch.validate_for(moments=False)``).  A context variable, so
+#: threads (:func:`plan_hvp`) from the same validated problem, so it validates within
+#: ``moments_plan(False)`` (``_backends.validate_for(moments=False)``).  A context variable, so
 #: that the torch backend's validation, which calls validate() and plan_python() itself,
 #: follows it too.
 _MOMENTS_PLAN: contextvars.ContextVar[bool] = contextvars.ContextVar("wsbound_moments_plan", default=True)
@@ -95,7 +95,7 @@ def check_memory_limit(memory_limit: int, minimum: int, what: str) -> None:
 def min_memory_cpp(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool) -> int:
     """Smallest memory_limit of the C++ engine's moments: its weight copy and fixed part, one
     worker's scratch for one-sample blocks, the features of two one-sample blocks and the
-    bookkeeping of one block pair (_cost.cpp_*)."""
+    bookkeeping of one block pair (_planning.cost.cpp_*)."""
     f = feature_doubles(dims, has_bias, hessian, structured)
     return 8 * (cpp_fixed_doubles(dims, has_bias) + cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
                 + 2 * f + cpp_group_doubles(len(dims) - 1, 1, 1))
@@ -171,7 +171,7 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
     GPU asks for larger blocks than the CPU backends).  ``cpp``: the C++ engine's accounting
-    (_cost.cpp_*: its weight copy, per worker its pair scratch and one block's intermediates,
+    (_planning.cost.cpp_*: its weight copy, per worker its pair scratch and one block's intermediates,
     its bookkeeping per block and block pair) instead of pair_scratch_doubles.  Otherwise (the
     NumPy and torch backends) ``cross_copies``: see :func:`pair_scratch_doubles`;
     ``feature_temporaries`` (in blocks of features) and ``feature_scratch`` (float64 values
@@ -205,7 +205,7 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     n_blocks = math.ceil(n_samples / batch)
     spare = memory_limit - 8 * threads * scratch(batch)
     fits = max(1, min(n_blocks, spare // max(1, 16 * batch * f)))  # two groups live at once
-    if cpp:  # the engine's bookkeeping per block and per block pair (_cost.cpp_group_doubles)
+    if cpp:  # the engine's bookkeeping per block and per block pair (_planning.cost.cpp_group_doubles)
         def over(g: int) -> bool:
             return 16 * batch * f * g + 8 * cpp_group_doubles(len(dims) - 1, n_blocks, g) > spare
 
@@ -235,12 +235,12 @@ KROUTE_SCRATCH_SHARE = 0.25
 
 
 #: (B, B', d_l) temporaries that the Python backends' batched cross terms hold at once
-#: (_numpy_backend._dense_cross: its two products).
+#: (_engine.pairs._dense_cross: its two products).
 PY_CROSS_COPIES = 2
 
 
 #: Intermediate products of the Python backends' batched features while a block is computed,
-#: in blocks of features (copies, reshapes), on top of _cost.feature_scratch_doubles.
+#: in blocks of features (copies, reshapes), on top of _planning.cost.feature_scratch_doubles.
 PY_FEATURE_TEMPORARIES = 0.5
 
 

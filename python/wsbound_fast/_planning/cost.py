@@ -1,4 +1,4 @@
-"""The cost model of the streamed engine (DESIGN.md section 5), as the code implements it.
+"""The cost model of the streamed engine (docs/design.md, "Cost model"), as the code implements it.
 
 Per sample pair (n, n') the pair phase is a set of Gram products, one multiply-add per
 feature value: ``pair_flops`` counts them (2 flops each).  ``feature_doubles`` is the
@@ -142,7 +142,7 @@ def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structu
     """Float64 scratch of the Python backends (NumPy, torch) contracting a block pair: a few
     (B, B') Gram matrices (on the GGN's K route all L alphas at once, w w', and the two Grams of
     the reference-shifted p) and ``cross_copies`` (B, B', d_l) temporaries of the batched cross
-    terms.  (The K route's chunks of sample pairs are budgeted apart, _validate.plan_python;
+    terms.  (The K route's chunks of sample pairs are budgeted apart, _planning.blocks.plan_python;
     the C++ engine's scratch is cpp_worker_doubles.)"""
     L = len(dims) - 1
     # The cross terms' G delta' products, (B', B d_l), wherever a generic (l, m > l) block is left.
@@ -151,9 +151,9 @@ def pair_scratch_doubles(dims: Sequence[int], batch: int, hessian: bool, structu
     return batch * batch * (grams + cross_copies * widest)
 
 
-# The C++ engine's own memory (cpp/wsbound/engine.cpp, features.cpp), for its block plan
-# (plan_blocks(cpp=True), wsb.plan's memory_bytes): checked against the heap high-water mark
-# of bound() (heaptrack and an allocation counter; tests/test_cpp_memory.py) on both paths and
+# The C++ engine's own memory (cpp/wsbound/engine.cpp, features.cpp, pairs.cpp, kroute.cpp), for
+# its block plan (plan_blocks(cpp=True), wsb.plan's memory_bytes): checked against the heap
+# high-water mark of bound() (heaptrack and an allocation counter; tests/test_cpp_memory.py) on both paths and
 # curvatures, 0-4 hidden layers, 1-4 threads, float64 and float32, tight budgets (the peak
 # came to 0.4-1.0 of this count, within memory_limit).  The features of the cached blocks are
 # feature_doubles, as for the other backends.
@@ -206,10 +206,10 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
         kc = min(k, _GEMM_KC)
         left, right = max(left, m * kc), max(right, min(kc * n, _GEMM_RIGHT))
 
-    def gemm_rows(h: int) -> int:  # rows_per_gemm (features.cpp), left operands of width d_{L-1}
+    def gemm_rows(h: int) -> int:  # rows_per_gemm (kroute.cpp), left operands of width d_{L-1}
         return min(B, max(1, min(16, 131072 // max(h * B, 1), 131072 // max(h * dl, 1))))
 
-    def cross_rows(w: int) -> int:  # cross_rows (features.cpp), at most the block
+    def cross_rows(w: int) -> int:  # cross_rows (pairs.cpp), at most the block
         return min(B, max(1, 262144 // max(1, w * B)))
 
     # block_features: the block's inputs and labels, a and z of the forward pass, g, sigma''

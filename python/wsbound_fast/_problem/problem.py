@@ -42,7 +42,8 @@ class Problem:
     single: bool = False  # cpp backend: Gram products in float32, float64 accumulation
     #: NumPy and torch backends, K route: float64 values that the GEMM outputs of a chunk of
     #: sample pairs, and the elementwise work of a sub-chunk, may hold; set by
-    #: :func:`plan_python` from the budget.  None: the NumPy backend's cache-sized defaults.
+    #: :func:`~wsbound_fast._planning.blocks.plan_python` from the budget.  None: the
+    #: cache-sized CPU defaults (``_planning.blocks.CPU_CHUNK_VALUES``).
     chunks: tuple[float, float] | None = None
 
     @property

@@ -8,7 +8,8 @@ Rayleigh-Ritz projection onto the Krylov space.  When the Krylov space becomes i
 Convergence of a Ritz pair (theta, y) is judged by the Lanczos residual estimate
 |H y - theta y| = beta_m |s_m| against ``tol`` times the largest |Ritz value|.
 
-:func:`eigsh` is the public entry point (scipy.sparse.linalg.eigsh-like).
+:func:`wsbound_fast.eigsh` (``_api/products.py``) is the public entry point
+(scipy.sparse.linalg.eigsh-like).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def select_indices(theta: np.ndarray, which: str, k: int) -> np.ndarray:
 
 class HostSpace:
     """Where the Lanczos vectors live and how the product is applied: host memory (NumPy),
-    the matvec's own float64 arrays.  ``_torch_backend.DeviceSpace`` keeps them on a GPU."""
+    the matvec's own float64 arrays.  ``_backends.torch.DeviceSpace`` keeps them on a GPU."""
 
     def __init__(self, matvec: Matvec) -> None:
         self.matvec = matvec
