@@ -1,10 +1,9 @@
 """Shared fixtures: the backend parameter, torch (optional), and memoised references.
 
-Every test that computes something runs for both backends through the ``backend``
-fixture; its test ids end in ``[...-cpp]`` / ``[...-numpy]``, so
-``pytest -k "not cpp"`` runs the NumPy backend alone (e.g. while the extension is not
-built).  Tests of the curvature-vector product (hvp, eigsh, errors) use ``hvp_backend``,
-which adds ``[...-torch]`` where torch is installed.
+Every test that computes something runs for every backend through the ``backend`` fixture:
+cpp (the compiled core) and the one Python engine on NumPy and on torch (skipped without
+torch); its test ids end in ``[...-cpp]`` / ``[...-numpy]`` / ``[...-torch]``, so
+``pytest -k "not cpp"`` runs the Python engine alone (e.g. while the extension is not built).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import pytest
 
 import reference as R
 
-BACKENDS = ("cpp", "numpy")
+BACKENDS = ("cpp", "numpy", "torch")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,15 +28,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture(params=BACKENDS + ("torch",))
-def hvp_backend(request: pytest.FixtureRequest) -> str:
-    """cpp, numpy and torch (on the CPU; skipped without torch)."""
+    """cpp, numpy and torch (on the CPU; skipped without torch): the compiled core and the one
+    Python engine on its two array libraries."""
     if request.param == "torch":
         request.getfixturevalue("torch")
     return request.param
+
+
+@pytest.fixture
+def hvp_backend(backend: str) -> str:
+    """The backends of the curvature-vector product: all of them (kept as a name for the tests
+    of hvp, eigsh and exact=)."""
+    return backend
 
 
 @pytest.fixture(scope="session")

@@ -319,15 +319,15 @@ def test_dense_hessian_parameter_order_matches_torch_module(torch):
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_per_block_moments_match_dense_blocks(curvature, backend, torch, refs):
     """Per-layer traces and <H^{lm}, H^{lm}> from the engine equal the dense Hessian's blocks."""
-    from wsbound_fast._backends import compiled, numpy as numpy_backend
-    from wsbound_fast._problem.validate import validate
+    from wsbound_fast import _backends as backends
 
     spec = R.ModelSpec(dims=(4, 5, 3, 3), bias=(True, False, True), seed=11, n=9)
     layers, X, y = refs.model(spec)
     ref = R.torch_hessian if curvature == "hessian" else R.torch_ggn
     H = ref(layers, "tanh", X, y, reduction="sum")
-    prob = validate(layers, X, y, activation="tanh", curvature=curvature, reduction="sum", batch_size=4)
-    trace, blocks = {"cpp": compiled.moments, "numpy": numpy_backend.moments}[backend](prob)[:2]
+    prob = backends.validate_for(backend, layers, X, y, activation="tanh", curvature=curvature, reduction="sum",
+                                 batch_size=4)
+    trace, blocks = backends.moments(prob, backend)[:2]
     edges = np.cumsum([0] + [W.size + (0 if b is None else b.size) for W, b in layers])
     for l in range(len(layers)):
         sl = slice(edges[l], edges[l + 1])

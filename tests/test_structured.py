@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import reference as R
+from wsbound_fast import _backends as backends
 from wsbound_fast._backends import compiled, numpy as numpy_backend
 from wsbound_fast._engine import features as engine_features, kroute as engine_kroute
 from wsbound_fast._engine.data import label_rows
@@ -28,13 +29,10 @@ SPECS = [
     R.ModelSpec((4, 3, 5, 4, 3), ("silu", "tanh", "gelu_tanh"), "alt", n=11, labels="soft", seed=5),
     R.ModelSpec((3, 6, 2), "relu", "all", n=9, labels="hard", seed=6),
 ]
-MOMENTS = {"cpp": compiled.moments, "numpy": numpy_backend.moments}
-
-
 def _moments(spec, layers, X, y, curvature, backend, structured, batch_size, chunks=None):
-    prob = validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum",
-                    batch_size=batch_size)
-    return MOMENTS[backend](replace(prob, structured=structured, chunks=chunks))[:2]
+    prob = backends.validate_for(backend, layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+                                 reduction="sum", batch_size=batch_size)
+    return backends.moments(replace(prob, structured=structured, chunks=chunks), backend)[:2]
 
 
 @pytest.mark.parametrize("batch_size", [3, 100])

@@ -1,10 +1,10 @@
-"""backend="torch" (on the CPU here): equal to the C++ backend, same errors, tensor inputs.
+"""What only backend="torch" has (on the CPU here): tensor inputs and their errors, device and
+dtype resolution, the device memory budget, float32 mode, the TF32 guard, the flop count
+against torch's FlopCounterMode, gpu_check.py; and the engine on tensors equal to the engine on
+NumPy arrays block by block.
 
-The shared ``backend`` fixture stays (cpp, numpy); this file adds the torch backend by
-comparing it with ``backend="cpp"`` on the models of the foundation tests
-(tests/test_exact.py's sweep, tests/test_consistency.py's specs and extreme magnitudes)
-and with the NumPy backend (``_backends/numpy.py``) block by block: both run the one Python
-engine (``_engine``), on tensors and on arrays.  Skipped as a whole without torch.
+Exactness against the references runs for torch in the shared tests (the ``backend`` fixture
+of conftest.py: cpp, numpy, torch).  Skipped as a whole without torch.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ torch = pytest.importorskip("torch")
 
 import reference as R  # noqa: E402
 import wsbound_fast as wsb  # noqa: E402
-from test_consistency import EXTREME, SPEC_IDS, SPECS, _jacobian_scale  # noqa: E402
+from test_consistency import SPEC_IDS, SPECS  # noqa: E402
 from test_errors import CASES  # noqa: E402
-from test_exact import SWEEP  # noqa: E402
-from wsbound_fast._api import bound as api_bound  # noqa: E402
 from wsbound_fast._backends import torch as torch_backend  # noqa: E402
 from wsbound_fast._backends import numpy as numpy_backend  # noqa: E402
 from wsbound_fast._engine.features import block_features  # noqa: E402
@@ -65,51 +63,6 @@ def assert_close(a: wsb.Bound, b: wsb.Bound, tol: float = TOL) -> None:
 # ------------------------------------------------------------------------------------
 # exactness: torch == cpp on the foundation models
 # ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("spec", "curvature", "reduction"), SWEEP)
-def test_matches_cpp_sweep(spec, curvature, reduction, refs):
-    """Every activation, depths 1-4, both curvatures and reductions, hard / soft labels,
-    bias patterns (the sweep of test_exact.py)."""
-    layers, X, y = refs.model(spec)
-    kw = dict(curvature=curvature, reduction=reduction)
-    res = _bound(layers, X, y, spec, backend="torch", **kw)
-    assert res.backend == "torch"
-    assert_close(res, _bound(layers, X, y, spec, backend="cpp", **kw))
-
-
-@pytest.mark.parametrize(("spec", "curvature", "reduction"), SWEEP[::7])
-def test_matches_torch_autograd(spec, curvature, reduction, refs):
-    """A subset straight against the dense torch autograd reference (as test_exact does)."""
-    layers, X, y = refs.model(spec)
-    res = _bound(layers, X, y, spec, backend="torch", curvature=curvature, reduction=reduction)
-    ref = refs.torch(spec, curvature, reduction)
-    assert R.trace_err(res.trace, ref) <= 1e-9
-    assert R.trace_sq_err(res.trace_sq, ref) <= 1e-9
-
-
-@pytest.mark.parametrize("spec", EXTREME)
-@pytest.mark.parametrize("curvature", CURVATURES)
-def test_matches_cpp_extreme(spec, curvature, refs):
-    """Huge logits and saturated hidden units (the tolerance of test_cpp_matches_numpy_extreme)."""
-    layers, X, y = refs.model(spec)
-    a = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
-    b = _bound(layers, X, y, spec, curvature=curvature, backend="torch")
-    floor = 1e-14 * _jacobian_scale(layers, spec, X, "mean")
-    assert abs(a.trace - b.trace) <= TOL * max(abs(a.trace), math.sqrt(a.trace_sq)) + floor
-    assert abs(a.trace_sq - b.trace_sq) <= TOL * a.trace_sq + 2 * math.sqrt(a.trace_sq * a.n_params) * floor + floor**2
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
-@pytest.mark.parametrize("curvature", CURVATURES)
-def test_block_schedule(spec, curvature, refs):
-    """Any batch size and memory limit (features recomputed in groups) gives the same moments."""
-    layers, X, y = refs.model(spec)
-    base = _bound(layers, X, y, spec, curvature=curvature, backend="cpp")
-    tight = validation.min_memory_limit(layers, curvature, "torch")  # the smallest budget accepted
-    for kw in (dict(batch_size=1), dict(batch_size=3), dict(batch_size=7), dict(batch_size=50),
-               dict(batch_size=3, memory_limit=tight), dict(memory_limit=tight)):
-        assert_close(_bound(layers, X, y, spec, curvature=curvature, backend="torch", **kw), base)
 
 
 def _torch_problem(layers, X, y, spec, curvature, **kw):
@@ -195,14 +148,6 @@ def _error(fn):
     raise AssertionError("no error raised")  # pragma: no cover
 
 
-@pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
-def test_bad_input_same_error_as_cpp(layers, X, y, kwargs, exc, match):
-    cpp = _error(lambda: wsb.bound(layers, X, y, backend="cpp", **kwargs))
-    tch = _error(lambda: wsb.bound(layers, X, y, backend="torch", **kwargs))
-    assert tch == cpp
-    assert tch[0] is exc
-
-
 def _as_tensor(a):
     """A NumPy array as a tensor when torch has its dtype (strings / objects stay NumPy)."""
     if isinstance(a, np.ndarray) and a.dtype.kind in "biufc":
@@ -273,19 +218,6 @@ def test_dtype_float32_for_cpp_and_torch_not_numpy():
         wsb.bound(layers, X, y, backend="numpy", dtype=torch.float32)
 
 
-def test_raises_before_any_work(monkeypatch):
-    def boom(*args):  # pragma: no cover - must not run
-        raise AssertionError("the backend ran on invalid input")
-
-    monkeypatch.setattr(api_bound, "moments", boom)
-    for c in CASES[::3]:
-        with pytest.raises(c[5], match=c[6]):
-            wsb.bound(c[1], c[2], c[3], backend="torch", **c[4])
-    layers, X, y = _small()
-    with pytest.raises(ValueError, match="dtype"):
-        wsb.bound(layers, torch.from_numpy(X), y, backend="torch", dtype="half")
-
-
 def test_overflow_raises_floating_point_error():
     layers, X, y = _small()
     for dtype in ("float64", "float32"):
@@ -334,17 +266,6 @@ def test_tensor_inputs_equal_numpy_inputs():
     assert_close(wsb.bound(bf, X, y, backend="torch"), wsb.bound(up, X, y, backend="cpp"))
 
 
-def test_read_only_arrays():
-    """Read-only NumPy inputs (memory maps, broadcasts) work without torch's sharing warning."""
-    layers, X, y = _small()
-    ref = wsb.bound(layers, X, y, backend="cpp")
-    Ysoft = np.eye(3)[y] * 0.9 + 0.1 / 3
-    for a in [X, y, Ysoft] + [v for layer in layers for v in layer if v is not None]:
-        a.flags.writeable = False
-    assert_close(wsb.bound(layers, X, y, backend="torch"), ref)
-    assert_close(wsb.bound(layers, X, Ysoft, backend="torch"), wsb.bound(layers, X, Ysoft, backend="cpp"))
-
-
 def test_soft_label_tensors():
     spec = R.ModelSpec((4, 6, 3), "silu", "all", n=9, labels="soft", seed=9)
     layers, X, y = spec.build()
@@ -354,17 +275,6 @@ def test_soft_label_tensors():
         yy_np = yy.numpy()
         assert_close(res, wsb.bound(layers, X, yy_np, activation="silu", backend="cpp"))
     assert_close(wsb.bound(layers, X, y, activation="silu", backend="torch"), ref)
-
-
-def test_inputs_not_modified():
-    layers, X, y = _small()
-    tl = [(torch.from_numpy(W.copy()), None if b is None else torch.from_numpy(b.copy())) for W, b in layers]
-    tX, ty = torch.from_numpy(X.copy()), torch.from_numpy(y.copy())
-    wsb.bound(tl, tX, ty, backend="torch", batch_size=3)
-    wsb.bound(layers, X.astype(np.float32), y, backend="torch", batch_size=3, dtype="float32")
-    assert torch.equal(tX, torch.from_numpy(X)) and torch.equal(ty, torch.from_numpy(y))
-    for (W, b), (tW, tb) in zip(layers, tl):
-        assert torch.equal(tW, torch.from_numpy(W)) and (b is None or torch.equal(tb, torch.from_numpy(b)))
 
 
 def test_device_and_dtype_resolution():
