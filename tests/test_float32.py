@@ -30,7 +30,7 @@ def test_float32_close_to_float64_and_torch(spec, curvature, structured, torch, 
     prob = validate(layers, X, y, activation=spec.activation_arg(), curvature=curvature, reduction="sum",
                     batch_size=4)
     t64, b64 = compiled.moments(replace(prob, structured=structured))[:2]
-    t32, b32 = compiled.moments(replace(prob, structured=structured, single=True))[:2]
+    t32, b32 = compiled.moments(replace(prob, structured=structured, f32=True))[:2]
     np.testing.assert_allclose(t32, t64, rtol=1e-12)  # traces come from float64 features
     np.testing.assert_allclose(b32, b64, rtol=F32_RTOL, atol=F32_RTOL * np.abs(b64).max())
     ref = R.torch_hessian if curvature == "hessian" else R.torch_ggn

@@ -127,8 +127,8 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     // delta_L = w p - y with delta_r = -sum_{k != r} delta_k, M_L = A = w (diag p - p p^T) with
     // A_rr = w p_r q; w = sum(y) (= 1 for hard labels).
     const Index C = z.cols();
-    const bool ggn_fast = opt.structured && !hessian;
-    const bool lowrank = opt.structured && hessian && L >= 2;
+    const bool kroute_ggn = opt.structured && !hessian;
+    const bool kroute_hessian = opt.structured && hessian && L >= 2;
     F.C = C;
     F.delta[L].resize(B, C);
     F.p.resize(B, C);
@@ -136,7 +136,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     F.ref.resize(B);
     F.q.resize(B);
     std::vector<double> tau_a(static_cast<size_t>(B));  // tr(A) per sample
-    if (!ggn_fast) M[L].resize(B, C * C);
+    if (!kroute_ggn) M[L].resize(B, C * C);
     for (Index n = 0; n < B; ++n) {
         double* p = F.p.row(n).data();
         double q = 0.0;
@@ -147,7 +147,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         F.w(n, 0) = w;
         stable_delta(p, Yb.row(n).data(), w, r, C, F.delta[L].row(n).data());
         tau_a[static_cast<size_t>(n)] = w * trace_a(p, r, q, C);
-        if (ggn_fast) continue;
+        if (kroute_ggn) continue;
         MapMat A(M[L].row(n).data(), C, C);
         const auto pr = F.p.row(n);
         A.noalias() = -w * pr.transpose() * pr;
@@ -156,7 +156,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     F.trace.assign(nL, 0.0);
     F.trace_abs.assign(nL, 0.0);
     F.norms.assign(nL * nL, 0.0);
-    if (ggn_fast) {
+    if (kroute_ggn) {
         // GGN through K_l = T_l T_l'^T (docs/structured.md); tr(G_ll) share = sum_n |a~_{l-1}|^2 tau_l
         // with tau_l = tr(T_l^T A T_l) >= 0 (the shifted quadratic forms); nu_n^{lm} = |a~_{l-1}| |a~_{m-1}|
         // (tau_l tau_m)^{1/2} (docs/numerics.md section 4).
@@ -205,7 +205,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         const Index d_l = Wn.cols(), d_n = Wn.rows();
         g.noalias() = F.delta[l + 1] * Wn;
         F.delta[l] = F.sp[l].cwiseProduct(g);
-        if (lowrank && l == L - 1) {  // M_{L-1} = V V^T + diag(rho), V = D W^T S
+        if (kroute_hessian && l == L - 1) {  // M_{L-1} = V V^T + diag(rho), V = D W^T S
             F.rho = spp[l].cwiseProduct(g);
             squared_v_rows(Wn, F, l);
             if (L == 2) continue;  // nothing below needs the dense d x d matrix
@@ -233,7 +233,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         for (Index n = 0; n < B; ++n) {
             const double a2 = F.at[l].row(n).squaredNorm();
             double tn;
-            if (lowrank && l == L - 1) {  // M_{L-1} = V V^T + diag(rho): tr = |V|_F^2 + sum(rho)
+            if (kroute_hessian && l == L - 1) {  // M_{L-1} = V V^T + diag(rho): tr = |V|_F^2 + sum(rho)
                 tn = F.u2.row(n).sum() + F.rho.row(n).sum();
                 dabs(n, l) = (F.u2.row(n) + F.rho.row(n)).cwiseAbs().sum();
             } else {
@@ -256,7 +256,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             if (l == m - 1 && F.G[F.pair(l, m)].size() > 0) continue;  // from the backward pass
             // One hidden layer through K_1: G_{1,2} is neither a feature nor needed for another
             // block (it was built only to be dropped below: B d_1 C values, more than the features).
-            if (lowrank && L == 2) continue;
+            if (kroute_hessian && L == 2) continue;
             const RowMat& Wn = model.W[static_cast<size_t>(l)];
             const Index d_l = Wn.cols(), d_n = Wn.rows();
             const RowMat& Gn = F.G[F.pair(l + 1, m)];
@@ -280,14 +280,14 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
                 if (G.size() == 0) continue;
                 for (Index n = 0; n < B; ++n) gnorm(n, F.pair(l, m)) = G.row(n).stableNorm();
             }
-        if (lowrank)
+        if (kroute_hessian)
             for (Index n = 0; n < B; ++n) {
                 const double su = F.u2.row(n).sum();
                 gnorm(n, F.pair(L - 1, L - 1)) = su + F.rho.row(n).stableNorm();
                 gnorm(n, F.pair(L - 1, L)) = std::sqrt(su) * std::sqrt(tau_a[static_cast<size_t>(n)]);
             }
     }
-    if (lowrank) {  // the (L-1, L-1) and (L-1, L) blocks are contracted through K_{L-1} instead
+    if (kroute_hessian) {  // the (L-1, L-1) and (L-1, L) blocks are contracted through K_{L-1} instead
         F.G[F.pair(L - 1, L - 1)] = RowMat();
         F.G[F.pair(L - 1, L)] = RowMat();
     }

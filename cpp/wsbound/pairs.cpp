@@ -120,10 +120,10 @@ void pair_sum(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J
         pair_sum_ggn(model, I, J, s, out);
         return;
     }
-    const bool lowrank = opt.structured && L >= 2;
+    const bool kroute = opt.structured && L >= 2;
     for (Index l = 1; l <= L; ++l) {
         product(I.at[l], J.at[l].transpose(), s.alpha, s);
-        if (lowrank && l == L - 1) {
+        if (kroute && l == L - 1) {
             k_route_hessian(model, I, J, s.alpha, s, out[I.pair(l, l)], out[I.pair(l, L)]);
             continue;
         }

@@ -100,7 +100,7 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     if chosen != "torch" and compute_dtype(dtype) == "float32":
         if chosen != "cpp":
             raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={chosen!r}")
-        prob = dataclasses.replace(prob, single=True)
+        prob = dataclasses.replace(prob, f32=True)
     opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params,
                                basis_memory_limit(prob), rtol, which)
     t0 = time.perf_counter()

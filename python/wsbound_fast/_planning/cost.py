@@ -41,10 +41,10 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
         gemm += C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
         elem += 3 * C * C * max(L - 2, 0) + (C * C + 2 * C) * L * (L + 1) / 2
         return gemm, elem
-    lowrank = structured and L >= 2
+    kroute = structured and L >= 2
     for l in range(1, L + 1):
         for m in range(l, L + 1):
-            if lowrank and l == L - 1:
+            if kroute and l == L - 1:
                 if m == l:  # (L-1, L-1) and (L-1, L) together through K_{L-1}
                     gemm += (1 + R + 2 * C) * d[l] + 3 * d[l] + aug[L] + C
                     elem += 3 * R + 14 * C  # fused pass over the packed K, then O(C) and the cross terms
@@ -126,10 +126,10 @@ def feature_flops(dims: Sequence[int], hessian: bool, structured: bool) -> float
     if structured and not hessian:
         ma += C * sum(d[l] * d[l + 1] for l in range(1, L - 1)) + 2 * C * d[L - 1] * (L >= 2)
         return 2.0 * ma
-    lowrank = structured and L >= 2
+    kroute = structured and L >= 2
     for l in range(L - 1, 0, -1):
         ma += d[l] * d[l + 1]  # g_l
-        if not (lowrank and l == L - 1 and L == 2):
+        if not (kroute and l == L - 1 and L == 2):
             ma += d[l + 1] * d[l] ** 2  # M_l = G_{l,l+1} W_{l+1} D_l
         ma += sum(d[l + 1] * d[l] * d[m] for m in range(l + 1, L + 1))  # G_{l,m}
         if hessian:
@@ -197,8 +197,8 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
     C, B = d[L], batch
     R = C * (C + 1) // 2
     dl = d[L - 1]  # d_{L-1}, the width the K route works over
-    lowrank = structured and hessian and L >= 2
-    ggn_fast = structured and not hessian
+    kroute_hessian = structured and hessian and L >= 2
+    kroute_ggn = structured and not hessian
     left = right = 0  # the largest packed operands of one GEMM
 
     def gemm(m: int, k: int, n: int) -> None:  # a product (m, k) x (k, n)
@@ -217,12 +217,12 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
     # the shifted quadratic forms' three rows (squared_v_rows, the GGN's tau_l)
     np_ = (L + 1) ** 2
     feat = B * (d[0] + 2 * C + max(d[:L]) + max(d[1:L], default=0) + sum(d[1:L]))
-    feat += B * (1 + (L + 1) + (0 if ggn_fast else np_))
+    feat += B * (1 + (L + 1) + (0 if kroute_ggn else np_))
     for l in range(1, L + 1):
         gemm(B, d[l - 1], d[l])  # forward (and g, transposed)
     if structured and L >= 2:
         feat += 3 * max(d[1:L])
-    if ggn_fast:  # T_{L-1} before Omega replaces it (M_L = A is not formed on this path)
+    if kroute_ggn:  # T_{L-1} before Omega replaces it (M_L = A is not formed on this path)
         feat += B * C * dl if L >= 3 else 0
         for l in range(1, L - 1):
             gemm(B * C, d[l + 1], d[l])  # T_l = T_{l+1} W_{l+1} D_l
@@ -231,10 +231,10 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
             gemm(d[l], d[l + 1], max(d[l:]))
             for m in range(l + 2, L + 1) if hessian else ():
                 gemm(d[m - 1], d[m - 2], d[l])
-    if lowrank and L >= 3:  # M_{L-1} and G_{L-1,L}, needed only to build the blocks below
+    if kroute_hessian and L >= 3:  # M_{L-1} and G_{L-1,L}, needed only to build the blocks below
         feat += B * (dl * dl + dl * C)
 
-    if ggn_fast:  # pair_sum_ggn
+    if kroute_ggn:  # pair_sum_ggn
         pair = L * B * B + 5 * C * B + 8 * B  # alphas; p'^T, u, v, diag(A')^T, the shift's dc; row arrays
         gemm(B, max(d) + 1, B)  # alphas
         rows = gemm_rows(R)
@@ -248,7 +248,7 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
     else:
         pair = 4 * B * B  # alpha, beta, gram, inner
         gemm(B, max(max(d) + 1, max(d[l] * d[m] for l in range(1, L + 1) for m in range(l, L + 1))), B)
-        if lowrank:  # k_route_hessian
+        if kroute_hessian:  # k_route_hessian
             H = 1 + R + C
             rows = gemm_rows(H)
             pair += (R + C) * dl + B * dl + rows * (H + C) * (dl + B) + 5 * C * B + 17 * B
@@ -256,7 +256,7 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
         p2 = xt = ct = z = 0
         for l in range(1, L + 1):
             for m in range(l + 1, L + 1):
-                if not hessian or (lowrank and l == L - 1):
+                if not hessian or (kroute_hessian and l == L - 1):
                     continue
                 if m > l + 1:  # add_dense_cross: G delta' of the whole block, Q^T b
                     p2, z = max(p2, B * B * d[l]), max(z, B * d[l])

@@ -39,7 +39,7 @@ class Problem:
     threads: int
     group_blocks: int
     memory_limit: int
-    single: bool = False  # cpp backend: Gram products in float32, float64 accumulation
+    f32: bool = False  # cpp backend: Gram products in float32, float64 accumulation (dtype="float32"; Options::f32)
     #: NumPy and torch backends, K route: float64 values that the GEMM outputs of a chunk of
     #: sample pairs, and the elementwise work of a sub-chunk, may hold; set by
     #: :func:`~wsbound_fast._planning.blocks.plan_python` from the budget.  None: the

@@ -176,7 +176,7 @@ def _inner(dims: list[int], hessian: bool, structured: bool) -> int:
 
 
 def _single(prob: Any) -> bool:
-    if getattr(prob, "single", False):
+    if getattr(prob, "f32", False):
         return True
     dtype = getattr(prob, "dtype", None)  # a TorchProblem
     return dtype is not None and str(dtype) == "torch.float32"
