@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -158,6 +159,24 @@ void run_released(Work&& work, Poll&& poll = Poll()) {
     }
     if (interrupted) throw py::error_already_set();
     if (error) std::rethrow_exception(error);
+}
+
+// run_released for work(cancel, done) that counts finished block pairs in *done:
+// progress(done, total) (unless None) from the polling thread whenever the count moved, and
+// once at the end with the final count.
+template <class Work>
+void run_with_progress(Work&& work, const py::object& progress, std::int64_t total) {
+    std::atomic<std::int64_t> done{0};
+    std::int64_t reported = -1;
+    auto report = [&] {
+        const std::int64_t now = done.load(std::memory_order_relaxed);
+        if (!progress.is_none() && now != reported) {
+            reported = now;
+            progress(now, total);
+        }
+    };
+    run_released([&](const std::atomic<bool>* cancel) { work(cancel, &done); }, report);
+    report();
 }
 
 }  // namespace wsb_bind

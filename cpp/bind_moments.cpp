@@ -29,20 +29,11 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
     opt.threads = threads;
 
     wsb::Moments result;
-    std::atomic<std::int64_t> pairs_done{0};
-    const std::int64_t total_pairs = wsb::block_pairs(xv.rows, std::max<std::int64_t>(batch, 1));
-    std::int64_t reported = -1;
-    auto report = [&] {  // progress(done, total) as block pairs finish, from the polling thread
-        const std::int64_t now = pairs_done.load(std::memory_order_relaxed);
-        if (!progress.is_none() && now != reported) {
-            reported = now;
-            progress(now, total_pairs);
-        }
-    };
-    wsb_bind::run_released(
-        [&](const std::atomic<bool>* cancel) { result = wsb::compute_moments(model, xv, y, opt, cancel, &pairs_done); },
-        report);
-    report();  // the final count
+    wsb_bind::run_with_progress(
+        [&](const std::atomic<bool>* cancel, std::atomic<std::int64_t>* done) {
+            result = wsb::compute_moments(model, xv, y, opt, cancel, done);
+        },
+        progress, wsb::block_pairs(xv.rows, std::max<std::int64_t>(batch, 1)));
     // (trace per layer (L,), <H^{lm}, H^{lm}> summed over sample pairs (L, L), upper triangle,
     //  trace_abs (L,), norms (L, L) upper triangle): docs/numerics.md section 4 for the last two
     const auto L = static_cast<py::ssize_t>(result.L);

@@ -97,22 +97,11 @@ py::tuple pair_sums(const py::list& weights, const py::list& biases, const std::
     opt.threads = threads;
 
     wsb::PairSums result;
-    std::atomic<std::int64_t> pairs_done{0};
-    const auto total_pairs = static_cast<std::int64_t>(tasks.size());
-    std::int64_t reported = -1;
-    auto report = [&] {  // progress(done, total) as block pairs finish, from the polling thread
-        const std::int64_t now = pairs_done.load(std::memory_order_relaxed);
-        if (!progress.is_none() && now != reported) {
-            reported = now;
-            progress(now, total_pairs);
-        }
-    };
-    wsb_bind::run_released(
-        [&](const std::atomic<bool>* cancel) {
-            result = wsb::compute_pair_sums(model, blocks, tasks, opt, cancel, &pairs_done);
+    wsb_bind::run_with_progress(
+        [&](const std::atomic<bool>* cancel, std::atomic<std::int64_t>* done) {
+            result = wsb::compute_pair_sums(model, blocks, tasks, opt, cancel, done);
         },
-        report);
-    report();  // the final count
+        progress, static_cast<std::int64_t>(tasks.size()));
 
     // Layers 0..L-1 as _core.moments returns them; the lower triangles are zero.
     const auto L = static_cast<py::ssize_t>(result.L);
