@@ -286,3 +286,21 @@ def test_threads_absurd_is_one_line_on_the_cli(tmp_path):
                            "tanh", "--threads", str(2**31)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "threads must be at most 4096" in proc.stderr and "incompatible" not in proc.stderr
+
+
+@pytest.mark.parametrize("layout", ["bias", "chain"])
+def test_transposed_layer_says_so(layout, backend):
+    """A (d_in, d_out) kernel (Flax, Keras) gets a message that names the fix, not only the shapes."""
+    rng = np.random.default_rng(0)
+    W0, W1 = rng.normal(size=(5, 3)), rng.normal(size=(2, 5))
+    if layout == "bias":  # the first layer transposed, with its bias: the bias has W's first length
+        layers = [(W0.T, rng.normal(size=5)), (W1, None)]
+    else:  # the second layer transposed, no biases: the shapes do not chain, but W.T would
+        layers = [(W0, None), (W1.T, None)]
+    with pytest.raises(ValueError, match=r"looks like \(d_in, d_out\).*pass W\.T"):
+        wsb.bound(layers, rng.normal(size=(4, 3)), np.array([0, 1, 1, 0]), activation="tanh", backend=backend)
+    # a correct layout is not told so
+    with pytest.raises(ValueError) as info:
+        wsb.bound([(W0, rng.normal(size=4)), (W1, None)], rng.normal(size=(4, 3)), np.array([0, 1, 1, 0]),
+                  activation="tanh", backend=backend)
+    assert "W.T" not in str(info.value)

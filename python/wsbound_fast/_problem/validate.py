@@ -55,6 +55,11 @@ def _float64(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
+#: Appended where the shapes say a layer was given as (d_in, d_out), as Flax and Keras store kernels.
+_TRANSPOSED = ("; layers[{i}] weight W looks like (d_in, d_out) (a Flax/Keras kernel): pass W.T, "
+               "the (d_out, d_in) layout of torch.nn.Linear")
+
+
 def validate_layers(layers: Any) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray | None, ...]]:
     if isinstance(layers, (str, bytes, np.ndarray)) or not isinstance(layers, Sequence):
         raise TypeError("layers must be a sequence of (W, b) pairs, W of shape (d_out, d_in), b of shape (d_out,) or None")
@@ -73,6 +78,7 @@ def validate_layers(layers: Any) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarr
             raise ValueError(
                 f"layer shapes do not chain: layers[{i}] weight W has shape {W.shape}, so it expects "
                 f"{W.shape[1]} inputs, but layers[{i - 1}] has {weights[-1].shape[0]} outputs"
+                + (_TRANSPOSED.format(i=i) if W.shape[0] == weights[-1].shape[0] else "")
             )
         weights.append(_float64(W))
         if layer[1] is None:
@@ -80,7 +86,8 @@ def validate_layers(layers: Any) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarr
             continue
         b = _real_array(layer[1], f"layers[{i}] bias b")
         if b.shape != (W.shape[0],):
-            raise ValueError(f"layers[{i}] bias b must have shape ({W.shape[0]},) or be None; got shape {b.shape}")
+            raise ValueError(f"layers[{i}] bias b must have shape ({W.shape[0]},) or be None; got shape {b.shape}"
+                             + (_TRANSPOSED.format(i=i) if b.shape == (W.shape[1],) else ""))
         _check_finite(b, f"layers[{i}] bias b")
         biases.append(_float64(b))
     return tuple(weights), tuple(biases)
