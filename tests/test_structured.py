@@ -16,7 +16,7 @@ import reference as R
 from wsbound_fast import _backends as backends
 from wsbound_fast._backends import compiled, numpy as numpy_backend
 from wsbound_fast._engine import features as engine_features, kroute as engine_kroute
-from wsbound_fast._engine.data import label_rows
+from wsbound_fast._engine.data import HostData, label_rows
 from wsbound_fast._engine.namespace import Weights
 from wsbound_fast._engine.schedule import total_moments
 from wsbound_fast._problem.validate import validate
@@ -131,3 +131,40 @@ def test_structured_cpp_bitwise_independent_of_threads(dims, curvature, refs):
         np.testing.assert_array_equal(b, runs[0][1])
     t_g, b_g = compiled.moments(replace(prob, structured=False))[:2]
     np.testing.assert_allclose(runs[0][1], b_g, rtol=1e-11, atol=1e-13 * np.abs(b_g).max())
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["generic", "structured"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_engine_tiles_reduce_to_the_moments(curvature, structured, backend, refs):
+    """The Python engine's tiles (schedule.pair_sums), fed to its Reduction row by row in any
+    split over tiles, give the moment pass's numbers bit for bit (the seam of a distributed run)."""
+    if backend == "cpp":
+        pytest.skip("the C++ tiles: tests/test_cpp_tiles.py")
+    from wsbound_fast._engine import schedule
+    from wsbound_fast._engine.namespace import Weights
+
+    spec = SPECS[3]
+    layers, X, y = refs.model(spec)
+    prob = backends.validate_for(backend, layers, X, y, activation=spec.activation_arg(), curvature=curvature,
+                                 reduction="sum", batch_size=3)
+    prob = replace(prob, structured=structured)
+    arr = backends.numpy.ARRAYS if backend == "numpy" else backends.torch_backend().arrays(prob)
+    data = HostData(prob, arr) if backend == "numpy" else backends.torch_backend().DeviceData.of(prob)
+    ranges = schedule.block_ranges(prob.n_samples, prob.batch_size)
+    blocks = [(data.rows(lo, hi), data.label_rows(lo, hi)) for lo, hi in ranges]
+    pairs = [(i, j) for i in range(len(blocks)) for j in range(i, len(blocks))]
+    net = Weights.of(prob, arr)
+    red = schedule.Reduction(len(blocks), spec.depth, arr)
+    done = {}
+    for tile in (pairs[1::2], pairs[::2]):  # two interleaved tiles, computed in either order
+        stats, sums = schedule.pair_sums(prob, arr, net, blocks, tile)
+        for k, s in stats.items():
+            red.block(k, *s)
+        done.update(zip(tile, sums))
+    for i, j in pairs:  # then reduced in row order, as the Reduction requires
+        red.pair(i, j, done[i, j])
+    with pytest.raises(AssertionError, match="out of order"):
+        schedule.Reduction(2, spec.depth, arr).pair(0, 1, done[0, 1])
+    got = red.result()
+    want = backends.moments(prob, backend)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))

@@ -121,9 +121,8 @@ def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None 
                                      "the weights, inputs or v are too large in magnitude")
         return out
 
-    space = getattr(products, "device_space", None)
+    device_space = getattr(products, "device_space", None)
+    space = None if device_space is None else device_space(scale)
     if space is not None:
-        matvec.space = space(scale)  # type: ignore[attr-defined]
-        if matvec.space is None:  # type: ignore[attr-defined]
-            del matvec.space  # type: ignore[attr-defined]
+        matvec.space = space  # type: ignore[attr-defined]
     return matvec

@@ -262,9 +262,9 @@ class TorchArrays(Arrays):
         return _from_numpy(np.asarray(a)).to(device=self.device, dtype=self.dtype if dtype is None else dtype)
 
 
-def arrays(prob: TorchProblem, dtype: torch.dtype | None = None) -> TorchArrays:
-    """The engine's arrays on ``prob.device`` in ``dtype`` (default: the problem's compute dtype)."""
-    return TorchArrays(xp_torch, prob.device, prob.dtype if dtype is None else dtype, ACC)
+def arrays(prob: TorchProblem) -> TorchArrays:
+    """The engine's arrays on ``prob.device`` in the problem's compute dtype."""
+    return TorchArrays(xp_torch, prob.device, prob.dtype, ACC)
 
 
 @dataclass

@@ -77,11 +77,9 @@ class Arrays:
         """A B^T in the compute dtype (the GEMM), in the accumulation dtype."""
         return self.to_acc(A @ B.T)
 
-    def zeros(self, shape: Any, dtype: Any = None) -> Any:
-        return self.xp.zeros(shape, dtype=self.acc if dtype is None else dtype, device=self.device)
-
-    def arange(self, n: int) -> Any:
-        return self.xp.arange(n, device=self.device)
+    def zeros(self, shape: Any) -> Any:
+        """Zeros on the device in the accumulation dtype (the accumulators of the sums)."""
+        return self.xp.zeros(shape, dtype=self.acc, device=self.device)
 
     def total(self, x: Any) -> Any:
         """The sum of all of x's entries in the accumulation dtype (a 0-d array)."""

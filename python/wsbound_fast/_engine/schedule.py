@@ -58,9 +58,8 @@ class Reduction:
     """The fixed-order sum of per-block and per-pair results into :class:`Moments`.
 
     ``block(i, trace, trace_abs, norms)`` once per block; ``pair(i, j, s)`` for every i <= j, the
-    pairs of one row i in increasing j (rows in any order).  Arrays may live on a device (the
-    accumulators are created like the first array given); :meth:`result` copies them to the host
-    once and adds them up in block order.
+    pairs of one row i in increasing j (rows in any order).  The accumulators live on ``arr``'s
+    device; :meth:`result` copies them to the host once and adds them up in block order.
     """
 
     def __init__(self, n_blocks: int, n_layers: int, arr: Arrays) -> None:
@@ -68,7 +67,7 @@ class Reduction:
         self.block_vec = arr.zeros((n_blocks, 2, n_layers))  # per block: trace, trace_abs
         # per block row i: [0] the pair sums over j >= i, j increasing (off-diagonal twice); [1] its norms
         self.row_mat = arr.zeros((n_blocks, 2, n_layers, n_layers))
-        self._next = [i for i in range(n_blocks)]  # the next column each row expects
+        self._next = list(range(n_blocks))  # the next column each row expects
 
     def block(self, i: int, trace: Any, trace_abs: Any, norms: Any) -> None:
         self.block_vec[i, 0], self.block_vec[i, 1], self.row_mat[i, 1] = trace, trace_abs, norms
