@@ -72,8 +72,8 @@ def cases():
             Xb = [X[lo:lo + BATCH] for lo in range(0, N, BATCH)]
             yb = [np.ascontiguousarray(y[lo:lo + BATCH]) for lo in range(0, N, BATCH)]
             pairs = np.array([(0, 0), (0, 2), (1, 2)], dtype=np.int64)
-            out.append((f"pairsums-{tag}", lambda c, W=W, b=b, a=acts, p=params, Xb=Xb, yb=yb, h=hessian, s=structured:
-                        c.pair_sums(W, b, a, p, Xb, yb, pairs, h, s, 1)))
+            out.append((f"pairsums-{tag}", lambda c, W=W, b=b, a=acts, p=params, Xb=Xb, yb=yb, h=hessian, s=structured,
+                        pairs=pairs: c.pair_sums(W, b, a, p, Xb, yb, pairs, h, s, 1)))
         for hessian in (True, False):
             out.append((f"hvp-d{depth}-{'soft' if soft else 'hard'}-{int(hessian)}",
                         lambda c, W=W, b=b, a=acts, p=params, X=X, y=y, V=V, h=hessian:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
-import pytest
-
 import ce_snapshot
 import mp_reference as MPR
+import numpy as np
+import pytest
 from wsbound_fast._backends.compiled import load_core
 
 torch = pytest.importorskip("torch")
@@ -34,12 +33,16 @@ LOSSES = {"mse": MSE, "bce": BCE}
 U = 2.0 ** -53
 BATCH, GROUP = 3, 2
 
+def _silu_derivatives(z):
+    s = 1 / (1 + np.exp(-z))
+    return s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
 # activation name -> (core code, torch function, numpy (sigma', sigma''))
 ACTS = {
     "tanh": (1, torch.tanh, lambda z: (1 - np.tanh(z) ** 2, -2 * np.tanh(z) * (1 - np.tanh(z) ** 2))),
     "softplus": (3, F.softplus, lambda z: (1 / (1 + np.exp(-z)), np.exp(-z) / (1 + np.exp(-z)) ** 2)),
-    "silu": (6, F.silu, lambda z: (lambda s: (s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))))(
-        1 / (1 + np.exp(-z)))),
+    "silu": (6, F.silu, _silu_derivatives),
 }
 
 
@@ -140,7 +143,7 @@ def _torch_loss(z, T, loss):
     return F.binary_cross_entropy_with_logits(z, T, reduction="sum")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_refs_cached(key):
     layers, acts, X, y, loss = key.unpack()
     C = layers[-1][0].shape[0]
@@ -177,15 +180,16 @@ def torch_per_sample(layers, acts, X, y, loss):
     T = torch.tensor(target_rows(y, C), dtype=torch.float64)
     theta = torch.tensor(flatten(layers), dtype=torch.float64)
     Hn, Md = [], []
-    at, zs, _, _ = numpy_forward(layers, acts, X)
+    _, zs, _, _ = numpy_forward(layers, acts, X)
     L = len(layers)
     fns = [ACTS[a][1] for a in acts]
     for n in range(X.shape[0]):
         logits = _torch_logits(layers, acts, X[n:n + 1])
-        Hn.append(torch.autograd.functional.hessian(lambda t: _torch_loss(logits(t), T[n:n + 1], loss), theta).numpy())
+        Hn.append(torch.autograd.functional.hessian(
+            lambda t, logits=logits, n=n: _torch_loss(logits(t), T[n:n + 1], loss), theta).numpy())
         diag = [None]
         for l in range(1, L + 1):
-            def from_z(z, l=l):
+            def from_z(z, l=l, n=n):
                 a = z
                 for m in range(l, L + 1):
                     if m > l:
@@ -207,7 +211,7 @@ def torch_per_sample(layers, acts, X, y, loss):
 MP_DIGITS = 80
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mp_refs_cached(key):
     """(H, GGN) as mpmath object arrays, from the jets of l = sum_k (z_k - y_k)^2 or
     sum_k log1p(exp(z_k)) - y_k z_k, at MP_DIGITS digits."""
@@ -287,14 +291,6 @@ def check_against_dense(core, layers, acts, X, y, loss, M, hessian, structured, 
     return errs
 
 
-WORST: dict = {}  # (loss, what) -> worst relative error seen (printed by -s; the report's numbers)
-
-
-def record(loss, what, err):
-    key = ({MSE: "mse", BCE: "bce"}[loss], what)
-    WORST[key] = max(WORST.get(key, 0.0), err)
-
-
 # --------------------------------------------------------------------------------------
 # against torch.autograd
 # --------------------------------------------------------------------------------------
@@ -316,28 +312,28 @@ def _problem(spec_i, loss, targets="soft"):
     return Key(f"{spec_i}-{loss}-{targets}", layers, acts, X, y, loss)
 
 
+@pytest.mark.parametrize("variant", list(ce_snapshot.cores()))
 @pytest.mark.parametrize("spec_i", range(len(SPECS)), ids=SPEC_IDS)
 @pytest.mark.parametrize("loss", [MSE, BCE], ids=["mse", "bce"])
 @pytest.mark.parametrize("targets", ["soft", "hard"])
-def test_moments_and_hvp_against_autograd(spec_i, loss, targets):
+def test_moments_and_hvp_against_autograd(spec_i, loss, targets, variant):
+    """Both CPU variants of the core (baseline, AVX2 + FMA where built), every depth, C = 1 and 3."""
     if loss == MSE and targets == "hard":
         targets = "index" if SPECS[spec_i][0][-1] > 1 else "soft"  # class indices: one-hot targets
     key = _problem(spec_i, loss, targets)
     layers, acts, X, y, _ = key.unpack()
     H, G = _torch_refs_cached(key)
-    core = load_core()
+    core = ce_snapshot.cores()[variant]
     L = len(layers)
     for hessian, M in ((True, H), (False, G)):
         for structured in (False, True):
             if hessian and L == 1 and structured:
                 continue  # the Hessian of L = 1 never takes the K route
-            errs = check_against_dense(core, layers, acts, X, y, loss, M, hessian, structured, tol=1e-12)
-            record(loss, "moments", max(errs))
+            check_against_dense(core, layers, acts, X, y, loss, M, hessian, structured, tol=1e-12)
         V = np.random.default_rng(7).normal(size=(2, M.shape[0]))
         got = core.hvp(*core_args(layers, acts), X, y, V, hessian, BATCH, 1, loss=loss)
         err = np.abs(got - V @ M).max() / (np.linalg.norm(M, 2) * np.linalg.norm(V[0]))
         assert err < 1e-13, err
-        record(loss, "hvp", err)
 
 
 @pytest.mark.parametrize("spec_i", [2, 4], ids=[SPEC_IDS[2], SPEC_IDS[4]])
@@ -396,7 +392,7 @@ EXTREME = {"bce-saturated-C3": lambda: saturated_bce(3), "bce-saturated-C1": lam
 def _allowance_gamma(layers, acts, X, structured, C):
     """A worst-case gamma in the shape of docs/numerics.md section 4 (f (gam_inner + 2 gam_chain)
     + c u + gam_sum), with the activation and loss conditioning from the actual pre-activations."""
-    gam = lambda k: k * U / (1 - k * U)  # noqa: E731
+    gam = lambda k: k * U / (1 - k * U)
     dims = [layers[0][0].shape[1]] + [W.shape[0] for W, _ in layers]
     L = len(layers)
     _, zs, _, _ = numpy_forward(layers, acts, X)
@@ -432,7 +428,6 @@ def test_extreme_cases_against_jets(name):
             assert all(np.all(np.isfinite(a)) for a in out)
             errs = errors_vs(tr, bl, scale_tr, scale_bl, out)
             assert max(errs) < 1e-12, errs
-            record(loss, f"moments {name}", max(errs))
             # the rounding allowances cover the observed errors, block by block
             g, g1 = _allowance_gamma(layers, acts, X, structured, C)
             trace, blocks, trace_abs, norms = out
@@ -446,7 +441,6 @@ def test_extreme_cases_against_jets(name):
         got = core.hvp(*core_args(layers, acts), X, y, V, hessian, BATCH, 1, loss=loss)
         err = np.abs(got - V @ Mf).max() / (np.linalg.norm(Mf, 2) * np.linalg.norm(V[0]))
         assert err < 1e-13, err
-        record(loss, f"hvp {name}", err)
         if hessian and name.startswith("bce"):  # autograd loses it: sigmoid(40) = 1, so delta = h = 0 at z = 40
             assert np.linalg.norm(Mt - Mf) > 1e-3 * np.linalg.norm(Mf)
 
@@ -459,7 +453,7 @@ def test_extreme_cases_against_jets(name):
 def spec_addition(layers, acts, X, y, loss):
     """The addition of the spec, written out in NumPy per sample: dtr (N, L+1) = sqrt(d_l) dM_l / u
     and dnu (N, L+1, L+1) = dnu^{lm} / u."""
-    gam = lambda k: k * U / (1 - k * U)  # noqa: E731
+    gam = lambda k: k * U / (1 - k * U)
     at, zs, sp, spp = numpy_forward(layers, acts, X)
     L, N = len(layers), X.shape[0]
     C = layers[-1][0].shape[0]
@@ -554,7 +548,7 @@ def test_tiles_reduce_to_moments_bitwise(loss):
     for hessian in (True, False):
         for structured in (True, False):
             ref = moments(core, layers, acts, X, y, loss, hessian, structured)
-            used, tr, ta, nu, po = core.pair_sums(*core_args(layers, acts), Xb, yb, pairs, hessian, structured, 1,
+            _, tr, ta, nu, po = core.pair_sums(*core_args(layers, acts), Xb, yb, pairs, hessian, structured, 1,
                                                   loss=loss)
             blocks = np.zeros_like(ref[1])
             t = 0
@@ -620,10 +614,3 @@ def test_cross_entropy_bitwise_unchanged():
             assert all(np.array_equal(u, v) for u, v in zip(d, e))
         assert np.array_equal(core.hvp(W, b, a, p, X, y, V, h, 4, 1), core.hvp(W, b, a, p, X, y, V, h, 4, 1, loss=0))
 
-
-def test_zz_print_worst_errors(capsys):
-    """(Runs last in this file: prints the worst relative errors seen, for reports; -s shows them.)"""
-    with capsys.disabled():
-        for k in sorted(WORST):
-            print(f"\nworst relative error {k[0]} {k[1]}: {WORST[k]:.2e}", end="")
-        print()

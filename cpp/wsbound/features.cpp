@@ -213,7 +213,8 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
 
     // Output (docs/numerics.md sections 1-2): reference class r, p = softmax(z_L), q = 1 - p_r,
     // delta_L = w p - y with delta_r = -sum_{k != r} delta_k, M_L = A = w (diag p - p p^T) with
-    // A_rr = w p_r q; w = sum(y) (= 1 for hard labels).
+    // A_rr = w p_r q; w = sum(y) (= 1 for hard labels).  The diagonal losses (mse, bce): delta_L and
+    // M_L = A = diag(h) from losses.hpp (docs/numerics.md section 5), no p, w, r or q.
     const Index C = z.cols();
     const bool kroute_ggn = opt.structured && !hessian;
     const bool kroute_hessian = opt.structured && hessian && L >= 2;
