@@ -98,7 +98,8 @@ struct Options {
 //   block_sq[l(L+1)+m]  = sum_{n,n'} <H_n^{lm}, H_n'^{lm}>   for l <= m (0 elsewhere)
 // so that sum_n tr(H_n) = sum_l trace[l] and the full
 // sum_{n,n'} <H_n, H_n'> = sum_l block_sq[l,l] + 2 sum_{l<m} block_sq[l,m].
-// And the magnitudes of the rounding allowances (docs/numerics.md section 4):
+// And the magnitudes of the rounding allowances (docs/numerics.md section 4; for the Hessian of the
+// diagonal losses both include the rounding addition of section 5):
 //   trace_abs[l]        = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|
 //   norms[l(L+1)+m]     = sum_n nu_n^{lm}  (nu_n^{lm} >= |H_n^{lm}|_F)   for l <= m (0 elsewhere)
 struct Moments {
