@@ -423,8 +423,8 @@ def warm_up() -> dict[str, str]:
         _ = op @ torch.ones(op.shape[1], 2, dtype=op.dtype)
 
     calls: dict[str, Callable[[], Any]] = {
-        "wsbound_fast cpp": lambda: wsb.bound(layers, X, y, backend="cpp"),
-        "wsbound_fast numpy": lambda: wsb.bound(layers, X, y, backend="numpy"),
+        "wsbound_fast cpp": lambda: wsb.bound(layers, X, y, activation="tanh", backend="cpp"),
+        "wsbound_fast numpy": lambda: wsb.bound(layers, X, y, activation="tanh", backend="numpy"),
         "dense autograd": lambda: _peers.dense_autograd(layers, X, y, "tanh", "hessian", "float64"),
         "pyhessian": lambda: (_peers.pyhessian_eig(layers, X, y, "tanh", "hessian", "float32", max_iter=2),
                               _peers.pyhessian_trace(layers, X, y, "tanh", "hessian", "float32", max_iter=2)),

@@ -294,7 +294,7 @@ def test_bound_brackets_always_present():
 
 
 def test_bound_from_dict_refuses_bad_input():
-    d = wsb.bound(*_tiny()).to_dict()
+    d = wsb.bound(*_tiny(), activation="tanh").to_dict()
     with pytest.raises(ValueError, match="unknown keys extra"):
         wsb.Bound.from_dict({**d, "extra": 1})
     with pytest.raises(ValueError, match="missing keys trace"):

@@ -131,7 +131,7 @@ def test_zero_input_columns_reduce_the_rank(refs):
     X = X.copy()
     X[:, [0, 3]] = 0.0
     H = R.fd_hessian(layers, "tanh", X, y)
-    res = wsb.bound(layers, X, y)
+    res = wsb.bound(layers, X, y, activation="tanh")
     assert res.rank == res.n_params - 2 * 4
     assert np.linalg.matrix_rank(H, tol=1e-9 * np.abs(H).max()) <= res.rank
     _assert_bound_holds(res, np.linalg.eigvalsh(H))
@@ -399,16 +399,16 @@ def test_certificates_on_trained_digits_models(trained_digits, key, curvature):
 def test_exact_fields_default_none_and_to_dict():
     spec = NET_SPECS[0]
     layers, X, y = spec.build()
-    plain = wsb.bound(layers, X, y)
+    plain = wsb.bound(layers, X, y, activation="tanh")
     assert plain.lambda_max is None and plain.tightness is None and plain.certify_k is None
     assert plain.rank is not None and plain.layer_bounds is not None and plain.lambda_max_bracket is not None
-    res = wsb.bound(layers, X, y, exact=True)
+    res = wsb.bound(layers, X, y, activation="tanh", exact=True)
     assert res.lambda_max is not None and res.certify_k is None and res.lanczos_s >= 0
     d = res.to_dict()
     assert d["lambda_max"] == res.lambda_max and isinstance(d["layer_bounds"][0], dict)
     text = repr(res)
     assert "Lanczos" in text and "certified" in text and "layer 1" in text
-    assert "deflated" in repr(wsb.bound(layers, X, y, certify=2))
+    assert "deflated" in repr(wsb.bound(layers, X, y, activation="tanh", certify=2))
     # the old constructor (without the new fields) still works
     old = wsb.Bound(n_params=1, n_samples=1, trace=1.0, trace_sq=1.0, mean=1.0, std=0.0, lambda_max_lower=1.0,
                     lambda_max_upper=1.0, lambda_min_lower=1.0, lambda_min_upper=1.0, curvature="hessian",
@@ -417,7 +417,7 @@ def test_exact_fields_default_none_and_to_dict():
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.lambda_max = 0.0  # type: ignore[misc]
     # deterministic for a seed
-    again = wsb.bound(layers, X, y, exact=True)
+    again = wsb.bound(layers, X, y, activation="tanh", exact=True)
     assert again.lambda_max == res.lambda_max and again.lambda_max_bracket == res.lambda_max_bracket
 
 
@@ -437,7 +437,7 @@ def test_exact_fields_default_none_and_to_dict():
 def test_bound_bad_exact_arguments(kwargs, exc, match):
     layers, X, y = NET_SPECS[0].build()
     with pytest.raises(exc, match=match):
-        wsb.bound(layers, X, y, **kwargs)
+        wsb.bound(layers, X, y, **{"activation": "tanh", **kwargs})
 
 
 # --------------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def test_certify_to_width_is_deterministic_and_stops_short_with_a_warning(refs):
     layers, X, y = refs.model(spec)
     eig = np.linalg.eigvalsh(refs.numpy(spec, "hessian", "mean"))
     kw = dict(activation=spec.activation_arg(), certify=True, rtol=1e-6, seed=3)
-    a, b = wsb.bound(layers, X, y, **kw), wsb.bound(layers, X, y, **kw)
+    a, b = wsb.bound(layers, X, y, **{"activation": "tanh", **kw}), wsb.bound(layers, X, y, **{"activation": "tanh", **kw})
     assert a.lambda_max_bracket == b.lambda_max_bracket and a.lanczos_iterations == b.lanczos_iterations
     with pytest.warns(RuntimeWarning, match=r"certify=True: the certified bracket of lambda_max is .* wide"):
         short = wsb.bound(layers, X, y, **dict(kw, rtol=1e-9), lanczos_maxiter=8)

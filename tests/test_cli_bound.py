@@ -156,7 +156,7 @@ def test_logistic_regression_needs_no_activation(tmp_path):
     np.savez(data, X=X.astype(np.float32), y=y)
     proc = _run("bound", model, data, "--json")
     assert proc.returncode == 0, proc.stderr
-    _check(json.loads(proc.stdout), wsb.bound(layers, X.astype(np.float32), y))
+    _check(json.loads(proc.stdout), wsb.bound(layers, X.astype(np.float32), y, activation="tanh"))
 
 
 def test_torch_model_file(torch, tmp_path, capsys):

@@ -343,12 +343,12 @@ def test_integer_and_list_inputs(backend):
     Xi = rng.integers(-3, 4, size=(9, 4))
     layers = [(rng.standard_normal((5, 4)) * 0.3, rng.standard_normal(5)), (rng.standard_normal((3, 5)), None)]
     y = rng.integers(0, 3, 9)
-    base = wsb.bound(layers, Xi.astype(np.float64), y, backend=backend)
-    assert_same(wsb.bound(layers, Xi, y, backend=backend), base)
-    assert_same(wsb.bound(layers, Xi.astype(np.int8), y, backend=backend), base)
-    assert_same(wsb.bound(layers, Xi.tolist(), y.tolist(), backend=backend), base)
+    base = wsb.bound(layers, Xi.astype(np.float64), y, activation="tanh", backend=backend)
+    assert_same(wsb.bound(layers, Xi, y, activation="tanh", backend=backend), base)
+    assert_same(wsb.bound(layers, Xi.astype(np.int8), y, activation="tanh", backend=backend), base)
+    assert_same(wsb.bound(layers, Xi.tolist(), y.tolist(), activation="tanh", backend=backend), base)
     as_lists = [(W.tolist(), None if b is None else b.tolist()) for W, b in layers]
-    assert_same(wsb.bound(as_lists, Xi.tolist(), y, backend=backend), base)
+    assert_same(wsb.bound(as_lists, Xi.tolist(), y, activation="tanh", backend=backend), base)
 
 
 @pytest.mark.parametrize("act", ["tanh", "leaky_relu", ("leaky_relu", 0.01)])

@@ -146,7 +146,7 @@ CASES = [
 @pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_bad_input(layers, X, y, kwargs, exc, match, backend):
     with pytest.raises(exc, match=match):
-        wsb.bound(layers, X, y, backend=backend, **kwargs)
+        wsb.bound(layers, X, y, backend=backend, **{"activation": "tanh", **kwargs})
 
 
 @pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"),
@@ -154,18 +154,18 @@ def test_bad_input(layers, X, y, kwargs, exc, match, backend):
                           if not set(c[4]) & {"batch_size", "threads", "memory_limit"}])
 def test_bad_input_dense_hessian(layers, X, y, kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        wsb.dense_hessian(layers, X, y, **kwargs)
+        wsb.dense_hessian(layers, X, y, **{"activation": "tanh", **kwargs})
 
 
 @pytest.mark.parametrize("bad", ["fortran", "", "c++", None, 1])
 def test_bad_backend(bad):
     exc = TypeError if not isinstance(bad, str) else ValueError
     with pytest.raises(exc, match="backend"):
-        wsb.bound(L, X0, Y0, backend=bad)
+        wsb.bound(L, X0, Y0, activation="tanh", backend=bad)
 
 
 def test_backend_name_normalised():
-    assert wsb.bound(L, X0, Y0, backend=" NumPy ").backend == "numpy"
+    assert wsb.bound(L, X0, Y0, activation="tanh", backend=" NumPy ").backend == "numpy"
 
 
 @pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"),
@@ -178,7 +178,7 @@ def test_raises_before_any_work(layers, X, y, kwargs, exc, match, backend, monke
 
     monkeypatch.setattr(api_bound, "moments", boom)
     with pytest.raises(exc, match=match):
-        wsb.bound(layers, X, y, backend=backend, **kwargs)
+        wsb.bound(layers, X, y, backend=backend, **{"activation": "tanh", **kwargs})
 
 
 def test_inputs_not_modified(backend):
@@ -186,7 +186,7 @@ def test_inputs_not_modified(backend):
     X32 = X.astype(np.float32)
     copies = [(W.copy(), None if b is None else b.copy()) for W, b in layers]
     Xc, yc = X32.copy(), y.copy()
-    wsb.bound(layers, X32, y, backend=backend, batch_size=3)
+    wsb.bound(layers, X32, y, activation="tanh", backend=backend, batch_size=3)
     assert np.array_equal(X32, Xc) and np.array_equal(y, yc)
     for (W, b), (Wc, bc) in zip(layers, copies):
         assert np.array_equal(W, Wc) and (b is None or np.array_equal(b, bc))
@@ -197,7 +197,7 @@ def test_dense_hessian_refuses_large_models():
     layers = [(rng.standard_normal((200, 100)) * 0.1, rng.standard_normal(200)), (rng.standard_normal((2, 200)), None)]
     X = rng.standard_normal((2, 100))
     with pytest.raises(ValueError, match=r"bound\(\)"):
-        wsb.dense_hessian(layers, X, np.array([0, 1]))
+        wsb.dense_hessian(layers, X, np.array([0, 1]), activation="tanh")
 
 
 def test_overflow_raises_floating_point_error(backend):
@@ -207,7 +207,7 @@ def test_overflow_raises_floating_point_error(backend):
         # NumPy may warn about the overflow on its way to the error; the error is the contract
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(FloatingPointError, match="overflow"):
-            wsb.bound(layers, X * 1e200, y, backend=backend)
+            wsb.bound(layers, X * 1e200, y, activation="tanh", backend=backend)
 
 
 P_L = sum(W.size + (0 if b is None else b.size) for W, b in L)
@@ -217,9 +217,9 @@ P_L = sum(W.size + (0 if b is None else b.size) for W, b in L)
 def test_bad_input_hvp_and_eigsh(layers, X, y, kwargs, exc, match, hvp_backend):
     """hvp() and eigsh() validate as bound() does, on every backend of the product."""
     with pytest.raises(exc, match=match):
-        wsb.hvp(layers, X, y, np.ones(P_L), backend=hvp_backend, **kwargs)
+        wsb.hvp(layers, X, y, np.ones(P_L), backend=hvp_backend, **{"activation": "tanh", **kwargs})
     with pytest.raises(exc, match=match):
-        wsb.eigsh(layers, X, y, backend=hvp_backend, **kwargs)
+        wsb.eigsh(layers, X, y, backend=hvp_backend, **{"activation": "tanh", **kwargs})
 
 
 def test_hvp_overflow_raises_floating_point_error(hvp_backend):
@@ -228,7 +228,7 @@ def test_hvp_overflow_raises_floating_point_error(hvp_backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(FloatingPointError, match="overflow"):
-            wsb.hvp(layers, X, y, np.full(P_L, 1e308), reduction="sum", backend=hvp_backend)
+            wsb.hvp(layers, X, y, np.full(P_L, 1e308), activation="tanh", reduction="sum", backend=hvp_backend)
 
 
 # ------------------------------------------------------------------------------------
@@ -242,9 +242,9 @@ def test_memory_limit_below_one_sample_names_the_minimum(backend):
     for small in (1, tight - 1):
         with pytest.raises(ValueError, match=rf"memory_limit = {small:,} bytes.* is below what one sample needs: "
                                              rf"at least {tight:,} bytes.*give memory_limit >= {tight} or None"):
-            wsb.bound(L, X0, Y0, backend=backend, memory_limit=small)
-    ref = wsb.bound(L, X0, Y0, backend=backend)
-    res = wsb.bound(L, X0, Y0, backend=backend, memory_limit=tight)  # the minimum itself is accepted
+            wsb.bound(L, X0, Y0, activation="tanh", backend=backend, memory_limit=small)
+    ref = wsb.bound(L, X0, Y0, activation="tanh", backend=backend)
+    res = wsb.bound(L, X0, Y0, activation="tanh", backend=backend, memory_limit=tight)  # the minimum itself is accepted
     assert res.trace == pytest.approx(ref.trace, rel=1e-12) and res.trace_sq == pytest.approx(ref.trace_sq, rel=1e-12)
     with pytest.raises(ValueError, match="below what one sample needs"):
         wsb.plan(L, 7, memory_limit=1)
@@ -269,8 +269,8 @@ def test_threads_clamped_to_the_work():
     tight = validation.min_memory_limit(L, "hessian", "cpp")
     assert backends.validate_for("cpp", L, X, y, threads=8, memory_limit=tight, **kw).threads == 1
     # results do not depend on it
-    ref = wsb.bound(L, X, y, threads=1, batch_size=100)
-    res = wsb.bound(L, X, y, threads=4096, batch_size=100)
+    ref = wsb.bound(L, X, y, activation="tanh", threads=1, batch_size=100)
+    res = wsb.bound(L, X, y, activation="tanh", threads=4096, batch_size=100)
     assert res.trace == pytest.approx(ref.trace, rel=1e-12) and res.trace_sq == pytest.approx(ref.trace_sq, rel=1e-12)
 
 

@@ -42,7 +42,7 @@ def test_float32_bitwise_independent_of_threads():
     X, y = wsb.load_digits()
     rng = np.random.default_rng(0)
     layers = [(rng.normal(size=(16, 64)) / 8, rng.normal(size=16)), (rng.normal(size=(10, 16)) / 4, None)]
-    runs = [wsb.bound(layers, X[:300], y[:300], dtype="float32", batch_size=40, threads=t) for t in (1, 2, 3)]
+    runs = [wsb.bound(layers, X[:300], y[:300], activation="tanh", dtype="float32", batch_size=40, threads=t) for t in (1, 2, 3)]
     assert len({(r.trace, r.trace_sq) for r in runs}) == 1
 
 
@@ -51,4 +51,4 @@ def test_bad_dtype(dtype, exc):
     rng = np.random.default_rng(1)
     layers = [(rng.normal(size=(3, 4)), None), (rng.normal(size=(2, 3)), None)]
     with pytest.raises(exc, match="dtype"):
-        wsb.bound(layers, rng.normal(size=(5, 4)), rng.integers(0, 2, 5), dtype=dtype)
+        wsb.bound(layers, rng.normal(size=(5, 4)), rng.integers(0, 2, 5), activation="tanh", dtype=dtype)

@@ -143,22 +143,22 @@ P0 = 4 * 3 + 4 + 3 * 4
 def test_hvp_bad_vector(v, exc, match, hvp_backend):
     layers, X, y = _model()
     with pytest.raises(exc, match=match):
-        wsb.hvp(layers, X, y, v, backend=hvp_backend)
+        wsb.hvp(layers, X, y, v, activation="tanh", backend=hvp_backend)
 
 
 def test_hvp_bad_common_arguments(hvp_backend):
     layers, X, y = _model()
     v = np.ones(P0)
     with pytest.raises(ValueError, match="curvature"):
-        wsb.hvp(layers, X, y, v, curvature="fisher", backend=hvp_backend)
+        wsb.hvp(layers, X, y, v, activation="tanh", curvature="fisher", backend=hvp_backend)
     with pytest.raises(ValueError, match="backend"):
-        wsb.hvp(layers, X, y, v, backend="gpu")
+        wsb.hvp(layers, X, y, v, activation="tanh", backend="gpu")
     with pytest.raises(ValueError, match="batch_size"):
-        wsb.hvp(layers, X, y, v, batch_size=0, backend=hvp_backend)
+        wsb.hvp(layers, X, y, v, activation="tanh", batch_size=0, backend=hvp_backend)
     with pytest.raises(ValueError, match="X has 2 features"):
-        wsb.hvp(layers, X[:, :2], y, v, backend=hvp_backend)
+        wsb.hvp(layers, X[:, :2], y, v, activation="tanh", backend=hvp_backend)
     with pytest.raises(ValueError, match=r"dtype='float32' is not available for the curvature-vector product"):
-        wsb.hvp(layers, X, y, v, dtype="float32", backend=hvp_backend)
+        wsb.hvp(layers, X, y, v, activation="tanh", dtype="float32", backend=hvp_backend)
     if hvp_backend != "torch":
         with pytest.raises(ValueError, match=r"device= applies to backend='torch' only"):
-            wsb.hvp(layers, X, y, v, device="cpu", backend=hvp_backend)
+            wsb.hvp(layers, X, y, v, activation="tanh", device="cpu", backend=hvp_backend)

@@ -151,8 +151,8 @@ def test_mse_class_indices_are_one_hot_targets(backend, torch):
     layers = _model((4, 6, 3), 1)
     rng = np.random.default_rng(1)
     X, y = rng.standard_normal((9, 4)), rng.integers(0, 3, 9)
-    a = wsb.bound(layers, X, y, loss="mse", backend=backend)
-    b = wsb.bound(layers, X, R.label_rows(y, 3), loss="mse", backend=backend)
+    a = wsb.bound(layers, X, y, activation="tanh", loss="mse", backend=backend)
+    b = wsb.bound(layers, X, R.label_rows(y, 3), activation="tanh", loss="mse", backend=backend)
     assert a.trace == b.trace and a.trace_sq == b.trace_sq
 
 
@@ -166,18 +166,18 @@ def test_torch_loss_modules(torch):
     y = rng.integers(0, 3, 10)
     for mod, name, tgt in ((nn.MSELoss(reduction="sum"), "mse", T), (nn.BCEWithLogitsLoss(), "bce", P),
                            (nn.CrossEntropyLoss(reduction="sum"), "cross_entropy", y)):
-        a = wsb.bound(layers, X, tgt, loss=mod)
-        b = wsb.bound(layers, X, tgt, loss=name, reduction=mod.reduction)
+        a = wsb.bound(layers, X, tgt, activation="tanh", loss=mod)
+        b = wsb.bound(layers, X, tgt, activation="tanh", loss=name, reduction=mod.reduction)
         assert (a.trace, a.trace_sq, a.reduction) == (b.trace, b.trace_sq, mod.reduction)
         with pytest.raises(ValueError, match="reduction='mean' disagrees|reduction='sum' disagrees"):
-            wsb.bound(layers, X, tgt, loss=mod, reduction="mean" if mod.reduction == "sum" else "sum")
+            wsb.bound(layers, X, tgt, activation="tanh", loss=mod, reduction="mean" if mod.reduction == "sum" else "sum")
     for bad, match in ((nn.CrossEntropyLoss(weight=torch.ones(3)), "weight"),
                        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), "pos_weight"),
                        (nn.MSELoss(reduction="none"), "reduction='none'"),
                        (nn.BCELoss(), "BCEWithLogitsLoss"),
                        (nn.L1Loss(), "unsupported torch loss module L1Loss")):
         with pytest.raises((ValueError, TypeError), match=match):
-            wsb.bound(layers, X, P if "BCE" in type(bad).__name__ else y, loss=bad)
+            wsb.bound(layers, X, P if "BCE" in type(bad).__name__ else y, activation="tanh", loss=bad)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -191,14 +191,14 @@ def test_cross_entropy_label_smoothing_and_ignore_index(reduction, backend, torc
     mod = nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.2, ignore_index=-100)
     H, G = torch_curvatures(layers, "tanh", X, torch.as_tensor(y), mod)
     for curvature, M in (("hessian", H), ("ggn", G)):
-        res = wsb.bound(layers, X, y, loss=mod, curvature=curvature, backend=backend, certify=True)
+        res = wsb.bound(layers, X, y, activation="tanh", loss=mod, curvature=curvature, backend=backend, certify=True)
         assert res.n_samples == 10
         assert res.trace == pytest.approx(np.trace(M), rel=1e-11)
         assert res.trace_sq == pytest.approx(np.sum(M * M), rel=1e-11)
         lo, hi = res.lambda_max_bracket
         assert lo <= np.linalg.eigvalsh(M)[-1] * (1 + 1e-13) and np.linalg.eigvalsh(M)[-1] <= hi * (1 + 1e-13)
     with pytest.raises(ValueError, match="every sample"):
-        wsb.bound(layers, X[:2], np.array([-100, -100]), loss=mod)
+        wsb.bound(layers, X[:2], np.array([-100, -100]), activation="tanh", loss=mod)
 
 
 BAD_TARGETS = [
@@ -220,7 +220,7 @@ def test_bad_targets_raise(loss, dims, make, match):
     layers = _model(dims, 0)
     X = np.zeros((5, 4))
     with pytest.raises(ValueError, match=match) as info:
-        wsb.bound(layers, X, make(5), loss=loss)
+        wsb.bound(layers, X, make(5), activation="tanh", loss=loss)
     assert "y" in str(info.value) and (loss in str(info.value) or "NaN" in match)
 
 
@@ -228,11 +228,11 @@ def test_bad_loss_argument():
     layers = _model((4, 3), 0)
     X, y = np.zeros((3, 4)), np.zeros(3, dtype=int)
     with pytest.raises(ValueError, match="loss must be one of"):
-        wsb.bound(layers, X, y, loss="hinge")
+        wsb.bound(layers, X, y, activation="tanh", loss="hinge")
     with pytest.raises(TypeError, match="loss must be a string"):
-        wsb.bound(layers, X, y, loss=3)
+        wsb.bound(layers, X, y, activation="tanh", loss=3)
     with pytest.raises(ValueError, match="loss='bce' or loss='mse'"):
-        wsb.bound(_model((4, 1), 0), X, y, loss="cross_entropy")
+        wsb.bound(_model((4, 1), 0), X, y, activation="tanh", loss="cross_entropy")
 
 
 def test_plan_reports_the_loss_and_its_cheaper_k_route():
@@ -266,7 +266,7 @@ def test_saturated_bce_against_60_digits(curvature, backend, torch):
     assert np.abs(R.logits(layers, "tanh", X)).min() > 10
     ref = MP.reference(layers, "tanh", X, T, "mean", loss="bce")
     tr_ref, tr2_ref = ref.moments(curvature)
-    res = wsb.bound(layers, X, T, loss="bce", curvature=curvature, backend=backend, certify=True)
+    res = wsb.bound(layers, X, T, activation="tanh", loss="bce", curvature=curvature, backend=backend, certify=True)
     assert abs(res.trace - float(tr_ref)) <= res.trace_allowance
     assert abs(res.trace_sq - float(tr2_ref)) <= res.trace_sq_allowance
     assert MP.mp_rel(res.trace_sq, tr2_ref) < 1e-12  # the saturated forms lose nothing
@@ -285,7 +285,7 @@ def test_near_perfect_fit_mse_is_certified(offset, backend, torch):
     ref = MP.reference(layers, "tanh", X, T, "mean", loss="mse")
     for curvature in ("hessian", "ggn"):
         tr_ref, tr2_ref = ref.moments(curvature)
-        res = wsb.bound(layers, X, T, loss="mse", curvature=curvature, backend=backend, certify=True)
+        res = wsb.bound(layers, X, T, activation="tanh", loss="mse", curvature=curvature, backend=backend, certify=True)
         assert abs(res.trace - float(tr_ref)) <= res.trace_allowance
         assert abs(res.trace_sq - float(tr2_ref)) <= res.trace_sq_allowance
         ext = ref.extremes(curvature)

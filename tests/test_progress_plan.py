@@ -20,13 +20,13 @@ def test_callback_counts_every_block_pair(backend):
     rng = np.random.default_rng(0)
     layers, X, y = _model(rng), rng.normal(size=(50, 6)), rng.integers(0, 4, 50)
     calls: list[tuple[int, int]] = []
-    res = wsb.bound(layers, X, y, batch_size=7, backend=backend, callback=lambda d, t: calls.append((d, t)))
+    res = wsb.bound(layers, X, y, activation="tanh", batch_size=7, backend=backend, callback=lambda d, t: calls.append((d, t)))
     n_blocks = 8  # ceil(50 / 7)
     total = n_blocks * (n_blocks + 1) // 2
     assert calls[-1] == (total, total)
     assert all(t == total for _, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert res.trace == wsb.bound(layers, X, y, batch_size=7, backend=backend).trace
+    assert res.trace == wsb.bound(layers, X, y, activation="tanh", batch_size=7, backend=backend).trace
 
 
 def test_callback_exception_stops_and_propagates(backend):
@@ -37,13 +37,13 @@ def test_callback_exception_stops_and_propagates(backend):
         raise RuntimeError("user stop")
 
     with pytest.raises(RuntimeError, match="user stop"):
-        wsb.bound(layers, X, y, batch_size=5, backend=backend, callback=stop)
+        wsb.bound(layers, X, y, activation="tanh", batch_size=5, backend=backend, callback=stop)
 
 
 def test_progress_bar_on_stderr(backend, capsys):
     rng = np.random.default_rng(2)
     layers, X, y = _model(rng), rng.normal(size=(30, 6)), rng.integers(0, 4, 30)
-    wsb.bound(layers, X, y, batch_size=10, backend=backend, progress=True)
+    wsb.bound(layers, X, y, activation="tanh", batch_size=10, backend=backend, progress=True)
     err = capsys.readouterr().err
     assert "6/6 block pairs" in err or "6/6" in err
 
@@ -63,7 +63,7 @@ def test_plan_matches_what_bound_runs(curvature):
     assert p.n_params == sum(W.size + b.size for W, b in layers)
     assert (p.batch_size, p.n_blocks, p.block_pairs) == (10, 9, 45)
     calls = []
-    wsb.bound(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), curvature=curvature, batch_size=10,
+    wsb.bound(layers, rng.normal(size=(83, 6)), rng.integers(0, 5, 83), activation="tanh", curvature=curvature, batch_size=10,
               callback=lambda d, t: calls.append(t))
     assert calls[-1] == p.block_pairs
     # flops: (N^2 + sum of block sizes squared) / 2 sample pairs, at the per-pair count

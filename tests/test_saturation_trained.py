@@ -87,7 +87,7 @@ def test_digits_moments(digits_ref, scale, curvature, engine):
 def test_digits_bound(digits_ref, scale, curvature, engine):
     L, X, y, ref = digits_ref(scale)
     # a short Lanczos run (40 steps): the certificates must hold however far it got
-    res = wsb.bound(L, X, y, curvature=curvature, backend=engine, exact=True, certify=3, lanczos_maxiter=40)
+    res = wsb.bound(L, X, y, activation="tanh", curvature=curvature, backend=engine, exact=True, certify=3, lanczos_maxiter=40)
     check_bound(res, ref, curvature)
 
 
@@ -128,6 +128,6 @@ def test_small_trained_bound(small_model, scale, curvature, engine):
     layers, X, y, _, _ = small_model
     L = _scaled(layers, scale)
     ref = MP.reference(L, "tanh", X, y, "mean")
-    res = wsb.bound(L, X, y, curvature=curvature, backend=engine, exact=True, certify=3)
+    res = wsb.bound(L, X, y, activation="tanh", curvature=curvature, backend=engine, exact=True, certify=3)
     check_bound(res, ref, curvature)
     check_allowance(res, ref, curvature)

@@ -128,7 +128,7 @@ def test_float32_module_and_tensors(torch):
     X, y = _data(torch)
     X32 = X.float().requires_grad_(True)
     layers = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy()) for m in (model[0], model[2])]
-    res_mod = wsb.bound(model, X32, y)
+    res_mod = wsb.bound(model, X32, y, activation="tanh")
     res_arr = wsb.bound(layers, X32.detach().numpy(), y.numpy(), activation="tanh")
     assert res_mod.trace == res_arr.trace and res_mod.trace_sq == res_arr.trace_sq
     res_mixed = wsb.bound(layers, X32, y, activation="tanh")  # arrays for the model, tensors for the data
@@ -167,11 +167,11 @@ def test_single_linear_is_logistic_regression(torch):
     lin = torch.nn.Linear(5, 3).double()
     X, y = _data(torch)
     assert wsb.from_torch(lin)[1] == []
-    res = wsb.bound(lin, X, y, curvature="ggn")
+    res = wsb.bound(lin, X, y, activation="tanh", curvature="ggn")
     H = module_hessian(torch, lin, X.numpy(), y.numpy())
     # for logistic regression the GGN is the Hessian
     assert _tr_err(res.trace, H) <= TOL_DENSE and R.trace_sq_err(res.trace_sq, H) <= TOL_DENSE
-    assert wsb.bound(torch.nn.Sequential(lin), X, y).trace == res.trace
+    assert wsb.bound(torch.nn.Sequential(lin), X, y, activation="tanh").trace == res.trace
 
 
 def test_soft_label_tensor_ggn_and_dense_hessian(torch):
@@ -214,7 +214,7 @@ def test_activation_argument_consistent(torch, activation):
     _seeded(torch, 10)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     X, y = _data(torch)
-    assert wsb.bound(model, X, y, activation=activation).trace == wsb.bound(model, X, y).trace
+    assert wsb.bound(model, X, y, activation=activation).trace == wsb.bound(model, X, y, activation="tanh").trace
 
 
 @pytest.mark.parametrize("activation", ["relu", ["tanh", "relu"], ("leaky_relu", 0.02)])
@@ -235,11 +235,18 @@ def test_leaky_slope_must_match(torch):
         wsb.bound(model, X, y, activation="leaky_relu")  # default slope 0.01
 
 
-def test_layer_list_default_is_still_tanh():
+def test_layer_list_needs_the_activation():
+    """Plain (W, b) layers with hidden layers do not say which activation follows: no default
+    (a ReLU model must not get tanh numbers); a module says it, and one layer needs none."""
     spec = R.ModelSpec((4, 5, 3), "tanh")
     layers, X, y = spec.build()
-    assert wsb.bound(layers, X, y).trace == wsb.bound(layers, X, y, activation="tanh").trace
-    assert wsb.bound(layers, X, y, activation=None).trace == wsb.bound(layers, X, y, activation="tanh").trace
+    for call in (lambda **k: wsb.bound(layers, X, y, **k), lambda **k: wsb.hvp(layers, X, y, np.ones(43), **k),
+                 lambda **k: wsb.eigsh(layers, X, y, **k), lambda **k: wsb.dense_hessian(layers, X, y, **k)):
+        with pytest.raises(ValueError, match="activation is required: the model has 1 hidden layer"):
+            call()
+        with pytest.raises(ValueError, match="activation is required"):
+            call(activation=None)
+    assert wsb.bound(layers[1:], np.ones((3, 5)), [0, 1, 2]).n_params == 18  # no hidden layer: nothing to say
 
 
 def _bad_models(nn):
@@ -309,7 +316,7 @@ def test_unsupported_modules_raise(torch, case):
         wsb.from_torch(model)
     X, y = _data(torch)
     with pytest.raises(exc, match=match):
-        wsb.bound(model, X, y)
+        wsb.bound(model, X, y, activation="tanh")
 
 
 def test_from_torch_rejects_non_modules(torch):
@@ -321,9 +328,9 @@ def test_tensor_shape_errors_name_the_argument(torch):
     model = torch.nn.Sequential(torch.nn.Linear(5, 3))
     X, y = _data(torch)
     with pytest.raises(ValueError, match=r"X has 4 features"):
-        wsb.bound(model, X[:, :4], y)
+        wsb.bound(model, X[:, :4], y, activation="tanh")
     with pytest.raises(ValueError, match=r"\by\b"):
-        wsb.bound(model, X, y[:5])
+        wsb.bound(model, X, y[:5], activation="tanh")
 
 
 _NO_TORCH = textwrap.dedent("""
@@ -336,7 +343,7 @@ _NO_TORCH = textwrap.dedent("""
     X, y = rng.normal(size=(6, 5)), np.array([0, 1, 2, 0, 1, 2])
     res = wsb.bound(layers, X, y, activation="tanh")
     assert res.trace > 0
-    wsb.dense_hessian(layers, X, y)
+    wsb.dense_hessian(layers, X, y, activation="tanh")
     try:
         wsb.from_torch(object())
     except ImportError as exc:

@@ -128,8 +128,8 @@ def test_float32_mode_digits():
     layers = [(rng.standard_normal((32, 64)) / 8, rng.standard_normal(32) * 0.1),
               (rng.standard_normal((10, 32)) / 6, np.zeros(10))]
     for curvature in CURVATURES:
-        ref = wsb.bound(layers, X[:300], y[:300], curvature=curvature, backend="cpp")
-        res = wsb.bound(layers, X[:300], y[:300], curvature=curvature, backend="torch", dtype=torch.float32)
+        ref = wsb.bound(layers, X[:300], y[:300], activation="tanh", curvature=curvature, backend="cpp")
+        res = wsb.bound(layers, X[:300], y[:300], activation="tanh", curvature=curvature, backend="torch", dtype=torch.float32)
         assert_close(res, ref, FLOAT32_TOL)
 
 
@@ -164,8 +164,8 @@ def _tensor_layers(layers):
 @pytest.mark.parametrize(("layers", "X", "y", "kwargs", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_bad_tensor_input_same_error_as_cpp(layers, X, y, kwargs, exc, match):
     """The same cases with X, y, W and b as tensors (X is checked on its device, not in NumPy)."""
-    cpp = _error(lambda: wsb.bound(layers, X, y, backend="cpp", **kwargs))
-    tch = _error(lambda: wsb.bound(_tensor_layers(layers), _as_tensor(X), _as_tensor(y), backend="torch", **kwargs))
+    cpp = _error(lambda: wsb.bound(layers, X, y, backend="cpp", **{"activation": "tanh", **kwargs}))
+    tch = _error(lambda: wsb.bound(_tensor_layers(layers), _as_tensor(X), _as_tensor(y), backend="torch", **{"activation": "tanh", **kwargs}))
     assert tch == cpp
 
 
@@ -191,38 +191,38 @@ def test_check_X_finite_in_chunks(monkeypatch):
 def test_bad_device_dtype(kwargs, exc, match):
     layers, X, y = _small()
     with pytest.raises(exc, match=match):
-        wsb.bound(layers, X, y, backend="torch", **kwargs)
+        wsb.bound(layers, X, y, backend="torch", **{"activation": "tanh", **kwargs})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_unavailable_is_a_value_error():
     layers, X, y = _small()
     with pytest.raises(ValueError, match="CUDA is not available"):
-        wsb.bound(layers, X, y, backend="torch", device="cuda")
+        wsb.bound(layers, X, y, activation="tanh", backend="torch", device="cuda")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "numpy"])
 def test_device_only_for_torch(backend):
     layers, X, y = _small()
     with pytest.raises(ValueError, match=r"device= applies to backend='torch' only"):
-        wsb.bound(layers, X, y, backend=backend, device="cpu")
+        wsb.bound(layers, X, y, activation="tanh", backend=backend, device="cpu")
 
 
 def test_dtype_float32_for_cpp_and_torch_not_numpy():
     layers, X, y = _small()
-    ref = wsb.bound(layers, X, y, backend="cpp")
-    assert wsb.bound(layers, X, y, backend="numpy", dtype="float64").trace_sq == pytest.approx(ref.trace_sq, rel=1e-12)
-    got = wsb.bound(layers, X, y, backend="cpp", dtype=torch.float32)  # a torch dtype is understood too
+    ref = wsb.bound(layers, X, y, activation="tanh", backend="cpp")
+    assert wsb.bound(layers, X, y, activation="tanh", backend="numpy", dtype="float64").trace_sq == pytest.approx(ref.trace_sq, rel=1e-12)
+    got = wsb.bound(layers, X, y, activation="tanh", backend="cpp", dtype=torch.float32)  # a torch dtype is understood too
     assert got.trace_sq == pytest.approx(ref.trace_sq, rel=1e-5)
     with pytest.raises(ValueError, match=r"needs backend='cpp' or 'torch'"):
-        wsb.bound(layers, X, y, backend="numpy", dtype=torch.float32)
+        wsb.bound(layers, X, y, activation="tanh", backend="numpy", dtype=torch.float32)
 
 
 def test_overflow_raises_floating_point_error():
     layers, X, y = _small()
     for dtype in ("float64", "float32"):
         with pytest.raises(FloatingPointError, match="overflow"):
-            wsb.bound(layers, X * 1e200, y, backend="torch", dtype=dtype)
+            wsb.bound(layers, X * 1e200, y, activation="tanh", backend="torch", dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------
@@ -238,8 +238,8 @@ def _small(seed: int = 3):
 
 def test_tensor_inputs_equal_numpy_inputs():
     layers, X, y = _small()
-    ref = wsb.bound(layers, X, y, backend="torch", batch_size=4)
-    assert_close(ref, wsb.bound(layers, X, y, backend="cpp"))
+    ref = wsb.bound(layers, X, y, activation="tanh", backend="torch", batch_size=4)
+    assert_close(ref, wsb.bound(layers, X, y, activation="tanh", backend="cpp"))
     t_layers = [(torch.tensor(W, requires_grad=True), None if b is None else torch.tensor(b, requires_grad=True))
                 for W, b in layers]
     variants = [
@@ -250,20 +250,20 @@ def test_tensor_inputs_equal_numpy_inputs():
         (tuple(t_layers), torch.from_numpy(np.asfortranarray(X)).T.contiguous().T, torch.from_numpy(y)),  # non-contiguous
     ]
     for lay, XX, yy in variants:
-        res = wsb.bound(lay, XX, yy, backend="torch", batch_size=4)
+        res = wsb.bound(lay, XX, yy, activation="tanh", backend="torch", batch_size=4)
         assert (res.trace, res.trace_sq) == (ref.trace, ref.trace_sq)
     # float32 and integer X: converted per block exactly as NumPy converts them
     X32 = X.astype(np.float32)
-    a = wsb.bound(layers, torch.from_numpy(X32), y, backend="torch", batch_size=4)
-    b = wsb.bound(layers, X32, y, backend="torch", batch_size=4)
+    a = wsb.bound(layers, torch.from_numpy(X32), y, activation="tanh", backend="torch", batch_size=4)
+    b = wsb.bound(layers, X32, y, activation="tanh", backend="torch", batch_size=4)
     assert (a.trace, a.trace_sq) == (b.trace, b.trace_sq)
     Xi = np.round(X * 3).astype(np.int16)
-    a = wsb.bound(layers, torch.from_numpy(Xi), y, backend="torch", batch_size=4)
-    assert_close(a, wsb.bound(layers, Xi, y, backend="cpp"))
+    a = wsb.bound(layers, torch.from_numpy(Xi), y, activation="tanh", backend="torch", batch_size=4)
+    assert_close(a, wsb.bound(layers, Xi, y, activation="tanh", backend="cpp"))
     # bfloat16 weights (no NumPy dtype): widened exactly
     bf = [(torch.from_numpy(W).to(torch.bfloat16), b) for W, b in layers]
     up = [(W.to(torch.float32).numpy(), b) for W, b in bf]
-    assert_close(wsb.bound(bf, X, y, backend="torch"), wsb.bound(up, X, y, backend="cpp"))
+    assert_close(wsb.bound(bf, X, y, activation="tanh", backend="torch"), wsb.bound(up, X, y, activation="tanh", backend="cpp"))
 
 
 def test_soft_label_tensors():
@@ -291,7 +291,7 @@ def test_device_and_dtype_resolution():
     assert torch_backend.resolve_dtype(" Float32 ") is torch.float32
     assert torch_backend.resolve_dtype("torch.float64") is torch.float64
     for kw in ({"device": "cpu"}, {"device": torch.device("cpu")}, {"dtype": torch.float64}):
-        assert wsb.bound(layers, X, y, backend="torch", **kw).backend == "torch"
+        assert wsb.bound(layers, X, y, backend="torch", **{"activation": "tanh", **kw}).backend == "torch"
 
 
 def test_module_device_is_the_default(monkeypatch):
@@ -308,8 +308,8 @@ def test_module_device_is_the_default(monkeypatch):
     monkeypatch.setattr(torch_backend, "validate_torch", lambda *a, **kw: seen.append(kw["device"]) or real(*a, **kw))
     net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     y = np.array([0, 1, 2, 0, 1, 2])
-    ref = wsb.bound(net, X, y, backend="cpp")
-    got = wsb.bound(net, X, y, backend="torch")
+    ref = wsb.bound(net, X, y, activation="tanh", backend="cpp")
+    got = wsb.bound(net, X, y, activation="tanh", backend="torch")
     assert seen == [torch.device("cpu")]
     assert abs(got.trace_sq - ref.trace_sq) <= TOL * ref.trace_sq
 

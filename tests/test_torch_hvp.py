@@ -56,8 +56,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_eigsh_matches_cpp(spec, curvature, refs):
     layers, X, y = refs.model(spec)
     kw = dict(k=3, which="BE", activation=spec.activation_arg(), curvature=curvature, return_eigenvectors=True)
-    vals, vecs = wsb.eigsh(layers, X, y, backend="torch", **kw)
-    ref_vals, ref_vecs = wsb.eigsh(layers, X, y, backend="cpp", **kw)
+    vals, vecs = wsb.eigsh(layers, X, y, backend="torch", **{"activation": "tanh", **kw})
+    ref_vals, ref_vecs = wsb.eigsh(layers, X, y, backend="cpp", **{"activation": "tanh", **kw})
     scale = float(np.abs(ref_vals).max())
     np.testing.assert_allclose(vals, ref_vals, rtol=0, atol=TOL * scale)
     # the same Lanczos run, so the same Ritz vectors (up to rounding), sign included
@@ -72,8 +72,8 @@ EXACT_FIELDS = ("lambda_max", "lambda_min", "lambda_max_upper_deflated", "lambda
 def test_exact_and_certify_match_cpp(spec, curvature, refs):
     layers, X, y = refs.model(spec)
     kw = dict(activation=spec.activation_arg(), curvature=curvature, certify=4)
-    got = wsb.bound(layers, X, y, backend="torch", **kw)
-    ref = wsb.bound(layers, X, y, backend="cpp", **kw)
+    got = wsb.bound(layers, X, y, backend="torch", **{"activation": "tanh", **kw})
+    ref = wsb.bound(layers, X, y, backend="cpp", **{"activation": "tanh", **kw})
     assert got.backend == "torch" and got.lanczos_converged == ref.lanczos_converged
     assert got.certify_k == ref.certify_k
     scale = max(abs(ref.lambda_max), abs(ref.lambda_min))
@@ -107,9 +107,9 @@ def device_basis(monkeypatch):
 def test_eigsh_device_basis_matches_cpp(spec, curvature, refs, device_basis):
     layers, X, y = refs.model(spec)
     kw = dict(k=3, which="BE", activation=spec.activation_arg(), curvature=curvature, return_eigenvectors=True)
-    vals, vecs = wsb.eigsh(layers, X, y, backend="torch", **kw)
+    vals, vecs = wsb.eigsh(layers, X, y, backend="torch", **{"activation": "tanh", **kw})
     assert len(device_basis) >= 3
-    ref_vals, ref_vecs = wsb.eigsh(layers, X, y, backend="cpp", **kw)
+    ref_vals, ref_vecs = wsb.eigsh(layers, X, y, backend="cpp", **{"activation": "tanh", **kw})
     scale = float(np.abs(ref_vals).max())
     assert isinstance(vecs, np.ndarray) and vecs.shape == ref_vecs.shape
     np.testing.assert_allclose(vals, ref_vals, rtol=0, atol=TOL * scale)
@@ -121,9 +121,9 @@ def test_exact_and_certify_device_basis_match_cpp(curvature, refs, device_basis)
     spec = NET_SPECS[0]
     layers, X, y = refs.model(spec)
     kw = dict(activation=spec.activation_arg(), curvature=curvature, certify=4)
-    got = wsb.bound(layers, X, y, backend="torch", **kw)
+    got = wsb.bound(layers, X, y, backend="torch", **{"activation": "tanh", **kw})
     assert len(device_basis) == got.lanczos_iterations
-    ref = wsb.bound(layers, X, y, backend="cpp", **kw)
+    ref = wsb.bound(layers, X, y, backend="cpp", **{"activation": "tanh", **kw})
     assert got.certify_k == ref.certify_k and got.lanczos_converged == ref.lanczos_converged
     scale = max(abs(ref.lambda_max), abs(ref.lambda_min))
     for name in EXACT_FIELDS:
@@ -155,8 +155,8 @@ def test_exact_with_float32_moments():
     """dtype="float32" is the moments' precision; Lanczos still runs on the float64 product."""
     layers, X, y, spec = _model()
     kw = dict(activation=spec.activation_arg(), exact=True)
-    got = wsb.bound(layers, X, y, backend="torch", dtype="float32", **kw)
-    ref = wsb.bound(layers, X, y, backend="cpp", **kw)
+    got = wsb.bound(layers, X, y, backend="torch", dtype="float32", **{"activation": "tanh", **kw})
+    ref = wsb.bound(layers, X, y, backend="cpp", **{"activation": "tanh", **kw})
     assert abs(got.lambda_max - ref.lambda_max) <= TOL * abs(ref.lambda_max)
     assert abs(got.trace_sq - ref.trace_sq) <= 2e-5 * ref.trace_sq
 
@@ -218,10 +218,10 @@ def test_resident_and_streamed_data_agree_bitwise(monkeypatch):
     layers, X, y, spec = _model()
     V = np.random.default_rng(2).standard_normal((R.n_params(layers), 2))
     kw = dict(activation=spec.activation_arg(), backend="torch", batch_size=6)
-    resident = wsb.hvp(layers, X, y, V, **kw)
-    assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **kw))
+    resident = wsb.hvp(layers, X, y, V, **{"activation": "tanh", **kw})
+    assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **{"activation": "tanh", **kw}))
     monkeypatch.setattr(torch_backend, "RESIDENT_DATA_SHARE", 0.0)
-    assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **kw))
+    assert np.array_equal(resident, wsb.hvp(layers, X, y, V, **{"activation": "tanh", **kw}))
 
 
 def test_plan_and_host_budget():
@@ -247,12 +247,12 @@ def test_plan_and_host_budget():
 @pytest.mark.parametrize(("layers", "X", "y", "kwargs"), [pytest.param(*c[1:5], id=c[0]) for c in CASES[::2]])
 def test_bad_input_same_error_as_cpp(layers, X, y, kwargs):
     v = np.ones(P_L)
-    cpp = _error(lambda: wsb.hvp(layers, X, y, v, backend="cpp", **kwargs))
-    assert _error(lambda: wsb.hvp(layers, X, y, v, backend="torch", **kwargs)) == cpp
+    cpp = _error(lambda: wsb.hvp(layers, X, y, v, backend="cpp", **{"activation": "tanh", **kwargs}))
+    assert _error(lambda: wsb.hvp(layers, X, y, v, backend="torch", **{"activation": "tanh", **kwargs})) == cpp
     assert _error(lambda: wsb.hvp(_tensor_layers(layers), _as_tensor(X), _as_tensor(y), torch.from_numpy(v),
-                                  backend="torch", **kwargs)) == cpp
-    assert _error(lambda: wsb.eigsh(layers, X, y, backend="torch", **kwargs)) == \
-        _error(lambda: wsb.eigsh(layers, X, y, backend="cpp", **kwargs))
+                                  backend="torch", **{"activation": "tanh", **kwargs})) == cpp
+    assert _error(lambda: wsb.eigsh(layers, X, y, backend="torch", **{"activation": "tanh", **kwargs})) == \
+        _error(lambda: wsb.eigsh(layers, X, y, backend="cpp", **{"activation": "tanh", **kwargs}))
 
 
 @pytest.mark.parametrize(("kwargs", "exc", "match"), [
@@ -269,15 +269,15 @@ def test_bad_device_dtype(kwargs, exc, match, fn):
     layers, X, y, _ = _model()
     args = (np.ones(R.n_params(layers)),) if fn == "hvp" else ()
     with pytest.raises(exc, match=match):
-        getattr(wsb, fn)(layers, X, y, *args, backend="torch", **kwargs)
+        getattr(wsb, fn)(layers, X, y, *args, backend="torch", activation="tanh", **kwargs)
 
 
 def test_float64_dtype_accepted_by_every_backend():
     layers, X, y, _ = _model()
     v = np.ones(R.n_params(layers))
-    ref = wsb.hvp(layers, X, y, v)
+    ref = wsb.hvp(layers, X, y, v, activation="tanh")
     for backend, dtype in [("cpp", "float64"), ("numpy", np.float64), ("torch", torch.float64)]:
-        assert _rel(wsb.hvp(layers, X, y, v, backend=backend, dtype=dtype), ref) <= TOL
+        assert _rel(wsb.hvp(layers, X, y, v, activation="tanh", backend=backend, dtype=dtype), ref) <= TOL
 
 
 def test_raises_before_any_work(monkeypatch):
@@ -287,12 +287,12 @@ def test_raises_before_any_work(monkeypatch):
     monkeypatch.setattr(torch_backend, "hvp_products", boom)
     for c in CASES[::5]:
         with pytest.raises(c[5], match=c[6]):
-            wsb.hvp(c[1], c[2], c[3], np.ones(P_L), backend="torch", **c[4])
+            wsb.hvp(c[1], c[2], c[3], np.ones(P_L), backend="torch", **{"activation": "tanh", **c[4]})
     layers, X, y, _ = _model()
     with pytest.raises(ValueError, match="v must have shape"):
-        wsb.hvp(layers, X, y, np.ones(3), backend="torch")
+        wsb.hvp(layers, X, y, np.ones(3), activation="tanh", backend="torch")
     with pytest.raises(ValueError, match="certify must satisfy"):
-        wsb.bound(layers, X, y, backend="torch", certify=0)
+        wsb.bound(layers, X, y, activation="tanh", backend="torch", certify=0)
 
 
 def test_not_converged_warning():

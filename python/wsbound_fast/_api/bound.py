@@ -40,8 +40,9 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     activation : str or list of str, or None
         One name for every hidden layer or one per hidden layer: tanh, sigmoid, softplus,
         gelu, gelu_tanh, silu, identity, relu, leaky_relu (or ("leaky_relu", slope)).
-        None (the default) means "tanh" for a list of layers, and the module's own
-        activations for a torch module (an explicit value must then agree with them).
+        None (the default) means the module's own activations for a torch module (an
+        explicit value must then agree with them); for a list of layers with hidden layers
+        it must be given (ValueError otherwise: the layers do not say which it is).
     curvature : "hessian" (the full Hessian) or "ggn" (generalized Gauss-Newton).
     reduction : "mean" (as torch: cross-entropy averaged over the N samples, mse and bce over
         the N C elements) or "sum".  None (the default): a loss module's own reduction, else "mean".

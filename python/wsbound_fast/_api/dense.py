@@ -39,8 +39,6 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvat
     Takes the same inputs as :func:`bound` (a torch module and tensors too).
     """
     layers, X, y, activation = torch_input.adapt(layers, X, y, activation, loss=loss)
-    if activation is None:
-        activation = "tanh"
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
     prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                             loss=loss), structured=False)

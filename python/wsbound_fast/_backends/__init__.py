@@ -42,7 +42,7 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
     ``device``, ``dtype`` and the device's memory budget (importing torch).  Any other
     backend: ``validate`` on NumPy arrays, and ``device=`` is refused; ``dtype`` is left to
     the caller, which knows what float32 means for it.  activation None means the torch
-    module's activations, or "tanh" for a list of layers.  ``moments``: the problem is for
+    module's activations; for a list of layers it is required when there are hidden layers.  ``moments``: the problem is for
     the moments (bound(): their memory minimum and thread clamp apply) or, False, for the
     curvature-vector product, which plans its own blocks (:func:`moments_plan`).
     """
@@ -51,7 +51,7 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
             device = _module_device(layers, X)
         layers, X, y, activation = torch_input.adapt(layers, X, y, activation, keep_tensors=backend == "torch",
                                                      loss=loss)
-        kw = dict(activation="tanh" if activation is None else activation, curvature=curvature, reduction=reduction,
+        kw = dict(activation=activation, curvature=curvature, reduction=reduction,
                   batch_size=batch_size, threads=threads, memory_limit=memory_limit, loss=loss)
         if backend == "torch":
             return torch_backend().validate_torch(layers, X, y, device=device, dtype=dtype, **kw)

@@ -144,7 +144,7 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
     last = (xp.sum(u, axis=1), rho, tr_m[L]) if kroute else None
     nu = nu_formed(prob, at_sq, G, Q, delta, sp, last, xp)
-    if track:  # the error of delta_L, folded into the magnitudes (docs/numerics.md, "Diagonal losses")
+    if track:  # the error of delta_L, folded into the magnitudes (docs/numerics.md section 5)
         dnu, dtr = _delta_error_terms(W, at, at_sq, sp, spp, delta_error(prob, out, z, Yb, fwd_err, xp), xp)
         nu = {k: v + dnu[k] for k, v in nu.items()}
         trace_abs = trace_abs + _layer_traces(at_sq, dtr, arr)
@@ -232,8 +232,8 @@ def _sum_nu(nu: dict[tuple[int, int], Any], L: int, arr: Arrays) -> Any:
 
 
 def _forward_error(Wl: Any, bl: Any, at_l: Any, sp_prev: Any, err_prev: Any, xp: Any) -> Any:
-    """The componentwise bound E_l on the error of z_l (B, d_l), first order (docs/numerics.md,
-    "Diagonal losses"): gamma(d_{l-1} + 2) |W~_l| |a~_{l-1}|, plus for l >= 2 the error of
+    """The componentwise bound E_l on the error of z_l (B, d_l), first order (docs/numerics.md
+    section 5): gamma(d_{l-1} + 2) |W~_l| |a~_{l-1}|, plus for l >= 2 the error of
     a_{l-1} = sigma(z_{l-1}) carried through |W_l|: |sigma'| E_{l-1} + 8 u |a_{l-1}|."""
     d_in = Wl.shape[1]
     absW = xp.abs(Wl)

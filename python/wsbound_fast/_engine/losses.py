@@ -98,8 +98,8 @@ def gamma(k: float) -> float:
 
 
 def delta_error(prob: Problem, o: Output, z: Any, Yb: Any, E: Any, xp: Any) -> Any:
-    """The componentwise bound on the error of delta_L of a diagonal loss (docs/numerics.md,
-    "Diagonal losses"), (B, C): z is inexact by at most E (forward error bound), and the
+    """The componentwise bound on the error of delta_L of a diagonal loss (docs/numerics.md
+    section 5), (B, C): z is inexact by at most E (forward error bound), and the
     difference with the target rounds."""
     if prob.loss == "mse":
         return 2.0 * E + 4.0 * _U * (xp.abs(z) + xp.abs(Yb))

@@ -51,7 +51,18 @@ def resolve_activation(spec: Any, where: str) -> Activation:
 
 
 def validate_activations(activation: Any, n_layers: int) -> tuple[Activation, ...]:
+    """The hidden layers' activations.  None is accepted only without hidden layers: plain
+    (W, b) layers do not say which function sits between them, and a guess would give the
+    curvature of another model."""
     n_hidden = n_layers - 1
+    if activation is None:
+        if n_hidden == 0:
+            return ()
+        raise ValueError(
+            f"activation is required: the model has {n_hidden} hidden layer{'s' if n_hidden > 1 else ''} and plain "
+            "(W, b) layers do not say which activation follows each; pass activation='tanh' (or 'relu', 'gelu', "
+            "...; one name for every hidden layer, or a list with one per hidden layer)"
+        )
     if isinstance(activation, str) or (
         isinstance(activation, tuple) and len(activation) == 2 and isinstance(activation[0], str)
         and not isinstance(activation[1], str)
