@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import stat
@@ -25,6 +24,7 @@ from .demo import (
     run_demo,
 )
 from .files import Model, load_data, load_model, parse_activation
+from .fmt import directed as _directed
 from .plot import plot_demo, require_matplotlib
 
 PROG = "wsbound-fast"
@@ -166,18 +166,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 #: Checkpoints of ``demo --plot`` unless --checkpoints is given (more points for a curve).
 _PLOT_CHECKPOINTS = 16
-
-
-def _directed(x: float, digits: int, up: bool) -> str:
-    """``x`` to ``digits`` significant digits, rounded down (or up): printed bounds still hold."""
-    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-
-    if x == 0 or not math.isfinite(x):
-        return f"{x:g}"
-    d = Decimal(x)  # exact
-    quantum = Decimal(1).scaleb(d.adjusted() - digits + 1)
-    q = d.quantize(quantum, rounding=ROUND_CEILING if up else ROUND_FLOOR)  # at most digits + 1 digits
-    return f"{float(q):.{digits + 1}g}"  # the float nearest q prints back as q (no trailing zeros)
 
 
 def _interval(lo: float, hi: float) -> str:
