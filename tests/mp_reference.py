@@ -305,6 +305,28 @@ def _lse_loss(z: list[Jet], y_row) -> Jet:
     return combine(terms, coeffs)
 
 
+def _mse_loss(z: list[Jet], y_row) -> Jet:
+    """sum_k (z_k - y_k)^2, written out."""
+    terms = []
+    for zk, t in zip(z, y_row):
+        d = zk.shift(-mpf(float(t)))
+        terms.append(mul(d, d))
+    return combine(terms)
+
+
+def _bce_loss(z: list[Jet], y_row) -> Jet:
+    """sum_k log1p(exp(z_k)) - y_k z_k (binary cross-entropy of the logits), written out."""
+    terms, coeffs = [], []
+    for zk, t in zip(z, y_row):
+        terms += [j_log1p(j_exp(zk)), zk]
+        coeffs += [mpf(1), -mpf(float(t))]
+    return combine(terms, coeffs)
+
+
+#: The per-sample loss expressions by name (the summed loss of one sample).
+LOSS_EXPRESSIONS = {"cross_entropy": _lse_loss, "mse": _mse_loss, "bce": _bce_loss}
+
+
 def _plain_logits(layers, acts, x) -> list:
     """The logits in mpmath without derivatives (for the precision of each sample)."""
     a = [mpf(float(v)) for v in x]
@@ -319,10 +341,15 @@ def _plain_logits(layers, acts, x) -> list:
     return a
 
 
-def sample_digits(layers, acts, x) -> tuple[int, Any]:
-    """(decimal digits to evaluate this sample at, q = 1 - max_k p_k in mpmath)."""
+def sample_digits(layers, acts, x, loss: str = "cross_entropy") -> tuple[int, Any]:
+    """(decimal digits to evaluate this sample at, q = 1 - max_k p_k in mpmath).  For bce, the
+    AD's second derivative of log1p(e^z) cancels to e^-z: z / ln 10 extra digits."""
     with mp.workdps(DIGITS + 10):
         z = _plain_logits(layers, acts, x)
+        if loss != "cross_entropy":
+            top = max(z)
+            extra = 0 if loss == "mse" or top <= 0 else int(math.ceil(float(top) / math.log(10))) + 2
+            return DIGITS + 10 + min(extra, EXTRA_CAP), mpf(1)
         r = max(range(len(z)), key=lambda k: z[k])
         q = mp.fsum(mp.exp(zk - z[r]) for k, zk in enumerate(z) if k != r)
         qq = q / (1 + q)  # 1 - p_r
@@ -596,21 +623,25 @@ def hybrid_reference(layers, activation, X, y, reduction: str = "mean", curvatur
 _CACHE: dict[str, MPReference] = {}
 
 
-def _key(layers, activation, X, y, reduction) -> str:
+def _key(layers, activation, X, y, reduction, loss="cross_entropy") -> str:
     h = hashlib.sha256()
     for W, b in layers:
         h.update(np.ascontiguousarray(W, dtype=np.float64).tobytes())
         h.update(b"-" if b is None else np.ascontiguousarray(b, dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(y).tobytes() + str(np.asarray(y).dtype).encode())
-    h.update(repr((activation, reduction, np.shape(X), np.shape(y))).encode())
+    h.update(repr((activation, reduction, np.shape(X), np.shape(y), loss)).encode())
     return h.hexdigest()
 
 
-def reference(layers, activation, X, y, reduction: str = "mean", *, extra_digits: int = 0) -> MPReference:
+def reference(layers, activation, X, y, reduction: str = "mean", *, extra_digits: int = 0,
+              loss: str = "cross_entropy") -> MPReference:
     """The Hessian and GGN of the loss at ``layers`` (a list of (W, b), b may be None),
-    memoised per model (within the process).  ``activation`` as bound()'s argument."""
-    key = _key(layers, activation, X, y, reduction) + f"/{extra_digits}"
+    memoised per model (within the process).  ``activation`` as bound()'s argument.  ``loss``:
+    "cross_entropy", "mse" or "bce" (y: (N, C) target rows, or class indices as one-hot rows);
+    "mean" divides by N for cross-entropy and by N C for mse and bce (torch's conventions)."""
+    key = _key(layers, activation, X, y, reduction, loss) + f"/{extra_digits}"
+    expr = LOSS_EXPRESSIONS[loss]
     if key in _CACHE:
         return _CACHE[key]
     layers = [(np.asarray(W, dtype=np.float64), None if b is None else np.asarray(b, dtype=np.float64))
@@ -622,23 +653,24 @@ def reference(layers, activation, X, y, reduction: str = "mean", *, extra_digits
     P = int(flatten(layers).size)
     sizes = tuple(int(W.size + (0 if b is None else b.size)) for W, b in layers)
     N = X.shape[0]
-    prec = [sample_digits(layers, acts, X[n]) for n in range(N)]
+    prec = [sample_digits(layers, acts, X[n], loss) for n in range(N)]
     top = max(d for d, _ in prec) + extra_digits
     full = np.arange(P)
     iu, ju = _triu(P)
     Hp = np.zeros(iu.size, dtype=object)  # packed upper triangles, summed over the samples
     Gp = np.zeros(iu.size, dtype=object)
-    loss = mpf(0)
+    total = mpf(0)
+    loss_name = loss
     logits = np.zeros((N, C))
     own = {"hessian": mpf(0), "ggn": mpf(0)}  # bounds on the AD's rounding error, |.|_F
     for n in range(N):
         with mp.workdps(prec[n][0] + extra_digits):
             pj = _param_jets(layers)
             z = _logit_jets(pj, acts, X[n])
-            ln = _lse_loss(z, Y[n])
+            ln = expr(z, Y[n])
             # GGN: the Hessian of the same loss expression w.r.t. the logits, by the same AD
             zeta = [Jet.var(zk.v, k) for k, zk in enumerate(z)]
-            A = _lse_loss(zeta, Y[n]).hessian(np.arange(C))
+            A = expr(zeta, Y[n]).hessian(np.arange(C))
             J = np.zeros((C, P), dtype=object)
             for k, zk in enumerate(z):
                 J[k, zk.idx] = zk.g
@@ -660,20 +692,21 @@ def reference(layers, activation, X, y, reduction: str = "mean", *, extra_digits
         with mp.workdps(top):
             Hp = Hp + Hn
             Gp = Gp + Gn
-            loss = loss + ln.v
+            total = total + ln.v
         logits[n] = [float(zk.v) for zk in z]
     with mp.workdps(top):
         if reduction == "mean":
-            Hp = Hp / N
-            Gp = Gp / N
-            loss = loss / N
+            div = N if loss_name == "cross_entropy" else N * C
+            Hp = Hp / div
+            Gp = Gp / div
+            total = total / div
         H = np.zeros((P, P), dtype=object)
         G = np.zeros((P, P), dtype=object)
         H[iu, ju] = Hp
         H[ju, iu] = Hp
         G[iu, ju] = Gp
         G[ju, iu] = Gp
-    ref = MPReference(H, G, sizes, top, min(q for _, q in prec), loss, logits, own)
+    ref = MPReference(H, G, sizes, top, min(q for _, q in prec), total, logits, own)
     _CACHE[key] = ref
     return ref
 

@@ -19,12 +19,12 @@ from .progress import Reporter
 
 
 def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
-          reduction: str = "mean", batch_size: int | None = None, threads: int | None = None,
+          reduction: str | None = None, batch_size: int | None = None, threads: int | None = None,
           backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
           callback: ProgressFn | None = None, device: Any = None, dtype: Any = None, exact: bool = False,
           certify: int | bool | None = None, rtol: float = 1e-2, which: str = "LA", lanczos_tol: float = 1e-10,
-          lanczos_maxiter: int | None = None, seed: int = 0) -> Bound:
-    """Exact tr(H), tr(H^2) of the cross-entropy loss curvature of an MLP, and WS bounds.
+          lanczos_maxiter: int | None = None, seed: int = 0, loss: Any = "cross_entropy") -> Bound:
+    """Exact tr(H), tr(H^2) of the loss curvature of an MLP, and WS bounds.
 
     Parameters
     ----------
@@ -34,14 +34,23 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     X : array (N, d_0), or a torch tensor (any device; copied to host)
         Inputs, float32 or float64, any memory layout.  With a module that starts with
         nn.Flatten, X of shape (N, ...) is flattened to (N, -1).
-    y : array (N,) of class indices, or (N, C) of probability rows (soft labels); or a tensor.
+    y : the targets, an array or a tensor.  Cross-entropy: (N,) class indices, or (N, C)
+        probability rows (soft labels).  mse: (N, C) reals, (N,) reals when C = 1, or (N,)
+        class indices (one-hot targets) when C >= 2.  bce: (N, C) in [0, 1], or (N,) when C = 1.
     activation : str or list of str, or None
         One name for every hidden layer or one per hidden layer: tanh, sigmoid, softplus,
         gelu, gelu_tanh, silu, identity, relu, leaky_relu (or ("leaky_relu", slope)).
         None (the default) means "tanh" for a list of layers, and the module's own
         activations for a torch module (an explicit value must then agree with them).
     curvature : "hessian" (the full Hessian) or "ggn" (generalized Gauss-Newton).
-    reduction : "mean" (the loss is averaged over samples, as torch) or "sum".
+    reduction : "mean" (as torch: cross-entropy averaged over the N samples, mse and bce over
+        the N C elements) or "sum".  None (the default): a loss module's own reduction, else "mean".
+    loss : "cross_entropy" (softmax cross-entropy of the logits, the default), "mse" (squared
+        error, torch.nn.functional.mse_loss) or "bce" (binary cross-entropy of the logits,
+        binary_cross_entropy_with_logits); or a torch module: nn.CrossEntropyLoss (its
+        reduction, label_smoothing and ignore_index as torch applies them; weight is refused),
+        nn.MSELoss, nn.BCEWithLogitsLoss (weight and pos_weight are refused).  An explicit
+        ``reduction`` must agree with a module's.
     batch_size : samples per streamed block; default chosen from ``memory_limit``.
     threads : worker threads of the C++ backend (default: all cores available).  The NumPy
         backend uses its BLAS's own threads.  Results do not depend on it.
@@ -96,7 +105,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     reporter = Reporter(progress, callback)
     # a torch module becomes (layers, activations); tensors become arrays except for the torch backend
     prob = validate_for(chosen, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                        batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device, dtype=dtype)
+                        batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device, dtype=dtype,
+                        loss=loss)
     if chosen != "torch" and compute_dtype(dtype) == "float32":
         if chosen != "cpp":
             raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={chosen!r}")
@@ -112,7 +122,7 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     tr, tr2 = total_moments(layer_trace, blocks)
     elapsed = time.perf_counter() - t0
     if prob.mean:
-        N = prob.n_samples
+        N = prob.divisor  # N, or N C for mse and bce (torch's mean over every element)
         tr, tr2 = tr / N, tr2 / (N * N)
     if not (math.isfinite(tr) and math.isfinite(tr2)):
         raise FloatingPointError(
@@ -127,6 +137,6 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         n_params=prob.n_params, n_samples=prob.n_samples, trace=tr, trace_sq=tr2, mean=ws.mean, std=ws.std,
         lambda_max_lower=ws.lambda_max_lower, lambda_max_upper=ws.lambda_max_upper,
         lambda_min_lower=ws.lambda_min_lower, lambda_min_upper=ws.lambda_min_upper,
-        curvature=prob.curvature, reduction=prob.reduction, backend=chosen, elapsed_s=elapsed,
+        curvature=prob.curvature, reduction=prob.reduction, backend=chosen, elapsed_s=elapsed, loss=prob.loss,
     )
     return refine(res, prob, chosen, layer_trace, blocks, opts, allowance)

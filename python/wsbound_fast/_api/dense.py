@@ -31,19 +31,19 @@ def _param_index(d_out: int, d_in: int, bias: bool) -> np.ndarray:
 
 
 def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
-                  reduction: str = "mean") -> np.ndarray:
-    """The P x P Hessian (or GGN) of the cross-entropy loss, as a dense NumPy array.
+                  reduction: str | None = None, loss: Any = "cross_entropy") -> np.ndarray:
+    """The P x P Hessian (or GGN) of the loss (``loss`` as for :func:`bound`), as a dense NumPy array.
 
     Parameters are ordered layer by layer, W row-major then b (as
     ``torch.nn.Sequential.parameters()``).  Refuses P > 20000; use :func:`bound` there.
     Takes the same inputs as :func:`bound` (a torch module and tensors too).
     """
-    layers, X, y, activation = torch_input.adapt(layers, X, y, activation)
+    layers, X, y, activation = torch_input.adapt(layers, X, y, activation, loss=loss)
     if activation is None:
         activation = "tanh"
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
-    prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction),
-                   structured=False)
+    prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
+                            loss=loss), structured=False)
     P = prob.n_params
     if P > MAX_DENSE_PARAMS:
         raise ValueError(
@@ -82,5 +82,5 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvat
                 if m > l:
                     H[np.ix_(im, il)] += blk.T
     if prob.mean:
-        H /= N
+        H /= prob.divisor
     return H

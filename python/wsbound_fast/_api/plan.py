@@ -22,6 +22,7 @@ from .._planning.cost import (
 )
 from .._problem import torch_input
 from .._problem.activations import validate_activations
+from .._problem.losses import resolve_loss
 from .._problem.problem import CURVATURES
 from .._problem.validate import (
     _choice,
@@ -56,12 +57,14 @@ class Plan:
     threads: int = 1
     #: The smallest memory_limit bound() accepts for this model (backend "cpp"): one sample's needs.
     min_memory_limit: int = 0
+    #: The loss the plan is for (mse and bce: a diagonal output curvature, a cheaper K route).
+    loss: str = "cross_entropy"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __repr__(self) -> str:
-        return (f"Plan({self.curvature}, P={self.n_params}, N={self.n_samples}, "
+        return (f"Plan({self.curvature}, loss={self.loss!r}, P={self.n_params}, N={self.n_samples}, "
                 f"{'structured' if self.structured else 'generic'} path, batch {self.batch_size} "
                 f"({self.block_pairs} block pairs), {self.pair_flops:.3g} flops + {self.feature_flops:.3g} "
                 f"in features, "
@@ -83,7 +86,8 @@ def gemm_rate() -> float:
 
 
 def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str = "hessian",
-         batch_size: int | None = None, threads: int | None = None, memory_limit: int | None = None) -> Plan:
+         batch_size: int | None = None, threads: int | None = None, memory_limit: int | None = None,
+         loss: Any = "cross_entropy") -> Plan:
     """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``.
 
     ``pair_flops`` is the pair phase's flop count (Gram products over the upper triangle of
@@ -96,8 +100,10 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     depend on it.  ``layers`` may be a torch module.  ``threads`` is clamped as bound() clamps
     it (to the block pairs one step runs at once and the workers the budget holds; the plan's
     ``threads``); a ``memory_limit`` below what one sample needs is a ValueError naming the
-    minimum.
+    minimum.  ``loss`` as for :func:`bound`: mse and bce have a diagonal output curvature,
+    whose K route costs less (and may be chosen where cross-entropy's is not).
     """
+    lossr, _ = resolve_loss(loss, None)
     layers, _, _, activation = torch_input.adapt(layers, None, None, activation)
     weights, biases = validate_layers(layers)
     if activation is not None:
@@ -110,13 +116,13 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
-    structured = choose_structured(dims, has_bias, hessian)
+    structured = choose_structured(dims, has_bias, hessian, lossr.diagonal)
     batch, group, nthreads = plan_cpp(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget)
     n_blocks = math.ceil(n / batch)
     sizes = [min(batch, n - k * batch) for k in range(n_blocks)]
     # upper triangle of block pairs: sum_{I <= J} |I| |J| = (N^2 + sum |I|^2) / 2 sample pairs
     sample_pairs = (n * n + sum(s * s for s in sizes)) / 2.0
-    flops = sample_pairs * pair_flops(dims, has_bias, hessian, structured)
+    flops = sample_pairs * pair_flops(dims, has_bias, hessian, structured, lossr.diagonal)
     # Features: group g0 computes its own blocks and those of every later group (moments()).
     featured = sum(sizes[k] for g0 in range(0, n_blocks, group) for k in range(g0, n_blocks))
     fflops = featured * feature_flops(dims, hessian, structured)
@@ -128,4 +134,4 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     P = int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
     return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops, fflops,
                 8 * n * f, memory, rate / 1e9, (flops + fflops) / (ASSUMED_EFFICIENCY * rate), nthreads,
-                min_memory_cpp(dims, has_bias, hessian, structured))
+                min_memory_cpp(dims, has_bias, hessian, structured), lossr.name)

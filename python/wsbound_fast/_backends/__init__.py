@@ -35,7 +35,7 @@ def torch_backend() -> ModuleType:
 
 def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
                  batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
-                 dtype: Any = None, moments: bool = True) -> Problem:
+                 dtype: Any = None, moments: bool = True, loss: Any = "cross_entropy") -> Problem:
     """:func:`torch_input.adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
 
     backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
@@ -49,9 +49,10 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
     with moments_plan(moments):
         if backend == "torch" and device is None and torch_input.is_module(layers):
             device = _module_device(layers, X)
-        layers, X, y, activation = torch_input.adapt(layers, X, y, activation, keep_tensors=backend == "torch")
+        layers, X, y, activation = torch_input.adapt(layers, X, y, activation, keep_tensors=backend == "torch",
+                                                     loss=loss)
         kw = dict(activation="tanh" if activation is None else activation, curvature=curvature, reduction=reduction,
-                  batch_size=batch_size, threads=threads, memory_limit=memory_limit)
+                  batch_size=batch_size, threads=threads, memory_limit=memory_limit, loss=loss)
         if backend == "torch":
             return torch_backend().validate_torch(layers, X, y, device=device, dtype=dtype, **kw)
         prob = validate(layers, X, y, backend=backend, **kw)
@@ -72,11 +73,13 @@ def _module_device(module: Any, X: Any) -> Any:
 
 
 def validate_for_products(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any,
-                          reduction: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any) -> Problem:
+                          reduction: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any,
+                          loss: Any = "cross_entropy") -> Problem:
     """Validation of hvp() and eigsh(): as bound() (torch objects, and for backend="torch" the
     device and its memory budget), then dtype, which must mean float64."""
     prob = validate_for(backend, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                        threads=threads, memory_limit=memory_limit, device=device, dtype=dtype, moments=False)
+                        threads=threads, memory_limit=memory_limit, device=device, dtype=dtype, moments=False,
+                        loss=loss)
     if compute_dtype(dtype) == "float32":
         raise ValueError("dtype='float32' is not available for the curvature-vector product (hvp, eigsh): it is "
                          "computed in float64 on every backend; leave dtype=None")
@@ -110,7 +113,7 @@ def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None 
     (_spectral.lanczos.lanczos uses it).
     """
     products = _products(prob, backend, k, batch_size)
-    scale = 1.0 / prob.n_samples if prob.mean else 1.0
+    scale = 1.0 / prob.divisor if prob.mean else 1.0
 
     def matvec(V: np.ndarray) -> np.ndarray:
         out = products(np.ascontiguousarray(V, dtype=np.float64))

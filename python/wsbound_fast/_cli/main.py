@@ -13,6 +13,7 @@ from typing import NoReturn
 from .._api.bound import bound
 from .._api.products import eigsh
 from .._backends.compiled import load_core
+from .._problem.losses import LOSSES
 from .._problem.torch_input import convert
 from .._spectral.bounds import Bound
 from .._version import __version__
@@ -167,6 +168,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 #: Checkpoints of ``demo --plot`` unless --checkpoints is given (more points for a curve).
 _PLOT_CHECKPOINTS = 16
 
+#: How the table names each loss.
+_LOSS_TEXT = {"cross_entropy": "cross-entropy", "mse": "squared error (mse)", "bce": "binary cross-entropy (bce)"}
+
 
 def _interval(lo: float, hi: float) -> str:
     """"in [lo, hi]" rounded outward, with as many significant digits (6 to 12) as it takes for
@@ -193,9 +197,10 @@ def _format_table(res: object, model: object, n_classes: int, soft: bool, activa
         ("lambda_min", f"{_interval(min_lo, min_hi)}  certified"),
         ("model", f"{model.description}: {arch}, {len(model.dims) - 1} layer(s), P = {res.n_params:,}"),
         ("activations", act_text),
-        ("data", f"N = {res.n_samples:,} samples, {'soft' if soft else 'hard'} labels, {n_classes} classes"),
+        ("data", f"N = {res.n_samples:,} samples, {'soft' if soft else 'hard'} labels, {n_classes} classes"
+         if res.loss == "cross_entropy" else f"N = {res.n_samples:,} samples, {n_classes} outputs"),
         ("curvature", f"{'Hessian' if H == 'H' else 'generalized Gauss-Newton'} of the {res.reduction} "
-                      f"cross-entropy; backend {res.backend}, {res.elapsed_s:.3g} s"),
+                      f"{_LOSS_TEXT[res.loss]}; backend {res.backend}, {res.elapsed_s:.3g} s"),
         (f"tr({H})", f"{res.trace:.12g}"),
         (f"tr({H}^2)", f"{res.trace_sq:.12g}"),
         ("eigenvalues", f"mean {res.mean:.6g}, std {res.std:.6g}"),
@@ -241,6 +246,7 @@ def _cmd_bound(args: argparse.Namespace) -> int:
     # a progress bar over block pairs on a terminal (stderr), unless --quiet
     try:
         res = bound(model.layers, X, y, activation=activation, curvature=args.curvature, reduction=args.reduction,
+                    loss=args.loss,
                     batch_size=args.batch_size, threads=args.threads, backend=which, device=args.device,
                     dtype=args.dtype, progress=not args.quiet and sys.stderr.isatty(), memory_limit=args.memory_limit,
                     exact=args.exact, certify=args.certify, rtol=args.rtol)
@@ -323,8 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "with hidden layers unless stored in it; for a torch model it must agree with the model")
     bnd.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
                      help="the Hessian or the generalized Gauss-Newton matrix (default: %(default)s)")
+    bnd.add_argument("--loss", choices=LOSSES, default="cross_entropy",
+                     help="the loss: softmax cross-entropy of the logits (default), mse (squared error), or bce "
+                          "(binary cross-entropy of the logits); y holds its targets")
     bnd.add_argument("--reduction", choices=("mean", "sum"), default="mean",
-                     help="loss averaged or summed over samples (default: %(default)s)")
+                     help="loss averaged (over samples; for mse and bce over every element, as torch) or summed "
+                          "(default: %(default)s)")
     bnd.add_argument("--json", action="store_true", help="print the result as a JSON object")
     bnd.add_argument("--backend", choices=("cpp", "numpy", "torch"), default=None,
                      help="engine (default: cpp, or numpy with a notice if the compiled core is unavailable; "

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from .._problem.problem import Problem
 from .activations import evaluate
+from .losses import a_dense, a_diagonal, delta_error, gamma, output, tat_diagonal
 from .namespace import Arrays, Weights
-from .softmax import _diag_tat, delta_last, dense_a, diag_a, softmax_ref
+
+#: Unit roundoff of float64.
+_U = 2.0 ** -53
 
 
 @dataclass
@@ -41,6 +45,9 @@ class BlockFeatures:
     # and q = 1 - p_r (B,), from the non-reference exponentials.
     r: Any | None = None
     q: Any | None = None
+    # Structured path, diagonal losses (mse, bce): h = the diagonal of A per sample, (B, C)
+    # (then p, w, r and q are None).
+    h: Any | None = None
     # Magnitudes for the rounding allowances (docs/numerics.md section 4), the block's sums:
     # trace_abs[l-1] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|; norms[l-1, m-1] = sum_n nu_n^{lm} (l <= m).
     trace_abs: Any | None = None
@@ -60,37 +67,42 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
     delta: list[Any] = [none] * (L + 1)
     a = Xb
     z = Xb
+    fwd_err = None  # diagonal losses, Hessian: the forward error bound of z_l (docs/numerics.md)
+    track = prob.diagonal and prob.hessian and L >= 2
     for l in range(1, L + 1):
         b = bias[l - 1]
         at[l] = a if b is None else xp.concat([a, xp.ones((B, 1), dtype=a.dtype, device=arr.device)], axis=1)
+        if track:
+            fwd_err = _forward_error(W[l - 1], b, at[l], sp[l - 1], fwd_err, xp)
         z = a @ W[l - 1].T
         if b is not None:
             z += b
         if l < L:
             a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z, arr)
-    sm = softmax_ref(z, xp)  # the reference class r = argmax z (docs/numerics.md section 1)
-    p = sm.p
-    w = xp.sum(Yb, axis=1)  # 1 up to rounding; kept so the maths is exact for the given rows
-    delta[L] = delta_last(sm, w, Yb, xp)
+    out = output(prob, z, Yb, xp)
+    sm, w = out.sm, out.w
+    p = None if sm is None else sm.p
+    r, q = (None, None) if sm is None else (sm.r, sm.q)
+    delta[L] = out.delta
     at_sq = [none] + [xp.sum(at[l] * at[l], axis=1) for l in range(1, L + 1)]
     if prob.structured and not prob.hessian:  # GGN, K route: T_{L-1} = W_L D_{L-1}, T_l = T_{l+1} W_{l+1} D_l
         T: dict[int, Any] = {}
         tr_m = [none] * (L + 1)
         tr_abs = [none] * (L + 1)
-        dA = diag_a(sm, w, xp)
+        dA = a_diagonal(out, xp)
         tr_m[L], tr_abs[L] = xp.sum(dA, axis=1), xp.sum(xp.abs(dA), axis=1)  # tr(A)
         Tl = none
         for l in range(L - 1, 0, -1):
             Tl = (W[L - 1][None, :, :] if l == L - 1 else Tl @ W[l]) * sp[l][:, None, :]
-            dg = _diag_tat(sm, w, Tl, xp)
+            dg = tat_diagonal(out, Tl, xp)
             tr_m[l], tr_abs[l] = xp.sum(dg, axis=1), xp.sum(xp.abs(dg), axis=1)
             if l <= L - 2:
                 T[l] = Tl
         norms = _sum_nu(nu_ggn(at_sq, tr_m, xp), L, arr)
         return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at_sq, tr_m, arr), p=p, w=w, W=W[L - 1], T=T,
-                             r=sm.r, q=sm.q, trace_abs=_layer_traces(at_sq, tr_abs, arr), norms=norms)
+                             r=r, q=q, h=out.h, trace_abs=_layer_traces(at_sq, tr_abs, arr), norms=norms)
     M: list[Any] = [none] * (L + 1)
-    M[L] = dense_a(sm, w, xp)
+    M[L] = a_dense(out, xp)
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
     rho = u = None
     G_next: dict[int, Any] = {}  # G_{l,l+1}, formed on the way to M_l
@@ -100,7 +112,7 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
         delta[l] = sp[l] * g
         if kroute and l == L - 1:  # M_{L-1} = V V^T + diag(rho), |V_k|^2 = (T^T A T)_kk
             rho = spp[l] * g
-            u = _diag_tat(sm, w, Wn[None, :, :] * sp[l][:, None, :], xp)
+            u = tat_diagonal(out, Wn[None, :, :] * sp[l][:, None, :], xp)
             if L == 2:
                 continue  # nothing below needs the dense d x d matrix
         G_next[l], M[l] = _curvature_step(Wn, M[l + 1], sp[l], spp[l] * g if prob.hessian else None)
@@ -131,12 +143,17 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
     last = (xp.sum(u, axis=1), rho, tr_m[L]) if kroute else None
-    norms = _sum_nu(nu_formed(prob, at_sq, G, Q, delta, sp, last, xp), L, arr)
+    nu = nu_formed(prob, at_sq, G, Q, delta, sp, last, xp)
+    if track:  # the error of delta_L, folded into the magnitudes (docs/numerics.md, "Diagonal losses")
+        dnu, dtr = _delta_error_terms(W, at, at_sq, sp, spp, delta_error(prob, out, z, Yb, fwd_err, xp), xp)
+        nu = {k: v + dnu[k] for k, v in nu.items()}
+        trace_abs = trace_abs + _layer_traces(at_sq, dtr, arr)
+    norms = _sum_nu(nu, L, arr)
     if not kroute:
         return BlockFeatures(at, delta, sp, G, Q, trace, trace_abs=trace_abs, norms=norms)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u, r=sm.r, q=sm.q,
+    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u, r=r, q=q, h=out.h,
                          trace_abs=trace_abs, norms=norms)
 
 
@@ -212,3 +229,60 @@ def _sum_nu(nu: dict[tuple[int, int], Any], L: int, arr: Arrays) -> Any:
         out[l - 1, m - 1] = arr.total(v)
     return out
 
+
+
+def _forward_error(Wl: Any, bl: Any, at_l: Any, sp_prev: Any, err_prev: Any, xp: Any) -> Any:
+    """The componentwise bound E_l on the error of z_l (B, d_l), first order (docs/numerics.md,
+    "Diagonal losses"): gamma(d_{l-1} + 2) |W~_l| |a~_{l-1}|, plus for l >= 2 the error of
+    a_{l-1} = sigma(z_{l-1}) carried through |W_l|: |sigma'| E_{l-1} + 8 u |a_{l-1}|."""
+    d_in = Wl.shape[1]
+    absW = xp.abs(Wl)
+    mag = xp.abs(at_l[:, :d_in]) @ absW.T
+    if bl is not None:
+        mag = mag + xp.abs(bl)
+    E = gamma(d_in + 2) * mag
+    if err_prev is not None:
+        E = E + (xp.abs(sp_prev) * err_prev + 8.0 * _U * xp.abs(at_l[:, :d_in])) @ absW.T
+    return E
+
+
+def _delta_error_terms(W: Any, at: list[Any], at_sq: list[Any], sp: list[Any], spp: list[Any], d_err: Any,
+                       xp: Any) -> tuple[dict[tuple[int, int], Any], list[Any]]:
+    """(dnu^{lm} / u per sample, sqrt(d_l) dM_l / u per sample) of docs/numerics.md, "Diagonal
+    losses": how far an error d_err (B, C) in delta_L can move the Hessian's blocks, by a scalar
+    backward recursion on norms (Frobenius norms of the weights bound their 2-norms)."""
+    L = len(W)
+    na = [None] + [xp.sqrt(at_sq[l]) for l in range(1, L + 1)]
+    wn = [0.0] + [float(xp.sqrt(xp.sum(Wl * Wl))) for Wl in W]  # |W_l|_F
+    s1 = [None] + [xp.max(xp.abs(sp[l]), axis=1) for l in range(1, L)]
+    s2 = [None] + [xp.max(xp.abs(spp[l]), axis=1) for l in range(1, L)]
+    e = [None] * (L + 1)
+    dM = [None] * (L + 1)
+    e[L] = _row_norm(d_err, xp)
+    dM[L] = xp.zeros_like(e[L])
+    for l in range(L - 1, 0, -1):
+        dg = wn[l + 1] * e[l + 1]
+        e[l] = s1[l] * dg
+        dM[l] = (s1[l] * wn[l + 1]) ** 2 * dM[l + 1] + s2[l] * dg
+    dnu: dict[tuple[int, int], Any] = {}
+    for l in range(1, L + 1):
+        tau = xp.ones_like(e[L])  # bound on |T_{m,l}|_2, m = l
+        for m in range(l, L + 1):
+            if m > l:
+                tau = wn[m] * s1[m - 1] * tau
+            v = tau * dM[m] * na[m]
+            if m > l:
+                qn = _row_norm(sp[l], xp) if m == l + 1 else math.sqrt(W[l - 1].shape[0]) * s1[m - 1] * _tau(
+                    wn, s1, l, m - 1, xp, e[L])
+                v = v + e[m] * qn
+            dnu[l, m] = na[l] * v / _U
+    dtr = [None] + [math.sqrt(W[l - 1].shape[0]) * dM[l] / _U for l in range(1, L + 1)]
+    return dnu, dtr
+
+
+def _tau(wn: list[float], s1: list[Any], l: int, m: int, xp: Any, like: Any) -> Any:
+    """tau_{m,l} = prod_{k=l+1}^{m} |W_k|_F max|sigma'_{k-1}|, the bound on |T_{m,l}|_2 (B,)."""
+    t = xp.ones_like(like)
+    for k in range(l + 1, m + 1):
+        t = wn[k] * s1[k - 1] * t
+    return t

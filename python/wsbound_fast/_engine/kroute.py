@@ -177,10 +177,23 @@ def _vector_values(L: int, C: int) -> int:
     return 8 * L * C + 6 * C + 8
 
 
+def _tr_hkhk(hI: Any, hJT: Any, K: Any, Kt: Any, xp: Any) -> Any:
+    """tr(A K A' Kt^T) for A = diag(h) (mse, bce; docs/design.md, "Losses") for every pair of a
+    chunk, (r, c): sum_ij h_i h'_j K_ij Kt_ij, with rows hI (r, C) and columns hJT (C, c); None
+    stands for K_L = I (Kt may be I, and K only if Kt is)."""
+    if Kt is None:
+        if K is None:
+            return hI @ hJT  # sum_i h_i h'_i
+        return xp.einsum("aib,ai->ab", xp.einsum("aiib->aib", K) * hJT, hI)
+    return xp.einsum("aib,ai->ab", xp.einsum("aijb,jb->aib", K * Kt, hJT), hI)
+
+
 def _pair_sum_ggn(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatures) -> Any:
     """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
     K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below, each shifted to the pair's
-    reference classes; (L, L) in the accumulation dtype."""
+    reference classes (cross-entropy; a diagonal A needs no shift); (L, L) in the accumulation dtype."""
+    if FI.h is not None:
+        return _pair_sum_ggn_diagonal(prob, arr, FI, FJ)
     xp, acc = arr.xp, arr.to_acc
     L = prob.n_layers
     out = arr.zeros((L, L))
@@ -214,6 +227,35 @@ def _pair_sum_ggn(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatur
     return out
 
 
+def _pair_sum_ggn_diagonal(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatures) -> Any:
+    """_pair_sum_ggn for a diagonal A = diag(h): alpha_l alpha_m sum_ij h_i h'_j (K_l)_ij (K_m)_ij."""
+    xp, acc = arr.xp, arr.to_acc
+    L = prob.n_layers
+    out = arr.zeros((L, L))
+    alphas = {l: arr.gram(FI.at[l], FJ.at[l]) for l in range(1, L + 1)}
+    hI_all, hJ_all = acc(FI.h), acc(FJ.h)
+    (B, C), Bp = FI.h.shape, FJ.h.shape[0]
+    omega, pos = _omega(FI.W, False, arr)
+    gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1
+    per_pair = (2 * L - 1) * C * C + _vector_values(L, C)
+    chunk_outer, chunk_inner = chunk_budgets(prob)
+    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.shape[0] * omega.shape[1], chunk_outer):
+        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols], arr) \
+            if L >= 2 else None
+        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols], arr) for l in range(1, L - 1)}
+        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
+            rr, cc = _within(rows, sr), _within(cols, sc)
+            hI, hJT = hI_all[rr], hJ_all[cc].T
+            Ks: dict[int, Any] = {L: None}
+            for l in range(1, L):
+                Ks[l] = _unpack(packed[sr, :, sc], pos, xp) if l == L - 1 else _t_layout(grams[l][sr, :, sc], arr)
+            for l in range(1, L + 1):
+                for m in range(l, L + 1):
+                    tr = _tr_hkhk(hI, hJT, Ks[l], Ks[m], xp)
+                    out[l - 1, m - 1] += xp.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * tr)
+    return out
+
+
 def _pair_sum_last(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatures) -> tuple[Any, Any]:
     """Hessian blocks (L-1, L-1) and (L-1, L) by the K route (docs/structured.md), L >= 2:
 
@@ -234,13 +276,18 @@ def _pair_sum_last(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatu
     beta = arr.gram(FI.at[L], FJ.at[L])
     gamma = arr.gram(FI.delta[L], FJ.delta[L])
     inner = arr.gram(FI.u, FJ.rho) + arr.gram(FI.rho, FJ.u) + arr.gram(FI.rho, FJ.rho)
-    wI, wJ, qI, qJ = acc(FI.w), acc(FJ.w), acc(FI.q), acc(FJ.q)
-    ww = wI[:, None] * wJ[None, :]
-    pI_all, pJ_all, dI_all, dJ_all = acc(FI.p), acc(FJ.p), acc(FI.delta[L]), acc(FJ.delta[L])
-    (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, qI, xp), _ref_rows(pJ_all, FJ.r, qJ, xp)
-    hh = hI @ hJ.T  # p^T S_I p'
-    pn_dJ = pnI @ dJ_all.T  # sum_{i != r} p_i delta'_i
-    dI_pn = dI_all @ pnJ.T  # sum_{i != r'} delta_i p'_i
+    diagonal = FI.h is not None  # A = diag(h): no shift, no rank-one terms (docs/design.md, "Losses")
+    dI_all, dJ_all = acc(FI.delta[L]), acc(FJ.delta[L])
+    if diagonal:
+        hdI_all, hdJ_all = acc(FI.h), acc(FJ.h)
+    else:
+        wI, wJ, qI, qJ = acc(FI.w), acc(FJ.w), acc(FI.q), acc(FJ.q)
+        ww = wI[:, None] * wJ[None, :]
+        pI_all, pJ_all = acc(FI.p), acc(FJ.p)
+        (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, qI, xp), _ref_rows(pJ_all, FJ.r, qJ, xp)
+        hh = hI @ hJ.T  # p^T S_I p'
+        pn_dJ = pnI @ dJ_all.T  # sum_{i != r} p_i delta'_i
+        dI_pn = dI_all @ pnJ.T  # sum_{i != r'} delta_i p'_i
     sI, sJ = FI.sp[L - 1], FJ.sp[L - 1]
     asJ = FJ.at[L][:, :d] * sJ  # a' s'
     omega, pos = _omega(W, True, arr)
@@ -258,6 +305,19 @@ def _pair_sum_last(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatu
         for sr, sc in _pair_chunks(R_all.shape[0], R_all.shape[2], per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
             R, Ep = R_all[sr, :, sc], Ep_all[sr, :, sc]
+            if diagonal:
+                K = _unpack(R, pos, xp)
+                hI_, hJT_ = hdI_all[rr], hdJ_all[cc].T
+                t_kk = _tr_hkhk(hI_, hJT_, K, K, xp)
+                t_ki = _tr_hkhk(hI_, hJT_, K, None, xp)
+                E = R[:, n_k:, :]
+                # (G_n delta')(Q'^T a) = E . (A delta') and its mirror E' . (A' delta)
+                cross = xp.einsum("aib,ai,ib->ab", E, hI_, dJ_all[cc].T) + xp.einsum("aib,ib,ai->ab", Ep, hJT_,
+                                                                                   dI_all[rr])
+                a = alpha[rr, cc]
+                total[0] += xp.sum(a * a * (t_kk + inner[rr, cc]))
+                total[1] += xp.sum(a * (beta[rr, cc] * t_ki + gamma[rr, cc] * R[:, 0, :] + cross))
+                continue
             pI, pJT = pI_all[rr], pJ_all[cc].T
             rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, None, xp)
             k = _k_terms(_shift(_unpack(R, pos, xp), rf), pI, pJT, xp)

@@ -8,7 +8,7 @@ from typing import Any
 from .._problem.problem import Problem
 from .activations import evaluate
 from .namespace import Arrays, Weights
-from .softmax import a_times, delta_last, softmax_ref
+from .losses import a_apply, output
 
 
 def offsets(prob: Problem) -> list[int]:
@@ -40,15 +40,14 @@ def block_hvp(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any, V: Any
         if l < L:
             a, S1[l], S2[l] = evaluate(prob.activations[l - 1], z, arr)
             A.append(a)
-    sm = softmax_ref(z, xp)  # the reference class r = argmax z (docs/numerics.md section 1)
-    w = xp.sum(Yb, axis=1)
+    out = output(prob, z, Yb, xp)  # cross-entropy: shifted to r = argmax z (docs/numerics.md section 1)
     D: list[Any] = [None] * (L + 1)
     G: list[Any] = [None] * (L + 1)
-    D[L] = delta_last(sm, w, Yb, xp)
+    D[L] = out.delta
     for l in range(L - 1, 0, -1):
         G[l] = D[l + 1] @ W[l]
         D[l] = S1[l] * G[l]
-    out = xp.zeros_like(V)
+    res = xp.zeros_like(V)
     for j in range(V.shape[0]):
         v = V[j]
         Vl = [v[off[l - 1]: off[l - 1] + nw[l]].reshape(W[l - 1].shape) for l in range(1, L + 1)]
@@ -64,7 +63,7 @@ def block_hvp(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any, V: Any
             if l < L:
                 RA[l] = S1[l] * rz
         RD: list[Any] = [None] * (L + 1)
-        RD[L] = a_times(sm, w, RZ[L], xp)  # A R{z_L}, shifted to r: no cancellation when p saturates
+        RD[L] = a_apply(out, RZ[L], xp)  # A R{z_L} (cross-entropy: shifted to r, no cancellation when p saturates)
         for l in range(L - 1, 0, -1):
             T = RD[l + 1] @ W[l]
             if hess:
@@ -76,7 +75,7 @@ def block_hvp(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any, V: Any
             gW = RD[l].T @ A[l - 1]
             if hess and l > 1:
                 gW += D[l].T @ RA[l - 1]
-            out[j, off[l - 1]: off[l - 1] + nw[l]] = gW.ravel()
+            res[j, off[l - 1]: off[l - 1] + nw[l]] = gW.ravel()
             if bias[l - 1] is not None:
-                out[j, off[l - 1] + nw[l]: off[l]] = RD[l].sum(axis=0)
-    return out
+                res[j, off[l - 1] + nw[l]: off[l]] = RD[l].sum(axis=0)
+    return res

@@ -23,8 +23,11 @@ _ELEMENTWISE_WEIGHT = 2.5
 _STRUCTURED_MAX_RATIO = 0.95
 
 
-def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool) -> tuple[float, float]:
-    """(GEMM multiply-adds, elementwise multiply-adds) per sample pair."""
+def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool,
+           diagonal: bool = False) -> tuple[float, float]:
+    """(GEMM multiply-adds, elementwise multiply-adds) per sample pair.  ``diagonal``: the loss's
+    A is diagonal (mse, bce), so that the K route's identity is one weighted sum per (l, m)
+    (docs/design.md, "Losses") instead of four terms after a shift to the reference classes."""
     L = len(dims) - 1
     d = dims
     aug = [0] + [d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1)]
@@ -34,12 +37,15 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
     elem = 0.0
     if structured and not hessian:  # docs/structured.md: K_l for every l, O(C^2) identity per (l, m)
         if L == 2:  # K_1 packed; one fused, vectorised pass over it (~3 per entry), then O(C)
-            return gemm + R * d[1], elem + 3 * R + 10 * C
+            return gemm + R * d[1], elem + (2 * R + 3 * C if diagonal else 3 * R + 10 * C)
         if L >= 3:  # K_{L-1} packed, then unpacked for kh, u, v
             gemm += R * d[L - 1]
-            elem += 4 * C * C
+            elem += C * C if diagonal else 4 * C * C
         gemm += C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
-        elem += 3 * C * C * max(L - 2, 0) + (C * C + 2 * C) * L * (L + 1) / 2
+        if diagonal:  # no shift; sum_ij h_i h'_j K_ij Kt_ij per (l, m)
+            elem += C * C * L * (L + 1) / 2
+        else:
+            elem += 3 * C * C * max(L - 2, 0) + (C * C + 2 * C) * L * (L + 1) / 2
         return gemm, elem
     kroute = structured and L >= 2
     for l in range(1, L + 1):
@@ -47,7 +53,8 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
             if kroute and l == L - 1:
                 if m == l:  # (L-1, L-1) and (L-1, L) together through K_{L-1}
                     gemm += (1 + R + 2 * C) * d[l] + 3 * d[l] + aug[L] + C
-                    elem += 3 * R + 14 * C  # fused pass over the packed K, then O(C) and the cross terms
+                    # fused pass over the packed K, then O(C) and the cross terms
+                    elem += 2 * R + 6 * C if diagonal else 3 * R + 14 * C
                 continue
             if l == m:
                 gemm += d[l] * d[m]
@@ -64,19 +71,21 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
     return gemm, elem
 
 
-def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool) -> float:
+def pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool,
+               diagonal: bool = False) -> float:
     """Flops (2 per multiply-add) of the pair phase per ordered sample pair."""
-    gemm, elem = _terms(dims, has_bias, hessian, structured)
+    gemm, elem = _terms(dims, has_bias, hessian, structured, diagonal)
     return 2.0 * (gemm + elem)
 
 
-def choose_structured(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool) -> bool:
-    """Whether the structured contraction is cheaper than the generic one."""
+def choose_structured(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, diagonal: bool = False) -> bool:
+    """Whether the structured contraction is cheaper than the generic one (``diagonal``: the
+    loss's A is diagonal)."""
     if hessian and len(dims) - 1 < 2:
         return False  # logistic regression: nothing to exploit for the Hessian
     costs = []
     for structured in (False, True):
-        gemm, elem = _terms(dims, has_bias, hessian, structured)
+        gemm, elem = _terms(dims, has_bias, hessian, structured, diagonal)
         costs.append(gemm + _ELEMENTWISE_WEIGHT * elem)
     return costs[1] < _STRUCTURED_MAX_RATIO * costs[0]
 
@@ -281,7 +290,7 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
 
 
 def block_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, bI: int, bJ: int,
-                     structured: bool = False) -> int:
+                     structured: bool = False, diagonal: bool = False) -> int:
     """Floating-point operations of the matrix products in one pair_sum of a bI x bJ block pair.
 
     Counts 2 flops per multiply-add of every GEMM / batched GEMM / einsum contraction that
@@ -296,6 +305,13 @@ def block_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: boo
     na = [0] + [d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1)]  # len(at[l])
     pq = 2 * bI * bJ
     f = 0
+    if structured and not hessian and diagonal:  # kroute._pair_sum_ggn, A = diag(h)
+        f += pq * (sum(na[1:]) + C)  # alpha_l; h . h'
+        if L >= 2:
+            f += pq * (C * (C + 1) // 2) * d[L - 1]  # packed K_{L-1}
+        f += pq * C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
+        f += pq * sum(_tr_hkhk_madds(C, l == L, m == L) for l in range(1, L + 1) for m in range(l, L + 1))
+        return int(f)
     if structured and not hessian:  # kroute._pair_sum_ggn
         f += pq * (sum(na[1:]) + 2 * C)  # alpha_l; pn . pn', phat . phat' (S_I's terms)
         if L >= 2:
@@ -310,8 +326,12 @@ def block_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: boo
         f += pq * (na[L - 1] + na[L] + C + 3 * d[L - 1] + 3 * C)
         f += pq * (1 + C * (C + 1) // 2 + C) * d[L - 1]  # [s . s'; packed K; E]
         f += pq * C * d[L - 1]  # E'
-        f += pq * (_k_terms_madds(C) + _tr_akak_madds(C, False, False) + _tr_akak_madds(C, False, True))
-        f += pq * 4 * C  # the two cross terms
+        if diagonal:
+            f += pq * (_tr_hkhk_madds(C, False, False) + _tr_hkhk_madds(C, False, True))
+            f += pq * 2 * C  # the two cross terms
+        else:
+            f += pq * (_k_terms_madds(C) + _tr_akak_madds(C, False, False) + _tr_akak_madds(C, False, True))
+            f += pq * 4 * C  # the two cross terms
     for l in range(1, L + 1):
         if kroute and l == L - 1:
             continue
@@ -350,10 +370,19 @@ def _tr_akak_madds(C: int, k_is_identity: bool, kt_is_identity: bool) -> int:
     return t1 + 2 * C  # t2, t3
 
 
+def _tr_hkhk_madds(C: int, k_is_identity: bool, kt_is_identity: bool) -> int:
+    """Multiply-adds per pair of kroute._tr_hkhk(k, kt) (diagonal A; elementwise products left out)."""
+    if k_is_identity and kt_is_identity:
+        return C  # h . h'
+    if kt_is_identity:
+        return C  # sum_i h_i h'_i K_ii
+    return C * C + C  # (K * Kt) h', then h^T
+
+
 def total_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, n_samples: int,
-                     batch_size: int, structured: bool = False) -> int:
+                     batch_size: int, structured: bool = False, diagonal: bool = False) -> int:
     """block_pair_flops summed over the block pairs I <= J that the moment pass visits (what bench/
     and gpu_check.py divide by the time: TFLOP/s reached)."""
     sizes = [min(batch_size, n_samples - lo) for lo in range(0, n_samples, batch_size)]
-    return sum(block_pair_flops(dims, has_bias, hessian, sizes[i], sizes[j], structured)
+    return sum(block_pair_flops(dims, has_bias, hessian, sizes[i], sizes[j], structured, diagonal)
                for i in range(len(sizes)) for j in range(i, len(sizes)))

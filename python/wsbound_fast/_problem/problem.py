@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import Activation
+from .losses import DIAGONAL_LOSSES, LOSS_CODES
 
 CURVATURES = ("hessian", "ggn")
 
@@ -45,6 +46,8 @@ class Problem:
     #: :func:`~wsbound_fast._planning.blocks.plan_python` from the budget.  None: the
     #: cache-sized CPU defaults (``_planning.blocks.CPU_CHUNK_VALUES``).
     chunks: tuple[float, float] | None = None
+    #: The loss (a name of ``_problem.losses.LOSSES``); labels hold its targets.
+    loss: str = "cross_entropy"
 
     @property
     def n_layers(self) -> int:
@@ -61,6 +64,24 @@ class Problem:
     @property
     def n_params(self) -> int:
         return n_params(self.weights, self.biases)
+
+    @property
+    def diagonal(self) -> bool:
+        """Whether the loss's output curvature A is diagonal (mse, bce)."""
+        return self.loss in DIAGONAL_LOSSES
+
+    @property
+    def loss_code(self) -> int:
+        return LOSS_CODES[self.loss]
+
+    @property
+    def divisor(self) -> int:
+        """What the reduction divides the sum over samples by: 1 for "sum"; for "mean" N
+        (cross-entropy) or N C (mse, bce: torch's mean over every element).  tr(H) is divided
+        by it, tr(H^2) by its square."""
+        if not self.mean:
+            return 1
+        return self.n_samples * self.n_classes if self.diagonal else self.n_samples
 
     @property
     def curvature(self) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .activations import validate_activations
+from .losses import resolve_loss
 
 __all__ = ["from_torch", "is_module", "is_tensor", "load_module"]
 
@@ -221,9 +222,20 @@ def convert(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], li
     if pending is not None:
         raise ValueError(
             f"{pending[1]}: an activation after the last Linear layer is not supported; the last Linear's outputs "
-            "are the logits of the softmax cross-entropy"
+            "are the logits the loss takes (softmax cross-entropy, mse, or bce with logits: drop a final Sigmoid)"
         )
     return layers, acts, flatten
+
+
+def ends_with_log_softmax(module: Any) -> bool:
+    """Whether a torch module's last module is a LogSoftmax (which :func:`convert` skips: it
+    leaves cross-entropy unchanged, but not the squared error or binary cross-entropy)."""
+    torch = _import_torch()
+    if type(module) is not torch.nn.Sequential:
+        return False
+    items: list[tuple[str, Any]] = []
+    _flatten_children(module, "", items)
+    return bool(items) and type(items[-1][1]) is torch.nn.LogSoftmax
 
 
 def from_torch(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], list[Any]]:
@@ -244,13 +256,19 @@ def from_torch(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]],
     return layers, acts
 
 
-def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = False) -> tuple[Any, Any, Any, Any]:
+def adapt(layers: Any, X: Any, y: Any, activation: Any, *, keep_tensors: bool = False,
+          loss: Any = "cross_entropy") -> tuple[Any, Any, Any, Any]:
     """bound()'s inputs with torch objects replaced by arrays; no-op (and no import) without torch.
 
-    For a module, ``activation`` must be None (take the module's) or agree with the module.
+    For a module, ``activation`` must be None (take the module's) or agree with the module,
+    and a final LogSoftmax is refused for a ``loss`` other than cross-entropy.
     With ``keep_tensors`` (the torch backend) X and y stay tensors, on their device.
     """
     if is_module(layers):
+        name = resolve_loss(loss, None)[0].name
+        if name != "cross_entropy" and ends_with_log_softmax(layers):
+            raise ValueError(f"layers: the torch module ends with a LogSoftmax, whose outputs are log-probabilities; "
+                             f"loss={name!r} takes the logits: drop the LogSoftmax")
         layers, acts, flatten = convert(layers)
         if activation is not None:
             mine = validate_activations(acts, len(layers))

@@ -28,6 +28,7 @@ from .._planning.blocks import (
 )
 from .._planning.cost import choose_structured
 from .activations import validate_activations
+from .losses import resolve_loss, smoothed_rows, validate_targets
 from .problem import BACKENDS, CURVATURES, REDUCTIONS, Problem
 
 
@@ -209,9 +210,29 @@ def min_memory_limit(layers: Any, curvature: str = "hessian", backend: str = "cp
     return cpp if _choice(backend, "backend", BACKENDS) == "cpp" else py
 
 
+def _drop_ignored(Xa: Any, y: Any, ignore_index: int | None) -> tuple[Any, Any]:
+    """Samples whose class index is ``ignore_index`` left out (torch's CrossEntropyLoss), for
+    1-D integer targets; X may be an array or a tensor (indexed on its device)."""
+    arr = np.asarray(y)
+    if ignore_index is None or arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.shape[0] != Xa.shape[0]:
+        return Xa, y
+    keep = arr != ignore_index
+    if keep.all():
+        return Xa, y
+    if not keep.any():
+        raise ValueError(f"y: every sample has the loss's ignore_index ({ignore_index}); nothing is left to compute on")
+    idx = np.flatnonzero(keep)
+    if type(Xa).__module__.startswith("torch"):
+        import torch
+
+        return Xa[torch.as_tensor(idx, device=Xa.device)], arr[idx]
+    return Xa[idx], arr[idx]
+
+
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
              batch_size: Any = None, threads: Any = None, memory_limit: Any = None,
-             check_X: Callable[[Any, int], Any] | None = None, backend: str | None = None) -> Problem:
+             check_X: Callable[[Any, int], Any] | None = None, backend: str | None = None,
+             loss: Any = "cross_entropy") -> Problem:
     """Validate everything; ``check_X`` replaces :func:`validate_X` (the torch backend checks
     tensors on their own device, with the same errors, instead of copying them to NumPy).
     ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting,
@@ -225,9 +246,17 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     acts = validate_activations(activation, len(weights))
     Xa = (validate_X if check_X is None else check_X)(X, weights[0].shape[1])
     n_classes = weights[-1].shape[0]
-    if n_classes < 2:
-        raise ValueError(f"layers: the last layer must have at least 2 outputs (classes) for cross-entropy; got {n_classes}")
-    labels, soft = validate_labels(y, Xa.shape[0], n_classes)
+    lossr, reduction = resolve_loss(loss, reduction)
+    if lossr.diagonal:
+        labels, soft = validate_targets(y, Xa.shape[0], n_classes, lossr.name)
+    else:
+        if n_classes < 2:
+            raise ValueError(f"layers: the last layer must have at least 2 outputs (classes) for cross-entropy; "
+                             f"got {n_classes} (for one output use loss='bce' or loss='mse')")
+        Xa, y = _drop_ignored(Xa, y, lossr.ignore_index)
+        labels, soft = validate_labels(y, Xa.shape[0], n_classes)
+        if lossr.label_smoothing:
+            labels, soft = smoothed_rows(labels, soft, n_classes, lossr.label_smoothing), True
     curv = _choice(curvature, "curvature", CURVATURES)
     red = _choice(reduction, "reduction", REDUCTIONS)
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
@@ -236,9 +265,9 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
-    structured = choose_structured(dims, has_bias, hessian)
+    structured = choose_structured(dims, has_bias, hessian, lossr.diagonal)
     prob = Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
-                   1, nthreads, 1, budget)
+                   1, nthreads, 1, budget, loss=lossr.name)
     if backend in ("cpp", None):
         if backend is None or not moments_plan_active():  # a default plan (the caller plans again)
             size, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,

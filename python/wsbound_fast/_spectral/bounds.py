@@ -321,6 +321,8 @@ class Bound:
     #: them of ``trace`` and ``trace_sq``; every bound above was widened by what they imply.
     trace_allowance: float | None = None
     trace_sq_allowance: float | None = None
+    #: The loss whose curvature this is: "cross_entropy", "mse" or "bce".
+    loss: str = "cross_entropy"
 
     def __post_init__(self) -> None:
         if self.lambda_max_bracket is _WS_INTERVAL:

@@ -48,19 +48,26 @@ def _first_layer_inputs(prob: Problem) -> int:
     return nonzero + int(prob.biases[0] is not None)
 
 
+def _rank_a(prob: Problem) -> int:
+    """The rank bound of one sample's output curvature A: C - 1 for cross-entropy (A 1 = 0), C
+    for a diagonal A (mse, bce)."""
+    C = prob.n_classes
+    return C if prob.diagonal else C - 1
+
+
 def block_spans(prob: Problem) -> tuple[list[int], list[int]]:
     """(p_l, s_l) per layer: the effective size of parameter block l, and the dimension of the
     space that contains block l of every column of one sample's Hessian (docs, Theorem 2)."""
     d = _dims(prob)
-    L, C = prob.n_layers, d[-1]
+    L, ra = prob.n_layers, _rank_a(prob)
     p, s = [], []
     for l in range(1, L + 1):
         width_in = _first_layer_inputs(prob) if l == 1 else d[l - 1] + int(prob.biases[l - 1] is not None)
         p.append(d[l] * width_in)
         if not prob.hessian:
-            s.append(C - 1)
+            s.append(ra)
             continue
-        e = d[l] if l < L else C - 1  # the G-term: e_r (x) a~_{l-1}, or A's range at the output layer
+        e = d[l] if l < L else ra  # the G-term: e_r (x) a~_{l-1}, or A's range at the output layer
         s.append(e + (d[l - 1] if l >= 2 else 0))  # + the delta-term: delta_l (x) q, q in R^{d_{l-1}}
     return p, s
 
@@ -69,7 +76,7 @@ def sample_rank(prob: Problem) -> int:
     """r_1: an upper bound on the rank of one sample's curvature H_n."""
     p, s = block_spans(prob)
     if not prob.hessian:
-        return min(sum(p), s[0])  # J^T A J with rank(A) <= C - 1
+        return min(sum(p), s[0])  # J^T A J with rank(A) <= C - 1 (C for mse, bce)
     return sum(min(pl, sl) for pl, sl in zip(p, s))
 
 
@@ -86,11 +93,11 @@ def rank_bound(prob: Problem) -> int:
 def layer_rank_bounds(prob: Problem) -> list[int]:
     """Upper bounds on rank(H^{ll}) = rank(sum_n E_l^T G_ll E_l): N * rank(G_ll) per sample."""
     d = _dims(prob)
-    L, C, N = prob.n_layers, d[-1], prob.n_samples
+    L, ra, N = prob.n_layers, _rank_a(prob), prob.n_samples
     p, _ = block_spans(prob)
     out = []
     for l in range(1, L + 1):
-        g = (d[l] if l < L else C - 1) if prob.hessian else min(d[l], C - 1)
+        g = (d[l] if l < L else ra) if prob.hessian else min(d[l], ra)
         out.append(int(max(1, min(p[l - 1], N * g))))
     return out
 

@@ -80,7 +80,7 @@ def _chunked(matvec: Any, rows: int) -> Any:
 
 def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray,
                   allowance: Allowance) -> tuple[LayerBound, ...]:
-    N = prob.n_samples
+    N = prob.divisor
     f1, f2 = (1.0 / N, 1.0 / (N * N)) if prob.mean else (1.0, 1.0)
     ranks = layer_rank_bounds(prob)
     out = []

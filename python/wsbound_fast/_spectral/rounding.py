@@ -211,7 +211,7 @@ def moment_allowance(prob: Any, trace_abs: np.ndarray, norms: np.ndarray) -> All
     cond = conditioning(prob)
     g_trace, g_pair = moment_gammas(prob, cond)
     N = prob.n_samples
-    f1, f2 = (1.0 / N, 1.0 / (N * N)) if prob.mean else (1.0, 1.0)
+    f1, f2 = (1.0 / prob.divisor, 1.0 / (prob.divisor * prob.divisor)) if prob.mean else (1.0, 1.0)
     ta = np.abs(np.asarray(trace_abs, dtype=np.float64))
     nu = np.abs(np.triu(np.asarray(norms, dtype=np.float64)))
     layer_tr = tuple(up(g_trace * float(ta[l]) * f1) for l in range(L))
