@@ -63,7 +63,7 @@ class DemoSetup:
 SETUPS = {
     "cross_entropy": DemoSetup(hidden=32, epochs=300, checkpoints=7, lr=0.5, momentum=0.9, init_scale=1.0,
                                spacing="geometric", certify=None),
-    "mse": DemoSetup(hidden=32, epochs=600, checkpoints=31, lr=1.0, momentum=0.0, init_scale=0.3,
+    "mse": DemoSetup(hidden=32, epochs=600, checkpoints=61, lr=1.0, momentum=0.0, init_scale=0.3,
                      spacing="linear", certify=True),
 }
 

@@ -141,24 +141,45 @@ def plot_edge_of_stability(path: str, steps: Sequence[float], lower: Sequence[fl
 
     fig = Figure(figsize=(7.0, 5.4), dpi=dpi, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    top.axhline(threshold, color="tab:red", ls="--", lw=1.4, zorder=1, label=f"2/η = {threshold:.4g}")
+    top.axhline(threshold, color="tab:red", ls="--", lw=1.4, zorder=1,
+                label=f"2/η = {threshold:.4g}: gradient descent is unstable above")
+    label = r"$\lambda_{max}$ of the loss Hessian: certified bracket"
+    if np.all(hi > 0):
+        rel = float(np.nanmax((hi - lo) / hi))
+        thin = ", thinner than the line" if rel * float(np.nanmax(hi)) < 0.006 * threshold else ""
+        label += f"\n(each at most {100 * rel:.2g}% wide{thin})"
     top.fill_between(x, lo, hi, color="tab:blue", alpha=0.30, lw=0, zorder=2)
     mid = 0.5 * (lo + hi)
     top.errorbar(x, mid, yerr=(mid - lo, hi - mid), fmt="o-", color="tab:blue", ms=3.2, lw=1.3, capsize=0,
-                 elinewidth=1.0, zorder=3, label=r"$\lambda_{max}$ of the Hessian: certified bracket")
-    ymax = max(float(np.nanmax(hi)), threshold)
-    top.set_ylim(0.0, 1.15 * ymax)
+                 elinewidth=1.0, zorder=3, label=label)
+    ymax = 1.15 * max(float(np.nanmax(hi)), threshold)
+    top.set_ylim(0.0, ymax)
     top.set_ylabel(r"sharpness $\lambda_{max}$")
-    rel = np.nanmax((hi - lo) / np.abs(hi)) if np.all(hi > 0) else np.nan
-    if np.isfinite(rel):
-        top.text(0.99, 0.03, f"every bracket is at most {100 * rel:.2g}% wide", transform=top.transAxes,
-                 ha="right", va="bottom", fontsize="small", color="tab:blue")
+    reach = np.flatnonzero(hi >= threshold)
+    if reach.size and 0 < reach[0] < x.size - 1:  # mark the two phases
+        xc, y_arrow = float(x[reach[0]]), 0.45 * threshold
+        for ax in (top, bottom):
+            ax.axvline(xc, color="tab:red", ls=":", lw=1.0, zorder=1)
+        for a, b, text in ((float(x[0]), xc, "progressive sharpening"),
+                           (xc, float(x[-1]), "edge of stability: $\\lambda_{max}$ stays near 2/η")):
+            top.annotate("", xy=(a, y_arrow), xytext=(b, y_arrow),
+                         arrowprops={"arrowstyle": "<->", "color": "0.35", "lw": 0.9})
+            top.text(0.5 * (a + b), y_arrow * 1.04, text, ha="center", va="bottom", fontsize="small", color="0.2")
+        top.text(xc, y_arrow * 0.96, f" epoch {x[reach[0]]:g}: the bracket reaches 2/η", ha="left", va="top",
+                 fontsize="small", color="tab:red")
+        late = np.flatnonzero(xl > xc)
+        if late.size:  # Cohen et al.: non-monotone over short times, decreasing over long ones
+            j = late[np.argmax(ls[late])]
+            left = xl[j] < xl.min() + 0.65 * (xl.max() - xl.min())  # room for the text on its right
+            bottom.annotate("non-monotone over a few steps,\nyet falling over many",
+                            xy=(xl[j], ls[j]), xytext=(12 if left else -12, -4), textcoords="offset points",
+                            ha="left" if left else "right", va="top", fontsize="small", color="0.2")
     top.grid(True, alpha=0.3)
-    top.legend(loc="upper left", fontsize="small", framealpha=0.9)
+    top.legend(loc="lower right", fontsize="small", framealpha=0.9)
     if title:
         top.set_title(title, fontsize="medium")
 
-    bottom.plot(xl, ls, "-", color="tab:gray", lw=1.0)
+    bottom.plot(xl, ls, "-", color="tab:gray", lw=1.0, label="every step")
     on = np.isin(xl, x)
     bottom.plot(xl[on], ls[on], "o", color="black", ms=2.5, label="at the checkpoints above")
     if (ls > 0).all() and ls.max() / ls.min() > 5:
