@@ -352,8 +352,12 @@ def _eos_summary(rows: Sequence[DemoRow], threshold: float, entries: int, lab: d
     rest = rows[above[0]:]
     lo_min = min(r.bound.lambda_max_bracket[0] for r in rest)
     hi_max = max(r.bound.lambda_max_bracket[1] for r in rest)
-    print(f"{name} rose from [{directed(lo0, 4, False)}, {directed(hi0, 4, True)}] at epoch {rows[0].epoch} to "
-          f"{thr} = {threshold:.4g} by epoch {first.epoch} (progressive sharpening); from then on it stayed in "
-          f"[{directed(lo_min, 4, False)}, {directed(hi_max, 4, True)}] = {thr} x "
-          f"[{directed(lo_min / threshold, 3, False)}, {directed(hi_max / threshold, 3, True)}] "
+    start = f"{name} in [{directed(lo0, 4, False)}, {directed(hi0, 4, True)}] at epoch {rows[0].epoch}"
+    if above[0] == 0:
+        story = (f"{start}, already at or above {thr} = {threshold:.4g} (no sharpening phase: a smaller "
+                 f"{lab['eta']} shows one)")
+    else:
+        story = f"{start} rose to {thr} = {threshold:.4g} by epoch {first.epoch} (progressive sharpening)"
+    print(f"{story}; from then on it stayed in [{directed(lo_min, 4, False)}, {directed(hi_max, 4, True)}] = "
+          f"{thr} x [{directed(lo_min / threshold, 3, False)}, {directed(hi_max / threshold, 3, True)}] "
           f"(the edge of stability, Cohen et al. 2021).", file=out)
