@@ -26,8 +26,16 @@ namespace py = pybind11;
 
 using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
+// The loss code of the trailing `loss` argument (wsb::Loss; python/wsbound_fast/_problem/losses.py).
+inline wsb::Loss make_loss(int code) {
+    if (code < 0 || code > static_cast<int>(wsb::Loss::Bce))
+        throw std::invalid_argument("loss: unknown code " + std::to_string(code) + " (0 = cross_entropy, 1 = mse, 2 = bce)");
+    return static_cast<wsb::Loss>(code);
+}
+
+// The model, validated for its loss (cross-entropy needs C >= 2 classes).
 inline wsb::Model make_model(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
-                             const std::vector<double>& act_params) {
+                             const std::vector<double>& act_params, wsb::Loss loss = wsb::Loss::CrossEntropy) {
     if (py::len(weights) != py::len(biases)) throw std::invalid_argument("layers: one bias entry per weight");
     if (act_codes.size() != act_params.size()) throw std::invalid_argument("activation: codes and params differ in length");
     wsb::Model model;
@@ -54,7 +62,7 @@ inline wsb::Model make_model(const py::list& weights, const py::list& biases, co
             throw std::invalid_argument("activation: unknown code " + std::to_string(act_codes[i]));
         model.act.push_back({static_cast<wsb::Act>(act_codes[i]), act_params[i]});
     }
-    model.validate();
+    model.validate(loss);
     return model;
 }
 

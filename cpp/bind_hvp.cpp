@@ -8,8 +8,9 @@ namespace {
 
 py::array_t<double> hvp(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
                         const std::vector<double>& act_params, const py::array& X, const py::array& labels,
-                        const py::array& V, bool hessian, std::int64_t batch, int threads) {
-    const wsb::Model model = wsb_bind::make_model(weights, biases, act_codes, act_params);
+                        const py::array& V, bool hessian, std::int64_t batch, int threads, int loss) {
+    const wsb::Loss loss_kind = wsb_bind::make_loss(loss);
+    const wsb::Model model = wsb_bind::make_model(weights, biases, act_codes, act_params, loss_kind);
     const wsb::InputView xv = wsb_bind::make_input(X);
     py::array held;
     const wsb::Labels y = wsb_bind::make_labels(labels, xv.rows, model.d(model.n_layers()), held);
@@ -27,6 +28,7 @@ py::array_t<double> hvp(const py::list& weights, const py::list& biases, const s
     opt.hessian = hessian;
     opt.batch = batch;
     opt.threads = threads;
+    opt.loss = loss_kind;
     wsb_bind::run_released([&](const std::atomic<bool>* cancel) { wsb::hvp(model, xv, y, vin, k, vout, opt, cancel); });
     return out;
 }
@@ -35,8 +37,10 @@ py::array_t<double> hvp(const py::list& weights, const py::list& biases, const s
 
 void bind_hvp(py::module_& m) {
     m.def("hvp", &hvp, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"), py::arg("X"),
-          py::arg("labels"), py::arg("V"), py::arg("hessian"), py::arg("batch"), py::arg("threads"),
+          py::arg("labels"), py::arg("V"), py::arg("hessian"), py::arg("batch"), py::arg("threads"), py::arg("loss") = 0,
           R"doc(Unnormalised curvature-vector products: out[j] = sum_n H_n V[j] (or the GGN), V of shape (k, P).
+
+loss: 0 = softmax cross-entropy, 1 = mse, 2 = bce with logits (sum form), as in moments().
 
 Arguments are validated by wsbound_fast.hvp(); this low-level entry point checks shapes
 again and raises ValueError (TypeError for dtypes) on inconsistent input.)doc");

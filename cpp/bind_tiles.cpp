@@ -61,8 +61,9 @@ std::vector<std::pair<wsb::Index, wsb::Index>> make_pairs(const py::array& pairs
 py::tuple pair_sums(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
                     const std::vector<double>& act_params, const py::list& X_blocks, const py::list& label_blocks,
                     const py::array& pairs, bool hessian, bool structured, int threads, const py::object& progress,
-                    bool f32) {
-    const wsb::Model model = wsb_bind::make_model(weights, biases, act_codes, act_params);
+                    bool f32, int loss) {
+    const wsb::Loss loss_kind = wsb_bind::make_loss(loss);
+    const wsb::Model model = wsb_bind::make_model(weights, biases, act_codes, act_params, loss_kind);
     const wsb::Index C = model.d(model.n_layers());
     const auto n_blocks = static_cast<wsb::Index>(py::len(X_blocks));
     if (n_blocks < 1) throw std::invalid_argument("X_blocks: at least one block is required");
@@ -95,6 +96,7 @@ py::tuple pair_sums(const py::list& weights, const py::list& biases, const std::
     opt.structured = structured;
     opt.f32 = f32;
     opt.threads = threads;
+    opt.loss = loss_kind;
 
     wsb::PairSums result;
     wsb_bind::run_with_progress(
@@ -140,7 +142,7 @@ py::tuple pair_sums(const py::list& weights, const py::list& biases, const std::
 void bind_tiles(py::module_& m) {
     m.def("pair_sums", &pair_sums, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),
           py::arg("X_blocks"), py::arg("label_blocks"), py::arg("pairs"), py::arg("hessian"), py::arg("structured"),
-          py::arg("threads"), py::arg("progress") = py::none(), py::arg("f32") = false,
+          py::arg("threads"), py::arg("progress") = py::none(), py::arg("f32") = false, py::arg("loss") = 0,
           R"doc(The tiles of moments(): per-block values and the pair sums of listed block pairs.
 
 X_blocks[k] (n_k, d_0) and label_blocks[k] ((n_k,) int64 indices or (n_k, C) float64 rows) are
@@ -153,7 +155,7 @@ share of moments()' trace, trace_abs and norms; pair_out (T, L, L): each pair's 
 share of blocks).  Layers 0..L-1 as moments(); lower triangles zero; unnormalised.
 
 For blocks cut as moments() cuts X (batch samples each, the last one shorter) and the same
-hessian, structured, f32 and threads, moments()' blocks are bitwise
+hessian, structured, f32, loss and threads, moments()' blocks are bitwise
 sum_i [sum_{j >= i} w_ij pair_out(i, j)] (w_ii = 1, w_ij = 2 otherwise; i, then j increasing,
 each sum started from 0.0), and its trace, trace_abs and norms the block-by-block sums.
 

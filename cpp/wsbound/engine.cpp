@@ -16,7 +16,7 @@
 
 namespace wsb {
 
-void Model::validate() const {
+void Model::validate(Loss loss) const {
     if (W.empty()) throw std::invalid_argument("layers: at least one layer is required");
     if (b.size() != W.size() || has_bias.size() != W.size())
         throw std::invalid_argument("layers: one bias entry per layer is required");
@@ -30,7 +30,7 @@ void Model::validate() const {
         if (has_bias[l] && b[l].size() != W[l].rows())
             throw std::invalid_argument("layers[" + std::to_string(l) + "]: bias has the wrong length");
     }
-    if (W.back().rows() < 2) throw std::invalid_argument("layers: the last layer needs at least 2 outputs");
+    if (loss == Loss::CrossEntropy && W.back().rows() < 2) throw std::invalid_argument("layers: the last layer needs at least 2 outputs");
 }
 
 // The caller's arrays may sit at any byte offset (a NumPy view need not be aligned to its
@@ -103,7 +103,7 @@ void check_block(const Model& model, const InputView& X, const Labels& y, const 
 
 Moments compute_moments(const Model& model, const InputView& X, const Labels& y, const Options& opt,
                         const std::atomic<bool>* cancel, std::atomic<std::int64_t>* pairs_done) {
-    model.validate();
+    model.validate(opt.loss);
     check_block(model, X, y, "");
     if (opt.batch < 1) throw std::invalid_argument("batch_size must be >= 1");
     if (opt.group < 1) throw std::invalid_argument("group must be >= 1");
@@ -201,7 +201,7 @@ Moments compute_moments(const Model& model, const InputView& X, const Labels& y,
 PairSums compute_pair_sums(const Model& model, const std::vector<BlockInput>& blocks,
                            const std::vector<std::pair<Index, Index>>& pairs, const Options& opt,
                            const std::atomic<bool>* cancel, std::atomic<std::int64_t>* pairs_done) {
-    model.validate();
+    model.validate(opt.loss);
     if (blocks.empty()) throw std::invalid_argument("blocks: at least one block is required");
     if (pairs.empty()) throw std::invalid_argument("pairs: at least one block pair is required");
     if (opt.threads < 1) throw std::invalid_argument("threads must be >= 1");

@@ -1,6 +1,7 @@
 #include "features.hpp"
 
 #include "activations.hpp"
+#include "losses.hpp"
 #include "softmax.hpp"
 
 #include <algorithm>
@@ -18,10 +19,18 @@ void propagate_t(const Model& model, BlockFeatures& F, Index l) {
 }
 
 // u2 = squared row norms of V = D W^T S (A = S S^T):  u2_k = s_k^2 W_k^T A W_k (W_k column k of W),
-// the quadratic form in the shifted non-negative form (docs/numerics.md section 2).
+// the quadratic form in the shifted non-negative form (docs/numerics.md section 2), or for the
+// diagonal losses s_k^2 sum_i h_i W_ik^2 (docs/numerics.md section 5).
 void squared_v_rows(const RowMat& W, BlockFeatures& F, Index l) {
     F.u2.resize(F.B, W.cols());
     RowArray xb, xh, out;
+    if (F.h.size() > 0) {
+        for (Index n = 0; n < F.B; ++n) {
+            diagonal_quadratic_rows(W, F.h.row(n).data(), out);
+            F.u2.row(n) = (out * F.sp[l].row(n).array().square()).matrix();
+        }
+        return;
+    }
     for (Index n = 0; n < F.B; ++n) {
         quadratic_rows(W, F.p.row(n).data(), F.ref(n), xb, xh, out);
         F.u2.row(n) = (F.w(n, 0) * out * F.sp[l].row(n).array().square()).matrix();
@@ -55,7 +64,9 @@ void dense_q(const Model& model, BlockFeatures& F) {
 // norms[pair(l,m)] = sum_n nu_n^{lm} (docs/numerics.md section 4): for the Hessian
 // nu = |a~_{l-1}| (g_lm |a~_{m-1}| + [l < m] |delta_m| |Q_lm|_F) with |Q_{l,l+1}|_F = |sigma'_l|;
 // for the GGN nu = |a~_{l-1}| |a~_{m-1}| (tau_l tau_m)^{1/2}.  Summed over the block in order.
-void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool hessian) {
+// extra (B, (L+1)^2; diagonal losses, Hessian; else null) is added to each nu_n^{lm}: the rounding
+// addition dnu^{lm} / u of docs/numerics.md section 5.
+void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool hessian, const RowMat* extra) {
     const Index L = F.L;
     for (Index n = 0; n < F.B; ++n)
         for (Index l = 1; l <= L; ++l) {
@@ -74,9 +85,86 @@ void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool 
                     }
                     nu = al * (gnorm(n, F.pair(l, m)) * am + cross);
                 }
+                if (extra != nullptr) nu += (*extra)(n, F.pair(l, m));
                 F.norms[static_cast<size_t>(F.pair(l, m))] += nu;
             }
         }
+}
+
+// The rounding addition of docs/numerics.md section 5 (diagonal losses, Hessian): delta_L carries an
+// absolute error that is not relative to |delta| (z_L is inexact by ~u |W| |a|, and z - y cancels
+// near a fit).  Per sample: the forward error bound E_l of z_l, e_L = |error of delta_L|_2, the
+// backward scalar recursion for the errors e_l of delta_l and dM_l of M_l (Frobenius), and
+//   dnu(n, pair(l, m)) = |a~_{l-1}| (tau_{m,l} dM_m |a~_{m-1}| + [l < m] e_m qn_{l,m}) / u
+//   dtr(n, l)          = sqrt(d_l) dM_l / u      (trace_abs[l] adds |a~_{l-1}|^2 dtr)
+// z: z_L of the block (B, C); Yb the targets; spp: sigma''(z_l).
+void rounding_addition(const Model& model, const BlockFeatures& F, const std::vector<RowMat>& spp, const RowMat& z,
+                       const RowMat& Yb, Loss loss, RowMat& dnu, RowMat& dtr) {
+    constexpr double u = 0x1p-53;
+    const auto gam = [](double k) { return k * u / (1.0 - k * u); };
+    const Index L = F.L, B = F.B, C = F.C;
+    const auto nL = static_cast<size_t>(L + 1);
+    // 1. Forward error bounds: E_1 = gam(d_0 + 2) m_1, E_l = gam(d_{l-1} + 2) m_l
+    //    + (|sigma'_{l-1}| o E_{l-1} + 8 u |a_{l-1}|) |W_l|^T, with m_l = |a~_{l-1}| |W~_l|^T.
+    RowMat E, m, err;
+    for (Index l = 1; l <= L; ++l) {
+        const auto li = static_cast<size_t>(l - 1);
+        const RowMat absW = model.W[li].cwiseAbs();
+        const Index d_in = absW.cols();
+        m.noalias() = F.at[l].leftCols(d_in).cwiseAbs() * absW.transpose();
+        if (model.has_bias[li]) m.rowwise() += model.b[li].cwiseAbs().transpose();
+        if (l == 1) {
+            E = gam(static_cast<double>(d_in + 2)) * m;
+        } else {
+            err = F.sp[l - 1].cwiseAbs().cwiseProduct(E) + (8.0 * u) * F.at[l].leftCols(d_in).cwiseAbs();
+            E = gam(static_cast<double>(d_in + 2)) * m;
+            E.noalias() += err * absW.transpose();
+        }
+    }
+    std::vector<double> wn(nL, 0.0);  // wn[l] = |W_l|_F (no bias)
+    for (Index l = 1; l <= L; ++l) wn[static_cast<size_t>(l)] = model.W[static_cast<size_t>(l - 1)].norm();
+    dnu.setZero(B, (L + 1) * (L + 1));
+    dtr.setZero(B, L + 1);
+    std::vector<double> e(nL), dM(nL), s1(nL), s2(nL), an(nL);
+    RowMat tau(L + 1, L + 1);  // tau(m, l) >= |T_{m,l}|_2, m >= l
+    for (Index n = 0; n < B; ++n) {
+        const auto Ls = static_cast<size_t>(L);
+        // 2. e_L from the forward error of z_L.
+        e[Ls] = delta_error(loss, z.row(n).data(), Yb.row(n).data(), F.h.row(n).data(), E.row(n).data(), C);
+        // 3. Backward: dM_L = 0; dg = wn_{l+1} e_{l+1}, e_l = s1_l dg, dM_l = (s1_l wn_{l+1})^2 dM_{l+1} + s2_l dg.
+        dM[Ls] = 0.0;
+        for (Index l = L - 1; l >= 1; --l) {
+            const auto lz = static_cast<size_t>(l);
+            s1[lz] = F.sp[l].row(n).cwiseAbs().maxCoeff();
+            s2[lz] = spp[lz].row(n).cwiseAbs().maxCoeff();
+            const double dg = wn[lz + 1] * e[lz + 1];
+            e[lz] = s1[lz] * dg;
+            const double g = s1[lz] * wn[lz + 1];
+            dM[lz] = g * g * dM[lz + 1] + s2[lz] * dg;
+        }
+        for (Index l = 1; l <= L; ++l) {
+            an[static_cast<size_t>(l)] = F.at[l].row(n).stableNorm();
+            tau(l, l) = 1.0;
+            for (Index mm = l + 1; mm <= L; ++mm)
+                tau(mm, l) = wn[static_cast<size_t>(mm)] * s1[static_cast<size_t>(mm - 1)] * tau(mm - 1, l);
+        }
+        // 4. dnu and the trace's share.
+        for (Index l = 1; l <= L; ++l) {
+            const auto lz = static_cast<size_t>(l);
+            const double d_l = static_cast<double>(model.d(l));
+            dtr(n, l) = std::sqrt(d_l) * dM[lz] / u;
+            for (Index mm = l; mm <= L; ++mm) {
+                const auto mz = static_cast<size_t>(mm);
+                double cross = 0.0;
+                if (mm == l + 1) {
+                    cross = e[mz] * F.sp[l].row(n).stableNorm();  // qn_{l,l+1} = |sigma'_l|_2
+                } else if (mm > l + 1) {
+                    cross = e[mz] * (std::sqrt(d_l) * s1[mz - 1] * tau(mm - 1, l));  // qn_{l,m} >= |Q_lm|_F
+                }
+                dnu(n, F.pair(l, mm)) = an[lz] * (tau(mm, l) * dM[mz] * an[mz] + cross) / u;
+            }
+        }
+    }
 }
 
 }  // namespace
@@ -125,33 +213,52 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
 
     // Output (docs/numerics.md sections 1-2): reference class r, p = softmax(z_L), q = 1 - p_r,
     // delta_L = w p - y with delta_r = -sum_{k != r} delta_k, M_L = A = w (diag p - p p^T) with
-    // A_rr = w p_r q; w = sum(y) (= 1 for hard labels).
+    // A_rr = w p_r q; w = sum(y) (= 1 for hard labels).  The diagonal losses (mse, bce): delta_L and
+    // M_L = A = diag(h) from losses.hpp (docs/numerics.md section 5), no p, w, r or q.
     const Index C = z.cols();
     const bool kroute_ggn = opt.structured && !hessian;
     const bool kroute_hessian = opt.structured && hessian && L >= 2;
+    const bool diagonal = diagonal_loss(opt.loss);
     F.C = C;
     F.delta[L].resize(B, C);
-    F.p.resize(B, C);
-    F.w.resize(B, 1);
-    F.ref.resize(B);
-    F.q.resize(B);
     std::vector<double> tau_a(static_cast<size_t>(B));  // tr(A) per sample
     if (!kroute_ggn) M[L].resize(B, C * C);
-    for (Index n = 0; n < B; ++n) {
-        double* p = F.p.row(n).data();
-        double q = 0.0;
-        const int r = stable_softmax(z.row(n).data(), C, p, q);
-        F.ref(n) = r;
-        F.q(n) = q;
-        const double w = Yb.row(n).sum();
-        F.w(n, 0) = w;
-        stable_delta(p, Yb.row(n).data(), w, r, C, F.delta[L].row(n).data());
-        tau_a[static_cast<size_t>(n)] = w * trace_a(p, r, q, C);
-        if (kroute_ggn) continue;
-        MapMat A(M[L].row(n).data(), C, C);
-        const auto pr = F.p.row(n);
-        A.noalias() = -w * pr.transpose() * pr;
-        for (Index i = 0; i < C; ++i) A(i, i) = w * p[i] * one_minus_p(p, r, q, i);
+    if (diagonal) {  // mse, bce (docs/numerics.md section 5): delta_L and A = diag(h)
+        F.h.resize(B, C);
+        F.p.resize(0, 0);
+        F.w.resize(0, 1);
+        F.ref.resize(0);
+        F.q.resize(0);
+        for (Index n = 0; n < B; ++n) {
+            diagonal_output(opt.loss, z.row(n).data(), Yb.row(n).data(), C, F.delta[L].row(n).data(), F.h.row(n).data());
+            tau_a[static_cast<size_t>(n)] = F.h.row(n).sum();
+            if (kroute_ggn) continue;
+            MapMat A(M[L].row(n).data(), C, C);
+            A.setZero();
+            A.diagonal() = F.h.row(n).transpose();
+        }
+    } else {
+        F.h.resize(0, 0);
+        F.p.resize(B, C);
+        F.w.resize(B, 1);
+        F.ref.resize(B);
+        F.q.resize(B);
+        for (Index n = 0; n < B; ++n) {
+            double* p = F.p.row(n).data();
+            double q = 0.0;
+            const int r = stable_softmax(z.row(n).data(), C, p, q);
+            F.ref(n) = r;
+            F.q(n) = q;
+            const double w = Yb.row(n).sum();
+            F.w(n, 0) = w;
+            stable_delta(p, Yb.row(n).data(), w, r, C, F.delta[L].row(n).data());
+            tau_a[static_cast<size_t>(n)] = w * trace_a(p, r, q, C);
+            if (kroute_ggn) continue;
+            MapMat A(M[L].row(n).data(), C, C);
+            const auto pr = F.p.row(n);
+            A.noalias() = -w * pr.transpose() * pr;
+            for (Index i = 0; i < C; ++i) A(i, i) = w * p[i] * one_minus_p(p, r, q, i);
+        }
     }
     F.trace.assign(nL, 0.0);
     F.trace_abs.assign(nL, 0.0);
@@ -176,6 +283,11 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             for (Index l = L - 2; l >= 1; --l) {
                 propagate_t(model, F, l);
                 for (Index n = 0; n < B; ++n) {
+                    if (diagonal) {
+                        diagonal_quadratic_rows(F.Tt[l].middleRows(n * C, C), F.h.row(n).data(), qf);
+                        tau(n, l) = qf.sum();
+                        continue;
+                    }
                     quadratic_rows(F.Tt[l].middleRows(n * C, C), F.p.row(n).data(), F.ref(n), xb, xh, qf);
                     tau(n, l) = F.w(n, 0) * qf.sum();
                 }
@@ -226,6 +338,11 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
 
     // tr(H) share: sum_n sum_l |a~_{l-1}|^2 tr(M_l), and its magnitude with sum_k |(M_l)_kk|
     // (dabs(n, l); for the GGN that is tau_l = tr(T_l^T A T_l) of docs/numerics.md section 4).
+    // Diagonal losses, Hessian: the rounding addition (docs/numerics.md section 5) joins trace_abs
+    // and, below, the norms.
+    const bool addition = diagonal && hessian;
+    RowMat dnu, dtr;
+    if (addition) rounding_addition(model, F, spp, z, Yb, opt.loss, dnu, dtr);
     RowMat dabs = RowMat::Zero(B, L + 1);
     for (Index l = 1; l <= L; ++l) {
         const Index d = model.d(l);
@@ -242,7 +359,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
                 dabs(n, l) = diag.cwiseAbs().sum();
             }
             t += a2 * tn;
-            ta += a2 * dabs(n, l);
+            ta += a2 * (addition ? dabs(n, l) + dtr(n, l) : dabs(n, l));
         }
         F.trace[static_cast<size_t>(l)] = t;
         F.trace_abs[static_cast<size_t>(l)] = ta;
@@ -292,7 +409,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         F.G[F.pair(L - 1, L)] = RowMat();
     }
     if (hessian) dense_q(model, F);
-    magnitudes(F, dabs, gnorm, hessian);
+    magnitudes(F, dabs, gnorm, hessian, addition ? &dnu : nullptr);
 }
 
 void to_single(BlockFeatures& F, BlockFeaturesF& out) {
@@ -340,6 +457,7 @@ void to_single(BlockFeatures& F, BlockFeaturesF& out) {
     out.w = F.w;
     out.ref = F.ref;
     out.q = F.q;
+    out.h = F.h;
     out.ru_scale.setOnes(F.rho.rows());
     for (Index n = 0; n < F.rho.rows(); ++n) {  // rho and u2 share a factor: their products are summed
         const int e = scale_of(F.rho, &F.u2, n);

@@ -34,6 +34,8 @@ struct FeaturesOf {
     RowMat w;              // label weight w = sum(y) per sample, (B, 1)
     Eigen::VectorXi ref;   // reference class r = argmax z_L per sample (docs/numerics.md section 1), (B)
     Eigen::VectorXd q;     // q = 1 - p_r per sample, from the non-reference exponentials, (B)
+    // (p, w, ref and q: cross-entropy only; empty for the diagonal losses)
+    RowMat h;              // diagonal losses (mse, bce): A = diag(h) per sample, (B, C), float64; empty for cross-entropy
     std::vector<M> Tt;     // GGN: Tt[l] stacks T_l, rows n C .. n C + C - 1 for sample n, (B C, d_l), l <= L - 2
     M rho;                 // Hessian: sigma''(z_{L-1}) * g_{L-1}, (B, d_{L-1})
     M u2;                  // squared row norms of V_{L-1} = D W_L^T S, (B, d_{L-1})

@@ -1,6 +1,7 @@
 #include "hvp.hpp"
 
 #include "activations.hpp"
+#include "losses.hpp"
 #include "softmax.hpp"
 #include "parallel.hpp"
 
@@ -27,7 +28,8 @@ struct Scratch {
     std::vector<RowMat> RZ;  // R{z_l}, l = 1..L
     std::vector<RowMat> RA;  // R{a_l}, l = 1..L-1
     std::vector<RowMat> RD;  // R{delta_l}, l = 1..L
-    RowMat P, T;             // softmax(z_L); a temporary
+    RowMat P, T;             // softmax(z_L) (cross-entropy); a temporary
+    RowMat h;                // diagonal losses: A = diag(h) per sample (docs/numerics.md section 5)
     Vec w;                   // label row sums (1 up to rounding)
     std::vector<int> ref;    // reference class r = argmax z_L per sample (docs/numerics.md section 1)
 };
@@ -43,7 +45,7 @@ std::vector<Index> layer_offsets(const Model& model) {
 }
 
 // Forward and first-order backward pass of one block (everything that does not depend on v).
-void forward_backward(const Model& model, Scratch& s) {
+void forward_backward(const Model& model, Loss loss, Scratch& s) {
     const Index L = model.n_layers(), B = s.Xb.rows();
     const auto Ls = static_cast<size_t>(L);
     s.A.resize(Ls);
@@ -73,17 +75,24 @@ void forward_backward(const Model& model, Scratch& s) {
             for (Index c = 0; c < Z.cols(); ++c) activate(act, Z(i, c), a(i, c), d1(i, c), d2(i, c));
     }
     // p = softmax(z_L) and delta_L = w p - y in the saturation-stable forms (docs/numerics.md
-    // sections 1-2: reference class r, delta_r = -sum_{k != r} delta_k).
+    // sections 1-2: reference class r, delta_r = -sum_{k != r} delta_k); for the diagonal losses
+    // delta_L and h (docs/numerics.md section 5).
     const Index C = Z.cols();
-    s.P.resize(B, C);
     s.D[Ls].resize(B, C);
-    s.ref.resize(static_cast<size_t>(B));
-    s.w = s.Yb.rowwise().sum();
-    for (Index i = 0; i < B; ++i) {
-        double q = 0.0;
-        const int r = stable_softmax(Z.row(i).data(), C, s.P.row(i).data(), q);
-        s.ref[static_cast<size_t>(i)] = r;
-        stable_delta(s.P.row(i).data(), s.Yb.row(i).data(), s.w(i), r, C, s.D[Ls].row(i).data());
+    if (diagonal_loss(loss)) {
+        s.h.resize(B, C);
+        for (Index i = 0; i < B; ++i)
+            diagonal_output(loss, Z.row(i).data(), s.Yb.row(i).data(), C, s.D[Ls].row(i).data(), s.h.row(i).data());
+    } else {
+        s.P.resize(B, C);
+        s.ref.resize(static_cast<size_t>(B));
+        s.w = s.Yb.rowwise().sum();
+        for (Index i = 0; i < B; ++i) {
+            double q = 0.0;
+            const int r = stable_softmax(Z.row(i).data(), C, s.P.row(i).data(), q);
+            s.ref[static_cast<size_t>(i)] = r;
+            stable_delta(s.P.row(i).data(), s.Yb.row(i).data(), s.w(i), r, C, s.D[Ls].row(i).data());
+        }
     }
     for (Index l = L - 1; l >= 1; --l) {
         const auto lz = static_cast<size_t>(l);
@@ -93,8 +102,8 @@ void forward_backward(const Model& model, Scratch& s) {
 }
 
 // out_j += sum over the block of H_n v (one direction v = V_j, one output row out_j).
-void block_direction(const Model& model, const std::vector<Index>& off, bool hessian, const double* v, double* out,
-                     Scratch& s) {
+void block_direction(const Model& model, const std::vector<Index>& off, bool hessian, Loss loss, const double* v,
+                     double* out, Scratch& s) {
     const Index L = model.n_layers();
     const auto Ls = static_cast<size_t>(L);
     // Forward R-propagation: R{z_l} = R{a_{l-1}} W_l^T + a_{l-1} V_l^T + c_l,  R{a_l} = sigma'_l R{z_l}.
@@ -111,7 +120,10 @@ void block_direction(const Model& model, const std::vector<Index>& off, bool hes
     // R{delta_L} = A R{z_L} with A = w (diag p - p p^T), row by row, in the shifted form
     // A x = w p o (xh - xb 1), xh = x - x_r 1, xb = sum_{i != r} p_i xh_i (docs/numerics.md section 2):
     // entry r is -w p_r xb, of size q |x|, not a difference of two O(|x|) numbers.
-    {
+    // Diagonal losses: R{delta_L} = h o R{z_L}.
+    if (diagonal_loss(loss)) {
+        s.RD[Ls] = (s.h.array() * s.RZ[Ls].array()).matrix();
+    } else {
         const RowMat& x = s.RZ[Ls];
         const Index C = x.cols();
         RowMat& out = s.RD[Ls];
@@ -182,7 +194,7 @@ Index n_params(const Model& model) { return layer_offsets(model).back(); }
 
 void hvp(const Model& model, const InputView& X, const Labels& y, const double* V, Index k, double* out,
          const Options& opt, const std::atomic<bool>* cancel) {
-    model.validate();
+    model.validate(opt.loss);
     if (X.rows < 1) throw std::invalid_argument("X: at least one sample is required");
     if (X.cols != model.d(0)) throw std::invalid_argument("X: width does not match layers[0]");
     if ((y.index == nullptr) == (y.soft == nullptr)) throw std::invalid_argument("y: give indices or soft rows");
@@ -212,12 +224,12 @@ void hvp(const Model& model, const InputView& X, const Labels& y, const double* 
             Scratch& s = scratch[static_cast<size_t>(worker)];
             X.gather(lo, hi, s.Xb);
             y.gather(lo, hi, C, s.Yb);
-            forward_backward(model, s);
+            forward_backward(model, opt.loss, s);
             double* buf = buffers[static_cast<size_t>(t)].data();
             std::fill(buf, buf + kP, 0.0);
             for (Index j = 0; j < k; ++j) {
                 if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return;  // honoured below
-                block_direction(model, off, opt.hessian, Vcopy.data() + static_cast<size_t>(j) * static_cast<size_t>(P),
+                block_direction(model, off, opt.hessian, opt.loss, Vcopy.data() + static_cast<size_t>(j) * static_cast<size_t>(P),
                                 buf + static_cast<size_t>(j) * static_cast<size_t>(P), s);
             }
         });

@@ -245,46 +245,107 @@ void shifted_terms(const RowMat& packed, Index r0, const double* p, int r, const
     t2 += c * pp;
 }
 
-}  // namespace
-
+// The GGN K route's operands that do not depend on the row of I (docs/structured.md): the Grams
+// alpha_l of the layer inputs, Omega, and J's T_l stacked class-major (row j B' + n').
 template <class M>
-void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s, double* out) {
-    const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B;
+void ggn_setup(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s) {
+    const Index L = model.n_layers(), C = I.C, Bp = J.B;
     const auto nL = static_cast<size_t>(L + 1);
     s.alphas.resize(nL);
     for (Index l = 1; l <= L; ++l) product(I.at[l], J.at[l].transpose(), s.alphas[static_cast<size_t>(l)], s);
     KBuffers<M>& kb = s.template kbuf<M>();
     if (L >= 2) make_omega(model.W[static_cast<size_t>(L - 1)], kb);
     kb.tj.resize(nL);
-    for (Index l = 1; l + 2 <= L; ++l) {  // class-major copy of J's T_l: row j B' + n'
+    for (Index l = 1; l + 2 <= L; ++l) {
         M& tj = kb.tj[static_cast<size_t>(l)];
         tj.resize(C * Bp, model.d(l));
         for (Index j = 0; j < C; ++j)
             for (Index k = 0; k < Bp; ++k) tj.row(j * Bp + k) = J.Tt[l].row(k * C + j);
     }
+    s.kt.resize(nL);
+}
+
+// The GGN K route's GEMMs for the rows [n, n + rows) of I: K_{L-1} packed into s.k1 (R rows per
+// sample, over n'), K_l for l <= L - 2 into s.kt[l] (row r C + i, column j B' + n').
+template <class M>
+void ggn_gemms(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, Index n, Index rows, Index R,
+               PairScratch& s) {
+    const Index L = model.n_layers(), C = I.C;
+    KBuffers<M>& kb = s.template kbuf<M>();
+    if (L >= 2) {
+        kb.left.resize(rows * R, model.d(L - 1));
+        for (Index r = 0; r < rows; ++r)
+            kb.left.middleRows(r * R, R) = kb.omega.array().rowwise() * I.sp[L - 1].row(n + r).array();
+        product(kb.left, J.sp[L - 1].transpose(), s.k1, s);
+    }
+    for (Index l = 1; l + 2 <= L; ++l)
+        product(I.Tt[l].middleRows(n * C, rows * C), kb.tj[static_cast<size_t>(l)].transpose(),
+                s.kt[static_cast<size_t>(l)], s);
+}
+
+// The Hessian K route's GEMMs for the rows [n, n + rows) of I (docs/structured.md): per row r of I,
+// s_r (-> s.s'), Omega o s_r (-> K packed), W o s_r o a_r (-> E), each against s' (into s.k1, H rows
+// per sample); then W o s_r against s' o a' (-> E', into s.k2, C rows per sample).
+template <class M>
+void hessian_gemms(const FeaturesOf<M>& I, const FeaturesOf<M>& J, Index L, Index n, Index rows, Index H, Index R,
+                   Index d, PairScratch& s) {
+    const Index C = I.C;
+    KBuffers<M>& kb = s.template kbuf<M>();
+    const M& sI = I.sp[L - 1];
+    kb.left.resize(rows * H, d);
+    kb.left2.resize(rows * C, d);
+    for (Index r = 0; r < rows; ++r) {
+        const auto sr = sI.row(n + r).array();
+        kb.left.row(r * H) = sI.row(n + r);
+        kb.left.middleRows(r * H + 1, R) = kb.omega.array().rowwise() * sr;
+        kb.left.middleRows(r * H + 1 + R, C) = kb.wl.array().rowwise() * (sr * I.at[L].row(n + r).head(d).array());
+        kb.left2.middleRows(r * C, C) = kb.wl.array().rowwise() * sr;
+    }
+    product(kb.left, J.sp[L - 1].transpose(), s.k1, s);
+    product(kb.left2, kb.sa_j.transpose(), s.k2, s);
+}
+
+// The diagonal losses' traces of a symmetric K given by its packed rows (i <= j, i-major, from row
+// r0 of packed), for sample n (h) and every n' of J (ht = h'^T, (C, B')), docs/numerics.md section 5:
+//   t4 = tr(A K A' K) = sum_ij h_i h'_j K_ij^2   (non-negative terms)
+//   t2 = tr(A K A')   = sum_i h_i h'_i K_ii
+void diagonal_packed_terms(const RowMat& packed, Index r0, const double* h, const RowMat& ht, Index C, RowArr& t4,
+                           RowArr& t2) {
+    const Index Bp = ht.cols();
+    const double* base = packed.row(r0).data();
+    t4.setZero(Bp);
+    t2.setZero(Bp);
+    for (Index i = 0; i < C; ++i) {
+        const Eigen::Map<const RowArr> kii(base + packed_index(i, i, C) * Bp, Bp);
+        const auto x = h[i] * ht.row(i).array();
+        t2 += x * kii;
+        t4 += x * kii.square();
+        for (Index j = i + 1; j < C; ++j) {
+            const Eigen::Map<const RowArr> kij(base + packed_index(i, j, C) * Bp, Bp);
+            t4 += (h[i] * ht.row(j).array() + h[j] * ht.row(i).array()) * kij.square();
+        }
+    }
+}
+
+}  // namespace
+
+template <class M>
+void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s, double* out) {
+    const Index L = model.n_layers(), C = I.C, B = I.B;
+    const auto nL = static_cast<size_t>(L + 1);
+    ggn_setup(model, I, J, s);
     s.pt = J.p.transpose();
     diag_a_columns(J, s.at);
     const int* rj = J.ref.data();
     std::vector<KRows> lev(nL);
     lev[static_cast<size_t>(L)].identity = true;
-    const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, Bp, model.d(L - 1));
-    s.kt.resize(nL);
+    const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, J.B, model.d(L - 1));
     RowArr t4, t2, pp;
     const auto packed_at = [C](Index i, Index j) { return packed_index(i, j, C); };
     const auto dense_at = [C](Index i, Index j) { return i * C + j; };
     for (Index n = 0; n < B; ++n) {
         const Index nl = n % step, rows = std::min(step, B - (n - nl));
-        if (nl == 0) {  // the GEMMs for rows [n, n + rows) of I
-            if (L >= 2) {
-                kb.left.resize(rows * R, model.d(L - 1));
-                for (Index r = 0; r < rows; ++r)
-                    kb.left.middleRows(r * R, R) = kb.omega.array().rowwise() * I.sp[L - 1].row(n + r).array();
-                product(kb.left, J.sp[L - 1].transpose(), s.k1, s);
-            }
-            for (Index l = 1; l + 2 <= L; ++l)  // (rows C, d_l) x (d_l, C B'): row r C + i, column j B' + n'
-                product(I.Tt[l].middleRows(n * C, rows * C), kb.tj[static_cast<size_t>(l)].transpose(),
-                        s.kt[static_cast<size_t>(l)], s);
-        }
+        if (nl == 0) ggn_gemms(model, I, J, n, rows, R, s);  // the GEMMs for rows [n, n + rows) of I
         const double* p = I.p.row(n).data();
         const int r = I.ref(n);
         const RowArr ww = I.w(n, 0) * J.w.col(0).transpose().array();
@@ -328,10 +389,12 @@ void pair_sum_ggn(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M
     }
 }
 
+// The Hessian K route's operands that do not depend on the row of I: beta (s.beta), gamma (s.gram),
+// u.rho' + rho.u' + rho.rho' (s.inner), Omega and W_L, s' o a' of J (kb.sa_j), delta'^T of J (s.dt),
+// all unscaled.  Returns whether the features are row-scaled float32 ones.
 template <class M>
-void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, const RowMat& alpha,
-                     PairScratch& s, double& out_ll, double& out_lm) {
-    const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B, d = model.d(L - 1), R = C * (C + 1) / 2;
+bool hessian_setup(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s) {
+    const Index L = model.n_layers(), d = model.d(L - 1);
     product(I.at[L], J.at[L].transpose(), s.beta, s);
     product(I.delta[L], J.delta[L].transpose(), s.gram, s);  // gamma
     product(I.u2, J.rho.transpose(), s.inner, s);
@@ -344,12 +407,18 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     }
     KBuffers<M>& kb = s.template kbuf<M>();
     make_omega(model.W[static_cast<size_t>(L - 1)], kb);
-    const M& sI = I.sp[L - 1];
-    const M& sJ = J.sp[L - 1];
-    kb.sa_j = sJ.cwiseProduct(J.at[L].leftCols(d));
-    s.pt = J.p.transpose();
+    kb.sa_j = J.sp[L - 1].cwiseProduct(J.at[L].leftCols(d));
     s.dt = J.delta[L].transpose().template cast<double>();
     if (scaled) s.dt = s.dt * J.delta_scale[static_cast<size_t>(L)].asDiagonal();
+    return scaled;
+}
+
+template <class M>
+void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, const RowMat& alpha,
+                     PairScratch& s, double& out_ll, double& out_lm) {
+    const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B, d = model.d(L - 1), R = C * (C + 1) / 2;
+    const bool scaled = hessian_setup(model, I, J, s);
+    s.pt = J.p.transpose();
     const int* rj = J.ref.data();
     const RowArr wJ = J.w.col(0).transpose().array();
     RowArr t4, t2, pp, db(Bp), dbp(Bp), drp(Bp), c1(Bp), c2(Bp);
@@ -357,22 +426,7 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     double ll = 0.0, lm = 0.0;
     for (Index n = 0; n < B; ++n) {
         const Index nl = n % step;
-        if (nl == 0) {
-            // per row r of I: s_r (-> s.s'), Omega o s_r (-> K packed), W o s_r o a_r (-> E), each against s';
-            // then W o s_r against s' o a' (-> E')
-            const Index rows = std::min(step, B - n);
-            kb.left.resize(rows * H, d);
-            kb.left2.resize(rows * C, d);
-            for (Index r = 0; r < rows; ++r) {
-                const auto sr = sI.row(n + r).array();
-                kb.left.row(r * H) = sI.row(n + r);
-                kb.left.middleRows(r * H + 1, R) = kb.omega.array().rowwise() * sr;
-                kb.left.middleRows(r * H + 1 + R, C) = kb.wl.array().rowwise() * (sr * I.at[L].row(n + r).head(d).array());
-                kb.left2.middleRows(r * C, C) = kb.wl.array().rowwise() * sr;
-            }
-            product(kb.left, sJ.transpose(), s.k1, s);
-            product(kb.left2, kb.sa_j.transpose(), s.k2, s);
-        }
+        if (nl == 0) hessian_gemms(I, J, L, n, std::min(step, B - n), H, R, d, s);
         const Index base = nl * H;
         const double* p = I.p.row(n).data();
         const int r = I.ref(n);
@@ -404,11 +458,123 @@ void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesO
     out_lm = lm;
 }
 
+// The diagonal losses (docs/numerics.md section 5): A = diag(h), so
+//   tr(A K_l A' K_m^T) = sum_ij h_i h'_j (K_l)_ij (K_m)_ij,   K_L = I,
+// with no reference-class shift, no label weight and no rank-one terms.  Per level l < L the
+// products kh_l = h_i (K_l)_ij h'_j are formed once (s.kh[l], row i C + j over n'); then each
+// (l, m) is one pass over C^2 entries (C for m = L, and h . h' for l = m = L).
+template <class M>
+void pair_sum_ggn_diagonal(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s,
+                           double* out) {
+    const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B;
+    const auto nL = static_cast<size_t>(L + 1);
+    ggn_setup(model, I, J, s);
+    s.pt = J.h.transpose();  // h'^T, (C, B')
+    const Index R = C * (C + 1) / 2, step = rows_per_gemm(R, Bp, model.d(L - 1));
+    s.kh.resize(nL);
+    std::vector<const double*> kbase(nL);  // level l's K: row kbase[l] + at(l, i, j) * B'
+    const auto at = [L, C](Index l, Index i, Index j) { return l == L - 1 ? packed_index(i, j, C) : i * C + j; };
+    RowArr t4, t2, tll;
+    for (Index n = 0; n < B; ++n) {
+        const Index nl = n % step, rows = std::min(step, B - (n - nl));
+        if (nl == 0) ggn_gemms(model, I, J, n, rows, R, s);
+        const double* h = I.h.row(n).data();
+        tll = (s.pt.array().colwise() * Eigen::Map<const Eigen::ArrayXd>(h, C)).colwise().sum();  // tr(A A')
+        if (L == 1) {
+            const auto a1 = s.alphas[1].row(n).array();
+            out[I.pair(1, 1)] += (a1 * a1 * tll).sum();
+            continue;
+        }
+        if (L == 2) {  // one hidden layer: K_1 from its packed triangle, K_2 = I
+            diagonal_packed_terms(s.k1, nl * R, h, s.pt, C, t4, t2);
+            const auto a1 = s.alphas[1].row(n).array(), a2 = s.alphas[2].row(n).array();
+            out[I.pair(1, 1)] += (a1 * a1 * t4).sum();
+            out[I.pair(1, 2)] += (a1 * a2 * t2).sum();
+            out[I.pair(2, 2)] += (a2 * a2 * tll).sum();
+            continue;
+        }
+        for (Index l = 1; l < L; ++l) {
+            const auto lz = static_cast<size_t>(l);
+            kbase[lz] = l == L - 1 ? s.k1.row(nl * R).data() : s.kt[lz].row(nl * C).data();
+            RowMat& kh = s.kh[lz];
+            kh.resize(C * C, Bp);
+            for (Index i = 0; i < C; ++i)
+                for (Index j = 0; j < C; ++j)
+                    kh.row(i * C + j) =
+                        h[i] * Eigen::Map<const RowArr>(kbase[lz] + at(l, i, j) * Bp, Bp) * s.pt.row(j).array();
+        }
+        for (Index l = 1; l <= L; ++l) {
+            const auto lz = static_cast<size_t>(l);
+            const auto al = s.alphas[lz].row(n).array();
+            for (Index m = l; m <= L; ++m) {
+                const auto am = s.alphas[static_cast<size_t>(m)].row(n).array();
+                if (l == L) {
+                    out[I.pair(l, m)] += (al * am * tll).sum();
+                    continue;
+                }
+                t2.setZero(Bp);
+                if (m == L) {  // K_L = I: the diagonal of kh_l
+                    for (Index i = 0; i < C; ++i) t2 += s.kh[lz].row(i * C + i).array();
+                } else {
+                    const double* km = kbase[static_cast<size_t>(m)];
+                    for (Index i = 0; i < C; ++i)
+                        for (Index j = 0; j < C; ++j)
+                            t2 += s.kh[lz].row(i * C + j).array() * Eigen::Map<const RowArr>(km + at(m, i, j) * Bp, Bp);
+                }
+                out[I.pair(l, m)] += (al * am * t2).sum();
+            }
+        }
+    }
+}
+
+// The diagonal losses' (L-1, L-1) and (L-1, L) blocks (docs/numerics.md section 5), K = K_{L-1}:
+//   <M, M'> = sum_ij h_i h'_j K_ij^2 + u.rho' + rho.u' + rho.rho',   <G, G'> = sum_i h_i h'_i K_ii,
+// and the cross terms (A delta') . E = sum_i h_i delta'_i E_i, (A' delta) . E' = sum_i h'_i delta_i E'_i
+// (E_i = sum_k W_ik a_k s_k s'_k, E'_i = sum_k W_ik a'_k s_k s'_k; docs/structured.md).
+template <class M>
+void k_route_hessian_diagonal(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, const RowMat& alpha,
+                              PairScratch& s, double& out_ll, double& out_lm) {
+    const Index L = model.n_layers(), C = I.C, B = I.B, Bp = J.B, d = model.d(L - 1), R = C * (C + 1) / 2;
+    const bool scaled = hessian_setup(model, I, J, s);
+    s.pt = J.h.transpose();  // h'^T, (C, B')
+    RowArr t4, t2, c1(Bp), c2(Bp);
+    const Index H = 1 + R + C, step = rows_per_gemm(H, Bp, d);
+    double ll = 0.0, lm = 0.0;
+    for (Index n = 0; n < B; ++n) {
+        const Index nl = n % step;
+        if (nl == 0) hessian_gemms(I, J, L, n, std::min(step, B - n), H, R, d, s);
+        const Index base = nl * H;
+        const double* h = I.h.row(n).data();
+        diagonal_packed_terms(s.k1, base + 1, h, s.pt, C, t4, t2);
+        const Eigen::RowVectorXd dn = I.delta[L].row(n).template cast<double>() *
+                                      (scaled ? I.delta_scale[static_cast<size_t>(L)][n] : 1.0);
+        c1.setZero();
+        c2.setZero();
+        for (Index i = 0; i < C; ++i) {
+            c1 += h[i] * s.dt.row(i).array() * s.k1.row(base + 1 + R + i).array();
+            c2 += dn(i) * s.pt.row(i).array() * s.k2.row(nl * C + i).array();
+        }
+        const auto a = alpha.row(n).array();
+        ll += (a * a * (t4 + s.inner.row(n).array())).sum();
+        lm += (a * (s.beta.row(n).array() * t2 + s.gram.row(n).array() * s.k1.row(base).array() + c1 + c2)).sum();
+    }
+    out_ll = ll;
+    out_lm = lm;
+}
+
 template void pair_sum_ggn<RowMat>(const Model&, const BlockFeatures&, const BlockFeatures&, PairScratch&, double*);
 template void pair_sum_ggn<RowMatF>(const Model&, const BlockFeaturesF&, const BlockFeaturesF&, PairScratch&, double*);
 template void k_route_hessian<RowMat>(const Model&, const BlockFeatures&, const BlockFeatures&, const RowMat&,
                                       PairScratch&, double&, double&);
 template void k_route_hessian<RowMatF>(const Model&, const BlockFeaturesF&, const BlockFeaturesF&, const RowMat&,
                                        PairScratch&, double&, double&);
+template void pair_sum_ggn_diagonal<RowMat>(const Model&, const BlockFeatures&, const BlockFeatures&, PairScratch&,
+                                            double*);
+template void pair_sum_ggn_diagonal<RowMatF>(const Model&, const BlockFeaturesF&, const BlockFeaturesF&, PairScratch&,
+                                             double*);
+template void k_route_hessian_diagonal<RowMat>(const Model&, const BlockFeatures&, const BlockFeatures&, const RowMat&,
+                                               PairScratch&, double&, double&);
+template void k_route_hessian_diagonal<RowMatF>(const Model&, const BlockFeaturesF&, const BlockFeaturesF&,
+                                                const RowMat&, PairScratch&, double&, double&);
 
 }  // namespace wsb

@@ -22,4 +22,13 @@ template <class M>
 void k_route_hessian(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, const RowMat& alpha,
                      PairScratch& s, double& out_ll, double& out_lm);
 
+// The same two for the diagonal losses (Loss::Mse, Loss::Bce; A = diag(h), FeaturesOf::h): the
+// identities of docs/numerics.md section 5, without the reference-class shift.
+template <class M>
+void pair_sum_ggn_diagonal(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, PairScratch& s,
+                           double* out);
+template <class M>
+void k_route_hessian_diagonal(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J, const RowMat& alpha,
+                              PairScratch& s, double& out_ll, double& out_lm);
+
 }  // namespace wsb

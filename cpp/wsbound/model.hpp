@@ -27,6 +27,16 @@ enum class Act : int {
     LeakyRelu = 8,
 };
 
+// Loss codes, shared with python/wsbound_fast/_problem/losses.py (LOSS_CODES); appended, never
+// renumbered.  Per sample (sum form): softmax cross-entropy, squared error sum_k (z_k - y_k)^2,
+// binary cross-entropy with logits sum_k softplus(z_k) - y_k z_k.  Mse and Bce are the
+// diagonal losses: A = d^2 l / dz_L^2 = diag(h) (cpp/wsbound/losses.hpp, docs/numerics.md section 5).
+enum class Loss : int {
+    CrossEntropy = 0,
+    Mse = 1,
+    Bce = 2,
+};
+
 struct Activation {
     Act kind = Act::Identity;
     double param = 0.0;  // negative slope of LeakyRelu; unused otherwise
@@ -44,8 +54,9 @@ struct Model {
     // d(0) = input width, d(L) = number of classes.
     Index d(Index l) const { return l == 0 ? W.front().cols() : W[static_cast<size_t>(l - 1)].rows(); }
 
-    // Throws std::invalid_argument when the shapes do not chain.
-    void validate() const;
+    // Throws std::invalid_argument when the shapes do not chain (or, for cross-entropy, the
+    // last layer has fewer than 2 outputs; the diagonal losses allow C = 1).
+    void validate(Loss loss = Loss::CrossEntropy) const;
 };
 
 // A read-only view of the inputs X (N, d_0): float32 or float64, any element strides.
@@ -79,6 +90,7 @@ struct Options {
     Index batch = 256;       // samples per block
     Index group = 1;         // blocks whose features are held at once (per side)
     int threads = 1;         // worker threads over blocks and block pairs
+    Loss loss = Loss::CrossEntropy;  // the per-sample loss of the logits (delta_L and A)
 };
 
 // Unnormalised moments per parameter block (layers 1..L; index 0 unused):
@@ -86,7 +98,8 @@ struct Options {
 //   block_sq[l(L+1)+m]  = sum_{n,n'} <H_n^{lm}, H_n'^{lm}>   for l <= m (0 elsewhere)
 // so that sum_n tr(H_n) = sum_l trace[l] and the full
 // sum_{n,n'} <H_n, H_n'> = sum_l block_sq[l,l] + 2 sum_{l<m} block_sq[l,m].
-// And the magnitudes of the rounding allowances (docs/numerics.md section 4):
+// And the magnitudes of the rounding allowances (docs/numerics.md section 4; for the Hessian of the
+// diagonal losses both include the rounding addition of section 5):
 //   trace_abs[l]        = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|
 //   norms[l(L+1)+m]     = sum_n nu_n^{lm}  (nu_n^{lm} >= |H_n^{lm}|_F)   for l <= m (0 elsewhere)
 struct Moments {

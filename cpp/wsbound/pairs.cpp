@@ -1,6 +1,7 @@
 #include "pairs.hpp"
 
 #include "kroute.hpp"
+#include "losses.hpp"
 #include "precision.hpp"
 
 #include <algorithm>
@@ -116,15 +117,24 @@ void pair_sum(const Model& model, const FeaturesOf<M>& I, const FeaturesOf<M>& J
               PairScratch& s, double* out) {
     const bool hessian = opt.hessian;
     const Index L = model.n_layers();
+    const bool diagonal = diagonal_loss(opt.loss);  // A = diag(h): the K route's own identities
     if (opt.structured && !hessian) {
-        pair_sum_ggn(model, I, J, s, out);
+        if (diagonal) {
+            pair_sum_ggn_diagonal(model, I, J, s, out);
+        } else {
+            pair_sum_ggn(model, I, J, s, out);
+        }
         return;
     }
     const bool kroute = opt.structured && L >= 2;
     for (Index l = 1; l <= L; ++l) {
         product(I.at[l], J.at[l].transpose(), s.alpha, s);
         if (kroute && l == L - 1) {
-            k_route_hessian(model, I, J, s.alpha, s, out[I.pair(l, l)], out[I.pair(l, L)]);
+            if (diagonal) {
+                k_route_hessian_diagonal(model, I, J, s.alpha, s, out[I.pair(l, l)], out[I.pair(l, L)]);
+            } else {
+                k_route_hessian(model, I, J, s.alpha, s, out[I.pair(l, l)], out[I.pair(l, L)]);
+            }
             continue;
         }
         for (Index m = l; m <= L; ++m) {

@@ -33,6 +33,7 @@ struct PairScratch {
     RowMat at, dc;                    // K route: diag(A')/w' of J transposed, (C, B'); K_{i r'} - K_{r r'}, (C, B')
     RowMat ct;                        // adjacent cross terms, narrow d_{l+1}: delta_{l+1}^T of the other block
     std::vector<RowMat> kt;           // K route (GGN): Grams of T_l for a few rows of I
+    std::vector<RowMat> kh;           // K route (GGN), diagonal losses: h_i (K_l)_ij h'_j, (C^2, B')
     KBuffers<RowMat> kd;
     KBuffers<RowMatF> kf;
     template <class M>
