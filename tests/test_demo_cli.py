@@ -175,16 +175,19 @@ def test_checkpoint_epochs_linear() -> None:
     assert cli_demo.checkpoint_epochs(0, 3, "linear") == [0]
 
 
-def test_cli_demo_mse_bracket_contains_the_dense_lambda_max(tmp_path, torch) -> None:
+@pytest.mark.parametrize("backend", [None, "numpy"])
+def test_cli_demo_mse_bracket_contains_the_dense_lambda_max(tmp_path, torch, backend) -> None:
     """demo --loss mse on a tiny model: the printed (outward-rounded) bracket at the last checkpoint
     contains eigvalsh of the dense Hessian of torch's mse_loss of the same model, trained here with
-    torch (plain gradient descent, no code of the demo but its initialisation); the plot is written."""
+    torch (plain gradient descent, no code of the demo but its initialisation); the plot is written.
+    backend None: the default (the compiled core)."""
     pytest.importorskip("matplotlib")
     hidden, epochs, lr = 3, 6, 1.0
     path = tmp_path / "eos.png"
     proc = _cli("demo", "--loss", "mse", "--hidden", str(hidden), "--epochs", str(epochs), "--checkpoints", "3",
-                "--lr", str(lr), "--backend", "numpy", "--plot", str(path))
+                "--lr", str(lr), "--plot", str(path), *(() if backend is None else ("--backend", backend)))
     assert proc.returncode == 0, proc.stderr
+    assert f"backend {backend or 'cpp'}" in proc.stdout.splitlines()[0]
     assert f"plot written to {path}" in proc.stdout
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     rows = [ln.split() for ln in proc.stdout.splitlines() if ln.strip() and ln.split()[0].isdigit()]

@@ -30,7 +30,7 @@ from .._backends.compiled import load_core
 from .._problem.problem import BACKENDS
 from .._problem.validate import _choice
 from .._spectral.bounds import Bound
-from .fmt import directed
+from .fmt import directed, directed_digits
 
 __all__ = ["LOSSES", "SETUPS", "DemoRow", "DemoSetup", "checkpoint_epochs", "init_mlp", "loss_and_grads",
            "resolve_backend", "run_demo", "train"]
@@ -302,8 +302,8 @@ def run_demo(hidden: int | None = None, epochs: int | None = None, seed: int = 0
         if eos:
             lo, hi = res.lambda_max_bracket
             short = "*" if res.certify_met is False else ""
-            cells = [str(epoch), f"{value:.5f}", f"{100 * acc:.1f}%", directed(lo, _BRACKET_DIGITS, False),
-                     directed(hi, _BRACKET_DIGITS, True), f"{threshold:.4g}", _side(lo, hi, threshold) + short,
+            cells = [str(epoch), f"{value:.5f}", f"{100 * acc:.1f}%", directed_digits(lo, _BRACKET_DIGITS, False),
+                     directed_digits(hi, _BRACKET_DIGITS, True), f"{threshold:#.5g}", _side(lo, hi, threshold) + short,
                      f"{seconds:.2f}"]
         else:
             cells = [str(epoch), f"{value:.4f}", f"{100 * acc:.1f}%", f"{res.trace:.4g}", f"{res.trace_sq:.4g}",
