@@ -1,11 +1,9 @@
-"""The cross-entropy snapshot of the compiled core: _core.moments, _core.pair_sums and _core.hvp
-on a few random problems, recorded before the diagonal losses (mse, bce) were added to the core,
-so that tests/test_cpp_losses.py can hold cross-entropy to it bitwise.
+"""Small random problems for the compiled core's tests, and a recorder of _core.moments,
+_core.pair_sums and _core.hvp on them: a change to the core that must keep cross-entropy's bits
+can be checked against a snapshot taken before it (bits move with the compiler, Eigen and the
+CPU variant, so no snapshot is kept in the repository).
 
-    python tests/ce_snapshot.py      # rewrites tests/data/ce_snapshot.npz
-
-Regenerate it only from a build whose cross-entropy results are known to be right (bits move
-with the compiler and Eigen; the file records the compiler version it was made with).
+    python tests/ce_snapshot.py OUT.npz      # record the current build's outputs
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import subprocess
 
 import numpy as np
 
-PATH = pathlib.Path(__file__).parent / "data" / "ce_snapshot.npz"
 BATCH = 4
 N = 11  # three blocks, the last one of three samples
 
@@ -91,7 +88,9 @@ def record() -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    PATH.parent.mkdir(exist_ok=True)
+    import sys
+
+    out = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path("ce_snapshot.npz")
     data = record()
-    np.savez(PATH, **data)
-    print(f"{PATH}: {len(data) - 1} arrays, compiler {data['compiler']}")
+    np.savez(out, **data)
+    print(f"{out}: {len(data) - 1} arrays, compiler {data['compiler']}")

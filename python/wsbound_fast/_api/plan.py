@@ -117,7 +117,8 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     has_bias = [b is not None for b in biases]
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian, lossr.diagonal)
-    batch, group, nthreads = plan_cpp(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget)
+    batch, group, nthreads = plan_cpp(dims, has_bias, n, hessian, structured, nthreads, batch_arg, budget,
+                                      lossr.diagonal)
     n_blocks = math.ceil(n / batch)
     sizes = [min(batch, n - k * batch) for k in range(n_blocks)]
     # upper triangle of block pairs: sum_{I <= J} |I| |J| = (N^2 + sum |I|^2) / 2 sample pairs
@@ -129,9 +130,9 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     f = feature_doubles(dims, has_bias, hessian, structured)
     held = min(n_blocks, 2 * group) * batch * f
     memory = 8 * (cpp_fixed_doubles(dims, has_bias) + held + cpp_group_doubles(len(dims) - 1, n_blocks, group)
-                  + nthreads * cpp_worker_doubles(dims, has_bias, batch, hessian, structured))
+                  + nthreads * cpp_worker_doubles(dims, has_bias, batch, hessian, structured, lossr.diagonal))
     rate = gemm_rate()
     P = int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
     return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops, fflops,
                 8 * n * f, memory, rate / 1e9, (flops + fflops) / (ASSUMED_EFFICIENCY * rate), nthreads,
-                min_memory_cpp(dims, has_bias, hessian, structured), lossr.name)
+                min_memory_cpp(dims, has_bias, hessian, structured, lossr.diagonal), lossr.name)

@@ -62,17 +62,12 @@ def load_core(variant: str | None = None) -> ModuleType:
         ) from exc
 
 
-def _loss_kw(prob: Problem) -> dict[str, int]:
-    """The core's ``loss`` argument (omitted for cross-entropy, the core's default)."""
-    return {"loss": prob.loss_code} if prob.loss_code else {}
-
-
 def moments(prob: Problem, progress: ProgressFn | None = None) -> Moments:
     """The C++ engine's moment pass (cpp/wsbound/engine.cpp)."""
     return Moments(*load_core().moments(
         list(prob.weights), list(prob.biases), [a.code for a in prob.activations], [a.param for a in prob.activations],
         prob.X, prob.labels, prob.hessian, prob.structured, prob.batch_size, prob.group_blocks, prob.threads,
-        progress, prob.f32, **_loss_kw(prob),
+        progress, prob.f32, prob.loss_code,
     ))
 
 
@@ -81,5 +76,5 @@ def hvp(prob: Problem, V: np.ndarray) -> np.ndarray:
     return load_core().hvp(
         list(prob.weights), list(prob.biases), [a.code for a in prob.activations],
         [a.param for a in prob.activations], prob.X, prob.labels, V, prob.hessian, prob.batch_size, prob.threads,
-        **_loss_kw(prob),
+        prob.loss_code,
     )

@@ -92,12 +92,13 @@ def check_memory_limit(memory_limit: int, minimum: int, what: str) -> None:
                          "or None for the default")
 
 
-def min_memory_cpp(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool) -> int:
+def min_memory_cpp(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structured: bool,
+                   diagonal: bool = False) -> int:
     """Smallest memory_limit of the C++ engine's moments: its weight copy and fixed part, one
     worker's scratch for one-sample blocks, the features of two one-sample blocks and the
     bookkeeping of one block pair (_planning.cost.cpp_*)."""
     f = feature_doubles(dims, has_bias, hessian, structured)
-    return 8 * (cpp_fixed_doubles(dims, has_bias) + cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
+    return 8 * (cpp_fixed_doubles(dims, has_bias) + cpp_worker_doubles(dims, has_bias, 1, hessian, structured, diagonal)
                 + 2 * f + cpp_group_doubles(len(dims) - 1, 1, 1))
 
 
@@ -125,7 +126,7 @@ def _parallelism(n_samples: int, batch: int, group: int) -> int:
 
 
 def plan_cpp(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hessian: bool, structured: bool,
-             threads: int, batch_size: int | None, memory_limit: int) -> tuple[int, int, int]:
+             threads: int, batch_size: int | None, memory_limit: int, diagonal: bool = False) -> tuple[int, int, int]:
     """(batch_size, blocks cached at once, threads) of the C++ engine's moments.
 
     ValueError when ``memory_limit`` is below what one sample needs (:func:`min_memory_cpp`).
@@ -133,14 +134,14 @@ def plan_cpp(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, hess
     blocks of features for one-sample blocks) and to the most tasks one step of the plan runs
     at once, so that no worker is planned for, or allocated, without work.
     """
-    minimum = min_memory_cpp(dims, has_bias, hessian, structured)
+    minimum = min_memory_cpp(dims, has_bias, hessian, structured, diagonal)
     check_memory_limit(memory_limit, minimum, "the weights, one sample's features and one worker's scratch")
-    worker = 8 * (cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
+    worker = 8 * (cpp_worker_doubles(dims, has_bias, 1, hessian, structured, diagonal)
                   + 2 * feature_doubles(dims, has_bias, hessian, structured))
     threads = max(1, min(threads, 1 + (memory_limit - minimum) // worker))
     while True:
         batch, group = plan_blocks(dims, has_bias, n_samples, hessian, structured, threads, batch_size, memory_limit,
-                                   cpp=True)
+                                   cpp=True, diagonal=diagonal)
         tasks = _parallelism(n_samples, batch, group)
         if tasks >= threads:
             return batch, group, threads
@@ -166,7 +167,7 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
                 threads: int, batch_size: int | None, memory_limit: int, *,
                 target_batch: int = _TARGET_BATCH, max_pair_flops: float = _MAX_PAIR_FLOPS,
                 cross_copies: int = 1, feature_temporaries: float = 0.0, feature_scratch: int = 0,
-                cpp: bool = False) -> tuple[int, int]:
+                cpp: bool = False, diagonal: bool = False) -> tuple[int, int]:
     """Choose (batch_size, blocks cached at once) within ``memory_limit`` bytes.
 
     ``target_batch`` and ``max_pair_flops`` shape the preferred block (the torch backend on a
@@ -180,17 +181,17 @@ def plan_blocks(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, h
     """
     f = feature_doubles(dims, has_bias, hessian, structured)
     if cpp:  # off the budget first: the weight copy and what each worker holds whatever the block size
-        base = cpp_worker_doubles(dims, has_bias, 1, hessian, structured)
+        base = cpp_worker_doubles(dims, has_bias, 1, hessian, structured, diagonal)
         memory_limit -= 8 * (cpp_fixed_doubles(dims, has_bias) + threads * base)
 
     def scratch(b: int) -> int:  # float64 values per worker besides the cached features
         if cpp:  # (the rest of it: halving the block halves this part only)
-            return cpp_worker_doubles(dims, has_bias, b, hessian, structured) - base
+            return cpp_worker_doubles(dims, has_bias, b, hessian, structured, diagonal) - base
         return (pair_scratch_doubles(dims, b, hessian, structured, cross_copies)
                 + int(feature_temporaries * b * f) + b * feature_scratch)
 
     if batch_size is None:
-        flops = pair_flops(dims, has_bias, hessian, structured)
+        flops = pair_flops(dims, has_bias, hessian, structured, diagonal)
         target = min(target_batch, max(8, int(math.sqrt(max_pair_flops / flops))))
         n_blocks = max(1, math.ceil(n_samples / target))
         if threads > 1:  # enough block pairs to keep every thread busy (small N)

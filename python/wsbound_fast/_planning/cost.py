@@ -36,14 +36,16 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
     gemm = float(sum(aug[1:]))  # alpha_l
     elem = 0.0
     if structured and not hessian:  # docs/structured.md: K_l for every l, O(C^2) identity per (l, m)
+        if diagonal and L == 1:  # h . h' only
+            return gemm, elem + C
         if L == 2:  # K_1 packed; one fused, vectorised pass over it (~3 per entry), then O(C)
-            return gemm + R * d[1], elem + (2 * R + 3 * C if diagonal else 3 * R + 10 * C)
+            return gemm + R * d[1], elem + (2 * C * C + 3 * C if diagonal else 3 * R + 10 * C)
         if L >= 3:  # K_{L-1} packed, then unpacked for kh, u, v
             gemm += R * d[L - 1]
-            elem += C * C if diagonal else 4 * C * C
+            elem += 0 if diagonal else 4 * C * C
         gemm += C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
-        if diagonal:  # no shift; sum_ij h_i h'_j K_ij Kt_ij per (l, m)
-            elem += C * C * L * (L + 1) / 2
+        if diagonal:  # no shift: 2 C^2 to prepare each K_l, l < L; C^2 per (l, m < L), C per (l, L)
+            elem += 2 * C * C * (L - 1) + C * C * L * (L - 1) / 2 + C * L
         else:
             elem += 3 * C * C * max(L - 2, 0) + (C * C + 2 * C) * L * (L + 1) / 2
         return gemm, elem
@@ -54,7 +56,7 @@ def _terms(dims: Sequence[int], has_bias: Sequence[bool], hessian: bool, structu
                 if m == l:  # (L-1, L-1) and (L-1, L) together through K_{L-1}
                     gemm += (1 + R + 2 * C) * d[l] + 3 * d[l] + aug[L] + C
                     # fused pass over the packed K, then O(C) and the cross terms
-                    elem += 2 * R + 6 * C if diagonal else 3 * R + 14 * C
+                    elem += 2 * C * C + 8 * C if diagonal else 3 * R + 14 * C
                 continue
             if l == m:
                 gemm += d[l] * d[m]
@@ -196,11 +198,13 @@ def cpp_group_doubles(n_layers: int, n_blocks: int, group: int) -> int:
 
 
 def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int, hessian: bool,
-                       structured: bool) -> int:
+                       structured: bool, diagonal: bool = False) -> int:
     """Float64 values one C++ worker holds besides the cached blocks' features: its pair
     scratch (PairScratch, kept from one block pair to the next, so also while the worker
     computes features), one block's intermediates in block_features, and the packed operands
-    of one GEMM.  Each buffer at its largest size (B = B' = batch)."""
+    of one GEMM.  Each buffer at its largest size (B = B' = batch).  ``diagonal`` (mse, bce):
+    the Hessian's rounding addition holds 3 B max d_l + max |W_l| + B ((L+1)^2 + L + 1) more
+    while a block's features are computed."""
     L = len(dims) - 1
     d = dims
     C, B = d[L], batch
@@ -281,6 +285,8 @@ def cpp_worker_doubles(dims: Sequence[int], has_bias: Sequence[bool], batch: int
                     gemm(c, d[l], B)
         pair += p2 + xt + ct + z
     packed = sum(v for v in (left, right) if v > _GEMM_ON_STACK)
+    if diagonal and hessian and L >= 2:
+        feat += 3 * B * max(d) + max(d[l - 1] * d[l] for l in range(1, L + 1)) + B * ((L + 1) ** 2 + L + 1)
     return feat + pair + packed
 
 

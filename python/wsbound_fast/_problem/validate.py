@@ -271,9 +271,10 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     if backend in ("cpp", None):
         if backend is None or not moments_plan_active():  # a default plan (the caller plans again)
             size, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,
-                                      cpp=True)
+                                      cpp=True, diagonal=lossr.diagonal)
             return dataclasses.replace(prob, batch_size=size, group_blocks=group)
-        size, group, nthreads = plan_cpp(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget)
+        size, group, nthreads = plan_cpp(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,
+                                         lossr.diagonal)
         return dataclasses.replace(prob, batch_size=size, group_blocks=group, threads=nthreads)
     size, group, chunks = plan_python(prob, batch, budget)  # NumPy, torch: one block pair at a time
     return dataclasses.replace(prob, batch_size=size, group_blocks=group, chunks=chunks)
