@@ -91,3 +91,23 @@ def test_cli_demo_plot_without_matplotlib(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs matplotlib" in lines[0] and "wsbound_fast[plot]" in lines[0]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_edge_of_stability_png(tmp_path):
+    """Print resolution (7 in at >= 150 dpi), with and without a crossing of 2/eta."""
+    pytest.importorskip("matplotlib")
+    from wsbound_fast._cli.plot import plot_edge_of_stability
+
+    steps = np.arange(0, 101, 10)
+    lam = np.minimum(1.0 + 0.02 * steps, 2.1)
+    loss = 0.1 * np.exp(-np.arange(101) / 50) + 0.01 * (np.arange(101) % 7 == 0)
+    for name, threshold in (("cross.png", 2.0), ("below.png", 5.0)):
+        path = tmp_path / name
+        plot_edge_of_stability(str(path), steps, lam * 0.999, lam * 1.001, threshold, np.arange(101), loss,
+                               title="t", loss_label="training loss (MSE)")
+        img = _read_png(path)
+        assert img.shape[1] >= 7 * 150
+    with pytest.raises(ValueError, match="threshold"):
+        plot_edge_of_stability(str(tmp_path / "x.png"), steps, lam, lam, 0.0, np.arange(101), loss)
+    with pytest.raises(ValueError, match="upper must have one value per step"):
+        plot_edge_of_stability(str(tmp_path / "x.png"), steps, lam, lam[:3], 2.0, np.arange(101), loss)

@@ -20,13 +20,13 @@ from .._spectral.bounds import Bound
 from .._version import __version__
 from .demo import (
     DEFAULT_CHECKPOINTS,
-    DEFAULT_EPOCHS,
-    DEFAULT_HIDDEN,
+    SETUPS,
     resolve_backend,
     run_demo,
 )
 from .files import Model, load_data, load_model, parse_activation
-from .plot import plot_demo, require_matplotlib
+from .fmt import directed as _directed
+from .plot import plot_demo, plot_edge_of_stability, require_matplotlib
 
 PROG = "wsbound-fast"
 
@@ -54,6 +54,17 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (0.0 < value <= 10.0):
         raise argparse.ArgumentTypeError(f"must be in (0, 10], got {text}")
+    return value
+
+
+def _step_size(text: str) -> float:
+    """--lr: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -151,15 +162,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if suffix not in formats:
             raise _UsageError(f"{PROG}: error: --plot: cannot tell the image format from {args.plot!r}; use a file "
                               f"name ending in one of {', '.join('.' + f for f in sorted(formats))}")
-        if checkpoints is None:
-            checkpoints = _PLOT_CHECKPOINTS
-    rows = run_demo(hidden=args.hidden, epochs=args.epochs, seed=args.seed,
-                    checkpoints=DEFAULT_CHECKPOINTS if checkpoints is None else checkpoints,
+    setup = SETUPS[args.loss]
+    hidden = setup.hidden if args.hidden is None else args.hidden
+    lr = setup.lr if args.lr is None else args.lr
+    if args.loss == "mse":  # the edge of stability: the certified bracket already holds λ_max
+        losses: list[float] = []
+        rows = run_demo(hidden=hidden, epochs=args.epochs, seed=args.seed, loss="mse", checkpoints=checkpoints,
+                        lr=lr, backend=args.backend, threads=args.threads,
+                        on_epoch=lambda epoch, value, acc: losses.append(value))
+        if args.plot is not None:
+            N = rows[0].bound.n_samples
+            plot_edge_of_stability(
+                args.plot, [r.epoch for r in rows], [r.bound.lambda_max_bracket[0] for r in rows],
+                [r.bound.lambda_max_bracket[1] for r in rows], 2.0 / lr, list(range(len(losses))), losses,
+                title=f"digits (N = {N}), tanh MLP 64-{hidden}-10, mean squared error, gradient descent "
+                      f"η = {lr:g}:\nprogressive sharpening to the edge of stability",
+                loss_label="training loss (MSE)")
+            print(f"plot written to {args.plot}")
+        return 0
+    if args.plot is not None and checkpoints is None:
+        checkpoints = _PLOT_CHECKPOINTS
+    rows = run_demo(hidden=hidden, epochs=args.epochs, seed=args.seed,
+                    checkpoints=DEFAULT_CHECKPOINTS if checkpoints is None else checkpoints, lr=lr,
                     backend=args.backend, threads=args.threads,
                     lambda_max=None if args.plot is None else _demo_lambda_max(args.backend, args.threads))
     if args.plot is not None:
         N = rows[0].bound.n_samples
-        plot_demo(rows, args.plot, title=f"digits (N = {N}), tanh MLP 64-{args.hidden}-10: "
+        plot_demo(rows, args.plot, title=f"digits (N = {N}), tanh MLP 64-{hidden}-10: "
                                          f"sharpness during training")
         print(f"plot written to {args.plot}")
     return 0
@@ -170,18 +199,6 @@ _PLOT_CHECKPOINTS = 16
 
 #: How the table names each loss.
 _LOSS_TEXT = {"cross_entropy": "cross-entropy", "mse": "squared error (mse)", "bce": "binary cross-entropy (bce)"}
-
-
-def _directed(x: float, digits: int, up: bool) -> str:
-    """``x`` to ``digits`` significant digits, rounded down (or up): printed bounds still hold."""
-    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-
-    if x == 0 or not math.isfinite(x):
-        return f"{x:g}"
-    d = Decimal(x)  # exact
-    quantum = Decimal(1).scaleb(d.adjusted() - digits + 1)
-    q = d.quantize(quantum, rounding=ROUND_CEILING if up else ROUND_FLOOR)  # at most digits + 1 digits
-    return f"{float(q):.{digits + 1}g}"  # the float nearest q prints back as q (no trailing zeros)
 
 
 def _interval(lo: float, hi: float) -> str:
@@ -295,24 +312,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
 
+    ce, mse = SETUPS["cross_entropy"], SETUPS["mse"]
     demo = sub.add_parser(
         "demo",
         help="train a small MLP on the bundled digits data and print tr(H), tr(H^2) and bounds as it trains",
         description="Train a one-hidden-layer tanh MLP (64-H-10) on the bundled 8x8 digits (N = 1797) with "
                     "full-batch gradient descent, and at a few checkpoints print the loss, the accuracy, "
                     "tr(H), tr(H^2) of the loss Hessian and the Wolkowicz-Styan bounds on its largest "
-                    "eigenvalue.",
+                    "eigenvalue. With --loss mse: the edge of stability (Cohen et al. 2021): plain gradient "
+                    "descent with step eta (--lr) on the mean squared error against one-hot targets, and at "
+                    "evenly spaced checkpoints the certified bracket of the largest Hessian eigenvalue "
+                    "against 2/eta.",
     )
+    demo.add_argument("--loss", choices=tuple(SETUPS), default="cross_entropy",
+                      help="cross_entropy (default: heavy-ball momentum, tr(H) and the WS bounds) or mse (plain "
+                           "gradient descent, the certified lambda_max against 2/eta: the edge of stability)")
     demo.add_argument("--plot", metavar="FILE", default=None,
-                      help="also draw tr(H), the WS bounds and the loss against training steps into FILE "
-                           "(.png, .pdf, .svg; needs matplotlib)")
-    demo.add_argument("--hidden", type=_int_at_least(1), default=DEFAULT_HIDDEN, metavar="H",
-                      help="hidden units (default: %(default)s)")
-    demo.add_argument("--epochs", type=_int_at_least(0), default=DEFAULT_EPOCHS, metavar="E",
-                      help="gradient-descent steps on the full data set (default: %(default)s)")
+                      help="also draw into FILE (.png, .pdf, .svg; needs matplotlib) tr(H), the WS bounds and the "
+                           "loss against training steps; with --loss mse the certified lambda_max bracket, the "
+                           "2/eta line and the training loss")
+    demo.add_argument("--hidden", type=_int_at_least(1), default=None, metavar="H",
+                      help=f"hidden units (default: {ce.hidden})")
+    demo.add_argument("--epochs", type=_int_at_least(0), default=None, metavar="E",
+                      help=f"gradient-descent steps on the full data set (default: {ce.epochs}; {mse.epochs} with "
+                           "--loss mse)")
+    demo.add_argument("--lr", type=_step_size, default=None, metavar="ETA",
+                      help=f"step size of gradient descent (default: {ce.lr:g}, with momentum {ce.momentum:g}; "
+                           f"{mse.lr:g} with --loss mse, no momentum)")
     demo.add_argument("--checkpoints", type=_int_at_least(2), default=None, metavar="K",
                       help="table rows: epoch 0, the last epoch and geometrically spaced ones between "
-                           f"(default: {DEFAULT_CHECKPOINTS}, or {_PLOT_CHECKPOINTS} with --plot)")
+                           f"(default: {DEFAULT_CHECKPOINTS}, or {_PLOT_CHECKPOINTS} with --plot; with --loss mse "
+                           f"{mse.checkpoints}, evenly spaced)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation (default: %(default)s)")
     demo.add_argument("--backend", choices=("cpp", "numpy"), default=None,
                       help="engine for the bounds (default: cpp, or numpy with a notice if the compiled "

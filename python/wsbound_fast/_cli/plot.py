@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_sharpness", "require_matplotlib"]
+__all__ = ["plot_edge_of_stability", "plot_sharpness", "require_matplotlib"]
 
 
 def require_matplotlib() -> Any:
@@ -114,3 +114,79 @@ def plot_demo(rows: Sequence[Any], path: str, *, title: str | None = None) -> No
         xlabel="full-batch gradient-descent step (epoch)",
         curvature=rows[0].bound.curvature if rows else "hessian",
     )
+
+
+def plot_edge_of_stability(path: str, steps: Sequence[float], lower: Sequence[float], upper: Sequence[float],
+                           threshold: float, loss_steps: Sequence[float], loss: Sequence[float], *,
+                           title: str | None = None, loss_label: str = "training loss", dpi: int = 200) -> None:
+    """The edge of stability: the certified bracket [``lower``, ``upper``] of λ_max at ``steps``
+    against the line ``threshold`` (2/η), and below it the training loss at ``loss_steps``.
+
+    Two panels sharing a linear step axis; written to ``path`` at ``dpi`` (>= 150 for print).
+    """
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    x = np.asarray(steps, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"steps must be a non-empty 1-D sequence; got shape {x.shape}")
+    lo = _series(lower, x.size, "lower")
+    hi = _series(upper, x.size, "upper")
+    assert lo is not None and hi is not None
+    xl = np.asarray(loss_steps, dtype=np.float64)
+    ls = _series(loss, xl.size, "loss")
+    assert ls is not None
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be a positive number; got {threshold!r}")
+
+    fig = Figure(figsize=(7.0, 5.4), dpi=dpi, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    top.axhline(threshold, color="tab:red", ls="--", lw=1.4, zorder=1,
+                label=f"2/η = {threshold:.4g}: gradient descent is unstable above")
+    label = r"$\lambda_{max}$ of the loss Hessian: certified bracket"
+    if np.all(hi > 0):
+        rel = float(np.nanmax((hi - lo) / hi))
+        thin = ", thinner than the line" if rel * float(np.nanmax(hi)) < 0.006 * threshold else ""
+        label += f"\n(each at most {100 * rel:.2g}% wide{thin})"
+    top.fill_between(x, lo, hi, color="tab:blue", alpha=0.30, lw=0, zorder=2)
+    mid = 0.5 * (lo + hi)
+    top.errorbar(x, mid, yerr=(mid - lo, hi - mid), fmt="o-", color="tab:blue", ms=3.2, lw=1.3, capsize=0,
+                 elinewidth=1.0, zorder=3, label=label)
+    ymax = 1.15 * max(float(np.nanmax(hi)), threshold)
+    top.set_ylim(0.0, ymax)
+    top.set_ylabel(r"sharpness $\lambda_{max}$")
+    reach = np.flatnonzero(hi >= threshold)
+    if reach.size and 0 < reach[0] < x.size - 1:  # mark the two phases
+        xc, y_arrow = float(x[reach[0]]), 0.45 * threshold
+        for ax in (top, bottom):
+            ax.axvline(xc, color="tab:red", ls=":", lw=1.0, zorder=1)
+        for a, b, text in ((float(x[0]), xc, "progressive sharpening"),
+                           (xc, float(x[-1]), "edge of stability: $\\lambda_{max}$ stays near 2/η")):
+            top.annotate("", xy=(a, y_arrow), xytext=(b, y_arrow),
+                         arrowprops={"arrowstyle": "<->", "color": "0.35", "lw": 0.9})
+            top.text(0.5 * (a + b), y_arrow * 1.04, text, ha="center", va="bottom", fontsize="small", color="0.2")
+        top.text(xc, y_arrow * 0.96, f" epoch {x[reach[0]]:g}: the bracket reaches 2/η", ha="left", va="top",
+                 fontsize="small", color="tab:red")
+        late = np.flatnonzero(xl > xc)
+        if late.size:  # Cohen et al.: non-monotone over short times, decreasing over long ones
+            j = late[np.argmax(ls[late])]
+            left = xl[j] < xl.min() + 0.65 * (xl.max() - xl.min())  # room for the text on its right
+            bottom.annotate("non-monotone over a few steps,\nyet falling over many",
+                            xy=(xl[j], ls[j]), xytext=(12 if left else -12, -4), textcoords="offset points",
+                            ha="left" if left else "right", va="top", fontsize="small", color="0.2")
+    top.grid(True, alpha=0.3)
+    top.legend(loc="lower right", fontsize="small", framealpha=0.9)
+    if title:
+        top.set_title(title, fontsize="medium")
+
+    bottom.plot(xl, ls, "-", color="tab:gray", lw=1.0, label="every step")
+    on = np.isin(xl, x)
+    bottom.plot(xl[on], ls[on], "o", color="black", ms=2.5, label="at the checkpoints above")
+    if (ls > 0).all() and ls.max() / ls.min() > 5:
+        bottom.set_yscale("log")
+    bottom.set_ylabel(loss_label)
+    bottom.set_xlabel("full-batch gradient-descent step (epoch)")
+    bottom.grid(True, which="both", alpha=0.3)
+    bottom.legend(loc="upper right", fontsize="small", framealpha=0.9)
+    bottom.set_xlim(float(min(x.min(), xl.min())), float(max(x.max(), xl.max())))
+    fig.savefig(path, dpi=dpi)
