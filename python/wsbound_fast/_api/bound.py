@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from .._backends import moments, validate_for
-from .._engine.schedule import ProgressFn, total_moments
+from .._engine.schedule import ProgressFn, select_layers, total_moments
 from .._problem.problem import BACKENDS
 from .._problem.validate import _choice, compute_dtype
 from .._spectral.bounds import Bound, ws_bounds
@@ -23,7 +23,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
           backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
           callback: ProgressFn | None = None, device: Any = None, dtype: Any = None, exact: bool = False,
           certify: int | bool | None = None, rtol: float = 1e-2, which: str = "LA", lanczos_tol: float = 1e-10,
-          lanczos_maxiter: int | None = None, seed: int = 0, loss: Any = "cross_entropy") -> Bound:
+          lanczos_maxiter: int | None = None, seed: int = 0, loss: Any = "cross_entropy",
+          params: Any = None) -> Bound:
     """Exact tr(H), tr(H^2) of the loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -52,6 +53,10 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         reduction, label_smoothing and ignore_index as torch applies them; weight is refused),
         nn.MSELoss, nn.BCEWithLogitsLoss (weight and pos_weight are refused).  An explicit
         ``reduction`` must agree with a module's.
+    params : None (the default): every parameter of a list of layers, and the trainable ones
+        (``requires_grad``) of a torch module; or the layers (0-based indices, weights and bias
+        together) to take the curvature over.  The moments and every bound are then those of
+        the principal submatrix of those parameters (``n_params`` counts them).
     batch_size : samples per streamed block; default chosen from ``memory_limit``.
     threads : worker threads of the C++ backend (default: all cores available).  The NumPy
         backend uses its BLAS's own threads.  Results do not depend on it.
@@ -107,7 +112,7 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
     # a torch module becomes (layers, activations); tensors become arrays except for the torch backend
     prob = validate_for(chosen, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                         batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device, dtype=dtype,
-                        loss=loss)
+                        loss=loss, params=params)
     if chosen != "torch" and compute_dtype(dtype) == "float32":
         if chosen != "cpp":
             raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={chosen!r}")
@@ -119,7 +124,8 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         mom = moments(prob, chosen, reporter if reporter.active else None)
     finally:
         reporter.close()
-    layer_trace, blocks = mom.trace, mom.blocks
+    sel = select_layers(mom, prob.layers_in)  # the selected parameters' principal submatrix
+    layer_trace, blocks = sel.trace, sel.blocks
     tr, tr2 = total_moments(layer_trace, blocks)
     elapsed = time.perf_counter() - t0
     if prob.mean:
@@ -130,7 +136,9 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
             f"the curvature moments overflowed float64 (trace={tr!r}, trace_sq={tr2!r}); "
             "the weights or inputs are too large in magnitude"
         )
-    allowance = moment_allowance(prob, mom.trace_abs, mom.norms)
+    allowance = moment_allowance(prob, sel.trace_abs, sel.norms)
+    if sel is not mom:  # a product still runs over the whole model: its allowance is the model's
+        allowance = dataclasses.replace(allowance, product=moment_allowance(prob, mom.trace_abs, mom.norms).product)
     # a trace_sq below 0 can only be rounding (it is a squared norm): 0 is closer to the truth
     tr2 = max(tr2, 0.0)
     ws = ws_bounds(tr, tr2, prob.n_params, trace_err=allowance.trace, trace_sq_err=allowance.trace_sq)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .._backends import selected_columns
 from .._backends.numpy import ARRAYS
 from .._engine.data import HostData
 from .._engine.features import block_features
@@ -31,18 +32,20 @@ def _param_index(d_out: int, d_in: int, bias: bool) -> np.ndarray:
 
 
 def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
-                  reduction: str | None = None, loss: Any = "cross_entropy") -> np.ndarray:
+                  reduction: str | None = None, loss: Any = "cross_entropy", params: Any = None) -> np.ndarray:
     """The P x P Hessian (or GGN) of the loss (``loss`` as for :func:`bound`), as a dense NumPy array.
 
     Parameters are ordered layer by layer, W row-major then b (as
     ``torch.nn.Sequential.parameters()``).  Refuses P > 20000; use :func:`bound` there.
-    Takes the same inputs as :func:`bound` (a torch module and tensors too).
+    Takes the same inputs as :func:`bound` (a torch module and tensors too); with ``params``
+    (or a module's frozen layers) it is the principal submatrix of the selected parameters.
     """
+    params = torch_input.selected_params(layers, params)
     layers, X, y, activation = torch_input.adapt(layers, X, y, activation, loss=loss)
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
     prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
-                            loss=loss), structured=False)
-    P = prob.n_params
+                            loss=loss, params=params), structured=False)
+    P = prob.n_params_all
     if P > MAX_DENSE_PARAMS:
         raise ValueError(
             f"dense_hessian: the model has P = {P} parameters and the dense matrix would take "
@@ -81,4 +84,7 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvat
                     H[np.ix_(im, il)] += blk.T
     if prob.mean:
         H /= prob.divisor
+    cols = selected_columns(prob)
+    if cols is not None:
+        H = np.ascontiguousarray(H[np.ix_(cols, cols)])
     return H

@@ -28,6 +28,7 @@ from .._problem.validate import (
     _choice,
     _positive_int,
     validate_layers,
+    validate_params,
     validate_threads,
 )
 
@@ -87,7 +88,7 @@ def gemm_rate() -> float:
 
 def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str = "hessian",
          batch_size: int | None = None, threads: int | None = None, memory_limit: int | None = None,
-         loss: Any = "cross_entropy") -> Plan:
+         loss: Any = "cross_entropy", params: Any = None) -> Plan:
     """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``.
 
     ``pair_flops`` is the pair phase's flop count (Gram products over the upper triangle of
@@ -101,9 +102,11 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     it (to the block pairs one step runs at once and the workers the budget holds; the plan's
     ``threads``); a ``memory_limit`` below what one sample needs is a ValueError naming the
     minimum.  ``loss`` as for :func:`bound`: mse and bce have a diagonal output curvature,
-    whose K route costs less (and may be chosen where cross-entropy's is not).
+    whose K route costs less (and may be chosen where cross-entropy's is not).  ``params`` as
+    for :func:`bound`: ``n_params`` counts the selected parameters; the cost is the model's.
     """
     lossr, _ = resolve_loss(loss, None)
+    params = torch_input.selected_params(layers, params)
     layers, _, _, activation = torch_input.adapt(layers, None, None, activation)
     weights, biases = validate_layers(layers)
     if activation is not None:
@@ -132,7 +135,9 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     memory = 8 * (cpp_fixed_doubles(dims, has_bias) + held + cpp_group_doubles(len(dims) - 1, n_blocks, group)
                   + nthreads * cpp_worker_doubles(dims, has_bias, batch, hessian, structured, lossr.diagonal))
     rate = gemm_rate()
-    P = int(sum(w.size + (0 if b is None else b.size) for w, b in zip(weights, biases)))
+    keep = validate_params(params, len(weights)) or (True,) * len(weights)
+    # the parameters the curvature is taken over (the engine's cost is the whole model's)
+    P = int(sum(w.size + (0 if b is None else b.size) for w, b, k in zip(weights, biases, keep) if k))
     return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops, fflops,
                 8 * n * f, memory, rate / 1e9, (flops + fflops) / (ASSUMED_EFFICIENCY * rate), nthreads,
                 min_memory_cpp(dims, has_bias, hessian, structured, lossr.diagonal), lossr.name)

@@ -52,7 +52,7 @@ def validate_vectors(v: Any, n_params: int, name: str = "v") -> tuple[np.ndarray
 def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvature: str = "hessian",
         reduction: str | None = None, batch_size: int | None = None, threads: int | None = None,
         backend: str = "cpp", memory_limit: int | None = None, device: Any = None, dtype: Any = None,
-        loss: Any = "cross_entropy") -> np.ndarray:
+        loss: Any = "cross_entropy", params: Any = None) -> np.ndarray:
     """Exact curvature-vector product H v (or G v for the GGN) of the loss over the data set.
 
     Same conventions as :func:`bound` (parameters ordered layer by layer, W row-major then
@@ -70,12 +70,13 @@ def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvatur
     the default block on a GPU is larger (up to 2048 samples) and ``threads`` does not
     apply.  ``dtype`` may only be None or "float64": the product is always float64
     (float32 raises ValueError).  ``device=`` with another backend raises ValueError.
-    ``loss`` and ``reduction`` (None: the loss module's, else "mean") are as for :func:`bound`.
+    ``loss``, ``reduction`` (None: the loss module's, else "mean") and ``params`` (the
+    parameter subset; v and the result then have its P entries) are as for :func:`bound`.
     """
     which = _choice(backend, "backend", HVP_BACKENDS)
     prob = validate_for_products(which, layers, X, y, activation=activation, curvature=curvature,
                                  reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
-                                 dtype=dtype, loss=loss)
+                                 dtype=dtype, loss=loss, params=params)
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
     V, single = validate_vectors(v, prob.n_params)
     out = make_matvec(prob, which, V.shape[0], batch)(V)
@@ -86,7 +87,7 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
           curvature: str = "hessian", reduction: str | None = None, tol: float = 1e-10, maxiter: int | None = None,
           seed: int = 0, return_eigenvectors: bool = False, batch_size: int | None = None,
           threads: int | None = None, backend: str = "cpp", memory_limit: int | None = None, device: Any = None,
-          dtype: Any = None, loss: Any = "cross_entropy") -> Any:
+          dtype: Any = None, loss: Any = "cross_entropy", params: Any = None) -> Any:
     """Extreme eigenvalues (and vectors) of the loss Hessian or GGN by Lanczos.
 
     Lanczos with full reorthogonalisation over the exact curvature-vector product
@@ -104,7 +105,7 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
         at most half of ``memory_limit``.
     seed : the random start vector; the result is deterministic for a seed.
     return_eigenvectors : also return the unit Ritz vectors as the columns of a (P, k) array.
-    loss, reduction : as for :func:`bound`.
+    loss, reduction, params : as for :func:`bound`.
     backend, device, dtype, batch_size, threads, memory_limit : as for :func:`hvp`, which
         computes the products ("cpp", "numpy" or "torch" on ``device``, e.g. "cuda"; float64
         only).  The Lanczos basis and its reorthogonalisation stay in host memory (NumPy),
@@ -123,7 +124,7 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     which_b = _choice(backend, "backend", HVP_BACKENDS)
     prob = validate_for_products(which_b, layers, X, y, activation=activation, curvature=curvature,
                                  reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
-                                 dtype=dtype, loss=loss)
+                                 dtype=dtype, loss=loss, params=params)
     P = prob.n_params
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an integer, the number of eigenvalues; got {k!r}")

@@ -35,7 +35,7 @@ def torch_backend() -> ModuleType:
 
 def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
                  batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
-                 dtype: Any = None, moments: bool = True, loss: Any = "cross_entropy") -> Problem:
+                 dtype: Any = None, moments: bool = True, loss: Any = "cross_entropy", params: Any = None) -> Problem:
     """:func:`torch_input.adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
 
     backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
@@ -49,10 +49,11 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
     with moments_plan(moments):
         if backend == "torch" and device is None and torch_input.is_module(layers):
             device = _module_device(layers, X)
+        params = torch_input.selected_params(layers, params)
         layers, X, y, activation = torch_input.adapt(layers, X, y, activation, keep_tensors=backend == "torch",
                                                      loss=loss)
         kw = dict(activation=activation, curvature=curvature, reduction=reduction,
-                  batch_size=batch_size, threads=threads, memory_limit=memory_limit, loss=loss)
+                  batch_size=batch_size, threads=threads, memory_limit=memory_limit, loss=loss, params=params)
         if backend == "torch":
             return torch_backend().validate_torch(layers, X, y, device=device, dtype=dtype, **kw)
         prob = validate(layers, X, y, backend=backend, **kw)
@@ -74,12 +75,12 @@ def _module_device(module: Any, X: Any) -> Any:
 
 def validate_for_products(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any,
                           reduction: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any,
-                          loss: Any = "cross_entropy") -> Problem:
+                          loss: Any = "cross_entropy", params: Any = None) -> Problem:
     """Validation of hvp() and eigsh(): as bound() (torch objects, and for backend="torch" the
     device and its memory budget), then dtype, which must mean float64."""
     prob = validate_for(backend, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                         threads=threads, memory_limit=memory_limit, device=device, dtype=dtype, moments=False,
-                        loss=loss)
+                        loss=loss, params=params)
     if compute_dtype(dtype) == "float32":
         raise ValueError("dtype='float32' is not available for the curvature-vector product (hvp, eigsh): it is "
                          "computed in float64 on every backend; leave dtype=None")
@@ -104,19 +105,42 @@ def _products(prob: Problem, backend: str, k: int, batch_size: int | None) -> Ma
     return lambda V: fn(planned, V)
 
 
+def selected_columns(prob: Problem) -> np.ndarray | None:
+    """The positions of the selected parameters in the model's flat vector (layer by layer, W
+    row-major then b), or None for all of them."""
+    if prob.layers_in is None:
+        return None
+    cols, off = [], 0
+    for W, b, keep in zip(prob.weights, prob.biases, prob.layers_in):
+        n = W.size + (0 if b is None else b.size)
+        if keep:
+            cols.append(np.arange(off, off + n))
+        off += n
+    return np.concatenate(cols)
+
+
 def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None = None) -> Matvec:
     """A function V (k', P) -> the curvature applied to each row, normalised as prob says.
 
     Backend-agnostic for its callers (hvp(), the Lanczos of eigsh() and bound(exact=...,
     certify=...)): V and the result are float64 NumPy arrays whatever the backend computes on.
     A backend that keeps the Lanczos basis on its device gives the matvec a ``space``
-    (_spectral.lanczos.lanczos uses it).
+    (_spectral.lanczos.lanczos uses it).  With a parameter subset (``prob.layers_in``) V has
+    the selected parameters' P columns: they are placed in the model's vector (zeros elsewhere)
+    and the product's selected entries come back, H_SS v.
     """
     products = _products(prob, backend, k, batch_size)
     scale = 1.0 / prob.divisor if prob.mean else 1.0
+    cols = selected_columns(prob)
 
     def matvec(V: np.ndarray) -> np.ndarray:
-        out = products(np.ascontiguousarray(V, dtype=np.float64))
+        V = np.ascontiguousarray(V, dtype=np.float64)
+        if cols is not None:
+            full = np.zeros((V.shape[0], prob.n_params_all))
+            full[:, cols] = V
+            out = products(full)[:, cols]
+        else:
+            out = products(V)
         if scale != 1.0:
             out *= scale
         if not np.isfinite(out).all():
@@ -124,7 +148,7 @@ def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None 
                                      "the weights, inputs or v are too large in magnitude")
         return out
 
-    device_space = getattr(products, "device_space", None)
+    device_space = None if cols is not None else getattr(products, "device_space", None)
     space = None if device_space is None else device_space(scale)
     if space is not None:
         matvec.space = space  # type: ignore[attr-defined]

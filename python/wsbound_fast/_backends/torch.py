@@ -207,11 +207,12 @@ def default_budget(device: torch.device) -> int:
 
 def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
                    batch_size: Any = None, threads: Any = None, memory_limit: Any = None,
-                   device: Any = None, dtype: Any = None, loss: Any = "cross_entropy") -> TorchProblem:
+                   device: Any = None, dtype: Any = None, loss: Any = "cross_entropy",
+                   params: Any = None) -> TorchProblem:
     """validate() for the torch backend: same errors, then device, dtype and a device plan."""
     prob = validate(_layers_to_numpy(layers), X, _to_numpy(y), activation=activation, curvature=curvature,
                     reduction=reduction, batch_size=batch_size, threads=threads, memory_limit=memory_limit,
-                    check_X=check_X, loss=loss)
+                    check_X=check_X, loss=loss, params=params)
     dev = resolve_device(device, layers, X, y)
     cdt = resolve_dtype(dtype)
     budget = default_budget(dev) if memory_limit is None else prob.memory_limit

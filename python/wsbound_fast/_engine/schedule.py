@@ -38,6 +38,18 @@ class Moments(NamedTuple):
     norms: np.ndarray
 
 
+def select_layers(mom: Moments, layers_in: tuple[bool, ...] | None) -> Moments:
+    """The moments of the principal submatrix of the selected layers' parameters: the blocks
+    (l, m) with both layers selected, the traces and magnitudes of the selected layers (the
+    others zero).  ``layers_in`` None: ``mom`` itself."""
+    if layers_in is None:
+        return mom
+    keep = np.asarray(layers_in, dtype=bool)
+    pair = np.outer(keep, keep)
+    return Moments(np.where(keep, mom.trace, 0.0), np.where(pair, mom.blocks, 0.0),
+                   np.where(keep, mom.trace_abs, 0.0), np.where(pair, mom.norms, 0.0))
+
+
 def total_moments(layer_trace: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
     """(tr H, tr H^2) from per-layer traces and the upper triangle of <H^{lm}, H^{lm}>.
 

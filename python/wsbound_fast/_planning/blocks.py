@@ -290,7 +290,7 @@ def plan_hvp(prob: Any, k: int, batch_size: int | None, *, target_batch: int = _
     backend plans with one thread (one block at a time) and, on an accelerator, a larger
     ``target_batch``.
     """
-    N, P = prob.n_samples, prob.n_params
+    N, P = prob.n_samples, prob.n_params_all
     per_sample = _state_doubles(prob)
     batch = min(N, target_batch) if batch_size is None else min(batch_size, N)
     threads = max(1, min(prob.threads, math.ceil(N / batch)))

@@ -48,6 +48,10 @@ class Problem:
     chunks: tuple[float, float] | None = None
     #: The loss (a name of ``_problem.losses.LOSSES``); labels hold its targets.
     loss: str = "cross_entropy"
+    #: The layers whose parameters (weights and bias) the curvature is taken over, one flag per
+    #: layer; None: all of them.  The engine computes every layer; the moments, bounds and
+    #: products are those of the principal submatrix of the selected parameters.
+    layers_in: tuple[bool, ...] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -63,7 +67,20 @@ class Problem:
 
     @property
     def n_params(self) -> int:
+        """Parameters the curvature is taken over (those of the selected layers)."""
+        if self.layers_in is None:
+            return self.n_params_all
+        return n_params([W for W, k in zip(self.weights, self.layers_in) if k],
+                        [b for b, k in zip(self.biases, self.layers_in) if k])
+
+    @property
+    def n_params_all(self) -> int:
+        """Parameters of the whole model (the engine's products work on all of them)."""
         return n_params(self.weights, self.biases)
+
+    def selected(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) is in the parameter set."""
+        return self.layers_in is None or self.layers_in[layer]
 
     @property
     def diagonal(self) -> bool:

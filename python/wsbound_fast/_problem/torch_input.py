@@ -238,6 +238,38 @@ def ends_with_log_softmax(module: Any) -> bool:
     return bool(items) and type(items[-1][1]) is torch.nn.LogSoftmax
 
 
+def trainable_layers(module: Any) -> tuple[bool, ...] | None:
+    """Which Linear layers of a torch module are trainable (``requires_grad``), one flag per
+    layer in order; None when all are (the curvature of every parameter).  A layer whose weight
+    and bias disagree is refused: the curvature is taken over whole layers."""
+    if _is_linear(module):
+        linears = [("", module)]
+    else:
+        items: list[tuple[str, Any]] = []
+        _flatten_children(module, "", items)
+        linears = [(path, m) for path, m in items if _is_linear(m)]
+    flags = []
+    for path, m in linears:
+        w = bool(m.weight.requires_grad)
+        b = w if m.bias is None else bool(m.bias.requires_grad)
+        if w != b:
+            raise ValueError(
+                f"Linear '{path or type(m).__name__}': its weight has requires_grad={w} but its bias "
+                f"requires_grad={b}; the curvature is taken over whole layers: freeze or train both "
+                "(or pass params= with the layer indices to use)"
+            )
+        flags.append(w)
+    return None if all(flags) else tuple(flags)
+
+
+def selected_params(layers: Any, params: Any) -> Any:
+    """``params`` for validation: as given, or for a torch module left at None, the flags of
+    its trainable layers (:func:`trainable_layers`)."""
+    if params is None and is_module(layers):
+        return trainable_layers(layers)
+    return params
+
+
 def from_torch(module: Any) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], list[Any]]:
     """``(layers, activations)`` of a ``torch.nn.Sequential`` MLP, for :func:`wsbound_fast.bound`.
 

@@ -210,6 +210,32 @@ def min_memory_limit(layers: Any, curvature: str = "hessian", backend: str = "cp
     return cpp if _choice(backend, "backend", BACKENDS) == "cpp" else py
 
 
+def validate_params(params: Any, n_layers: int) -> tuple[bool, ...] | None:
+    """``params``: None (every parameter), or the layers (0-based indices, as W0/b0 of a
+    model file) whose weights and biases the curvature is taken over; a tuple of flags
+    (already resolved, e.g. from a torch module's requires_grad) passes through."""
+    if params is None:
+        return None
+    if isinstance(params, tuple) and len(params) == n_layers and all(isinstance(v, bool) for v in params):
+        flags = params
+    else:
+        if isinstance(params, (str, bytes)) or _is_int(params) or not isinstance(params, Sequence | range | set):
+            raise TypeError(f"params must be None or a sequence of layer indices (0 .. {n_layers - 1}); "
+                            f"got {params!r}")
+        chosen = set()
+        for v in params:
+            if not _is_int(v):
+                raise TypeError(f"params: layer indices must be integers; got {v!r}")
+            if not 0 <= v < n_layers:
+                raise ValueError(f"params: layer index {v} is out of range for a model of {n_layers} layers "
+                                 f"(0 .. {n_layers - 1})")
+            chosen.add(int(v))
+        flags = tuple(l in chosen for l in range(n_layers))
+    if not any(flags):
+        raise ValueError("params selects no parameters: give at least one layer (or leave params=None for all)")
+    return None if all(flags) else flags
+
+
 def _drop_ignored(Xa: Any, y: Any, ignore_index: int | None) -> tuple[Any, Any]:
     """Samples whose class index is ``ignore_index`` left out (torch's CrossEntropyLoss), for
     1-D integer targets; X may be an array or a tensor (indexed on its device)."""
@@ -232,7 +258,7 @@ def _drop_ignored(Xa: Any, y: Any, ignore_index: int | None) -> tuple[Any, Any]:
 def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
              batch_size: Any = None, threads: Any = None, memory_limit: Any = None,
              check_X: Callable[[Any, int], Any] | None = None, backend: str | None = None,
-             loss: Any = "cross_entropy") -> Problem:
+             loss: Any = "cross_entropy", params: Any = None) -> Problem:
     """Validate everything; ``check_X`` replaces :func:`validate_X` (the torch backend checks
     tensors on their own device, with the same errors, instead of copying them to NumPy).
     ``backend``: whose memory the block plan counts ("cpp": the C++ engine's own accounting,
@@ -267,7 +293,7 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian, lossr.diagonal)
     prob = Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
-                   1, nthreads, 1, budget, loss=lossr.name)
+                   1, nthreads, 1, budget, loss=lossr.name, layers_in=validate_params(params, len(weights)))
     if backend in ("cpp", None):
         if backend is None or not moments_plan_active():  # a default plan (the caller plans again)
             size, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,

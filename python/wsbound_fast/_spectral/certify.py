@@ -63,7 +63,7 @@ def block_spans(prob: Problem) -> tuple[list[int], list[int]]:
     p, s = [], []
     for l in range(1, L + 1):
         width_in = _first_layer_inputs(prob) if l == 1 else d[l - 1] + int(prob.biases[l - 1] is not None)
-        p.append(d[l] * width_in)
+        p.append(d[l] * width_in if prob.selected(l - 1) else 0)  # a layer outside the parameter set: none
         if not prob.hessian:
             s.append(ra)
             continue

@@ -85,6 +85,8 @@ def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray,
     ranks = layer_rank_bounds(prob)
     out = []
     for l, (W, b) in enumerate(zip(prob.weights, prob.biases)):
+        if not prob.selected(l):
+            continue  # not in the parameter set
         n = int(W.size + (0 if b is None else b.size))
         t, t2 = float(layer_trace[l]) * f1, max(float(blocks[l, l]) * f2, 0.0)
         err = {"trace_err": allowance.layer_trace[l], "trace_sq_err": allowance.layer_trace_sq[l]}
@@ -119,8 +121,8 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
     min_hi = [res.lambda_min_upper, rk.lambda_min_upper, *(lb.lambda_min_upper for lb in layers)]
     if ggn:  # positive semi-definite: tr(G^2) <= lambda_max tr(G), for G and each block G^{ll}
         ratios = [_ratio_lower(tr2, e2, tr, e1)]
-        ratios += [_ratio_lower(lb.trace_sq, allowance.layer_trace_sq[i], lb.trace, allowance.layer_trace[i])
-                   for i, lb in enumerate(layers)]
+        ratios += [_ratio_lower(lb.trace_sq, allowance.layer_trace_sq[lb.layer - 1], lb.trace,
+                                allowance.layer_trace[lb.layer - 1]) for lb in layers]
         max_lo.extend(x for x in ratios if x is not None)
         min_lo.append(0.0)
     extra: dict[str, Any] = {"rank": r, "lambda_max_upper_rank": rk.lambda_max_upper,
