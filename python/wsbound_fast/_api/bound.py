@@ -18,7 +18,7 @@ from .._spectral.rounding import moment_allowance
 from .progress import Reporter
 
 
-def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
+def bound(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvature: str = "hessian",
           reduction: str | None = None, batch_size: int | None = None, threads: int | None = None,
           backend: str = "cpp", memory_limit: int | None = None, progress: bool = False,
           callback: ProgressFn | None = None, device: Any = None, dtype: Any = None, exact: bool = False,
@@ -34,7 +34,9 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         A torch module is read by :func:`from_torch` (weights copied to float64).
     X : array (N, d_0), or a torch tensor (any device; copied to host)
         Inputs, float32 or float64, any memory layout.  With a module that starts with
-        nn.Flatten, X of shape (N, ...) is flattened to (N, -1).
+        nn.Flatten, X of shape (N, ...) is flattened to (N, -1).  Or a torch DataLoader (not
+        shuffling, drop_last=False) or any iterable of (inputs, targets) batches, with y left
+        out: collected once, in order (beyond ``memory_limit`` into a temporary file).
     y : the targets, an array or a tensor.  Cross-entropy: (N,) class indices, or (N, C)
         probability rows (soft labels).  mse: (N, C) reals, (N,) reals when C = 1, or (N,)
         class indices (one-hot targets) when C >= 2.  bce: (N, C) in [0, 1], or (N,) when C = 1.

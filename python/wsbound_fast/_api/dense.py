@@ -15,7 +15,7 @@ from .._backends.numpy import ARRAYS
 from .._engine.data import HostData
 from .._engine.features import block_features
 from .._engine.namespace import Weights
-from .._problem import torch_input
+from .._problem import loaders, torch_input
 from .._problem.validate import validate
 
 #: Largest P for which dense_hessian builds the matrix (P^2 float64 = 3.2 GB at the limit).
@@ -31,7 +31,7 @@ def _param_index(d_out: int, d_in: int, bias: bool) -> np.ndarray:
     return idx
 
 
-def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str = "hessian",
+def dense_hessian(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvature: str = "hessian",
                   reduction: str | None = None, loss: Any = "cross_entropy", params: Any = None) -> np.ndarray:
     """The P x P Hessian (or GGN) of the loss (``loss`` as for :func:`bound`), as a dense NumPy array.
 
@@ -41,6 +41,7 @@ def dense_hessian(layers: Any, X: Any, y: Any, *, activation: Any = None, curvat
     (or a module's frozen layers) it is the principal submatrix of the selected parameters.
     """
     params = torch_input.selected_params(layers, params)
+    X, y = loaders.resolve(X, y, None)
     layers, X, y, activation = torch_input.adapt(layers, X, y, activation, loss=loss)
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
     prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,

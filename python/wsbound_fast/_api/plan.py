@@ -20,7 +20,7 @@ from .._planning.cost import (
     feature_flops,
     pair_flops,
 )
-from .._problem import torch_input
+from .._problem import loaders, torch_input
 from .._problem.activations import validate_activations
 from .._problem.losses import resolve_loss
 from .._problem.problem import CURVATURES
@@ -89,7 +89,8 @@ def gemm_rate() -> float:
 def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str = "hessian",
          batch_size: int | None = None, threads: int | None = None, memory_limit: int | None = None,
          loss: Any = "cross_entropy", params: Any = None) -> Plan:
-    """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``.
+    """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``
+    (a number, or the DataLoader / iterable of (X, y) batches bound() would take).
 
     ``pair_flops`` is the pair phase's flop count (Gram products over the upper triangle of
     sample pairs, 2 flops per multiply-add) from the engine's cost model; ``feature_flops``
@@ -111,7 +112,7 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     weights, biases = validate_layers(layers)
     if activation is not None:
         validate_activations(activation, len(weights))
-    n = _positive_int(n_samples, "n_samples")
+    n = _positive_int(loaders.count(n_samples) if loaders.is_batches(n_samples) else n_samples, "n_samples")
     curv = _choice(curvature, "curvature", CURVATURES)
     nthreads = validate_threads(threads)
     budget = default_memory_limit() if memory_limit is None else _positive_int(memory_limit, "memory_limit")

@@ -49,7 +49,7 @@ def validate_vectors(v: Any, n_params: int, name: str = "v") -> tuple[np.ndarray
     return out, single
 
 
-def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvature: str = "hessian",
+def hvp(layers: Any, X: Any, y: Any = None, v: Any = None, *, activation: Any = None, curvature: str = "hessian",
         reduction: str | None = None, batch_size: int | None = None, threads: int | None = None,
         backend: str = "cpp", memory_limit: int | None = None, device: Any = None, dtype: Any = None,
         loss: Any = "cross_entropy", params: Any = None) -> np.ndarray:
@@ -73,6 +73,9 @@ def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvatur
     ``loss``, ``reduction`` (None: the loss module's, else "mean") and ``params`` (the
     parameter subset; v and the result then have its P entries) are as for :func:`bound`.
     """
+    if v is None:
+        raise TypeError("hvp() needs v, the vector (P,) or vectors (P, k) to multiply (by keyword, v=..., when X is "
+                        "a loader of (X, y) batches)")
     which = _choice(backend, "backend", HVP_BACKENDS)
     prob = validate_for_products(which, layers, X, y, activation=activation, curvature=curvature,
                                  reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
@@ -83,7 +86,7 @@ def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvatur
     return out[0] if single else np.ascontiguousarray(out.T)
 
 
-def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activation: Any = None,
+def eigsh(layers: Any, X: Any, y: Any = None, k: int = 1, which: str = "LA", *, activation: Any = None,
           curvature: str = "hessian", reduction: str | None = None, tol: float = 1e-10, maxiter: int | None = None,
           seed: int = 0, return_eigenvectors: bool = False, batch_size: int | None = None,
           threads: int | None = None, backend: str = "cpp", memory_limit: int | None = None, device: Any = None,

@@ -19,7 +19,7 @@ import numpy as np
 
 from .._engine.schedule import Moments, ProgressFn
 from .._planning.blocks import moments_plan, plan_hvp
-from .._problem import torch_input
+from .._problem import loaders, torch_input
 from .._problem.problem import Problem
 from .._problem.validate import compute_dtype, validate
 from . import compiled, numpy
@@ -50,6 +50,7 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
         if backend == "torch" and device is None and torch_input.is_module(layers):
             device = _module_device(layers, X)
         params = torch_input.selected_params(layers, params)
+        X, y = loaders.resolve(X, y, memory_limit if isinstance(memory_limit, int) else None)
         layers, X, y, activation = torch_input.adapt(layers, X, y, activation, keep_tensors=backend == "torch",
                                                      loss=loss)
         kw = dict(activation=activation, curvature=curvature, reduction=reduction,
