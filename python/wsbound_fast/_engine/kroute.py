@@ -190,19 +190,22 @@ def _tr_hkhk(hI: Any, hJT: Any, K: Any, Kt: Any, xp: Any) -> Any:
 
 def _pair_sum_ggn(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatures) -> Any:
     """GGN by the K route: out[l-1, m-1] = sum alpha_l alpha_m tr(A K_l A' K_m^T) over the pairs,
-    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below, each shifted to the pair's
-    reference classes (cross-entropy; a diagonal A needs no shift); (L, L) in the accumulation dtype."""
-    if FI.h is not None:
-        return _pair_sum_ggn_diagonal(prob, arr, FI, FJ)
+    K_L = I, K_{L-1} from the packed GEMM, K_l = T_l T_l'^T below; for cross-entropy each K is
+    shifted to the pair's reference classes (_tr_akak), for a diagonal A (mse, bce) it enters
+    sum_ij h_i h'_j K_ij K~_ij as it is (_tr_hkhk); (L, L) in the accumulation dtype."""
     xp, acc = arr.xp, arr.to_acc
     L = prob.n_layers
     out = arr.zeros((L, L))
+    diagonal = FI.h is not None  # docs/design.md, "Losses"
     alphas = {l: arr.gram(FI.at[l], FJ.at[l]) for l in range(1, L + 1)}
-    pI_all, pJ_all = acc(FI.p), acc(FJ.p)
-    ww = acc(FI.w)[:, None] * acc(FJ.w)[None, :]
-    (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, acc(FI.q), xp), _ref_rows(pJ_all, FJ.r, acc(FJ.q), xp)
-    pnpn, hh = pnI @ pnJ.T, hI @ hJ.T
-    (B, C), Bp = FI.p.shape, FJ.p.shape[0]
+    if diagonal:
+        hI_all, hJ_all = acc(FI.h), acc(FJ.h)
+    else:
+        pI_all, pJ_all = acc(FI.p), acc(FJ.p)
+        ww = acc(FI.w)[:, None] * acc(FJ.w)[None, :]
+        (pnI, hI), (pnJ, hJ) = _ref_rows(pI_all, FI.r, acc(FI.q), xp), _ref_rows(pJ_all, FJ.r, acc(FJ.q), xp)
+        pnpn, hh = pnI @ pnJ.T, hI @ hJ.T
+    B, C, Bp = FI.at[L].shape[0], FI.W.shape[0], FJ.at[L].shape[0]
     omega, pos = _omega(FI.W, False, arr)  # (not used when L = 1: K_L = I only)
     gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1  # packed K_{L-1}, T_l Grams
     per_pair = (2 * L - 1) * C * C + _vector_values(L, C)
@@ -213,46 +216,25 @@ def _pair_sum_ggn(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatur
         grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols], arr) for l in range(1, L - 1)}
         for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
             rr, cc = _within(rows, sr), _within(cols, sc)
+            Ks = {l: _unpack(packed[sr, :, sc], pos, xp) if l == L - 1 else _t_layout(grams[l][sr, :, sc], arr)
+                  for l in range(1, L)}
+            if diagonal:
+                hd, hdT = hI_all[rr], hJ_all[cc].T
+                for l in range(1, L + 1):
+                    for m in range(l, L + 1):
+                        tr = _tr_hkhk(hd, hdT, Ks.get(l), Ks.get(m), xp)
+                        out[l - 1, m - 1] += xp.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * tr)
+                continue
             pI, pJT = pI_all[rr], pJ_all[cc].T
             rf = _refs(FI.r[rr], FJ.r[cc], pI, pJT, pnpn[rr, cc], xp)
             terms = {L: _identity_terms(hI[rr], hJ[cc].T, hh[rr, cc], rf)}
             for l in range(1, L):
-                K = _unpack(packed[sr, :, sc], pos, xp) if l == L - 1 else _t_layout(grams[l][sr, :, sc], arr)
-                terms[l] = _k_terms(_shift(K, rf), pI, pJT, xp)
+                terms[l] = _k_terms(_shift(Ks[l], rf), pI, pJT, xp)
             weight = ww[rr, cc]
             for l in range(1, L + 1):
                 for m in range(l, L + 1):
                     tr = _tr_akak(pI, pJT, terms[l], terms[m], rf, xp)
                     out[l - 1, m - 1] += xp.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * weight * tr)
-    return out
-
-
-def _pair_sum_ggn_diagonal(prob: Problem, arr: Arrays, FI: BlockFeatures, FJ: BlockFeatures) -> Any:
-    """_pair_sum_ggn for a diagonal A = diag(h): alpha_l alpha_m sum_ij h_i h'_j (K_l)_ij (K_m)_ij."""
-    xp, acc = arr.xp, arr.to_acc
-    L = prob.n_layers
-    out = arr.zeros((L, L))
-    alphas = {l: arr.gram(FI.at[l], FJ.at[l]) for l in range(1, L + 1)}
-    hI_all, hJ_all = acc(FI.h), acc(FJ.h)
-    (B, C), Bp = FI.h.shape, FJ.h.shape[0]
-    omega, pos = _omega(FI.W, False, arr)
-    gemm_per_pair = omega.shape[0] + (L - 2) * C * C if L >= 2 else 1
-    per_pair = (2 * L - 1) * C * C + _vector_values(L, C)
-    chunk_outer, chunk_inner = chunk_budgets(prob)
-    for rows, cols in _pair_chunks(B, Bp, gemm_per_pair, omega.shape[0] * omega.shape[1], chunk_outer):
-        packed = _stacked_gram(omega[None, :, :] * FI.sp[L - 1][rows, None, :], FJ.sp[L - 1][cols], arr) \
-            if L >= 2 else None
-        grams = {l: _t_gram(FI.T[l][rows], FJ.T[l][cols], arr) for l in range(1, L - 1)}
-        for sr, sc in _pair_chunks(rows.stop - rows.start, cols.stop - cols.start, per_pair, 0, chunk_inner):
-            rr, cc = _within(rows, sr), _within(cols, sc)
-            hI, hJT = hI_all[rr], hJ_all[cc].T
-            Ks: dict[int, Any] = {L: None}
-            for l in range(1, L):
-                Ks[l] = _unpack(packed[sr, :, sc], pos, xp) if l == L - 1 else _t_layout(grams[l][sr, :, sc], arr)
-            for l in range(1, L + 1):
-                for m in range(l, L + 1):
-                    tr = _tr_hkhk(hI, hJT, Ks[l], Ks[m], xp)
-                    out[l - 1, m - 1] += xp.sum(alphas[l][rr, cc] * alphas[m][rr, cc] * tr)
     return out
 
 
