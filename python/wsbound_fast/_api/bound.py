@@ -129,7 +129,7 @@ def bound(layers: Any, X: Any, y: Any, *, activation: Any = None, curvature: str
         cluster = None
         if client is not None:
             cluster = stack.enter_context(distributed.Cluster(client, prob, chosen, device=device, dtype=dtype,
-                                                              threads=threads))
+                                                              threads=threads, memory_limit=memory_limit))
         return _bound(prob, chosen, reporter, opts, cluster)
 
 

@@ -84,18 +84,19 @@ def hvp(layers: Any, X: Any, y: Any, v: Any, *, activation: Any = None, curvatur
                                  dtype=dtype, loss=loss, client=client)
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
     V, single = validate_vectors(v, prob.n_params)
-    with _cluster(client, prob, which, V.shape[0], batch, device, threads) as cluster:
+    with _cluster(client, prob, which, V.shape[0], batch, device, threads, memory_limit) as cluster:
         out = make_matvec(prob, which, V.shape[0], batch, cluster=cluster)(V)
     return out[0] if single else np.ascontiguousarray(out.T)
 
 
 def _cluster(client: Any, prob: Any, backend: str, k: int, batch: int | None, device: Any,
-             threads: Any) -> Any:
+             threads: Any, memory_limit: Any) -> Any:
     """The problem's data on the cluster, cut into the local product's blocks (or nothing)."""
     if client is None:
         return contextlib.nullcontext()
     size = plan_hvp(prob, k, batch).batch_size
-    return distributed.Cluster(client, prob, backend, device=device, threads=threads, batch=size)
+    return distributed.Cluster(client, prob, backend, device=device, threads=threads, batch=size,
+                               memory_limit=memory_limit)
 
 
 def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activation: Any = None,
@@ -161,7 +162,7 @@ def eigsh(layers: Any, X: Any, y: Any, k: int = 1, which: str = "LA", *, activat
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
     if not isinstance(return_eigenvectors, (bool, np.bool_)):
         raise TypeError(f"return_eigenvectors must be True or False; got {return_eigenvectors!r}")
-    with _cluster(client, prob, which_b, 1, batch, device, threads) as cluster:
+    with _cluster(client, prob, which_b, 1, batch, device, threads, memory_limit) as cluster:
         matvec = make_matvec(prob, which_b, 1, batch, cluster=cluster)
         res = lanczos(matvec, P, wanted=lambda th: select_indices(th, wh, k), n_wanted=k, tol=t, maxiter=mi,
                       rng=np.random.default_rng(s))

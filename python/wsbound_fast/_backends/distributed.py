@@ -159,13 +159,15 @@ def validate_cluster(backend: str, layers: Any, X: Any, y: Any, *, client: Any, 
         kw["activation"] = "tanh" if activation is None else activation
         prob = validate(layers, X, y, backend="numpy" if backend == "torch" else backend,
                         check_X=dask_check_X(client), **kw)
-        if backend == "torch":
+        if backend == "torch":  # a TorchProblem: its dtype sets the rounding allowances; its device is the plan's
+            tmod = importlib.import_module(f"{__package__}.torch")
             if device is not None and str(device) != "cpu":
-                gpu = importlib.import_module(f"{__package__}.torch").GPU_PLAN
                 batch, group, chunks = plan_python(prob, kw.get("batch_size"), prob.memory_limit, accelerator=True,
-                                                   **gpu)
+                                                   **tmod.GPU_PLAN)
                 prob = dataclasses.replace(prob, batch_size=batch, group_blocks=group, chunks=chunks)
-            compute_dtype(dtype)  # checked here; applied on the workers
+            fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
+            prob = tmod.TorchProblem(**fields, device=tmod.torch.device("cpu"), dtype=tmod.resolve_dtype(dtype),
+                                     host_memory_limit=prob.memory_limit)
         elif device is not None:
             raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
     return prob
@@ -190,6 +192,10 @@ def _worker_core() -> tuple[str, bool, bool]:
     return variant, True, "loss" in (core.pair_sums.__doc__ or "").split("\n", 1)[0]
 
 
+class TileCancelled(Exception):
+    """Raised inside a running tile whose task was cancelled (its result is not wanted)."""
+
+
 def _cancel_poll() -> Callable[[int, int], None] | None:
     """A progress function for the C++ tile that raises once the task was cancelled (Ctrl-C on
     the client), so that the worker stops instead of finishing a tile nobody waits for."""
@@ -204,7 +210,7 @@ def _cancel_poll() -> Callable[[int, int], None] | None:
     def poll(done: int, total: int) -> None:
         ts = worker.state.tasks.get(key)
         if ts is None or ts.state in ("cancelled", "released", "forgotten"):
-            raise KeyboardInterrupt("the tile's task was cancelled")
+            raise TileCancelled("the tile's task was cancelled")  # an Exception: dask takes BaseExceptions as fatal
     return poll
 
 
@@ -330,12 +336,15 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Cluster:
     """The data of one problem on a cluster, and the passes over it (moments, products).
 
-    ``batch``: the samples per block the data is cut into (default the problem's).  Use as a
-    context manager: the workers' copies are released at the end.
+    ``batch``: the samples per block the data is cut into (default the problem's);
+    ``threads``: the core's threads per task (default 1: dask runs a worker's threads' worth
+    of tasks at once); ``memory_limit``: bytes per task for the tile plan (default: the
+    smallest worker memory_limit per thread).  Use as a context manager: the workers' copies
+    are released at the end.
     """
 
     def __init__(self, client: Any, prob: Problem, backend: str, *, device: Any = None, dtype: Any = None,
-                 threads: int | None = None, batch: int | None = None) -> None:
+                 threads: int | None = None, batch: int | None = None, memory_limit: int | None = None) -> None:
         self.client, self.prob, self.backend = check_client(client), prob, backend
         self.device = None if device is None else str(device)
         self.dtype = compute_dtype(dtype)
@@ -350,7 +359,8 @@ class Cluster:
         self.worker_threads = sum(int(w.get("nthreads", 1)) for w in info.values())
         limits = [int(w["memory_limit"]) // max(1, int(w.get("nthreads", 1))) for w in info.values()
                   if w.get("memory_limit")]
-        self.task_memory = min(limits) if limits else None
+        # each task's budget: memory_limit (bytes per task), else the workers' own limit per thread
+        self.task_memory = memory_limit if memory_limit is not None else (min(limits) if limits else None)
         self.variant = "baseline"
         if backend == "cpp":
             self.variant = self._choose_variant()
@@ -428,8 +438,7 @@ class Cluster:
         self._live = list(pending)
         try:
             while pending:
-                done, _ = distributed.wait(list(pending), timeout=POLL_S, return_when="FIRST_COMPLETED")
-                for fut in done:
+                for fut in _finished(distributed, list(pending)):
                     j = pending.pop(fut)
                     if fut.status == "finished":
                         on_done(j, fut.result())
@@ -535,11 +544,19 @@ class Cluster:
         self._live = nodes
         try:
             while True:
-                done, _ = distributed.wait([root], timeout=POLL_S)
-                if done:
+                if _finished(distributed, [root]):
                     return root.status
         except BaseException:
             self.client.cancel(nodes, force=True)
             raise
         finally:
             self._live = []
+
+
+def _finished(distributed: Any, futures: list[Any]) -> list[Any]:
+    """The futures that are done after waiting at most POLL_S for the first (none: timed out)."""
+    try:
+        done, _ = distributed.wait(futures, timeout=POLL_S, return_when="FIRST_COMPLETED")
+    except TimeoutError:
+        return []
+    return list(done)
