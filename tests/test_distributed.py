@@ -25,6 +25,7 @@ import wsbound_fast as wsb  # noqa: E402
 from wsbound_fast._backends import distributed as wsb_dist  # noqa: E402
 
 BATCH = 16
+N_400 = 400
 N = 150  # ten blocks, the last of six samples: 55 block pairs
 
 
@@ -126,12 +127,14 @@ def test_progress_counts_block_pairs_as_tiles_finish(client) -> None:
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) > 1
 
 
-def test_products_on_the_cluster(client, client1) -> None:
+def test_products_on_the_cluster(client, client1, monkeypatch) -> None:
     layers, X, y = _model(2, n=1100)  # five blocks of the product (256 samples)
     v = np.random.default_rng(1).normal(size=(wsb.bound(layers, X[:20], y[:20]).n_params, 3))
     local = wsb.hvp(layers, X, y, v)
+    assert np.array_equal(wsb.hvp(layers, X, y, v, client=client), local)  # one task: the local sum, bitwise
+    monkeypatch.setattr(wsb_dist, "PRODUCT_TASK_SAMPLES", 256)  # five tasks, a tree of four additions
     d2, d1 = wsb.hvp(layers, X, y, v, client=client), wsb.hvp(layers, X, y, v, client=client1)
-    assert np.array_equal(d1, d2)
+    assert np.array_equal(d1, d2) and np.array_equal(d2, wsb.hvp(layers, X, y, v, client=client))
     np.testing.assert_allclose(d2, local, rtol=1e-12, atol=1e-14 * np.abs(local).max())
     np.testing.assert_allclose(wsb.hvp(layers, X, y, v, client=client, backend="numpy"), local, rtol=1e-11,
                                atol=1e-13 * np.abs(local).max())
@@ -178,6 +181,36 @@ def test_a_killed_worker_changes_nothing(client) -> None:
     assert killed and killed[0] < 1830  # mid-run
     _same(ref, res)
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it
+
+
+def test_blocks_lost_with_a_worker_are_sent_again(client) -> None:
+    """A worker killed before any tile ran: the blocks scattered to it alone are lost (dask cannot
+    recompute scattered data); they are scattered again and their tiles resubmitted."""
+    layers, X, y = _model(2, n=400)
+    kw = dict(activation="tanh", curvature="hessian", reduction="mean", batch_size=BATCH, threads=None,
+              memory_limit=None, device=None, dtype=None, loss="cross_entropy")
+    from wsbound_fast._backends import validate_for
+
+    prob = validate_for("cpp", layers, X, y, client=client, **kw)
+    ref = wsb.bound(layers, X, y, batch_size=BATCH)
+    client.wait_for_workers(2, timeout=60)
+    with wsb_dist.Cluster(client, prob, "cpp") as cl:
+        holders = client.who_has(cl._x)
+        victim_addr = next(iter(holders[cl._x[0].key]))
+        os.kill(client.run(os.getpid, workers=[victim_addr])[victim_addr], signal.SIGKILL)
+        deadline = time.perf_counter() + 20
+        while cl._x[0].status != "cancelled" and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        assert cl._x[0].status == "cancelled"
+        mom = cl.moments()
+        assert cl._x[0].status == "finished"  # scattered again
+        v = np.ones(prob.n_params)
+        np.testing.assert_array_equal(cl.products()(v[None, :])[0], wsb.hvp(layers, X, y, v, batch_size=BATCH,
+                                                                            reduction="sum"))
+    from wsbound_fast._engine.schedule import total_moments
+
+    assert total_moments(mom.trace, mom.blocks)[1] / N_400**2 == ref.trace_sq
+    client.wait_for_workers(2, timeout=60)
 
 
 def test_ctrl_c_cancels_the_tasks(client) -> None:

@@ -45,7 +45,7 @@ from .._engine.namespace import Weights
 from .._engine.products import block_hvp, offsets
 from .._engine.schedule import Moments, ProgressFn, Reduction, block_ranges
 from .._planning.blocks import moments_plan, plan_python
-from .._planning.tiles import plan_tiles, product_groups
+from .._planning.tiles import PRODUCT_TASK_SAMPLES, plan_tiles, product_groups
 from .._problem import torch_input
 from .._problem.problem import Problem
 from .._problem.validate import check_X_shape, compute_dtype, validate, validate_X
@@ -369,6 +369,7 @@ class Cluster:
         self._x = self._data_blocks()
         self._y = [self._scatter_labels(k) for k in range(len(self.bounds))]
         self._live: list[Any] = []
+        self.resubmitted = 0  # tasks (or products) run again after their inputs were lost
 
     # -- data ------------------------------------------------------------------------------
 
@@ -434,7 +435,12 @@ class Cluster:
         job whose inputs were lost with a worker, raise a job's exception as itself; on any
         exit before the end (Ctrl-C included) the remaining tasks are cancelled."""
         distributed = require_dask()
-        pending = {jobs[j](): j for j in sorted(jobs)}
+
+        def start(j: int) -> Any:
+            self._refresh(blocks_of[j])  # inputs lost since (a worker gone): scattered again first
+            return jobs[j]()
+
+        pending = {start(j): j for j in sorted(jobs)}
         self._live = list(pending)
         try:
             while pending:
@@ -444,9 +450,9 @@ class Cluster:
                         on_done(j, fut.result())
                     elif fut.status == "error":
                         fut.result()  # raises the task's exception, with its message and traceback
-                    else:  # cancelled or lost with a worker: its inputs may be gone too
-                        self._refresh(blocks_of[j])
-                        pending[jobs[j]()] = j
+                    else:  # cancelled, its inputs lost with a worker: again, from the client's copy
+                        self.resubmitted += 1
+                        pending[start(j)] = j
                     fut.release()
                 self._live = list(pending)
         except BaseException:
@@ -509,7 +515,7 @@ class Cluster:
         """The unnormalised product V (k', P) -> sum_n H_n V[j] on the cluster: one task per group
         of consecutive blocks (a partition fixed by the blocks alone), the partials added on the
         workers in a fixed binary tree, one (k', P) array back to the client per call."""
-        groups = product_groups(len(self.bounds))
+        groups = product_groups(len(self.bounds), self.batch, PRODUCT_TASK_SAMPLES)
 
         def build(Vf: Any) -> tuple[Any, list[Any]]:
             nodes = [self.client.submit(product_task, self.spec, self.backend, self.variant, self.threads,
@@ -525,6 +531,7 @@ class Cluster:
         def products(V: np.ndarray) -> np.ndarray:
             V = np.ascontiguousarray(V, dtype=np.float64)
             while True:
+                self._refresh(range(len(self.bounds)))
                 Vf = self.client.scatter(V, broadcast=True, hash=False)
                 root, nodes = build(Vf)
                 try:
@@ -535,7 +542,7 @@ class Cluster:
                         root.result()  # raises the task's exception
                 finally:
                     self.client.cancel([Vf, *nodes])
-                self._refresh(range(len(self.bounds)))  # lost with a worker: scatter again, rebuild
+                self.resubmitted += 1  # an input lost with a worker: scattered again, the product rebuilt
         return products
 
     def _wait_one(self, root: Any, nodes: list[Any]) -> str:

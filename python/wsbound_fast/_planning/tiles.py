@@ -73,12 +73,17 @@ def plan_tiles(dims: Sequence[int], has_bias: Sequence[bool], n_samples: int, ba
     return TilePlan(group, tiles_of(nb, group), 2 * group * per_block)
 
 
-#: Most tasks of one curvature-vector product on a cluster (each returns a (k, P) partial).
+#: Most tasks of one curvature-vector product on a cluster (each returns a (k, P) partial), and
+#: the fewest samples one takes (a task costs the scheduler about a millisecond, and Lanczos
+#: waits for each product).
 MAX_PRODUCT_TASKS = 64
+PRODUCT_TASK_SAMPLES = 2048
 
 
-def product_groups(n_blocks: int, max_tasks: int = MAX_PRODUCT_TASKS) -> list[list[int]]:
-    """Consecutive blocks per task of a product: at most ``max_tasks`` equal groups, fixed by
-    the number of blocks alone (not by the workers), so that the sum is the same for any cluster."""
-    per = max(1, math.ceil(n_blocks / max_tasks))
+def product_groups(n_blocks: int, batch: int, min_samples: int = PRODUCT_TASK_SAMPLES,
+                   max_tasks: int = MAX_PRODUCT_TASKS) -> list[list[int]]:
+    """Consecutive blocks per task of a product: at least ``min_samples`` samples and at most
+    ``max_tasks`` groups, fixed by the blocks alone (not by the workers), so that the sum is
+    the same for any cluster."""
+    per = max(1, math.ceil(n_blocks / max_tasks), math.ceil(min_samples / batch))
     return [list(range(g, min(g + per, n_blocks))) for g in range(0, n_blocks, per)]
