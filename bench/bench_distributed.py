@@ -67,8 +67,9 @@ def main() -> None:
         with LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0",
                           silence_logs=40) as cluster, Client(cluster) as client:
             wsb.bound(layers, X[:64], y[:64], client=client)  # the workers import the package once
-            moved0 = transfer_bytes(client)
+            moved0, cpu0 = transfer_bytes(client), time.process_time()
             t_cl, res = timed(lambda: wsb.bound(layers, X, y, batch_size=batch, client=client), args.repeats)
+            client_cpu = (time.process_time() - cpu0) / args.repeats  # the client and the scheduler (one process)
             moved = (transfer_bytes(client) - moved0) / args.repeats
             kw = dict(activation="tanh", curvature="hessian", reduction="mean", batch_size=batch, threads=None,
                       memory_limit=None, device=None, dtype=None, loss="cross_entropy")
@@ -84,7 +85,7 @@ def main() -> None:
         rows[f"cluster {cores} worker(s)"] = {
             "seconds": t_cl, "trace_sq": res.trace_sq, "bitwise_local": res.trace_sq == loc.trace_sq
             and res.trace == loc.trace, "tiles": n_tasks, "tile_blocks": cl.tile_plan().group,
-            "overhead": t_cl / t_loc - 1.0, "setup_seconds": t_setup,
+            "overhead": t_cl / t_loc - 1.0, "setup_seconds": t_setup, "client_cpu_seconds": client_cpu,
             "scattered_bytes": int(X.nbytes + 8 * args.n),
             "inter_worker_bytes_per_task": moved / n_tasks,
             "input_bytes_per_task_max": max(used) * block_bytes,
@@ -92,7 +93,8 @@ def main() -> None:
         }
         r = rows[f"cluster {cores} worker(s)"]
         print(f"LocalCluster, {cores} worker(s) x 1 thread: {t_cl:.2f} s (overhead {100 * r['overhead']:+.1f} % vs "
-              f"local at {cores} core(s); setup, scatter included, {t_setup:.2f} s), {n_tasks} tiles of "
+              f"local at {cores} core(s); setup, scatter included, {t_setup:.2f} s; client + scheduler CPU "
+              f"{client_cpu:.2f} s), {n_tasks} tiles of "
               f"{r['tile_blocks']} blocks, bitwise the local engine: {r['bitwise_local']}; bytes per task: inputs "
               f"<= {r['input_bytes_per_task_max'] / 2**20:.2f} MiB, moved between workers "
               f"{r['inter_worker_bytes_per_task'] / 2**20:.2f} MiB, result {r['result_bytes_per_task']:.0f} B",

@@ -77,6 +77,19 @@ def test_bitwise_the_local_engine(client, case: str) -> None:
     _same(wsb.bound(layers, X, y, **kw), wsb.bound(layers, X, y, client=client, **kw))
 
 
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_diagonal_losses(client, loss: str) -> None:
+    layers, X, _ = _model(2)
+    Y = np.random.default_rng(5).random(size=(N, 4))
+    kw = dict(batch_size=BATCH, loss=loss)
+    _same(wsb.bound(layers, X, Y, backend="numpy", **kw), wsb.bound(layers, X, Y, backend="numpy", client=client, **kw))
+    if wsb_dist._worker_core()[1]:  # the core's tile entry takes loss=
+        _same(wsb.bound(layers, X, Y, **kw), wsb.bound(layers, X, Y, client=client, **kw))
+    else:
+        with pytest.raises(NotImplementedError, match="backend='numpy' or 'torch'"):
+            wsb.bound(layers, X, Y, client=client, **kw)
+
+
 def test_default_plan_is_the_local_plan(client) -> None:
     layers, X, y = _model(2, n=300)
     local = wsb.bound(layers, X, y)

@@ -29,10 +29,13 @@ when a client is given.  What runs where:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import itertools
 import math
+import os
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -184,12 +187,39 @@ def _spec(prob: Problem) -> Problem:
 # --------------------------------------------------------------------------------------
 
 
-def _worker_core() -> tuple[str, bool, bool]:
-    """(the variant load_core() picks here, whether the baseline is importable, whether the
-    core's tile entry takes ``loss``)."""
+def _worker_core() -> tuple[str, bool]:
+    """(the variant load_core() picks on this worker, whether its tile entry takes ``loss``; the
+    ``loss`` keyword of _core.pair_sums is newer than the entry itself)."""
     core = compiled.load_core()
     variant = "avx2" if core.__name__.endswith("_core_avx2") else "baseline"
-    return variant, True, "loss" in (core.pair_sums.__doc__ or "").split("\n", 1)[0]
+    return variant, "loss" in (core.pair_sums.__doc__ or "").split("\n", 1)[0]
+
+
+#: glibc's mmap threshold set in each worker process on its first task (bytes; see
+#: :func:`_tune_worker_malloc`).  $WSBOUND_FAST_WORKER_MALLOC=0 on the workers leaves it alone.
+WORKER_MMAP_THRESHOLD = 256 << 20
+_malloc_tuned = False
+
+
+def _tune_worker_malloc() -> None:
+    """Keep the engines' scratch (Eigen's and NumPy's temporaries, 0.1-100 MB) in the heap.
+
+    dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
+    mmap threshold at 128 KiB: every larger temporary is then a fresh mmap, zeroed page by page,
+    and the C++ tiles of a 784-1024-10 model ran 35 % slower in a worker than in the client's
+    process (measured here; MALLOC_MMAP_THRESHOLD_=256 MiB restores the speed, the trim
+    threshold alone does not).  Once per process, on Linux/glibc only.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if not sys.platform.startswith("linux") or os.environ.get("WSBOUND_FAST_WORKER_MALLOC", "1") == "0":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, WORKER_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
 
 
 class TileCancelled(Exception):
@@ -237,6 +267,7 @@ def cpp_tile(spec: Problem, variant: str, threads: int, pairs: list[tuple[int, i
     """One tile on the compiled core: (blocks used (global indices, increasing), trace (K, L),
     trace_abs (K, L), norms (K, L, L), pair sums (T, L, L)); X_blocks / label_blocks are the
     used blocks, in that order."""
+    _tune_worker_malloc()
     used, local = _local_pairs(pairs)
     core = compiled.load_core(variant)
     out = core.pair_sums(
@@ -275,6 +306,7 @@ def _numpy_block(spec: Problem, Xb: np.ndarray, yb: np.ndarray) -> tuple[Any, An
 def python_tile(spec: Problem, engine: str, device: Any, dtype: Any, pairs: list[tuple[int, int]],
                 X_blocks: list[np.ndarray], label_blocks: list[np.ndarray]) -> TileResult:
     """One tile on the Python engine (``engine`` "numpy" or "torch" on ``device``); as cpp_tile."""
+    _tune_worker_malloc()
     used, local = _local_pairs(pairs)
     if engine == "numpy":
         arr = numpy_backend.ARRAYS
@@ -297,6 +329,7 @@ def product_task(spec: Problem, engine: str, variant: str, threads: int, device:
                  X_blocks: list[np.ndarray], label_blocks: list[np.ndarray]) -> np.ndarray:
     """sum over the given consecutive blocks of sum_n H_n V[j], block by block in order (as the
     local engines add them), unnormalised."""
+    _tune_worker_malloc()
     out = np.zeros_like(V)
     if engine == "cpp":
         core = compiled.load_core(variant)
@@ -367,7 +400,7 @@ class Cluster:
         self.spec = client.scatter(_spec(prob), broadcast=True, hash=False)
         self._X_source = None if isinstance(prob.X, ClusterX) else prob.X
         self._x = self._data_blocks()
-        self._y = [self._scatter_labels(k) for k in range(len(self.bounds))]
+        self._y = client.scatter([self._labels(k) for k in range(len(self.bounds))], hash=False)
         self._live: list[Any] = []
         self.resubmitted = 0  # tasks (or products) run again after their inputs were lost
 
@@ -377,8 +410,8 @@ class Cluster:
         """The CPU variant of the core every worker runs: the one they all pick, else the baseline
         (so that a mixed cluster still adds the same bits whichever worker runs a tile)."""
         found = self.client.run(_worker_core)
-        variants = {v for v, _, _ in found.values()}
-        if self.prob.loss_code and not all(loss for _, _, loss in found.values()):
+        variants = {v for v, _ in found.values()}
+        if self.prob.loss_code and not all(loss for _, loss in found.values()):
             raise NotImplementedError(
                 f"loss={self.prob.loss!r} on a cluster with backend='cpp' needs a compiled core whose tile entry "
                 "(_core.pair_sums) takes loss=; this build's does not: use backend='numpy' or 'torch'")
@@ -395,9 +428,9 @@ class Cluster:
         Xd = self.prob.X.array.rechunk({0: sizes, 1: -1})
         return self.client.compute(list(Xd.to_delayed().ravel()))  # computed where they are, kept there
 
-    def _scatter_labels(self, k: int) -> Any:
+    def _labels(self, k: int) -> np.ndarray:
         lo, hi = self.bounds[k]
-        return self.client.scatter(np.ascontiguousarray(self.prob.labels[lo:hi]), hash=False)
+        return np.ascontiguousarray(self.prob.labels[lo:hi])
 
     def _refresh(self, blocks: Sequence[int]) -> None:
         """Scatter again the blocks whose only copy was lost with a worker (a dask.array's chunks
@@ -406,7 +439,7 @@ class Cluster:
             if self._X_source is not None and self._x[k].status in ("lost", "cancelled", "error"):
                 self._x[k] = self.client.scatter(self._rows(k), hash=False)
             if self._y[k].status in ("lost", "cancelled", "error"):
-                self._y[k] = self._scatter_labels(k)
+                self._y[k] = self.client.scatter(self._labels(k), hash=False)
         if self.spec.status in ("lost", "cancelled", "error"):
             self.spec = self.client.scatter(_spec(self.prob), broadcast=True, hash=False)
 
@@ -566,4 +599,9 @@ def _finished(distributed: Any, futures: list[Any]) -> list[Any]:
         done, _ = distributed.wait(futures, timeout=POLL_S, return_when="FIRST_COMPLETED")
     except TimeoutError:
         return []
+    except Exception:  # wait() raises when a future was cancelled (its inputs lost with a worker)
+        ended = [f for f in futures if f.status != "pending"]
+        if not ended:
+            raise
+        return ended
     return list(done)
