@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import wsbound_fast as wsb
 
 
@@ -53,9 +52,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from dask.distributed import Client, LocalCluster
-
-    from wsbound_fast._backends.distributed import Cluster
     from wsbound_fast._backends import validate_for
+    from wsbound_fast._backends.distributed import Cluster
 
     layers, X, y = w3(args.n)
     batch = wsb.plan(layers, args.n, threads=2).batch_size  # the same blocks everywhere

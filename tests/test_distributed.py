@@ -19,10 +19,9 @@ import pytest
 pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
-import dask.array as da  # noqa: E402
-
-import wsbound_fast as wsb  # noqa: E402
-from wsbound_fast._backends import distributed as wsb_dist  # noqa: E402
+import dask.array as da
+import wsbound_fast as wsb
+from wsbound_fast._backends import distributed as wsb_dist
 
 BATCH = 16
 N_400 = 400

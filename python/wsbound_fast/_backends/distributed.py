@@ -70,7 +70,7 @@ POLL_S = 0.1
 def require_dask() -> Any:
     """The ``distributed`` module, or ImportError saying how to install it."""
     try:
-        import dask.array  # noqa: F401
+        import dask.array
         import distributed
     except ImportError as exc:
         raise ImportError(f"client= needs dask.distributed, which is not installed ({exc}): {INSTALL_HINT}") from exc
@@ -454,7 +454,7 @@ class Cluster:
     def __enter__(self) -> Cluster:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- running tasks -----------------------------------------------------------------------
