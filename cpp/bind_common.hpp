@@ -70,9 +70,9 @@ inline wsb::Model make_model(const py::list& weights, const py::list& biases, co
 inline wsb::InputView make_input(const py::array& X) {
     if (X.ndim() != 2) throw std::invalid_argument("X must be 2-D");
     wsb::InputView v;
-    if (X.dtype().is(py::dtype::of<double>())) {
+    if (X.dtype().equal(py::dtype::of<double>())) {
         v.is_float32 = false;
-    } else if (X.dtype().is(py::dtype::of<float>())) {
+    } else if (X.dtype().equal(py::dtype::of<float>())) {
         v.is_float32 = true;
     } else {
         throw py::type_error("X must be a float32 or float64 array");
@@ -93,13 +93,13 @@ inline wsb::InputView make_input(const py::array& X) {
 inline wsb::Labels make_labels(const py::array& labels, wsb::Index n_samples, wsb::Index n_classes, py::array& held) {
     wsb::Labels y;
     if (labels.ndim() == 1) {
-        if (!labels.dtype().is(py::dtype::of<std::int64_t>()) || !(labels.flags() & py::array::c_style))
+        if (!labels.dtype().equal(py::dtype::of<std::int64_t>()) || !(labels.flags() & py::array::c_style))
             throw py::type_error("y: class indices must be a contiguous int64 array");
         if (labels.shape(0) != n_samples) throw std::invalid_argument("y: one label per sample is required");
         held = labels;
         y.index = static_cast<const std::int64_t*>(held.data());
     } else if (labels.ndim() == 2) {
-        if (!labels.dtype().is(py::dtype::of<double>()) || !(labels.flags() & py::array::c_style))
+        if (!labels.dtype().equal(py::dtype::of<double>()) || !(labels.flags() & py::array::c_style))
             throw py::type_error("y: soft labels must be a contiguous float64 array");
         if (labels.shape(0) != n_samples || labels.shape(1) != n_classes)
             throw std::invalid_argument("y: soft labels must have shape (N, C)");

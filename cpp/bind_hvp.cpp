@@ -14,7 +14,7 @@ py::array_t<double> hvp(const py::list& weights, const py::list& biases, const s
     const wsb::InputView xv = wsb_bind::make_input(X);
     py::array held;
     const wsb::Labels y = wsb_bind::make_labels(labels, xv.rows, model.d(model.n_layers()), held);
-    if (!V.dtype().is(py::dtype::of<double>()) || !(V.flags() & py::array::c_style))
+    if (!V.dtype().equal(py::dtype::of<double>()) || !(V.flags() & py::array::c_style))
         throw py::type_error("v: must be a C-contiguous float64 array");
     if (V.ndim() != 2) throw std::invalid_argument("v: must be 2-D (k, P)");
     const wsb::Index P = wsb::n_params(model);

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from typing import Any
 
-from .._backends import moments, validate_for
+from .._backends import distributed, moments, validate_for
 from .._engine.schedule import ProgressFn, select_layers, total_moments
 from .._problem.problem import BACKENDS
 from .._problem.validate import _choice, compute_dtype
@@ -24,7 +25,7 @@ def bound(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvatu
           callback: ProgressFn | None = None, device: Any = None, dtype: Any = None, exact: bool = False,
           certify: int | bool | None = None, rtol: float = 1e-2, which: str = "LA", lanczos_tol: float = 1e-10,
           lanczos_maxiter: int | None = None, seed: int = 0, loss: Any = "cross_entropy",
-          params: Any = None) -> Bound:
+          params: Any = None, client: Any = None) -> Bound:
     """Exact tr(H), tr(H^2) of the loss curvature of an MLP, and WS bounds.
 
     Parameters
@@ -99,6 +100,17 @@ def bound(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvatu
     lanczos_tol, lanczos_maxiter, seed : Lanczos options (see :func:`eigsh`); the default
         maxiter is min(P, max(300, 10 k)), within half of ``memory_limit`` for the basis (which
         stays in host memory: for "torch" with no memory_limit given, the host's default).
+    client : a ``dask.distributed.Client`` (needs the ``dask`` extra): compute on the cluster's
+        workers instead of here.  The blocks of samples are the ones this call would use
+        locally; the block pairs are cut into tiles that run as tasks (the chosen backend on
+        each worker: ``threads`` per task, default 1, so give workers one dask thread per
+        core; "torch" on each worker's ``device``), and the client adds the tiles' sums in the
+        engine's fixed order: the moments are bitwise the local engine's for the same
+        batch_size and CPU variant, for any number of workers.  X may be a ``dask.array``
+        (chunked along samples; rechunked to the blocks on the workers, never gathered).
+        NumPy X and the labels are sent once, in blocks; the weights are broadcast once.  The
+        Lanczos products of ``exact`` / ``certify`` run on the workers too (Lanczos itself
+        here).  ``progress`` / ``callback`` count block pairs as their tiles finish.
 
     Returns
     -------
@@ -114,16 +126,25 @@ def bound(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvatu
     # a torch module becomes (layers, activations); tensors become arrays except for the torch backend
     prob = validate_for(chosen, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                         batch_size=batch_size, threads=threads, memory_limit=memory_limit, device=device, dtype=dtype,
-                        loss=loss, params=params)
+                        loss=loss, params=params, client=client)
     if chosen != "torch" and compute_dtype(dtype) == "float32":
         if chosen != "cpp":
             raise ValueError(f"dtype='float32' needs backend='cpp' or 'torch'; got backend={chosen!r}")
         prob = dataclasses.replace(prob, f32=True)
     opts = check_exact_options(exact, certify, lanczos_tol, lanczos_maxiter, seed, prob.n_params,
                                basis_memory_limit(prob), rtol, which)
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if client is not None:
+            cluster = stack.enter_context(distributed.Cluster(client, prob, chosen, device=device, dtype=dtype,
+                                                              threads=threads, memory_limit=memory_limit))
+        return _bound(prob, chosen, reporter, opts, cluster)
+
+
+def _bound(prob: Any, chosen: str, reporter: Reporter, opts: Any, cluster: Any) -> Bound:
     t0 = time.perf_counter()
     try:
-        mom = moments(prob, chosen, reporter if reporter.active else None)
+        mom = moments(prob, chosen, reporter if reporter.active else None, cluster=cluster)
     finally:
         reporter.close()
     sel = select_layers(mom, prob.layers_in)  # the selected parameters' principal submatrix
@@ -150,4 +171,4 @@ def bound(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvatu
         lambda_min_lower=ws.lambda_min_lower, lambda_min_upper=ws.lambda_min_upper,
         curvature=prob.curvature, reduction=prob.reduction, backend=chosen, elapsed_s=elapsed, loss=prob.loss,
     )
-    return refine(res, prob, chosen, layer_trace, blocks, opts, allowance)
+    return refine(res, prob, chosen, layer_trace, blocks, opts, allowance, cluster)

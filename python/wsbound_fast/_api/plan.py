@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .._backends import distributed
 from .._planning.blocks import default_memory_limit, min_memory_cpp, plan_cpp
 from .._planning.cost import (
     choose_structured,
@@ -20,6 +21,7 @@ from .._planning.cost import (
     feature_flops,
     pair_flops,
 )
+from .._planning.tiles import plan_tiles
 from .._problem import loaders, torch_input
 from .._problem.activations import validate_activations
 from .._problem.losses import resolve_loss
@@ -60,6 +62,14 @@ class Plan:
     min_memory_limit: int = 0
     #: The loss the plan is for (mse and bce: a diagonal output curvature, a cheaper K route).
     loss: str = "cross_entropy"
+    #: On a cluster (``workers=`` or ``client=``): the tasks running at once (0: this machine),
+    #: the tiles of block pairs, blocks per tile side, what one task holds in features at most,
+    #: and the X and label bytes a task reads (its blocks; at most, if none is on its worker).
+    workers: int = 0
+    tiles: int = 0
+    tile_blocks: int = 0
+    task_memory_bytes: int = 0
+    task_input_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +80,9 @@ class Plan:
                 f"({self.block_pairs} block pairs), {self.pair_flops:.3g} flops + {self.feature_flops:.3g} "
                 f"in features, "
                 f"~{self.memory_bytes / 2**20:.0f} MiB, ~{self.predicted_seconds:.3g} s at "
-                f"{ASSUMED_EFFICIENCY:.0%} of {self.gemm_gflops:.1f} GFLOP/s)")
+                f"{ASSUMED_EFFICIENCY:.0%} of {self.gemm_gflops:.1f} GFLOP/s"
+                + (f" on {self.workers} workers, {self.tiles} tiles of {self.tile_blocks}x{self.tile_blocks} blocks"
+                   if self.workers else "") + ")")
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,7 +100,7 @@ def gemm_rate() -> float:
 
 def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str = "hessian",
          batch_size: int | None = None, threads: int | None = None, memory_limit: int | None = None,
-         loss: Any = "cross_entropy", params: Any = None) -> Plan:
+         loss: Any = "cross_entropy", params: Any = None, workers: int | None = None, client: Any = None) -> Plan:
     """Predicted flops, memory and seconds of ``bound(layers, X, y, ...)`` for ``n_samples``
     (a number, or the DataLoader / iterable of (X, y) batches bound() would take).
 
@@ -105,6 +117,12 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     minimum.  ``loss`` as for :func:`bound`: mse and bce have a diagonal output curvature,
     whose K route costs less (and may be chosen where cross-entropy's is not).  ``params`` as
     for :func:`bound`: ``n_params`` counts the selected parameters; the cost is the model's.
+
+    On a cluster: ``workers`` (tasks running at once: the workers' dask threads together) or
+    ``client`` (a dask.distributed.Client: its workers' threads and their memory_limit per
+    thread for the tiles).  The plan then also gives the tiles bound(client=...) would run, and
+    predicts the seconds as if each worker thread ran at this machine's rate, the tiles spread
+    evenly (the feature flops counted per tile).
     """
     lossr, _ = resolve_loss(loss, None)
     params = torch_input.selected_params(layers, params)
@@ -139,6 +157,24 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     keep = validate_params(params, len(weights)) or (True,) * len(weights)
     # the parameters the curvature is taken over (the engine's cost is the whole model's)
     P = int(sum(w.size + (0 if b is None else b.size) for w, b, k in zip(weights, biases, keep) if k))
+    cluster: dict[str, int] = {}
+    seconds = (flops + fflops) / (ASSUMED_EFFICIENCY * rate)
+    task_memory: int | None = budget  # per task: memory_limit, or the workers' own limit per thread
+    if client is not None:
+        distributed.check_client(client)
+        info = client.scheduler_info(n_workers=-1)["workers"].values()
+        workers = sum(int(w.get("nthreads", 1)) for w in info) if workers is None else workers
+        limits = [int(w["memory_limit"]) // max(1, int(w.get("nthreads", 1))) for w in info if w.get("memory_limit")]
+        task_memory = min(limits) if limits and memory_limit is None else budget
+    if workers is not None:
+        k = _positive_int(workers, "workers")
+        tp = plan_tiles(dims, has_bias, n, batch, hessian, structured, k, task_memory)
+        featured = sum(sizes[b] for pairs in tp.tiles for b in {x for ij in pairs for x in ij})
+        fflops = featured * feature_flops(dims, hessian, structured)
+        seconds = (flops + fflops) / (ASSUMED_EFFICIENCY * rate * min(k, len(tp.tiles)))
+        label_bytes = 8 * (dims[-1] if lossr.diagonal else 1)
+        cluster = dict(workers=k, tiles=len(tp.tiles), tile_blocks=tp.group, task_memory_bytes=tp.memory_bytes,
+                       task_input_bytes=2 * tp.group * batch * (8 * dims[0] + label_bytes))
     return Plan(P, n, curv, structured, batch, n_blocks, n_blocks * (n_blocks + 1) // 2, group, flops, fflops,
-                8 * n * f, memory, rate / 1e9, (flops + fflops) / (ASSUMED_EFFICIENCY * rate), nthreads,
-                min_memory_cpp(dims, has_bias, hessian, structured, lossr.diagonal), lossr.name)
+                8 * n * f, memory, rate / 1e9, seconds, nthreads,
+                min_memory_cpp(dims, has_bias, hessian, structured, lossr.diagonal), lossr.name, **cluster)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from typing import Any
 
 import numpy as np
 
-from .._backends import make_matvec, validate_for_products
+from .._backends import distributed, make_matvec, validate_for_products
+from .._planning.blocks import plan_hvp
 from .._problem import torch_input
 from .._problem.problem import HVP_BACKENDS
 from .._problem.validate import _choice, _positive_int, _real_array
@@ -52,7 +54,7 @@ def validate_vectors(v: Any, n_params: int, name: str = "v") -> tuple[np.ndarray
 def hvp(layers: Any, X: Any, y: Any = None, v: Any = None, *, activation: Any = None, curvature: str = "hessian",
         reduction: str | None = None, batch_size: int | None = None, threads: int | None = None,
         backend: str = "cpp", memory_limit: int | None = None, device: Any = None, dtype: Any = None,
-        loss: Any = "cross_entropy", params: Any = None) -> np.ndarray:
+        loss: Any = "cross_entropy", params: Any = None, client: Any = None) -> np.ndarray:
     """Exact curvature-vector product H v (or G v for the GGN) of the loss over the data set.
 
     Same conventions as :func:`bound` (parameters ordered layer by layer, W row-major then
@@ -72,6 +74,10 @@ def hvp(layers: Any, X: Any, y: Any = None, v: Any = None, *, activation: Any = 
     (float32 raises ValueError).  ``device=`` with another backend raises ValueError.
     ``loss``, ``reduction`` (None: the loss module's, else "mean") and ``params`` (the
     parameter subset; v and the result then have its P entries) are as for :func:`bound`.
+    ``client``: a ``dask.distributed.Client``: the product runs on the cluster's workers (X may be
+    a dask.array), one task per group of consecutive blocks (a partition fixed by N and the block
+    size, not by the workers) whose partials are added in a fixed tree: the same bits for any
+    number of workers, and the local product's value to rounding.
     """
     if v is None:
         raise TypeError("hvp() needs v, the vector (P,) or vectors (P, k) to multiply (by keyword, v=..., when X is "
@@ -79,18 +85,29 @@ def hvp(layers: Any, X: Any, y: Any = None, v: Any = None, *, activation: Any = 
     which = _choice(backend, "backend", HVP_BACKENDS)
     prob = validate_for_products(which, layers, X, y, activation=activation, curvature=curvature,
                                  reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
-                                 dtype=dtype, loss=loss, params=params)
+                                 dtype=dtype, loss=loss, params=params, client=client)
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
     V, single = validate_vectors(v, prob.n_params)
-    out = make_matvec(prob, which, V.shape[0], batch)(V)
+    with _cluster(client, prob, which, V.shape[0], batch, device, threads, memory_limit) as cluster:
+        out = make_matvec(prob, which, V.shape[0], batch, cluster=cluster)(V)
     return out[0] if single else np.ascontiguousarray(out.T)
+
+
+def _cluster(client: Any, prob: Any, backend: str, k: int, batch: int | None, device: Any,
+             threads: Any, memory_limit: Any) -> Any:
+    """The problem's data on the cluster, cut into the local product's blocks (or nothing)."""
+    if client is None:
+        return contextlib.nullcontext()
+    size = plan_hvp(prob, k, batch).batch_size
+    return distributed.Cluster(client, prob, backend, device=device, threads=threads, batch=size,
+                               memory_limit=memory_limit)
 
 
 def eigsh(layers: Any, X: Any, y: Any = None, k: int = 1, which: str = "LA", *, activation: Any = None,
           curvature: str = "hessian", reduction: str | None = None, tol: float = 1e-10, maxiter: int | None = None,
           seed: int = 0, return_eigenvectors: bool = False, batch_size: int | None = None,
           threads: int | None = None, backend: str = "cpp", memory_limit: int | None = None, device: Any = None,
-          dtype: Any = None, loss: Any = "cross_entropy", params: Any = None) -> Any:
+          dtype: Any = None, loss: Any = "cross_entropy", params: Any = None, client: Any = None) -> Any:
     """Extreme eigenvalues (and vectors) of the loss Hessian or GGN by Lanczos.
 
     Lanczos with full reorthogonalisation over the exact curvature-vector product
@@ -115,6 +132,8 @@ def eigsh(layers: Any, X: Any, y: Any = None, k: int = 1, which: str = "LA", *, 
         except for "torch" on a GPU, where they stay on the device with the product when
         maxiter vectors take at most a quarter of ``memory_limit`` there (only scalars cross
         per step); otherwise one (P,) vector goes to the device and back per step.
+    client : a ``dask.distributed.Client``: every product runs on the cluster (as for
+        :func:`hvp`; the data is sent once), Lanczos stays here.
 
     Returns
     -------
@@ -127,7 +146,7 @@ def eigsh(layers: Any, X: Any, y: Any = None, k: int = 1, which: str = "LA", *, 
     which_b = _choice(backend, "backend", HVP_BACKENDS)
     prob = validate_for_products(which_b, layers, X, y, activation=activation, curvature=curvature,
                                  reduction=reduction, threads=threads, memory_limit=memory_limit, device=device,
-                                 dtype=dtype, loss=loss, params=params)
+                                 dtype=dtype, loss=loss, params=params, client=client)
     P = prob.n_params
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an integer, the number of eigenvalues; got {k!r}")
@@ -147,9 +166,10 @@ def eigsh(layers: Any, X: Any, y: Any = None, k: int = 1, which: str = "LA", *, 
     batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
     if not isinstance(return_eigenvectors, (bool, np.bool_)):
         raise TypeError(f"return_eigenvectors must be True or False; got {return_eigenvectors!r}")
-    matvec = make_matvec(prob, which_b, 1, batch)
-    res = lanczos(matvec, P, wanted=lambda th: select_indices(th, wh, k), n_wanted=k, tol=t, maxiter=mi,
-                  rng=np.random.default_rng(s))
+    with _cluster(client, prob, which_b, 1, batch, device, threads, memory_limit) as cluster:
+        matvec = make_matvec(prob, which_b, 1, batch, cluster=cluster)
+        res = lanczos(matvec, P, wanted=lambda th: select_indices(th, wh, k), n_wanted=k, tol=t, maxiter=mi,
+                      rng=np.random.default_rng(s))
     idx = select_indices(res.theta, wh, k)
     if not res.converged:
         warnings.warn(

@@ -5,7 +5,8 @@ its device for backend="torch"), the moment pass and the curvature-vector produc
 by backend name.  Library-specific code lives in one module per library: ``compiled.py`` (the
 C++ core), ``numpy.py`` and ``torch.py`` (device, memory budget, TF32 guard); the algorithm
 itself is ``_engine`` (Python) and cpp/wsbound (C++).  torch is optional: ``torch.py`` is
-imported only when backend="torch" is asked for.
+imported only when backend="torch" is asked for.  ``distributed.py`` runs any of them on a
+dask.distributed cluster (``client=``; dask is optional and imported only then).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .._planning.blocks import moments_plan, plan_hvp
 from .._problem import loaders, torch_input
 from .._problem.problem import Problem
 from .._problem.validate import compute_dtype, validate
-from . import compiled, numpy
+from . import compiled, distributed, numpy
 
 #: A float64 NumPy matvec V (k, P) -> (k, P), whatever the backend computes on.
 Matvec = Callable[[np.ndarray], np.ndarray]
@@ -35,7 +36,8 @@ def torch_backend() -> ModuleType:
 
 def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, reduction: Any,
                  batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
-                 dtype: Any = None, moments: bool = True, loss: Any = "cross_entropy", params: Any = None) -> Problem:
+                 dtype: Any = None, moments: bool = True, loss: Any = "cross_entropy", params: Any = None,
+                 client: Any = None) -> Problem:
     """:func:`torch_input.adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
 
     backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
@@ -45,7 +47,14 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
     module's activations; for a list of layers it is required when there are hidden layers.  ``moments``: the problem is for
     the moments (bound(): their memory minimum and thread clamp apply) or, False, for the
     curvature-vector product, which plans its own blocks (:func:`moments_plan`).
+    ``client``: a dask.distributed.Client: the plan of the local engine, X possibly a
+    dask.array, the device the workers' (:func:`distributed.validate_cluster`).
     """
+    if client is not None:
+        return distributed.validate_cluster(backend, layers, X, y, client=client, device=device, dtype=dtype,
+                                            moments=moments, activation=activation, curvature=curvature,
+                                            reduction=reduction, batch_size=batch_size, threads=threads,
+                                            memory_limit=memory_limit, loss=loss, params=params)
     with moments_plan(moments):
         if backend == "torch" and device is None and torch_input.is_module(layers):
             device = _module_device(layers, X)
@@ -76,20 +85,24 @@ def _module_device(module: Any, X: Any) -> Any:
 
 def validate_for_products(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any,
                           reduction: Any, threads: Any, memory_limit: Any, device: Any, dtype: Any,
-                          loss: Any = "cross_entropy", params: Any = None) -> Problem:
+                          loss: Any = "cross_entropy", params: Any = None, client: Any = None) -> Problem:
     """Validation of hvp() and eigsh(): as bound() (torch objects, and for backend="torch" the
     device and its memory budget), then dtype, which must mean float64."""
     prob = validate_for(backend, layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                         threads=threads, memory_limit=memory_limit, device=device, dtype=dtype, moments=False,
-                        loss=loss, params=params)
+                        loss=loss, params=params, client=client)
     if compute_dtype(dtype) == "float32":
         raise ValueError("dtype='float32' is not available for the curvature-vector product (hvp, eigsh): it is "
                          "computed in float64 on every backend; leave dtype=None")
     return prob
 
 
-def moments(prob: Problem, backend: str, progress: ProgressFn | None = None) -> Moments:
-    """The moment pass of ``backend`` ("cpp", "numpy" or "torch") on a problem validated for it."""
+def moments(prob: Problem, backend: str, progress: ProgressFn | None = None,
+            cluster: distributed.Cluster | None = None) -> Moments:
+    """The moment pass of ``backend`` ("cpp", "numpy" or "torch") on a problem validated for it,
+    here or (``cluster``) on the cluster's workers."""
+    if cluster is not None:
+        return cluster.moments(progress)
     if backend == "cpp":
         return compiled.moments(prob, progress)
     if backend == "numpy":
@@ -120,7 +133,8 @@ def selected_columns(prob: Problem) -> np.ndarray | None:
     return np.concatenate(cols)
 
 
-def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None = None) -> Matvec:
+def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None = None,
+                cluster: distributed.Cluster | None = None) -> Matvec:
     """A function V (k', P) -> the curvature applied to each row, normalised as prob says.
 
     Backend-agnostic for its callers (hvp(), the Lanczos of eigsh() and bound(exact=...,
@@ -128,9 +142,10 @@ def make_matvec(prob: Problem, backend: str, k: int = 1, batch_size: int | None 
     A backend that keeps the Lanczos basis on its device gives the matvec a ``space``
     (_spectral.lanczos.lanczos uses it).  With a parameter subset (``prob.layers_in``) V has
     the selected parameters' P columns: they are placed in the model's vector (zeros elsewhere)
-    and the product's selected entries come back, H_SS v.
+    and the product's selected entries come back, H_SS v.  ``cluster``: the products run on its
+    workers, over the blocks its data was cut into (``batch_size`` is then the cluster's).
     """
-    products = _products(prob, backend, k, batch_size)
+    products = cluster.products(k) if cluster is not None else _products(prob, backend, k, batch_size)
     scale = 1.0 / prob.divisor if prob.mean else 1.0
     cols = selected_columns(prob)
 

@@ -25,6 +25,8 @@ def is_batches(X: Any) -> bool:
     """Whether X is given as batches (an iterable that is not itself an array or a tensor)."""
     if isinstance(X, (np.ndarray, str, bytes, dict)) or X is None:
         return False
+    if hasattr(X, "shape") and hasattr(X, "dtype"):  # an array of another library (dask, CuPy, JAX)
+        return False
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(X, torch.Tensor):
         return False

@@ -35,6 +35,8 @@ def _first_layer_inputs(prob: Problem) -> int:
     W_1[:, c] zero (each carries the factor x~_n[c]); it is an exact, cheap rank reduction.
     """
     X = prob.X
+    if hasattr(X, "nonzero_columns"):  # an X kept on a cluster (_backends.distributed.ClusterX)
+        return int(np.count_nonzero(X.nonzero_columns)) + int(prob.biases[0] is not None)
     seen = np.zeros(X.shape[1], dtype=bool)
     step = max(1, (1 << 22) // max(1, X.shape[1]))  # rows per chunk: ~4 MB of booleans
     for lo in range(0, X.shape[0], step):

@@ -108,7 +108,9 @@ def _ratio_lower(t2: float, e2: float, t: float, e1: float) -> float | None:
 
 
 def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blocks: np.ndarray,
-           opts: ExactOptions, allowance: Allowance) -> Bound:
+           opts: ExactOptions, allowance: Allowance, cluster: Any = None) -> Bound:
+    """Everything bound() adds after the moments; ``cluster`` (a ``_backends.distributed.Cluster``):
+    the products of Lanczos and the certificates run on its workers."""
     P, tr, tr2 = res.n_params, res.trace, max(res.trace_sq, 0.0)
     e1, e2 = allowance.trace, allowance.trace_sq
     ggn = not prob.hessian
@@ -132,7 +134,7 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
         kc = opts.certify
         rng = np.random.default_rng(opts.seed)
         if opts.auto:
-            matvec = _chunked(make_matvec(prob, backend, CERTIFY_BLOCK), CERTIFY_BLOCK)
+            matvec = _chunked(make_matvec(prob, backend, CERTIFY_BLOCK, cluster=cluster), CERTIFY_BLOCK)
             ends_wanted = tuple(e for e in opts.ends if not (e == "min" and ggn and r < P))  # G: lambda_min = 0
             other = {"max": (max(max_lo), min(max_hi)), "min": (max(min_lo), min(min_hi))}
             wc = certify_to_width(matvec, P, tr, tr2, r, allowance, rtol=opts.rtol, ends=ends_wanted or ("max",),
@@ -141,7 +143,7 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
             iterations, converged = wc.products, wc.met
             certs = wc.certificates
         else:
-            matvec = make_matvec(prob, backend, max(kc, 2))
+            matvec = make_matvec(prob, backend, max(kc, 2), cluster=cluster)
 
             def wanted(theta: np.ndarray) -> np.ndarray:
                 # The GGN is positive semi-definite (lambda_min >= 0 is certified, = 0 when r < P) and
