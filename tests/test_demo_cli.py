@@ -85,24 +85,40 @@ def test_cli_console_script_help() -> None:
 
 
 def test_demo_lambda_max_is_the_top_eigenvalue() -> None:
-    """The λ_max curve of demo --plot (run_demo(exact=True), a Tracker with exact=True): Lanczos
-    equals eigvalsh of the dense Hessian, inside the WS bounds; the history holds the table's values."""
-    import io
+    """The λ_max curve of demo --plot: Lanczos equals eigvalsh of the dense Hessian, inside the WS bounds."""
+    from wsbound_fast._cli import main as cli_main
 
     X, y = wsb.load_digits()
-    history = cli_demo.run_demo(hidden=3, epochs=1, checkpoints=2, exact=True, backend="cpp", threads=1,
-                                out=io.StringIO())
+    X, y = X[:150], y[:150]
+    layers = cli_demo.init_mlp([64, 3, 10], np.random.default_rng(1))
+    lam = cli_main._demo_lambda_max("cpp", 1)(layers, X, y)
+    H = wsb.dense_hessian(layers, X, y, activation="tanh")
+    top = np.linalg.eigvalsh(H)[-1]
+    assert lam == pytest.approx(top, rel=1e-7)
+    res = wsb.bound(layers, X, y, activation="tanh")
+    assert res.lambda_max_lower <= lam <= res.lambda_max_upper
+
+
+def test_run_demo_returns_its_history() -> None:
+    """run_demo records through a public Tracker: the History holds the table's values, the
+    accuracy and the plot's λ_max as metrics."""
+    import io
+
+    from wsbound_fast._cli import main as cli_main
+
+    X, y = wsb.load_digits()
+    history = cli_demo.run_demo(hidden=3, epochs=1, checkpoints=2, backend="cpp", threads=1, out=io.StringIO(),
+                                lambda_max=cli_main._demo_lambda_max("cpp", 1))
     assert isinstance(history, wsb.History) and history.column("step") == [0, 1]
     assert history.lr is None  # momentum 0.9: 2/lr is not its threshold
     layers = cli_demo.init_mlp([64, 3, 10], np.random.default_rng(0))  # epoch 0: the initialisation
     rec = history[0]
-    assert rec.train_loss == cli_demo.loss_and_grads(layers, X, y)[0]
-    assert rec.metrics["accuracy"] == cli_demo.loss_and_grads(layers, X, y)[1]
-    H = wsb.dense_hessian(layers, X, y, activation="tanh")
-    top = np.linalg.eigvalsh(H)[-1]
-    assert rec.lambda_max == pytest.approx(top, rel=1e-7)
-    assert rec.bound.lambda_max_lower <= rec.lambda_max <= rec.bound.lambda_max_upper
-    assert rec.trace == pytest.approx(np.trace(H), rel=1e-10)
+    loss, acc, _ = cli_demo.loss_and_grads(layers, X, y)
+    assert rec.train_loss == loss and rec.metrics["accuracy"] == acc
+    res = wsb.bound(layers, X, y, activation="tanh", threads=1)  # threads set the default batch size
+    assert rec.trace == res.trace and rec.lambda_max_bracket == res.lambda_max_bracket
+    lam = rec.metrics[cli_demo.LAMBDA_MAX]
+    assert lam == pytest.approx(np.linalg.eigvalsh(wsb.dense_hessian(layers, X, y, activation="tanh"))[-1], rel=1e-7)
 
 
 # --- the edge-of-stability demo: demo --loss mse ---------------------------------------------

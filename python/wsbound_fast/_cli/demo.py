@@ -32,7 +32,7 @@ from .._problem.problem import BACKENDS
 from .._problem.validate import _choice
 from .fmt import directed, directed_digits
 
-__all__ = ["LOSSES", "SETUPS", "DemoSetup", "checkpoint_epochs", "init_mlp", "loss_and_grads", "resolve_backend",
+__all__ = ["LAMBDA_MAX", "LOSSES", "SETUPS", "DemoSetup", "checkpoint_epochs", "init_mlp", "loss_and_grads", "resolve_backend",
            "run_demo", "train"]
 
 Layers = list[tuple[np.ndarray, np.ndarray]]
@@ -66,6 +66,9 @@ SETUPS = {
     "mse": DemoSetup(hidden=32, epochs=600, checkpoints=61, lr=1.0, momentum=0.0, init_scale=0.3,
                      spacing="linear", certify=True),
 }
+
+#: The metric of run_demo's records that holds what its ``lambda_max`` callable returned.
+LAMBDA_MAX = "lambda_max_lanczos"
 
 DEFAULT_HIDDEN = SETUPS["cross_entropy"].hidden
 DEFAULT_EPOCHS = SETUPS["cross_entropy"].epochs
@@ -224,7 +227,8 @@ def _check_count(name: str, value: object, least: int) -> None:
 def run_demo(hidden: int | None = None, epochs: int | None = None, seed: int = 0, *, loss: str = "cross_entropy",
              checkpoints: int | None = None, lr: float | None = None, momentum: float | None = None,
              backend: str | None = None, threads: int | None = None, out: TextIO | None = None,
-             notice: TextIO | None = None, exact: bool = False,
+             notice: TextIO | None = None,
+             lambda_max: Callable[[Layers, np.ndarray, np.ndarray], float] | None = None,
              on_epoch: Callable[[int, float, float], None] | None = None) -> History:
     """Train a 64-``hidden``-10 tanh MLP on the digits with the mean ``loss`` and print a table row
     per checkpoint.
@@ -236,9 +240,9 @@ def run_demo(hidden: int | None = None, epochs: int | None = None, seed: int = 0
     falls back to NumPy (with a one-line notice on ``notice``, default stderr) when it cannot be
     imported.  The table goes to ``out`` (default stdout).  Returns the
     :class:`wsbound_fast.History` of the checkpoints (its records hold the loss, the accuracy as
-    the metric ``accuracy`` and each full Bound; its lr is ``lr`` when ``momentum`` is 0).  ``exact=True``
-    (cross-entropy): also the Lanczos estimate of λ_max in each record (for plots; not printed).
-    ``on_epoch`` is passed to :func:`train`.
+    the metric ``accuracy`` and each full Bound; its lr is ``lr`` when ``momentum`` is 0).
+    ``lambda_max(layers, X, y)``, when given, is called at each checkpoint and its value kept as
+    the metric :data:`LAMBDA_MAX` (for plots; not printed); ``on_epoch`` is passed to :func:`train`.
     """
     loss = _choice(loss, "loss", LOSSES)
     setup = SETUPS[loss]
@@ -278,17 +282,18 @@ def run_demo(hidden: int | None = None, epochs: int | None = None, seed: int = 0
 
     # the certified bracket for mse (certify=True); for cross-entropy the WS bounds, plus Lanczos with exact
     # (lr only without momentum: 2/lr is the threshold of plain gradient descent)
-    extra = {"exact": True, "lanczos_tol": 1e-8} if exact and not eos else {}
     ckpts = checkpoint_epochs(epochs, checkpoints, setup.spacing)
     tracker = Tracker(X, y, every=ckpts, lr=lr if momentum == 0 else None, activation="tanh", loss=loss,
-                      curvature="hessian", certify=setup.certify, reduction="mean", backend=which, threads=threads,
-                      **extra)
+                      curvature="hessian", certify=setup.certify, reduction="mean", backend=which, threads=threads)
 
     def report(epoch: int, params: Layers, value: float, acc: float) -> None:
+        metrics = {"accuracy": acc}
+        if lambda_max is not None:
+            metrics[LAMBDA_MAX] = float(lambda_max(params, X, y))
         with warnings.catch_warnings():
             # certify=True warns when it stops short of its width; the row's '*' says so instead
             warnings.simplefilter("ignore", RuntimeWarning)
-            rec = tracker.step(params, step=epoch, train_loss=value, accuracy=acc)
+            rec = tracker.step(params, step=epoch, train_loss=value, **metrics)
         if rec is None:
             return
         res = rec.bound

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .._api.bound import bound
+from .._api.products import eigsh
 from .._api.tracking import History
+from .._backends.compiled import load_core
 from .._problem.losses import LOSSES
 from .._problem.torch_input import convert
 from .._spectral.bounds import Bound
@@ -101,6 +103,24 @@ def _bytes_arg(text: str) -> int:
     return value
 
 
+def _demo_lambda_max(backend: str | None, threads: int | None) -> Callable:
+    """The exact lambda_max for the demo's plot: Lanczos (wsb.eigsh) over the exact Hessian-vector
+    product of the tanh MLP's mean cross-entropy; drawn between the WS bounds.  (Cheaper than the
+    tracker's exact=True, which also waits for lambda_min.)"""
+    if backend is None:  # as run_demo: the compiled core when it imports, else NumPy
+        try:
+            load_core()
+            backend = "cpp"
+        except ImportError:
+            backend = "numpy"
+
+    def lambda_max(layers: object, X: object, y: object) -> float:
+        return float(eigsh(layers, X, y, k=1, which="LA", activation="tanh", tol=1e-8, backend=backend,
+                           threads=threads)[-1])
+
+    return lambda_max
+
+
 def _n_samples(history: History) -> int:
     """N of the demo's data (its records carry their Bound)."""
     res = history[0].bound
@@ -172,7 +192,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         checkpoints = _PLOT_CHECKPOINTS
     history = run_demo(hidden=hidden, epochs=args.epochs, seed=args.seed,
                        checkpoints=DEFAULT_CHECKPOINTS if checkpoints is None else checkpoints, lr=lr,
-                       backend=args.backend, threads=args.threads, exact=args.plot is not None)
+                       backend=args.backend, threads=args.threads,
+                       lambda_max=None if args.plot is None else _demo_lambda_max(args.backend, args.threads))
     if args.plot is not None:
         N = _n_samples(history)
         plot_demo(history, args.plot, title=f"digits (N = {N}), tanh MLP 64-{hidden}-10: "

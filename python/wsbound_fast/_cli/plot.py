@@ -12,6 +12,7 @@ import numpy as np
 
 from .._api.plotting import plot_history, require_matplotlib
 from .._api.tracking import History
+from .demo import LAMBDA_MAX
 
 __all__ = ["plot_demo", "plot_edge_of_stability", "plot_sharpness", "require_matplotlib"]
 
@@ -89,12 +90,12 @@ def plot_sharpness(path: str, steps: Sequence[float], trace: Sequence[float], ws
 
 
 def plot_demo(history: History, path: str, *, title: str | None = None) -> None:
-    """The cross-entropy demo's picture: its history (records with their full ``bound``; the
-    Lanczos ``lambda_max`` where tracked with ``exact``) against the training epoch."""
+    """The cross-entropy demo's picture: its history (records with their full ``bound``, and
+    the exact λ_max as the metric ``demo.LAMBDA_MAX`` where run_demo computed it) against the epoch."""
     bounds = [r.bound for r in history]
     if any(b is None for b in bounds):
         raise ValueError("plot_demo needs each record's full Bound (a tracked history, or one loaded from JSON)")
-    lmax = history.column("lambda_max")
+    lmax = history.column(LAMBDA_MAX) if LAMBDA_MAX in history.metric_names else [None] * len(history)
     plot_sharpness(
         path,
         steps=history.column("step"),
