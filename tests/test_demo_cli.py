@@ -99,6 +99,28 @@ def test_demo_lambda_max_is_the_top_eigenvalue() -> None:
     assert res.lambda_max_lower <= lam <= res.lambda_max_upper
 
 
+def test_run_demo_returns_its_history() -> None:
+    """run_demo records through a public Tracker: the History holds the table's values, the
+    accuracy and the plot's λ_max as metrics."""
+    import io
+
+    from wsbound_fast._cli import main as cli_main
+
+    X, y = wsb.load_digits()
+    history = cli_demo.run_demo(hidden=3, epochs=1, checkpoints=2, backend="cpp", threads=1, out=io.StringIO(),
+                                lambda_max=cli_main._demo_lambda_max("cpp", 1))
+    assert isinstance(history, wsb.History) and history.column("step") == [0, 1]
+    assert history.lr is None  # momentum 0.9: 2/lr is not its threshold
+    layers = cli_demo.init_mlp([64, 3, 10], np.random.default_rng(0))  # epoch 0: the initialisation
+    rec = history[0]
+    loss, acc, _ = cli_demo.loss_and_grads(layers, X, y)
+    assert rec.train_loss == loss and rec.metrics["accuracy"] == acc
+    res = wsb.bound(layers, X, y, activation="tanh", threads=1)  # threads set the default batch size
+    assert rec.trace == res.trace and rec.lambda_max_bracket == res.lambda_max_bracket
+    lam = rec.metrics[cli_demo.LAMBDA_MAX]
+    assert lam == pytest.approx(np.linalg.eigvalsh(wsb.dense_hessian(layers, X, y, activation="tanh"))[-1], rel=1e-7)
+
+
 # --- the edge-of-stability demo: demo --loss mse ---------------------------------------------
 
 

@@ -93,6 +93,13 @@ def test_cli_demo_plot_without_matplotlib(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def _history(steps, lower, upper, lr=None):
+    import wsbound_fast as wsb
+
+    return wsb.History([wsb.Record(step=int(s), trace=1.0, trace_sq=1.0, lambda_max_bracket=(lo, hi),
+                                   lambda_min_bracket=(-hi, -lo)) for s, lo, hi in zip(steps, lower, upper)], lr=lr)
+
+
 def test_plot_edge_of_stability_png(tmp_path):
     """Print resolution (7 in at >= 150 dpi), with and without a crossing of 2/eta."""
     pytest.importorskip("matplotlib")
@@ -101,13 +108,15 @@ def test_plot_edge_of_stability_png(tmp_path):
     steps = np.arange(0, 101, 10)
     lam = np.minimum(1.0 + 0.02 * steps, 2.1)
     loss = 0.1 * np.exp(-np.arange(101) / 50) + 0.01 * (np.arange(101) % 7 == 0)
-    for name, threshold in (("cross.png", 2.0), ("below.png", 5.0)):
+    for name, lr in (("cross.png", 1.0), ("below.png", 0.4)):
         path = tmp_path / name
-        plot_edge_of_stability(str(path), steps, lam * 0.999, lam * 1.001, threshold, np.arange(101), loss,
+        plot_edge_of_stability(str(path), _history(steps, lam * 0.999, lam * 1.001, lr), np.arange(101), loss,
                                title="t", loss_label="training loss (MSE)")
         img = _read_png(path)
         assert img.shape[1] >= 7 * 150
-    with pytest.raises(ValueError, match="threshold"):
-        plot_edge_of_stability(str(tmp_path / "x.png"), steps, lam, lam, 0.0, np.arange(101), loss)
-    with pytest.raises(ValueError, match="upper must have one value per step"):
-        plot_edge_of_stability(str(tmp_path / "x.png"), steps, lam, lam[:3], 2.0, np.arange(101), loss)
+    with pytest.raises(ValueError, match="lr"):
+        plot_edge_of_stability(str(tmp_path / "x.png"), _history(steps, lam, lam), np.arange(101), loss)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        plot_edge_of_stability(str(tmp_path / "x.png"), _history(steps, lam, lam), np.arange(101), loss, lr=0.0)
+    with pytest.raises(ValueError, match="loss must have one value per step"):
+        plot_edge_of_stability(str(tmp_path / "x.png"), _history(steps, lam, lam, 1.0), np.arange(101), loss[:3])

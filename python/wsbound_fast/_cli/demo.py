@@ -1,8 +1,9 @@
 """The demo: train a small tanh MLP on the digits and follow the curvature of its loss.
 
 Training is NumPy full-batch gradient descent (forward and backward written out here, one
-loop for every loss); at checkpoints :func:`wsbound_fast.bound` is evaluated on the full
-data set and one table row is printed.  Two stories, one per loss:
+loop for every loss); at checkpoints a :class:`wsbound_fast.Tracker` records
+:func:`wsbound_fast.bound` on the full data set and one table row is printed.  Two stories,
+one per loss:
 
 - ``cross_entropy`` (the default): heavy-ball momentum, and at geometrically spaced
   checkpoints tr(H), tr(H^2) and the Wolkowicz-Styan bounds on λ_max;
@@ -24,16 +25,15 @@ from typing import TextIO
 
 import numpy as np
 
-from .._api.bound import bound
 from .._api.data import load_digits
+from .._api.tracking import History, Record, Tracker
 from .._backends.compiled import load_core
 from .._problem.problem import BACKENDS
 from .._problem.validate import _choice
-from .._spectral.bounds import Bound
 from .fmt import directed, directed_digits
 
-__all__ = ["LOSSES", "SETUPS", "DemoRow", "DemoSetup", "checkpoint_epochs", "init_mlp", "loss_and_grads",
-           "resolve_backend", "run_demo", "train"]
+__all__ = ["LAMBDA_MAX", "LOSSES", "SETUPS", "DemoSetup", "checkpoint_epochs", "init_mlp", "loss_and_grads", "resolve_backend",
+           "run_demo", "train"]
 
 Layers = list[tuple[np.ndarray, np.ndarray]]
 
@@ -66,6 +66,9 @@ SETUPS = {
     "mse": DemoSetup(hidden=32, epochs=600, checkpoints=61, lr=1.0, momentum=0.0, init_scale=0.3,
                      spacing="linear", certify=True),
 }
+
+#: The metric of run_demo's records that holds what its ``lambda_max`` callable returned.
+LAMBDA_MAX = "lambda_max_lanczos"
 
 DEFAULT_HIDDEN = SETUPS["cross_entropy"].hidden
 DEFAULT_EPOCHS = SETUPS["cross_entropy"].epochs
@@ -184,18 +187,6 @@ def resolve_backend(backend: str | None, notice: TextIO | None = None) -> str:
     return "cpp"
 
 
-@dataclass(frozen=True)
-class DemoRow:
-    """One checkpoint of the demo."""
-
-    epoch: int
-    loss: float
-    accuracy: float
-    bound: Bound
-    lambda_max: float | None = None  # exact largest eigenvalue, when run_demo was given a way to get it
-    seconds: float | None = None  # wall time of the bound() call
-
-
 _UNICODE = {"trH": "tr(H)", "trH2": "tr(H²)", "H2": "H²", "lo": "λ_max ≥", "hi": "λ_max ≤", "eta": "η",
             "thr": "2/η", "vs": "vs 2/η"}
 _ASCII = {"trH": "tr(H)", "trH2": "tr(H^2)", "H2": "H^2", "lo": "lmax >=", "hi": "lmax <=", "eta": "eta",
@@ -238,7 +229,7 @@ def run_demo(hidden: int | None = None, epochs: int | None = None, seed: int = 0
              backend: str | None = None, threads: int | None = None, out: TextIO | None = None,
              notice: TextIO | None = None,
              lambda_max: Callable[[Layers, np.ndarray, np.ndarray], float] | None = None,
-             on_epoch: Callable[[int, float, float], None] | None = None) -> list[DemoRow]:
+             on_epoch: Callable[[int, float, float], None] | None = None) -> History:
     """Train a 64-``hidden``-10 tanh MLP on the digits with the mean ``loss`` and print a table row
     per checkpoint.
 
@@ -247,9 +238,11 @@ def run_demo(hidden: int | None = None, epochs: int | None = None, seed: int = 0
     (``bound(..., certify=True)``) against 2/``lr`` at evenly spaced checkpoints.  Arguments left
     None take the loss's defaults (:data:`SETUPS`).  ``backend=None`` uses the compiled core and
     falls back to NumPy (with a one-line notice on ``notice``, default stderr) when it cannot be
-    imported.  The table goes to ``out`` (default stdout).  Returns the rows.
-    ``lambda_max(layers, X, y)``, when given, is called at each checkpoint and its value stored
-    in the row (for plots; not printed); ``on_epoch`` is passed to :func:`train`.
+    imported.  The table goes to ``out`` (default stdout).  Returns the
+    :class:`wsbound_fast.History` of the checkpoints (its records hold the loss, the accuracy as
+    the metric ``accuracy`` and each full Bound; its lr is ``lr`` when ``momentum`` is 0).
+    ``lambda_max(layers, X, y)``, when given, is called at each checkpoint and its value kept as
+    the metric :data:`LAMBDA_MAX` (for plots; not printed); ``on_epoch`` is passed to :func:`train`.
     """
     loss = _choice(loss, "loss", LOSSES)
     setup = SETUPS[loss]
@@ -287,47 +280,54 @@ def run_demo(hidden: int | None = None, epochs: int | None = None, seed: int = 0
     print(_fmt_row(["-" * w for _, w in columns], columns), file=out)
     out.flush()
 
-    rows: list[DemoRow] = []
+    # the certified bracket for mse (certify=True); for cross-entropy the WS bounds, plus Lanczos with exact
+    # (lr only without momentum: 2/lr is the threshold of plain gradient descent)
+    ckpts = checkpoint_epochs(epochs, checkpoints, setup.spacing)
+    tracker = Tracker(X, y, every=ckpts, lr=lr if momentum == 0 else None, activation="tanh", loss=loss,
+                      curvature="hessian", certify=setup.certify, reduction="mean", backend=which, threads=threads)
 
     def report(epoch: int, params: Layers, value: float, acc: float) -> None:
-        t0 = time.perf_counter()
+        metrics = {"accuracy": acc}
+        if lambda_max is not None:
+            metrics[LAMBDA_MAX] = float(lambda_max(params, X, y))
         with warnings.catch_warnings():
             # certify=True warns when it stops short of its width; the row's '*' says so instead
             warnings.simplefilter("ignore", RuntimeWarning)
-            res = bound(params, X, y, activation="tanh", curvature="hessian", reduction="mean", loss=loss,
-                        certify=setup.certify, backend=which, threads=threads)
-        seconds = time.perf_counter() - t0
-        lmax = None if lambda_max is None else float(lambda_max(params, X, y))
-        rows.append(DemoRow(epoch, value, acc, res, lmax, seconds))
+            rec = tracker.step(params, step=epoch, train_loss=value, **metrics)
+        if rec is None:
+            return
+        res = rec.bound
+        assert res is not None
         if eos:
-            lo, hi = res.lambda_max_bracket
-            short = "*" if res.certify_met is False else ""
+            lo, hi = rec.lambda_max_bracket
+            short = "*" if rec.certify_met is False else ""
             cells = [str(epoch), f"{value:.5f}", f"{100 * acc:.1f}%", directed_digits(lo, _BRACKET_DIGITS, False),
                      directed_digits(hi, _BRACKET_DIGITS, True), f"{threshold:#.5g}", _side(lo, hi, threshold) + short,
-                     f"{seconds:.2f}"]
+                     f"{rec.seconds:.2f}"]
         else:
             cells = [str(epoch), f"{value:.4f}", f"{100 * acc:.1f}%", f"{res.trace:.4g}", f"{res.trace_sq:.4g}",
                      f"{res.lambda_max_lower:.4g}", f"{res.lambda_max_upper:.4g}", f"{res.elapsed_s:.3f}"]
         print(_fmt_row(cells, columns), file=out)
         out.flush()
 
-    train(layers, X, y, epochs=epochs, lr=lr, momentum=momentum, loss=loss,
-          checkpoints=checkpoint_epochs(epochs, checkpoints, setup.spacing), on_checkpoint=report, on_epoch=on_epoch)
+    train(layers, X, y, epochs=epochs, lr=lr, momentum=momentum, loss=loss, checkpoints=ckpts,
+          on_checkpoint=report, on_epoch=on_epoch)
+    history = tracker.history
     total = time.perf_counter() - t_start
     if eos:
-        in_bounds = sum(r.seconds or 0.0 for r in rows)
-        _eos_summary(rows, threshold, X.shape[0] * n_classes, lab, out)
+        in_bounds = sum(r.seconds or 0.0 for r in history)
+        _eos_summary(history.records, threshold, X.shape[0] * n_classes, lab, out)
     else:
-        in_bounds = sum(r.bound.elapsed_s for r in rows)
+        in_bounds = sum(r.bound.elapsed_s for r in history if r.bound is not None)
         print(f"loss, acc: mean cross-entropy and accuracy on all N samples; {lab['trH']}, {lab['trH2']}: exact "
               f"trace of its Hessian H and of {lab['H2']};", file=out)
         print(f"{lab['lo']} / {lab['hi']}: certified Wolkowicz-Styan bounds on the largest eigenvalue of H; "
               f"s: seconds per bound() call.", file=out)
     print(f"total {total:.2f} s, of which {in_bounds:.2f} s in bound()", file=out)
-    return rows
+    return history
 
 
-def _eos_summary(rows: Sequence[DemoRow], threshold: float, entries: int, lab: dict[str, str],
+def _eos_summary(rows: Sequence[Record], threshold: float, entries: int, lab: dict[str, str],
                  out: TextIO) -> None:
     """The footer of the edge-of-stability table: what the columns are, and the story in numbers."""
     thr, lo_lab, hi_lab = lab["thr"], lab["lo"], lab["hi"]
@@ -338,26 +338,26 @@ def _eos_summary(rows: Sequence[DemoRow], threshold: float, entries: int, lab: d
           f"descent with step {lab['eta']};", file=out)
     print(f"{lab['vs']}: the whole bracket below or above {thr}, or 'at' (it contains {thr}); s: seconds per "
           f"bound() call.", file=out)
-    if any(r.bound.certify_met is False for r in rows):
+    if any(r.certify_met is False for r in rows):
         print("*: the certificate stopped before the requested width (its bracket is still certified, only wider).",
               file=out)
     name = lab["lo"].split()[0]  # λ_max (or lmax)
-    above = [i for i, r in enumerate(rows) if r.bound.lambda_max_bracket[1] >= threshold]
+    above = [i for i, r in enumerate(rows) if r.lambda_max_bracket[1] >= threshold]
     if not above:
         print(f"{name} stayed below {thr} = {threshold:.4g} (certified) throughout: train longer, or take a "
               f"larger {lab['eta']}, to reach the edge of stability.", file=out)
         return
     first = rows[above[0]]
-    lo0, hi0 = rows[0].bound.lambda_max_bracket
+    lo0, hi0 = rows[0].lambda_max_bracket
     rest = rows[above[0]:]
-    lo_min = min(r.bound.lambda_max_bracket[0] for r in rest)
-    hi_max = max(r.bound.lambda_max_bracket[1] for r in rest)
-    start = f"{name} in [{directed(lo0, 4, False)}, {directed(hi0, 4, True)}] at epoch {rows[0].epoch}"
+    lo_min = min(r.lambda_max_bracket[0] for r in rest)
+    hi_max = max(r.lambda_max_bracket[1] for r in rest)
+    start = f"{name} in [{directed(lo0, 4, False)}, {directed(hi0, 4, True)}] at epoch {rows[0].step}"
     if above[0] == 0:
         story = (f"{start}, already at or above {thr} = {threshold:.4g} (no sharpening phase: a smaller "
                  f"{lab['eta']} shows one)")
     else:
-        story = f"{start} rose to {thr} = {threshold:.4g} by epoch {first.epoch} (progressive sharpening)"
+        story = f"{start} rose to {thr} = {threshold:.4g} by epoch {first.step} (progressive sharpening)"
     print(f"{story}; from then on it stayed in [{directed(lo_min, 4, False)}, {directed(hi_max, 4, True)}] = "
           f"{thr} x [{directed(lo_min / threshold, 3, False)}, {directed(hi_max / threshold, 3, True)}] "
           f"(the edge of stability, Cohen et al. 2021).", file=out)

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from .._api.bound import bound
 from .._api.products import eigsh
+from .._api.tracking import History
 from .._backends.compiled import load_core
 from .._problem.losses import LOSSES
 from .._problem.torch_input import convert
@@ -104,7 +105,8 @@ def _bytes_arg(text: str) -> int:
 
 def _demo_lambda_max(backend: str | None, threads: int | None) -> Callable:
     """The exact lambda_max for the demo's plot: Lanczos (wsb.eigsh) over the exact Hessian-vector
-    product of the tanh MLP's mean cross-entropy; drawn between the WS bounds."""
+    product of the tanh MLP's mean cross-entropy; drawn between the WS bounds.  (Cheaper than the
+    tracker's exact=True, which also waits for lambda_min.)"""
     if backend is None:  # as run_demo: the compiled core when it imports, else NumPy
         try:
             load_core()
@@ -117,6 +119,13 @@ def _demo_lambda_max(backend: str | None, threads: int | None) -> Callable:
                            threads=threads)[-1])
 
     return lambda_max
+
+
+def _n_samples(history: History) -> int:
+    """N of the demo's data (its records carry their Bound)."""
+    res = history[0].bound
+    assert res is not None
+    return res.n_samples
 
 
 def _check_writable(path: str, option: str = "--plot", inputs: Sequence[str] = ()) -> None:
@@ -167,14 +176,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     lr = setup.lr if args.lr is None else args.lr
     if args.loss == "mse":  # the edge of stability: the certified bracket already holds λ_max
         losses: list[float] = []
-        rows = run_demo(hidden=hidden, epochs=args.epochs, seed=args.seed, loss="mse", checkpoints=checkpoints,
-                        lr=lr, backend=args.backend, threads=args.threads,
-                        on_epoch=lambda epoch, value, acc: losses.append(value))
+        history = run_demo(hidden=hidden, epochs=args.epochs, seed=args.seed, loss="mse", checkpoints=checkpoints,
+                           lr=lr, backend=args.backend, threads=args.threads,
+                           on_epoch=lambda epoch, value, acc: losses.append(value))
         if args.plot is not None:
-            N = rows[0].bound.n_samples
+            N = _n_samples(history)
             plot_edge_of_stability(
-                args.plot, [r.epoch for r in rows], [r.bound.lambda_max_bracket[0] for r in rows],
-                [r.bound.lambda_max_bracket[1] for r in rows], 2.0 / lr, list(range(len(losses))), losses,
+                args.plot, history, list(range(len(losses))), losses,
                 title=f"digits (N = {N}), tanh MLP 64-{hidden}-10, mean squared error, gradient descent "
                       f"η = {lr:g}:\nprogressive sharpening to the edge of stability",
                 loss_label="training loss (MSE)")
@@ -182,14 +190,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if args.plot is not None and checkpoints is None:
         checkpoints = _PLOT_CHECKPOINTS
-    rows = run_demo(hidden=hidden, epochs=args.epochs, seed=args.seed,
-                    checkpoints=DEFAULT_CHECKPOINTS if checkpoints is None else checkpoints, lr=lr,
-                    backend=args.backend, threads=args.threads,
-                    lambda_max=None if args.plot is None else _demo_lambda_max(args.backend, args.threads))
+    history = run_demo(hidden=hidden, epochs=args.epochs, seed=args.seed,
+                       checkpoints=DEFAULT_CHECKPOINTS if checkpoints is None else checkpoints, lr=lr,
+                       backend=args.backend, threads=args.threads,
+                       lambda_max=None if args.plot is None else _demo_lambda_max(args.backend, args.threads))
     if args.plot is not None:
-        N = rows[0].bound.n_samples
-        plot_demo(rows, args.plot, title=f"digits (N = {N}), tanh MLP 64-{hidden}-10: "
-                                         f"sharpness during training")
+        N = _n_samples(history)
+        plot_demo(history, args.plot, title=f"digits (N = {N}), tanh MLP 64-{hidden}-10: "
+                                            f"sharpness during training")
         print(f"plot written to {args.plot}")
     return 0
 

@@ -7,24 +7,14 @@ caller's pyplot state is left alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_edge_of_stability", "plot_sharpness", "require_matplotlib"]
+from .._api.plotting import plot_history, require_matplotlib
+from .._api.tracking import History
+from .demo import LAMBDA_MAX
 
-
-def require_matplotlib() -> Any:
-    """Import matplotlib, or raise ImportError saying how to install it."""
-    try:
-        import matplotlib
-        from matplotlib.figure import Figure  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(
-            "plotting needs matplotlib, which is not installed: pip install 'wsbound_fast[plot]' "
-            f"(or pip install matplotlib) [{exc}]"
-        ) from None
-    return matplotlib
+__all__ = ["plot_demo", "plot_edge_of_stability", "plot_sharpness", "require_matplotlib"]
 
 
 def _series(values: Sequence[float] | None, n: int, name: str) -> np.ndarray | None:
@@ -99,62 +89,55 @@ def plot_sharpness(path: str, steps: Sequence[float], trace: Sequence[float], ws
     fig.savefig(path, dpi=dpi)
 
 
-def plot_demo(rows: Sequence[Any], path: str, *, title: str | None = None) -> None:
-    """The demo's picture: its rows (``_cli.demo.DemoRow``) against the training epoch."""
-    lmax = [r.lambda_max for r in rows]
+def plot_demo(history: History, path: str, *, title: str | None = None) -> None:
+    """The cross-entropy demo's picture: its history (records with their full ``bound``, and
+    the exact λ_max as the metric ``demo.LAMBDA_MAX`` where run_demo computed it) against the epoch."""
+    bounds = [r.bound for r in history]
+    if any(b is None for b in bounds):
+        raise ValueError("plot_demo needs each record's full Bound (a tracked history, or one loaded from JSON)")
+    lmax = history.column(LAMBDA_MAX) if LAMBDA_MAX in history.metric_names else [None] * len(history)
     plot_sharpness(
         path,
-        steps=[r.epoch for r in rows],
-        trace=[r.bound.trace for r in rows],
-        ws_upper=[r.bound.lambda_max_upper for r in rows],
-        ws_lower=[r.bound.lambda_max_lower for r in rows],
-        loss=[r.loss for r in rows],
+        steps=history.column("step"),
+        trace=history.column("trace"),
+        ws_upper=[b.lambda_max_upper for b in bounds],
+        ws_lower=[b.lambda_max_lower for b in bounds],
+        loss=history.column("train_loss"),
         lambda_max=None if all(v is None for v in lmax) else lmax,
         title=title,
         xlabel="full-batch gradient-descent step (epoch)",
-        curvature=rows[0].bound.curvature if rows else "hessian",
+        curvature=history.curvature or "hessian",
     )
 
 
-def plot_edge_of_stability(path: str, steps: Sequence[float], lower: Sequence[float], upper: Sequence[float],
-                           threshold: float, loss_steps: Sequence[float], loss: Sequence[float], *,
-                           title: str | None = None, loss_label: str = "training loss", dpi: int = 200) -> None:
-    """The edge of stability: the certified bracket [``lower``, ``upper``] of λ_max at ``steps``
-    against the line ``threshold`` (2/η), and below it the training loss at ``loss_steps``.
+def plot_edge_of_stability(path: str, history: History, loss_steps: Sequence[float], loss: Sequence[float], *,
+                           lr: float | None = None, title: str | None = None, loss_label: str = "training loss",
+                           dpi: int = 200) -> None:
+    """The edge of stability: the certified bracket of λ_max of each record of ``history``
+    against the line 2/η (η: ``lr``, else the history's own lr), drawn by
+    :func:`wsbound_fast.plot_history`, with the two phases marked; below it the training loss
+    at ``loss_steps`` (every step, say; the history's steps are marked on it).
 
     Two panels sharing a linear step axis; written to ``path`` at ``dpi`` (>= 150 for print).
     """
     require_matplotlib()
     from matplotlib.figure import Figure
 
-    x = np.asarray(steps, dtype=np.float64)
-    if x.ndim != 1 or x.size == 0:
-        raise ValueError(f"steps must be a non-empty 1-D sequence; got shape {x.shape}")
-    lo = _series(lower, x.size, "lower")
-    hi = _series(upper, x.size, "upper")
-    assert lo is not None and hi is not None
+    if not isinstance(history, History) or not len(history):
+        raise ValueError("history must be a wsbound_fast.History with at least one record")
+    eta = history.lr if lr is None else lr
+    if eta is None:
+        raise ValueError("lr: the edge of stability needs the learning rate (Tracker(..., lr=...) or lr=)")
+    x = np.asarray(history.column("step"), dtype=np.float64)
+    hi = np.asarray(history.column("lambda_max_hi"), dtype=np.float64)
     xl = np.asarray(loss_steps, dtype=np.float64)
     ls = _series(loss, xl.size, "loss")
     assert ls is not None
-    if not (np.isfinite(threshold) and threshold > 0):
-        raise ValueError(f"threshold must be a positive number; got {threshold!r}")
 
     fig = Figure(figsize=(7.0, 5.4), dpi=dpi, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    top.axhline(threshold, color="tab:red", ls="--", lw=1.4, zorder=1,
-                label=f"2/η = {threshold:.4g}: gradient descent is unstable above")
-    label = r"$\lambda_{max}$ of the loss Hessian: certified bracket"
-    if np.all(hi > 0):
-        rel = float(np.nanmax((hi - lo) / hi))
-        thin = ", thinner than the line" if rel * float(np.nanmax(hi)) < 0.006 * threshold else ""
-        label += f"\n(each at most {100 * rel:.2g}% wide{thin})"
-    top.fill_between(x, lo, hi, color="tab:blue", alpha=0.30, lw=0, zorder=2)
-    mid = 0.5 * (lo + hi)
-    top.errorbar(x, mid, yerr=(mid - lo, hi - mid), fmt="o-", color="tab:blue", ms=3.2, lw=1.3, capsize=0,
-                 elinewidth=1.0, zorder=3, label=label)
-    ymax = 1.15 * max(float(np.nanmax(hi)), threshold)
-    top.set_ylim(0.0, ymax)
-    top.set_ylabel(r"sharpness $\lambda_{max}$")
+    plot_history(history, ax=top, lr=eta)
+    threshold = 2.0 / float(eta)
     reach = np.flatnonzero(hi >= threshold)
     if reach.size and 0 < reach[0] < x.size - 1:  # mark the two phases
         xc, y_arrow = float(x[reach[0]]), 0.45 * threshold
@@ -174,7 +157,6 @@ def plot_edge_of_stability(path: str, steps: Sequence[float], lower: Sequence[fl
             bottom.annotate("non-monotone over a few steps,\nyet falling over many",
                             xy=(xl[j], ls[j]), xytext=(12 if left else -12, -4), textcoords="offset points",
                             ha="left" if left else "right", va="top", fontsize="small", color="0.2")
-    top.grid(True, alpha=0.3)
     top.legend(loc="lower right", fontsize="small", framealpha=0.9)
     if title:
         top.set_title(title, fontsize="medium")
