@@ -230,3 +230,19 @@ def test_plot_history_without_matplotlib():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "needs matplotlib" in proc.stdout and "wsbound_fast[plot]" in proc.stdout
+
+
+def test_tracker_takes_a_loader_once(torch):
+    """A loader of (X, y) batches is collected once: a generator works, and the records equal
+    the arrays' (and Tracker.plan counts its samples)."""
+    rng = np.random.default_rng(4)
+    layers = [(rng.standard_normal((5, 4)), np.zeros(5)), (rng.standard_normal((3, 5)), np.zeros(3))]
+    X, y = rng.standard_normal((12, 4)), rng.integers(0, 3, 12)
+    a = wsb.Tracker(((X[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)), activation="tanh", certify=None)
+    b = wsb.Tracker(X, y, activation="tanh", certify=None)
+    for step in range(2):
+        ra, rb = a.step(layers), b.step(layers)
+        assert (ra.trace, ra.trace_sq) == (rb.trace, rb.trace_sq)
+    assert a.plan(layers).n_samples == 12
+    with pytest.raises(TypeError, match="y is required"):
+        wsb.Tracker(X)

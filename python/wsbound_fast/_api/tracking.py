@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .._problem import loaders
 from .._problem.validate import _is_int
 from .._spectral.bounds import Bound
 from .bound import bound
@@ -436,7 +437,7 @@ class Tracker:
     record, so pass the module being trained.  :attr:`history` is the :class:`History`.
     """
 
-    def __init__(self, X: Any, y: Any, *, every: int | Iterable[int] = 1, lr: float | None = None,
+    def __init__(self, X: Any, y: Any = None, *, every: int | Iterable[int] = 1, lr: float | None = None,
                  activation: Any = None, loss: Any = "cross_entropy", curvature: str = "hessian",
                  certify: int | bool | None = True, **bound_options: Any) -> None:
         self.every = _every(every)
@@ -444,7 +445,9 @@ class Tracker:
         if unknown:
             raise TypeError(f"Tracker() got unexpected keyword arguments {', '.join(map(repr, unknown))} "
                             f"(bound() takes {', '.join(_BOUND_OPTIONS)})")
-        self.X, self.y = X, y
+        # a loader of (X, y) batches is collected once here (a generator could not be read twice)
+        limit = bound_options.get("memory_limit")
+        self.X, self.y = loaders.resolve(X, y, limit if isinstance(limit, int) else None)
         self.options: dict[str, Any] = {"activation": activation, "loss": loss, "curvature": curvature,
                                         "certify": certify, **bound_options}
         self.history = History(lr=None if lr is None else _learning_rate(lr))
