@@ -468,3 +468,23 @@ def test_certify_auto_bad_arguments(files, args, message):
     _, _, _, model, data = files
     proc = _run("bound", str(model), str(data), "--activation", "tanh", *args)
     assert proc.returncode == 2 and re.search(message, proc.stderr) and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_loss_option(loss, tmp_path, capsys):
+    """--loss passes the loss: the JSON is bound(loss=...)'s, and the table names the loss."""
+    layers = _model(2, dims=(4, 6, 3), bias=(True, True))
+    X, _ = _data(d=4)
+    T = np.random.default_rng(3).random((X.shape[0], 3))
+    model = _save_model(tmp_path / "m.npz", layers)
+    data = tmp_path / "d.npz"
+    np.savez(data, X=X, y=T)
+    assert cli_main.main(["bound", str(model), str(data), "--activation", "tanh", "--loss", loss, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    _check(out, wsb.bound(layers, X, T, activation="tanh", loss=loss))
+    assert out["loss"] == loss
+    assert cli_main.main(["bound", str(model), str(data), "--activation", "tanh", "--loss", loss]) == 0
+    table = capsys.readouterr().out
+    assert ("squared error" if loss == "mse" else "binary cross-entropy") in table
+    proc = _run("bound", model, data, "--activation", "tanh", "--loss", "hinge")
+    assert proc.returncode == 2 and "--loss" in proc.stderr

@@ -290,3 +290,20 @@ def test_near_perfect_fit_mse_is_certified(offset, backend, torch):
         assert abs(res.trace_sq - float(tr2_ref)) <= res.trace_sq_allowance
         ext = ref.extremes(curvature)
         assert ext.contains_max(*res.lambda_max_bracket) and ext.contains_min(*res.lambda_min_bracket)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_float32_products_for_the_diagonal_losses(loss, torch):
+    """dtype="float32" (the Gram products in float32) stays within its allowances of the float64
+    moments on cpp and torch, and its bracket still holds."""
+    layers, act, X, y = _case(SPECS[2], loss, seed=11)
+    H, _ = torch_curvatures(layers, act, X, _torch_target(loss, y, 3), _torch_loss(loss, "mean"))
+    ev = np.linalg.eigvalsh(H)
+    for backend in ("cpp", "torch"):
+        r64 = wsb.bound(layers, X, y, activation=act, loss=loss, backend=backend)
+        r32 = wsb.bound(layers, X, y, activation=act, loss=loss, backend=backend, dtype="float32")
+        assert abs(r32.trace - np.trace(H)) <= r32.trace_allowance + 1e-13 * abs(np.trace(H))
+        assert abs(r32.trace_sq - np.sum(H * H)) <= r32.trace_sq_allowance
+        assert r32.trace_sq == pytest.approx(r64.trace_sq, rel=1e-5)
+        lo, hi = r32.lambda_max_bracket
+        assert lo <= ev[-1] * (1 + 1e-12) and ev[-1] <= hi * (1 + 1e-12)
