@@ -259,7 +259,10 @@ class BlockLanczos:
         if V is None:
             return
         k = min(V.shape[0], self.maxiter - self.m)
-        V = V[:k]
+        if k < V.shape[0] and self.blocks_B:  # the last block, cut to maxiter: its coupling to the kept rows only
+            V = V[:k]
+            self.blocks_B[-1] = self.blocks_B[-1][:k]
+            self.last_B = self.blocks_B[-1]
         if self.m + k > self.Q.shape[0]:
             Q = np.empty((min(self.maxiter, max(2 * self.Q.shape[0], self.m + k)), self.n))
             Q[: self.m] = self.Q[: self.m]
