@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 import wsbound_fast as wsb
 
 

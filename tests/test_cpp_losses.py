@@ -21,6 +21,7 @@ import ce_snapshot
 import mp_reference as MPR
 import numpy as np
 import pytest
+import reference as R
 from wsbound_fast._backends.compiled import load_core
 
 torch = pytest.importorskip("torch")
@@ -117,26 +118,6 @@ def numpy_forward(layers, acts, X):
 # --------------------------------------------------------------------------------------
 
 
-def _torch_logits(layers, acts, X):
-    shapes = [(W.shape, b is not None) for W, b in layers]
-    Xt = torch.tensor(X, dtype=torch.float64)
-    fns = [ACTS[a][1] for a in acts]
-
-    def logits(theta):
-        a, k = Xt, 0
-        for l, ((o, i), hb) in enumerate(shapes):
-            W = theta[k:k + o * i].reshape(o, i)
-            k += o * i
-            z = a @ W.T
-            if hb:
-                z = z + theta[k:k + o]
-                k += o
-            a = fns[l](z) if l < len(shapes) - 1 else z
-        return a
-
-    return logits
-
-
 def _torch_loss(z, T, loss):
     if loss == MSE:
         return F.mse_loss(z, T, reduction="sum")
@@ -147,7 +128,7 @@ def _torch_loss(z, T, loss):
 def _torch_refs_cached(key):
     layers, acts, X, y, loss = key.unpack()
     C = layers[-1][0].shape[0]
-    logits = _torch_logits(layers, acts, X)
+    logits = R._torch_logits_fn(layers, list(acts), X)
     T = torch.tensor(target_rows(y, C), dtype=torch.float64)
     theta = torch.tensor(flatten(layers), dtype=torch.float64)
     H = torch.autograd.functional.hessian(lambda t: _torch_loss(logits(t), T, loss), theta).numpy()
@@ -184,7 +165,7 @@ def torch_per_sample(layers, acts, X, y, loss):
     L = len(layers)
     fns = [ACTS[a][1] for a in acts]
     for n in range(X.shape[0]):
-        logits = _torch_logits(layers, acts, X[n:n + 1])
+        logits = R._torch_logits_fn(layers, list(acts), X[n:n + 1])
         Hn.append(torch.autograd.functional.hessian(
             lambda t, logits=logits, n=n: _torch_loss(logits(t), T[n:n + 1], loss), theta).numpy())
         diag = [None]

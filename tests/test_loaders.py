@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import wsbound_fast as wsb
 from wsbound_fast._problem import loaders
 

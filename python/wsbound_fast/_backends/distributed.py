@@ -70,7 +70,7 @@ POLL_S = 0.1
 def require_dask() -> Any:
     """The ``distributed`` module, or ImportError saying how to install it."""
     try:
-        import dask.array
+        import dask.array  # noqa: F401 - needed by dask.array inputs
         import distributed
     except ImportError as exc:
         raise ImportError(f"client= needs dask.distributed, which is not installed ({exc}): {INSTALL_HINT}") from exc

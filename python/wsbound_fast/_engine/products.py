@@ -7,8 +7,8 @@ from typing import Any
 
 from .._problem.problem import Problem
 from .activations import evaluate
-from .namespace import Arrays, Weights
 from .losses import a_apply, output
+from .namespace import Arrays, Weights
 
 
 def offsets(prob: Problem) -> list[int]:
