@@ -33,6 +33,17 @@ inline wsb::Loss make_loss(int code) {
     return static_cast<wsb::Loss>(code);
 }
 
+// Parameter-subset codes (Options::parts): empty, or one of 0..3 per layer.
+inline std::vector<int> make_parts(const std::vector<int>& parts, wsb::Index n_layers) {
+    if (parts.empty()) return parts;
+    if (static_cast<wsb::Index>(parts.size()) != n_layers)
+        throw std::invalid_argument("parts: one code per layer (" + std::to_string(n_layers) + "); got " +
+                                    std::to_string(parts.size()));
+    for (int p : parts)
+        if (p < 0 || p > 3) throw std::invalid_argument("parts: codes are 0 (all), 1 (weights), 2 (bias), 3 (none)");
+    return parts;
+}
+
 // The model, validated for its loss (cross-entropy needs C >= 2 classes).
 inline wsb::Model make_model(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
                              const std::vector<double>& act_params, wsb::Loss loss = wsb::Loss::CrossEntropy) {

@@ -14,7 +14,7 @@ namespace {
 py::tuple moments(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
                   const std::vector<double>& act_params, const py::array& X, const py::array& labels, bool hessian,
                   bool structured, std::int64_t batch, std::int64_t group, int threads,
-                  const py::object& progress, bool f32, int loss) {
+                  const py::object& progress, bool f32, int loss, const std::vector<int>& parts) {
     const wsb::Loss loss_kind = wsb_bind::make_loss(loss);
     const wsb::Model model = wsb_bind::make_model(weights, biases, act_codes, act_params, loss_kind);
     const wsb::InputView xv = wsb_bind::make_input(X);
@@ -29,6 +29,7 @@ py::tuple moments(const py::list& weights, const py::list& biases, const std::ve
     opt.group = group;
     opt.threads = threads;
     opt.loss = loss_kind;
+    opt.parts = wsb_bind::make_parts(parts, model.n_layers());
 
     wsb::Moments result;
     wsb_bind::run_with_progress(
@@ -62,6 +63,7 @@ void bind_moments(py::module_& m) {
     m.def("moments", &moments, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),
           py::arg("X"), py::arg("labels"), py::arg("hessian"), py::arg("structured"), py::arg("batch"), py::arg("group"),
           py::arg("threads"), py::arg("progress") = py::none(), py::arg("f32") = false, py::arg("loss") = 0,
+          py::arg("parts") = std::vector<int>(),
           R"doc(Unnormalised moments of the curvature per parameter block (layers 0..L-1):
 (trace[l] = sum_n tr H_n^{ll}, blocks[l, m] = sum_{n,n'} <H_n^{lm}, H_n'^{lm}> for l <= m,
 trace_abs[l] = sum_n |a~_{l-1}|^2 sum_k |(M_l)_kk|, norms[l, m] = sum_n nu_n^{lm} for l <= m:
@@ -71,6 +73,9 @@ mse and bce they include the rounding addition of section 5).
 loss: 0 = softmax cross-entropy, 1 = squared error sum_k (z_k - y_k)^2, 2 = binary
 cross-entropy with logits, each summed over samples (labels: class indices, one-hot, or
 float64 rows (N, C): the probabilities or the targets y).
+
+parts: empty (every parameter) or one code per layer: 0 all, 1 the weights only, 2 the bias
+only, 3 none: the moments of the principal submatrix of those parameters.
 
 Arguments are validated by wsbound_fast.bound(); this low-level entry point checks
 shapes again and raises ValueError (TypeError for dtypes) on inconsistent input.)doc");

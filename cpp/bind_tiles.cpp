@@ -61,7 +61,7 @@ std::vector<std::pair<wsb::Index, wsb::Index>> make_pairs(const py::array& pairs
 py::tuple pair_sums(const py::list& weights, const py::list& biases, const std::vector<int>& act_codes,
                     const std::vector<double>& act_params, const py::list& X_blocks, const py::list& label_blocks,
                     const py::array& pairs, bool hessian, bool structured, int threads, const py::object& progress,
-                    bool f32, int loss) {
+                    bool f32, int loss, const std::vector<int>& parts) {
     const wsb::Loss loss_kind = wsb_bind::make_loss(loss);
     const wsb::Model model = wsb_bind::make_model(weights, biases, act_codes, act_params, loss_kind);
     const wsb::Index C = model.d(model.n_layers());
@@ -97,6 +97,7 @@ py::tuple pair_sums(const py::list& weights, const py::list& biases, const std::
     opt.f32 = f32;
     opt.threads = threads;
     opt.loss = loss_kind;
+    opt.parts = wsb_bind::make_parts(parts, model.n_layers());
 
     wsb::PairSums result;
     wsb_bind::run_with_progress(
@@ -143,6 +144,7 @@ void bind_tiles(py::module_& m) {
     m.def("pair_sums", &pair_sums, py::arg("weights"), py::arg("biases"), py::arg("act_codes"), py::arg("act_params"),
           py::arg("X_blocks"), py::arg("label_blocks"), py::arg("pairs"), py::arg("hessian"), py::arg("structured"),
           py::arg("threads"), py::arg("progress") = py::none(), py::arg("f32") = false, py::arg("loss") = 0,
+          py::arg("parts") = std::vector<int>(),
           R"doc(The tiles of moments(): per-block values and the pair sums of listed block pairs.
 
 X_blocks[k] (n_k, d_0) and label_blocks[k] ((n_k,) int64 indices or (n_k, C) float64 rows) are

@@ -265,3 +265,12 @@ def test_client_must_be_a_client() -> None:
     with pytest.raises(TypeError, match="dask.distributed.Client"):
         wsb.bound(layers, X, y, activation="tanh", client="tcp://localhost:8786")
     assert wsb_dist.is_dask_array(da.zeros(3)) and not wsb_dist.is_dask_array(np.zeros(3))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_parameter_subsets(client, backend: str) -> None:
+    """A subset with a layer's weights alone and another's bias alone: the cluster's moments are
+    the local engine's, bit for bit."""
+    layers, X, y = _model(3)
+    kw = dict(activation="tanh", batch_size=BATCH, backend=backend, params=["b0", "W1", "W2"])
+    _same(wsb.bound(layers, X, y, **kw), wsb.bound(layers, X, y, client=client, **kw))

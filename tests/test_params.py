@@ -103,6 +103,9 @@ def test_params_with_mse_and_plan(torch):
     ([3], ValueError, r"params: layer index 3 is out of range for a model of 3 layers"),
     ([], ValueError, r"params selects no parameters"),
     ("0", TypeError, r"params must be None or a sequence of layer indices"),
+    (["x1"], ValueError, r"params: 'x1' is not a layer index or a name"),
+    (["b9"], ValueError, r"params: layer index 9 is out of range"),
+    (["b0"], ValueError, r"params: layer 0 has no bias"),
     (1, TypeError, r"params must be None or a sequence"),
     ([0.5], TypeError, r"params: layer indices must be integers"),
 ])
@@ -117,11 +120,69 @@ def test_bad_params(params, exc, match):
             call()
 
 
-def test_half_frozen_layer_is_refused(torch):
+def test_everything_frozen_is_refused(torch):
     model = _model(torch)
     X, y = _data(torch)
-    model[0].bias.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"weight has requires_grad=True but its bias requires_grad=False"):
-        wsb.bound(model, X, y)
     with pytest.raises(ValueError, match="selects no parameters"):
         wsb.bound(model.requires_grad_(False), X, y)
+
+
+def _part_columns(layers, selection):
+    """Flat positions of the parameters named by selection ("W<i>", "b<i>", or i)."""
+    cols, off = [], 0
+    for i, (W, b) in enumerate(layers):
+        nb = 0 if b is None else b.size
+        if i in selection or f"W{i}" in selection:
+            cols.extend(range(off, off + W.size))
+        if nb and (i in selection or f"b{i}" in selection):
+            cols.extend(range(off + W.size, off + W.size + nb))
+        off += W.size + nb
+    return np.array(cols)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("selection", [("W0", 1, 2), (0, "b1", 2), ("b0", "W2"), ("W1", "b2"), ("b0", "b1", "b2")])
+def test_weights_or_biases_alone_against_autograd(selection, curvature, structured, backend, torch):
+    """A layer's weights without its bias (or the reverse): the principal submatrix of those
+    parameters, on the generic and the structure-aware paths."""
+    from dataclasses import replace
+
+    from wsbound_fast import _backends as backends
+    from wsbound_fast._engine.schedule import select_layers, total_moments
+
+    model = _model(torch, seed=2)
+    X, y = _data(torch)
+    layers, acts = wsb.from_torch(model)
+    ref = (R.torch_hessian if curvature == "hessian" else R.torch_ggn)(layers, acts, X.numpy(), y.numpy())
+    cols = _part_columns(layers, selection)
+    M = ref[np.ix_(cols, cols)]
+    prob = backends.validate_for(backend, layers, X.numpy(), y.numpy(), activation=acts, curvature=curvature,
+                                 reduction="mean", params=list(selection), batch_size=5)
+    assert prob.n_params == len(cols)
+    mom = select_layers(backends.moments(replace(prob, structured=structured), backend), prob.layers_in)
+    tr, tr2 = total_moments(mom.trace, mom.blocks)
+    assert tr / prob.divisor == pytest.approx(np.trace(M), rel=1e-11)
+    assert tr2 / prob.divisor**2 == pytest.approx(np.sum(M * M), rel=1e-11)
+    res = wsb.bound(layers, X.numpy(), y.numpy(), activation=acts, curvature=curvature, params=list(selection),
+                    backend=backend, certify=True)
+    ev = np.linalg.eigvalsh(M)
+    tol = 1e-13 * np.abs(ev).max()
+    lo, hi = res.lambda_max_bracket
+    assert lo - tol <= ev[-1] <= hi + tol
+    v = np.random.default_rng(1).standard_normal(len(cols))
+    np.testing.assert_allclose(wsb.hvp(layers, X.numpy(), y.numpy(), v, activation=acts, curvature=curvature,
+                                       params=list(selection), backend=backend), M @ v, rtol=1e-11,
+                               atol=1e-12 * np.abs(M @ v).max())
+
+
+def test_requires_grad_per_parameter(torch):
+    """A module whose first layer's bias alone is frozen: the trainable parameters' curvature."""
+    model = _model(torch)
+    X, y = _data(torch)
+    layers, acts = wsb.from_torch(model)
+    model[0].bias.requires_grad_(False)
+    a = wsb.bound(model, X, y)
+    b = wsb.bound(layers, X.numpy(), y.numpy(), activation=acts, params=["W0", 1, 2])
+    assert (a.trace, a.trace_sq, a.n_params) == (b.trace, b.trace_sq, b.n_params)
+    assert a.n_params == R.n_params(layers) - 6

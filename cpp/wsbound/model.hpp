@@ -91,6 +91,10 @@ struct Options {
     Index group = 1;         // blocks whose features are held at once (per side)
     int threads = 1;         // worker threads over blocks and block pairs
     Loss loss = Loss::CrossEntropy;  // the per-sample loss of the logits (delta_L and A)
+    // Parameter subset, one code per layer (python/wsbound_fast/_problem/problem.py PART_*):
+    // 0 all, 1 the weights only, 2 the bias only, 3 none; empty: every parameter.  The moments
+    // are then those of the principal submatrix of the selected parameters.
+    std::vector<int> parts;
 };
 
 // Unnormalised moments per parameter block (layers 1..L; index 0 unused):

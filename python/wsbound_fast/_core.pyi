@@ -22,6 +22,7 @@ def moments(
     progress: Optional[Callable[[int, int], None]] = None,
     f32: bool = False,
     loss: int = 0,
+    parts: Sequence[int] = (),
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(trace per layer (L,), blocks (L, L), trace_abs (L,), norms (L, L)): sum_n tr H_n^{ll};
     for l <= m, sum_{n,n'} <H_n^{lm}, H_n'^{lm}>; and the magnitudes of docs/numerics.md
@@ -63,6 +64,7 @@ def pair_sums(
     progress: Optional[Callable[[int, int], None]] = None,
     f32: bool = False,
     loss: int = 0,
+    parts: Sequence[int] = (),
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64],
            npt.NDArray[np.float64]]:
     """The tiles of moments() for block k = (X_blocks[k], label_blocks[k]) and the block pairs

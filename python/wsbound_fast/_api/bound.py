@@ -57,8 +57,9 @@ def bound(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvatu
         nn.MSELoss, nn.BCEWithLogitsLoss (weight and pos_weight are refused).  An explicit
         ``reduction`` must agree with a module's.
     params : None (the default): every parameter of a list of layers, and the trainable ones
-        (``requires_grad``) of a torch module; or the layers (0-based indices, weights and bias
-        together) to take the curvature over.  The moments and every bound are then those of
+        (``requires_grad``) of a torch module; or which parameters to take the curvature over:
+        layer indices (0-based: a layer's weights and bias) and "W<i>" / "b<i>" (its weights
+        or its bias alone).  The moments and every bound are then those of
         the principal submatrix of those parameters (``n_params`` counts them).
     batch_size : samples per streamed block; default chosen from ``memory_limit``.
     threads : worker threads of the C++ backend (default: all cores available).  The NumPy

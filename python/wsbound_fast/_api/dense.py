@@ -46,6 +46,8 @@ def dense_hessian(layers: Any, X: Any, y: Any = None, *, activation: Any = None,
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
     prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                             loss=loss, params=params), structured=False)
+    cols = selected_columns(prob)
+    prob = replace(prob, parts=None)  # the whole matrix, then the selected rows and columns
     P = prob.n_params_all
     if P > MAX_DENSE_PARAMS:
         raise ValueError(
@@ -85,7 +87,6 @@ def dense_hessian(layers: Any, X: Any, y: Any = None, *, activation: Any = None,
                     H[np.ix_(im, il)] += blk.T
     if prob.mean:
         H /= prob.divisor
-    cols = selected_columns(prob)
     if cols is not None:
         H = np.ascontiguousarray(H[np.ix_(cols, cols)])
     return H

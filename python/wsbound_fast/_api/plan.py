@@ -25,7 +25,7 @@ from .._planning.tiles import plan_tiles
 from .._problem import loaders, torch_input
 from .._problem.activations import validate_activations
 from .._problem.losses import resolve_loss
-from .._problem.problem import CURVATURES
+from .._problem.problem import CURVATURES, PART_ALL, part_size
 from .._problem.validate import (
     _choice,
     _positive_int,
@@ -154,9 +154,10 @@ def plan(layers: Any, n_samples: int, *, activation: Any = None, curvature: str 
     memory = 8 * (cpp_fixed_doubles(dims, has_bias) + held + cpp_group_doubles(len(dims) - 1, n_blocks, group)
                   + nthreads * cpp_worker_doubles(dims, has_bias, batch, hessian, structured, lossr.diagonal))
     rate = gemm_rate()
-    keep = validate_params(params, len(weights)) or (True,) * len(weights)
+    parts = validate_params(params, biases)
     # the parameters the curvature is taken over (the engine's cost is the whole model's)
-    P = int(sum(w.size + (0 if b is None else b.size) for w, b, k in zip(weights, biases, keep) if k))
+    P = sum(part_size(W, b, PART_ALL if parts is None else p) for W, b, p in
+            zip(weights, biases, parts or [PART_ALL] * len(weights)))
     cluster: dict[str, int] = {}
     seconds = (flops + fflops) / (ASSUMED_EFFICIENCY * rate)
     task_memory: int | None = budget  # per task: memory_limit, or the workers' own limit per thread

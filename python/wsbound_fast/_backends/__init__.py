@@ -21,7 +21,7 @@ import numpy as np
 from .._engine.schedule import Moments, ProgressFn
 from .._planning.blocks import moments_plan, plan_hvp
 from .._problem import loaders, torch_input
-from .._problem.problem import Problem
+from .._problem.problem import PART_ALL, PART_BIAS, PART_WEIGHT, Problem
 from .._problem.validate import compute_dtype, validate
 from . import compiled, distributed, numpy
 
@@ -122,14 +122,16 @@ def _products(prob: Problem, backend: str, k: int, batch_size: int | None) -> Ma
 def selected_columns(prob: Problem) -> np.ndarray | None:
     """The positions of the selected parameters in the model's flat vector (layer by layer, W
     row-major then b), or None for all of them."""
-    if prob.layers_in is None:
+    if prob.parts is None:
         return None
     cols, off = [], 0
-    for W, b, keep in zip(prob.weights, prob.biases, prob.layers_in):
-        n = W.size + (0 if b is None else b.size)
-        if keep:
-            cols.append(np.arange(off, off + n))
-        off += n
+    for W, b, part in zip(prob.weights, prob.biases, prob.parts):
+        nb = 0 if b is None else b.size
+        if part in (PART_ALL, PART_WEIGHT):
+            cols.append(np.arange(off, off + W.size))
+        if part in (PART_ALL, PART_BIAS) and nb:
+            cols.append(np.arange(off + W.size, off + W.size + nb))
+        off += W.size + nb
     return np.concatenate(cols)
 
 

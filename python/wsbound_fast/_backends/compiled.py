@@ -67,7 +67,7 @@ def moments(prob: Problem, progress: ProgressFn | None = None) -> Moments:
     return Moments(*load_core().moments(
         list(prob.weights), list(prob.biases), [a.code for a in prob.activations], [a.param for a in prob.activations],
         prob.X, prob.labels, prob.hessian, prob.structured, prob.batch_size, prob.group_blocks, prob.threads,
-        progress, prob.f32, prob.loss_code,
+        progress, prob.f32, prob.loss_code, list(prob.parts or ()),
     ))
 
 

@@ -274,7 +274,7 @@ def cpp_tile(spec: Problem, variant: str, threads: int, pairs: list[tuple[int, i
     out = core.pair_sums(
         list(spec.weights), list(spec.biases), [a.code for a in spec.activations], [a.param for a in spec.activations],
         [_canonical(x) for x in X_blocks], [_canonical(y) for y in label_blocks], np.asarray(local, dtype=np.int64), spec.hessian, spec.structured, threads,
-        _cancel_poll(), spec.f32, loss=spec.loss_code)
+        _cancel_poll(), spec.f32, loss=spec.loss_code, parts=list(spec.parts or ()))
     _, tr, ta, nu, po = out
     return used, tr, ta, nu, po
 

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .._problem.problem import Problem
+import numpy as np
+
+from .._problem.problem import PART_ALL, PART_BIAS, PART_NONE, PART_WEIGHT, Problem
 from .activations import evaluate
 from .losses import a_dense, a_diagonal, delta_error, gamma, output, tat_diagonal
 from .namespace import Arrays, Weights
@@ -79,6 +81,8 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             z += b
         if l < L:
             a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z, arr)
+    if prob.partial:  # only the columns of a~_{l-1} in the parameter set (docs/design.md, "Parameter subsets")
+        at = [at[0]] + [_masked(at[l], prob.parts[l - 1], bias[l - 1] is not None, arr) for l in range(1, L + 1)]
     out = output(prob, z, Yb, xp)
     sm, w = out.sm, out.w
     p = None if sm is None else sm.p
@@ -142,6 +146,9 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
+    if prob.partial:  # a layer's weights out of the set: its delta . Q terms are none of the submatrix's
+        delta = [d if l == 0 or prob.parts[l - 1] in (PART_ALL, PART_WEIGHT) else xp.zeros_like(d)
+                 for l, d in enumerate(delta)]
     last = (xp.sum(u, axis=1), rho, tr_m[L]) if kroute else None
     nu = nu_formed(prob, at_sq, G, Q, delta, sp, last, xp)
     if track:  # the error of delta_L, folded into the magnitudes (docs/numerics.md section 5)
@@ -155,6 +162,18 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
     G.pop((L - 1, L), None)
     return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u, r=r, q=q, h=out.h,
                          trace_abs=trace_abs, norms=norms)
+
+
+def _masked(at_l: Any, part: int, has_bias: bool, arr: Arrays) -> Any:
+    """a~_{l-1} with the columns outside the parameter set zeroed: the bias column for
+    PART_WEIGHT, the weight columns for PART_BIAS, all of them for PART_NONE."""
+    width = at_l.shape[1]
+    keep = np.ones(width)
+    if part in (PART_BIAS, PART_NONE):
+        keep[: width - int(has_bias)] = 0.0
+    if part in (PART_WEIGHT, PART_NONE) and has_bias:
+        keep[-1] = 0.0
+    return at_l * arr.from_host(keep)
 
 
 def _curvature_step(Wn: Any, M_next: Any, s: Any, diag: Any) -> tuple[Any, Any]:

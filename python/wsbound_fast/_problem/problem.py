@@ -15,6 +15,9 @@ CURVATURES = ("hessian", "ggn")
 
 REDUCTIONS = ("mean", "sum")
 
+#: Which of a layer's parameters are in the set (Problem.parts; codes shared with the C++ core).
+PART_ALL, PART_WEIGHT, PART_BIAS, PART_NONE = 0, 1, 2, 3
+
 
 #: Backends of the curvature-vector product (hvp, eigsh, bound(exact=...)).
 HVP_BACKENDS = ("cpp", "numpy", "torch")
@@ -48,10 +51,10 @@ class Problem:
     chunks: tuple[float, float] | None = None
     #: The loss (a name of ``_problem.losses.LOSSES``); labels hold its targets.
     loss: str = "cross_entropy"
-    #: The layers whose parameters (weights and bias) the curvature is taken over, one flag per
-    #: layer; None: all of them.  The engine computes every layer; the moments, bounds and
-    #: products are those of the principal submatrix of the selected parameters.
-    layers_in: tuple[bool, ...] | None = None
+    #: Which parameters of each layer the curvature is taken over (PART_ALL, PART_WEIGHT,
+    #: PART_BIAS or PART_NONE per layer); None: all of them.  The moments, bounds and products
+    #: are those of the principal submatrix of the selected parameters.
+    parts: tuple[int, ...] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -66,12 +69,26 @@ class Problem:
         return int(self.weights[-1].shape[0])
 
     @property
+    def layers_in(self) -> tuple[bool, ...] | None:
+        """Whether each layer has a parameter in the set; None: all parameters."""
+        return None if self.parts is None else tuple(p != PART_NONE for p in self.parts)
+
+    @property
+    def partial(self) -> bool:
+        """Whether some layer has only its weights or only its bias in the set (the engines
+        then mask the columns of a~ and the delta terms, docs/design.md "Parameter subsets")."""
+        return self.parts is not None and any(p in (PART_WEIGHT, PART_BIAS) for p in self.parts)
+
+    def layer_params(self, layer: int) -> int:
+        """Parameters of layer ``layer`` (0-based) in the set."""
+        return part_size(self.weights[layer], self.biases[layer], PART_ALL if self.parts is None else self.parts[layer])
+
+    @property
     def n_params(self) -> int:
-        """Parameters the curvature is taken over (those of the selected layers)."""
-        if self.layers_in is None:
+        """Parameters the curvature is taken over."""
+        if self.parts is None:
             return self.n_params_all
-        return n_params([W for W, k in zip(self.weights, self.layers_in) if k],
-                        [b for b, k in zip(self.biases, self.layers_in) if k])
+        return sum(self.layer_params(l) for l in range(self.n_layers))
 
     @property
     def n_params_all(self) -> int:
@@ -107,6 +124,12 @@ class Problem:
     @property
     def reduction(self) -> str:
         return "mean" if self.mean else "sum"
+
+
+def part_size(W: np.ndarray, b: np.ndarray | None, part: int) -> int:
+    """Parameters of a layer (W, b) in the part ``part`` (PART_*)."""
+    nb = 0 if b is None else int(b.size)
+    return {PART_ALL: int(W.size) + nb, PART_WEIGHT: int(W.size), PART_BIAS: nb, PART_NONE: 0}[part]
 
 
 def n_params(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None]) -> int:

@@ -36,6 +36,8 @@ import numpy as np
 
 from .activations import validate_activations
 from .losses import resolve_loss
+from .problem import PART_ALL
+from .validate import Parts, _part
 
 __all__ = ["from_torch", "is_module", "is_tensor", "load_module"]
 
@@ -238,28 +240,21 @@ def ends_with_log_softmax(module: Any) -> bool:
     return bool(items) and type(items[-1][1]) is torch.nn.LogSoftmax
 
 
-def trainable_layers(module: Any) -> tuple[bool, ...] | None:
-    """Which Linear layers of a torch module are trainable (``requires_grad``), one flag per
-    layer in order; None when all are (the curvature of every parameter).  A layer whose weight
-    and bias disagree is refused: the curvature is taken over whole layers."""
+def trainable_layers(module: Any) -> Parts | None:
+    """Which parameters of each Linear layer of a torch module are trainable (``requires_grad``),
+    as per-layer parts (a weight and its bias may differ); None when all are."""
     if _is_linear(module):
         linears = [("", module)]
     else:
         items: list[tuple[str, Any]] = []
         _flatten_children(module, "", items)
         linears = [(path, m) for path, m in items if _is_linear(m)]
-    flags = []
-    for path, m in linears:
+    parts = []
+    for _, m in linears:
         w = bool(m.weight.requires_grad)
         b = w if m.bias is None else bool(m.bias.requires_grad)
-        if w != b:
-            raise ValueError(
-                f"Linear '{path or type(m).__name__}': its weight has requires_grad={w} but its bias "
-                f"requires_grad={b}; the curvature is taken over whole layers: freeze or train both "
-                "(or pass params= with the layer indices to use)"
-            )
-        flags.append(w)
-    return None if all(flags) else tuple(flags)
+        parts.append(_part(w, b, m.bias is not None))
+    return None if all(p == PART_ALL for p in parts) else Parts(parts)
 
 
 def selected_params(layers: Any, params: Any) -> Any:

@@ -29,7 +29,16 @@ from .._planning.blocks import (
 from .._planning.cost import choose_structured
 from .activations import validate_activations
 from .losses import resolve_loss, smoothed_rows, validate_targets
-from .problem import BACKENDS, CURVATURES, REDUCTIONS, Problem
+from .problem import (
+    BACKENDS,
+    CURVATURES,
+    PART_ALL,
+    PART_BIAS,
+    PART_NONE,
+    PART_WEIGHT,
+    REDUCTIONS,
+    Problem,
+)
 
 
 def _is_int(v: Any) -> bool:
@@ -210,30 +219,58 @@ def min_memory_limit(layers: Any, curvature: str = "hessian", backend: str = "cp
     return cpp if _choice(backend, "backend", BACKENDS) == "cpp" else py
 
 
-def validate_params(params: Any, n_layers: int) -> tuple[bool, ...] | None:
-    """``params``: None (every parameter), or the layers (0-based indices, as W0/b0 of a
-    model file) whose weights and biases the curvature is taken over; a tuple of flags
-    (already resolved, e.g. from a torch module's requires_grad) passes through."""
+class Parts(tuple):
+    """Resolved per-layer parameter parts (PART_* codes), e.g. from a torch module's
+    requires_grad flags; validate_params passes it through."""
+
+
+def _part(w: bool, b: bool, has_bias: bool) -> int:
+    if not has_bias:
+        b = w  # a layer without bias: its weights are all of it
+    return {(True, True): PART_ALL, (True, False): PART_WEIGHT, (False, True): PART_BIAS,
+            (False, False): PART_NONE}[(w, b)]
+
+
+def validate_params(params: Any, biases: Sequence[Any]) -> tuple[int, ...] | None:
+    """``params``: None (every parameter), or which parameters the curvature is taken over: layer
+    indices (0-based, as W0/b0 of a model file: the layer's weights and bias), and "W{i}" /
+    "b{i}" for a layer's weights or bias alone.  Returns the per-layer parts (PART_* codes), or
+    None for all of them."""
+    n_layers = len(biases)
     if params is None:
         return None
-    if isinstance(params, tuple) and len(params) == n_layers and all(isinstance(v, bool) for v in params):
-        flags = params
+    if isinstance(params, Parts):
+        parts = tuple(params)
     else:
         if isinstance(params, (str, bytes)) or _is_int(params) or not isinstance(params, Sequence | range | set):
-            raise TypeError(f"params must be None or a sequence of layer indices (0 .. {n_layers - 1}); "
-                            f"got {params!r}")
-        chosen = set()
+            raise TypeError(f"params must be None or a sequence of layer indices (0 .. {n_layers - 1}) and "
+                            f"'W<i>' / 'b<i>' names; got {params!r}")
+        w_sel, b_sel = [False] * n_layers, [False] * n_layers
         for v in params:
-            if not _is_int(v):
-                raise TypeError(f"params: layer indices must be integers; got {v!r}")
-            if not 0 <= v < n_layers:
-                raise ValueError(f"params: layer index {v} is out of range for a model of {n_layers} layers "
+            if isinstance(v, str):
+                key = v.strip()
+                kind, num = key[:1], key[1:]
+                if kind not in ("W", "b") or not num.isdigit():
+                    raise ValueError(f"params: {v!r} is not a layer index or a name 'W<i>' / 'b<i>' (the weights or "
+                                     "the bias of layer i)")
+                layer = int(num)
+            elif _is_int(v):
+                kind, layer = "", int(v)
+            else:
+                raise TypeError(f"params: layer indices must be integers (or 'W<i>' / 'b<i>' names); got {v!r}")
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"params: layer index {layer} is out of range for a model of {n_layers} layers "
                                  f"(0 .. {n_layers - 1})")
-            chosen.add(int(v))
-        flags = tuple(l in chosen for l in range(n_layers))
-    if not any(flags):
+            if kind == "b" and biases[layer] is None:
+                raise ValueError(f"params: layer {layer} has no bias, so {v!r} names no parameter")
+            if kind in ("", "W"):
+                w_sel[layer] = True
+            if kind in ("", "b"):
+                b_sel[layer] = True
+        parts = tuple(_part(w, b, biases[l] is not None) for l, (w, b) in enumerate(zip(w_sel, b_sel)))
+    if all(p == PART_NONE for p in parts):
         raise ValueError("params selects no parameters: give at least one layer (or leave params=None for all)")
-    return None if all(flags) else flags
+    return None if all(p == PART_ALL for p in parts) else parts
 
 
 def _drop_ignored(Xa: Any, y: Any, ignore_index: int | None) -> tuple[Any, Any]:
@@ -293,7 +330,7 @@ def validate(layers: Any, X: Any, y: Any, *, activation: Any, curvature: Any, re
     hessian = curv == "hessian"
     structured = choose_structured(dims, has_bias, hessian, lossr.diagonal)
     prob = Problem(weights, biases, acts, Xa, labels, soft, hessian, structured, red == "mean",
-                   1, nthreads, 1, budget, loss=lossr.name, layers_in=validate_params(params, len(weights)))
+                   1, nthreads, 1, budget, loss=lossr.name, parts=validate_params(params, biases))
     if backend in ("cpp", None):
         if backend is None or not moments_plan_active():  # a default plan (the caller plans again)
             size, group = plan_blocks(dims, has_bias, Xa.shape[0], hessian, structured, nthreads, batch, budget,

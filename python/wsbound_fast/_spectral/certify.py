@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._backends import Matvec
-from .._problem.problem import Problem
+from .._problem.problem import PART_ALL, PART_BIAS, PART_WEIGHT, Problem
 from .bounds import _sup_upper
 from .lanczos import BlockLanczos
 from .rounding import U_DOUBLE, Allowance, down, gamma, up
@@ -64,8 +64,11 @@ def block_spans(prob: Problem) -> tuple[list[int], list[int]]:
     L, ra = prob.n_layers, _rank_a(prob)
     p, s = [], []
     for l in range(1, L + 1):
-        width_in = _first_layer_inputs(prob) if l == 1 else d[l - 1] + int(prob.biases[l - 1] is not None)
-        p.append(d[l] * width_in if prob.selected(l - 1) else 0)  # a layer outside the parameter set: none
+        part = PART_ALL if prob.parts is None else prob.parts[l - 1]
+        has_b = prob.biases[l - 1] is not None
+        weights_in = (_first_layer_inputs(prob) - int(has_b)) if l == 1 else d[l - 1]
+        width_in = (weights_in if part in (PART_ALL, PART_WEIGHT) else 0) + int(has_b and part in (PART_ALL, PART_BIAS))
+        p.append(d[l] * width_in)  # only the columns of a~_{l-1} in the parameter set
         if not prob.hessian:
             s.append(ra)
             continue

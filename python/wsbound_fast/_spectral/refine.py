@@ -85,9 +85,9 @@ def _layer_bounds(prob: Problem, layer_trace: np.ndarray, blocks: np.ndarray,
     ranks = layer_rank_bounds(prob)
     out = []
     for l, (W, b) in enumerate(zip(prob.weights, prob.biases)):
-        if not prob.selected(l):
+        n = prob.layer_params(l)
+        if n == 0:
             continue  # not in the parameter set
-        n = int(W.size + (0 if b is None else b.size))
         t, t2 = float(layer_trace[l]) * f1, max(float(blocks[l, l]) * f2, 0.0)
         err = {"trace_err": allowance.layer_trace[l], "trace_sq_err": allowance.layer_trace_sq[l]}
         plain = ws_bounds(t, t2, n, **err)
