@@ -186,3 +186,22 @@ def test_requires_grad_per_parameter(torch):
     b = wsb.bound(layers, X.numpy(), y.numpy(), activation=acts, params=["W0", 1, 2])
     assert (a.trace, a.trace_sq, a.n_params) == (b.trace, b.trace_sq, b.n_params)
     assert a.n_params == R.n_params(layers) - 6
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_subset_magnitudes_are_the_whole_models(curvature, backend):
+    """A weights-or-bias subset changes the traces and pair sums, never the rounding magnitudes
+    (trace_abs, norms): they stay the whole model's, which bound the submatrix's blocks too and
+    which the product's allowance needs (the product runs over the whole model)."""
+    from wsbound_fast import _backends as backends
+
+    rng = np.random.default_rng(6)
+    layers = [(rng.standard_normal((6, 4)), rng.standard_normal(6)), (rng.standard_normal((5, 6)), rng.standard_normal(5)),
+              (rng.standard_normal((3, 5)), rng.standard_normal(3))]
+    X, y = rng.standard_normal((13, 4)), rng.integers(0, 3, 13)
+    kw = dict(activation="tanh", curvature=curvature, reduction="mean", batch_size=5)
+    full = backends.moments(backends.validate_for(backend, layers, X, y, **kw), backend)
+    part = backends.moments(backends.validate_for(backend, layers, X, y, params=["b0", "W1", 2], **kw), backend)
+    np.testing.assert_array_equal(part.trace_abs, full.trace_abs)
+    np.testing.assert_array_equal(part.norms, full.norms)
+    assert not np.array_equal(part.blocks, full.blocks)

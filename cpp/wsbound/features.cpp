@@ -91,9 +91,26 @@ void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool 
         }
 }
 
-// Parameter subset: zero the columns of a~_{l-1} outside the set (the bias column for code 1,
-// the weight columns for code 2, all for code 3; Options::parts).
-void mask_columns(const Model& model, const std::vector<int>& parts, BlockFeatures& F) {
+// Parameter subset (Options::parts: 0 all, 1 the weights, 2 the bias, 3 none): |a~_{l-1}|^2 over
+// the columns in the set, for the trace shares.
+template <class Row>
+double selected_squared_norm(const Model& model, const std::vector<int>& parts, const Row& at, Index l) {
+    const auto li = static_cast<size_t>(l - 1);
+    const Index d_in = model.W[li].cols();
+    const bool bias = model.has_bias[li];
+    switch (parts[li]) {
+        case 1: return at.head(d_in).squaredNorm();
+        case 2: return bias ? at(d_in) * at(d_in) : 0.0;
+        case 3: return 0.0;
+        default: return at.squaredNorm();
+    }
+}
+
+// Parameter subset, once the features and their magnitudes are done: zero the columns of a~_{l-1}
+// outside the set (the bias column for code 1, the weight columns for 2, all for 3) and, for the
+// Hessian, delta_l of a layer whose weights are out of it (its delta . Q terms are none of the
+// submatrix's).
+void select_parts(const Model& model, const std::vector<int>& parts, bool hessian, BlockFeatures& F) {
     for (Index l = 1; l <= F.L; ++l) {
         const auto li = static_cast<size_t>(l - 1);
         const int part = parts[li];
@@ -101,6 +118,7 @@ void mask_columns(const Model& model, const std::vector<int>& parts, BlockFeatur
         RowMat& at = F.at[l];
         if (part == 2 || part == 3) at.leftCols(d_in).setZero();
         if ((part == 1 || part == 3) && model.has_bias[li]) at.col(d_in).setZero();
+        if (hessian && part >= 2) F.delta[l].setZero();
     }
 }
 
@@ -111,9 +129,8 @@ void mask_columns(const Model& model, const std::vector<int>& parts, BlockFeatur
 //   dnu(n, pair(l, m)) = |a~_{l-1}| (tau_{m,l} dM_m |a~_{m-1}| + [l < m] e_m qn_{l,m}) / u
 //   dtr(n, l)          = sqrt(d_l) dM_l / u      (trace_abs[l] adds |a~_{l-1}|^2 dtr)
 // z: z_L of the block (B, C); Yb the targets; spp: sigma''(z_l).
-void rounding_addition(const Model& model, const BlockFeatures& F, const std::vector<RowMat>& at_fwd,
-                       const std::vector<RowMat>& spp, const RowMat& z, const RowMat& Yb, Loss loss, RowMat& dnu,
-                       RowMat& dtr) {
+void rounding_addition(const Model& model, const BlockFeatures& F, const std::vector<RowMat>& spp, const RowMat& z,
+                       const RowMat& Yb, Loss loss, RowMat& dnu, RowMat& dtr) {
     constexpr double u = 0x1p-53;
     const auto gam = [](double k) { return k * u / (1.0 - k * u); };
     const Index L = F.L, B = F.B, C = F.C;
@@ -125,12 +142,12 @@ void rounding_addition(const Model& model, const BlockFeatures& F, const std::ve
         const auto li = static_cast<size_t>(l - 1);
         const RowMat absW = model.W[li].cwiseAbs();
         const Index d_in = absW.cols();
-        m.noalias() = at_fwd[static_cast<size_t>(l)].leftCols(d_in).cwiseAbs() * absW.transpose();
+        m.noalias() = F.at[l].leftCols(d_in).cwiseAbs() * absW.transpose();
         if (model.has_bias[li]) m.rowwise() += model.b[li].cwiseAbs().transpose();
         if (l == 1) {
             E = gam(static_cast<double>(d_in + 2)) * m;
         } else {
-            err = F.sp[l - 1].cwiseAbs().cwiseProduct(E) + (8.0 * u) * at_fwd[static_cast<size_t>(l)].leftCols(d_in).cwiseAbs();
+            err = F.sp[l - 1].cwiseAbs().cwiseProduct(E) + (8.0 * u) * F.at[l].leftCols(d_in).cwiseAbs();
             E = gam(static_cast<double>(d_in + 2)) * m;
             E.noalias() += err * absW.transpose();
         }
@@ -234,14 +251,14 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     const bool kroute_hessian = opt.structured && hessian && L >= 2;
     const bool diagonal = diagonal_loss(opt.loss);
     F.C = C;
-    // Parameter subset (docs/design.md, "Parameter subsets"): only the columns of a~_{l-1} in the
-    // set count from here on (the traces, the magnitudes, the Grams); the forward error bound of
-    // the rounding addition keeps the whole a (at_fwd).
-    std::vector<RowMat> at_fwd;
-    if (!opt.parts.empty()) {
-        if (diagonal && hessian) at_fwd = F.at;
-        mask_columns(model, opt.parts, F);
-    }
+    // Parameter subset (docs/design.md, "Parameter subsets"): the traces (selected_sq) and, once
+    // the features are done, the pair sums see only the columns of a~_{l-1} in the set; the
+    // magnitudes stay the whole model's, which bound the submatrix's blocks too and which the
+    // product (run over the whole model) needs.
+    const auto selected_sq = [&](Index l, Index n) {
+        return opt.parts.empty() ? F.at[l].row(n).squaredNorm()
+                                 : selected_squared_norm(model, opt.parts, F.at[l].row(n), l);
+    };
     F.delta[L].resize(B, C);
     std::vector<double> tau_a(static_cast<size_t>(B));  // tr(A) per sample
     if (!kroute_ggn) M[L].resize(B, C * C);
@@ -319,7 +336,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         for (Index n = 0; n < B; ++n) {
             for (Index l = 1; l <= L; ++l) {
                 const double a2 = F.at[l].row(n).squaredNorm();
-                F.trace[static_cast<size_t>(l)] += a2 * tau(n, l);
+                F.trace[static_cast<size_t>(l)] += selected_sq(l, n) * tau(n, l);
                 F.trace_abs[static_cast<size_t>(l)] += a2 * tau(n, l);
                 const double gl = std::sqrt(a2) * std::sqrt(tau(n, l));
                 for (Index m = l; m <= L; ++m)
@@ -328,6 +345,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             }
         }
         F.u2 = RowMat();  // only the trace shares and the magnitudes use it
+        if (!opt.parts.empty()) select_parts(model, opt.parts, false, F);
         return;
     }
 
@@ -358,18 +376,13 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         }
     }
 
-    // A layer whose weights are out of the set has no delta . Q terms in the submatrix.
-    if (!opt.parts.empty())
-        for (Index l = 1; l <= L; ++l)
-            if (opt.parts[static_cast<size_t>(l - 1)] >= 2) F.delta[l].setZero();
-
     // tr(H) share: sum_n sum_l |a~_{l-1}|^2 tr(M_l), and its magnitude with sum_k |(M_l)_kk|
     // (dabs(n, l); for the GGN that is tau_l = tr(T_l^T A T_l) of docs/numerics.md section 4).
     // Diagonal losses, Hessian: the rounding addition (docs/numerics.md section 5) joins trace_abs
     // and, below, the norms.
     const bool addition = diagonal && hessian;
     RowMat dnu, dtr;
-    if (addition) rounding_addition(model, F, at_fwd.empty() ? F.at : at_fwd, spp, z, Yb, opt.loss, dnu, dtr);
+    if (addition) rounding_addition(model, F, spp, z, Yb, opt.loss, dnu, dtr);
     RowMat dabs = RowMat::Zero(B, L + 1);
     for (Index l = 1; l <= L; ++l) {
         const Index d = model.d(l);
@@ -385,7 +398,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
                 tn = diag.sum();
                 dabs(n, l) = diag.cwiseAbs().sum();
             }
-            t += a2 * tn;
+            t += selected_sq(l, n) * tn;
             ta += a2 * (addition ? dabs(n, l) + dtr(n, l) : dabs(n, l));
         }
         F.trace[static_cast<size_t>(l)] = t;
@@ -437,6 +450,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     }
     if (hessian) dense_q(model, F);
     magnitudes(F, dabs, gnorm, hessian, addition ? &dnu : nullptr);
+    if (!opt.parts.empty()) select_parts(model, opt.parts, hessian, F);
 }
 
 void to_single(BlockFeatures& F, BlockFeaturesF& out) {

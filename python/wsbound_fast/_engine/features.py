@@ -10,11 +10,8 @@ import numpy as np
 
 from .._problem.problem import PART_ALL, PART_BIAS, PART_NONE, PART_WEIGHT, Problem
 from .activations import evaluate
-from .losses import a_dense, a_diagonal, delta_error, gamma, output, tat_diagonal
+from .losses import _U, a_dense, a_diagonal, delta_error, gamma, output, tat_diagonal
 from .namespace import Arrays, Weights
-
-#: Unit roundoff of float64.
-_U = 2.0 ** -53
 
 
 @dataclass
@@ -81,14 +78,19 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             z += b
         if l < L:
             a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z, arr)
-    if prob.partial:  # only the columns of a~_{l-1} in the parameter set (docs/design.md, "Parameter subsets")
-        at = [at[0]] + [_masked(at[l], prob.parts[l - 1], bias[l - 1] is not None, arr) for l in range(1, L + 1)]
     out = output(prob, z, Yb, xp)
     sm, w = out.sm, out.w
     p = None if sm is None else sm.p
     r, q = (None, None) if sm is None else (sm.r, sm.q)
     delta[L] = out.delta
     at_sq = [none] + [xp.sum(at[l] * at[l], axis=1) for l in range(1, L + 1)]
+    # Parameter subset (docs/design.md, "Parameter subsets"): the traces and the pair sums see only
+    # the columns of a~_{l-1} in the set (at_sel); the magnitudes stay the whole model's, which
+    # bound the submatrix's blocks too and the product (run over the whole model) needs.
+    at_sel, sq_sel = at, at_sq
+    if prob.partial:
+        at_sel = [none] + [_masked(at[l], prob.parts[l - 1], bias[l - 1] is not None, arr) for l in range(1, L + 1)]
+        sq_sel = [none] + [xp.sum(at_sel[l] * at_sel[l], axis=1) for l in range(1, L + 1)]
     if prob.structured and not prob.hessian:  # GGN, K route: T_{L-1} = W_L D_{L-1}, T_l = T_{l+1} W_{l+1} D_l
         T: dict[int, Any] = {}
         tr_m = [none] * (L + 1)
@@ -103,7 +105,7 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             if l <= L - 2:
                 T[l] = Tl
         norms = _sum_nu(nu_ggn(at_sq, tr_m, xp), L, arr)
-        return BlockFeatures(at, delta, sp, {}, {}, _layer_traces(at_sq, tr_m, arr), p=p, w=w, W=W[L - 1], T=T,
+        return BlockFeatures(at_sel, delta, sp, {}, {}, _layer_traces(sq_sel, tr_m, arr), p=p, w=w, W=W[L - 1], T=T,
                              r=r, q=q, h=out.h, trace_abs=_layer_traces(at_sq, tr_abs, arr), norms=norms)
     M: list[Any] = [none] * (L + 1)
     M[L] = a_dense(out, xp)
@@ -126,7 +128,7 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
     if kroute:
         tr_m[L - 1] = xp.sum(u, axis=1) + xp.sum(rho, axis=1)
         tr_abs[L - 1] = xp.sum(xp.abs(u + rho), axis=1)
-    trace = _layer_traces(at_sq, tr_m, arr)
+    trace = _layer_traces(sq_sel, tr_m, arr)
     trace_abs = _layer_traces(at_sq, tr_abs, arr)
     G: dict[tuple[int, int], Any] = {}
     for m in range(1, L + 1):
@@ -146,21 +148,21 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             Q[l, l + 2] = Qc = sp[l + 1][:, :, None] * Qc
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
-    if prob.partial:  # a layer's weights out of the set: its delta . Q terms are none of the submatrix's
-        delta = [d if l == 0 or prob.parts[l - 1] in (PART_ALL, PART_WEIGHT) else xp.zeros_like(d)
-                 for l, d in enumerate(delta)]
     last = (xp.sum(u, axis=1), rho, tr_m[L]) if kroute else None
     nu = nu_formed(prob, at_sq, G, Q, delta, sp, last, xp)
     if track:  # the error of delta_L, folded into the magnitudes (docs/numerics.md section 5)
-        dnu, dtr = _delta_error_terms(W, at, at_sq, sp, spp, delta_error(prob, out, z, Yb, fwd_err, xp), xp)
+        dnu, dtr = _delta_error_terms(W, at_sq, sp, spp, delta_error(prob, out, z, Yb, fwd_err, xp), xp)
         nu = {k: v + dnu[k] for k, v in nu.items()}
         trace_abs = trace_abs + _layer_traces(at_sq, dtr, arr)
     norms = _sum_nu(nu, L, arr)
+    if prob.partial:  # a layer's weights out of the set: its delta . Q terms are none of the submatrix's
+        delta = [d if l == 0 or prob.parts[l - 1] in (PART_ALL, PART_WEIGHT) else xp.zeros_like(d)
+                 for l, d in enumerate(delta)]
     if not kroute:
-        return BlockFeatures(at, delta, sp, G, Q, trace, trace_abs=trace_abs, norms=norms)
+        return BlockFeatures(at_sel, delta, sp, G, Q, trace, trace_abs=trace_abs, norms=norms)
     G.pop((L - 1, L - 1), None)  # both were needed only to form the blocks below them
     G.pop((L - 1, L), None)
-    return BlockFeatures(at, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u, r=r, q=q, h=out.h,
+    return BlockFeatures(at_sel, delta, sp, G, Q, trace, p=p, w=w, W=W[L - 1], rho=rho, u=u, r=r, q=q, h=out.h,
                          trace_abs=trace_abs, norms=norms)
 
 
@@ -249,7 +251,6 @@ def _sum_nu(nu: dict[tuple[int, int], Any], L: int, arr: Arrays) -> Any:
     return out
 
 
-
 def _forward_error(Wl: Any, bl: Any, at_l: Any, sp_prev: Any, err_prev: Any, xp: Any) -> Any:
     """The componentwise bound E_l on the error of z_l (B, d_l), first order (docs/numerics.md
     section 5): gamma(d_{l-1} + 2) |W~_l| |a~_{l-1}|, plus for l >= 2 the error of
@@ -265,10 +266,10 @@ def _forward_error(Wl: Any, bl: Any, at_l: Any, sp_prev: Any, err_prev: Any, xp:
     return E
 
 
-def _delta_error_terms(W: Any, at: list[Any], at_sq: list[Any], sp: list[Any], spp: list[Any], d_err: Any,
+def _delta_error_terms(W: Any, at_sq: list[Any], sp: list[Any], spp: list[Any], d_err: Any,
                        xp: Any) -> tuple[dict[tuple[int, int], Any], list[Any]]:
-    """(dnu^{lm} / u per sample, sqrt(d_l) dM_l / u per sample) of docs/numerics.md, "Diagonal
-    losses": how far an error d_err (B, C) in delta_L can move the Hessian's blocks, by a scalar
+    """(dnu^{lm} / u per sample, sqrt(d_l) dM_l / u per sample) of docs/numerics.md section 5:
+    how far an error d_err (B, C) in delta_L can move the Hessian's blocks, by a scalar
     backward recursion on norms (Frobenius norms of the weights bound their 2-norms)."""
     L = len(W)
     na = [None] + [xp.sqrt(at_sq[l]) for l in range(1, L + 1)]
@@ -285,23 +286,14 @@ def _delta_error_terms(W: Any, at: list[Any], at_sq: list[Any], sp: list[Any], s
         dM[l] = (s1[l] * wn[l + 1]) ** 2 * dM[l + 1] + s2[l] * dg
     dnu: dict[tuple[int, int], Any] = {}
     for l in range(1, L + 1):
-        tau = xp.ones_like(e[L])  # bound on |T_{m,l}|_2, m = l
+        tau = xp.ones_like(e[L])  # tau_{m,l} >= |T_{m,l}|_2, starting at m = l
         for m in range(l, L + 1):
-            if m > l:
+            if m > l:  # |Q_{l,m}|_F <= sqrt(d_l) max|sigma'_{m-1}| tau_{m-1,l} (|sigma'_l| itself for m = l + 1)
+                qn = _row_norm(sp[l], xp) if m == l + 1 else math.sqrt(W[l - 1].shape[0]) * s1[m - 1] * tau
                 tau = wn[m] * s1[m - 1] * tau
             v = tau * dM[m] * na[m]
             if m > l:
-                qn = _row_norm(sp[l], xp) if m == l + 1 else math.sqrt(W[l - 1].shape[0]) * s1[m - 1] * _tau(
-                    wn, s1, l, m - 1, xp, e[L])
                 v = v + e[m] * qn
             dnu[l, m] = na[l] * v / _U
     dtr = [None] + [math.sqrt(W[l - 1].shape[0]) * dM[l] / _U for l in range(1, L + 1)]
     return dnu, dtr
-
-
-def _tau(wn: list[float], s1: list[Any], l: int, m: int, xp: Any, like: Any) -> Any:
-    """tau_{m,l} = prod_{k=l+1}^{m} |W_k|_F max|sigma'_{k-1}|, the bound on |T_{m,l}|_2 (B,)."""
-    t = xp.ones_like(like)
-    for k in range(l + 1, m + 1):
-        t = wn[k] * s1[k - 1] * t
-    return t
