@@ -51,17 +51,13 @@ def output(prob: Problem, z: Any, Yb: Any, xp: Any) -> Output:
     """The loss at the logits z (B, C) for the target (label) rows Yb (B, C)."""
     if prob.loss == "mse":
         d = z - Yb
-        return Output(d + d, h=xp.full(z.shape, 2.0, dtype=z.dtype, device=_device(z)))
+        return Output(d + d, h=xp.full(z.shape, 2.0, dtype=z.dtype, device=array_api_compat.device(z)))
     if prob.loss == "bce":
         delta, h, sneg = _bce(z, Yb, xp)
         return Output(delta, h=h, sneg=sneg)
     sm = softmax_ref(z, xp)  # the reference class r = argmax z (docs/numerics.md section 1)
     w = xp.sum(Yb, axis=1)  # 1 up to rounding; kept so the maths is exact for the given rows
     return Output(delta_last(sm, w, Yb, xp), sm=sm, w=w)
-
-
-def _device(x: Any) -> Any:
-    return array_api_compat.device(x)
 
 
 def a_diagonal(o: Output, xp: Any) -> Any:
@@ -74,7 +70,7 @@ def a_dense(o: Output, xp: Any) -> Any:
     if o.h is None:
         return dense_a(o.sm, o.w, xp)
     B, C = o.h.shape
-    A = xp.zeros((B, C, C), dtype=o.h.dtype, device=_device(o.h))
+    A = xp.zeros((B, C, C), dtype=o.h.dtype, device=array_api_compat.device(o.h))
     A.reshape(B, C * C)[:, :: C + 1] = o.h  # the diagonal, as a view of A
     return A
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._planning.blocks import default_memory_limit
+from . import torch_input
 
 
 def is_batches(X: Any) -> bool:
@@ -27,8 +28,7 @@ def is_batches(X: Any) -> bool:
         return False
     if hasattr(X, "shape") and hasattr(X, "dtype"):  # an array of another library (dask, CuPy, JAX)
         return False
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(X, torch.Tensor):
+    if torch_input.is_tensor(X):
         return False
     if isinstance(X, (list, tuple)):  # a list of (X, y) pairs, not a nested list of numbers
         return len(X) > 0 and all(isinstance(b, (tuple, list)) and len(b) > 0 and not np.isscalar(b[0])
@@ -54,12 +54,8 @@ def _check_loader(loader: Any) -> None:
 
 
 def _to_numpy(v: Any, what: str, i: int) -> np.ndarray:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(v, torch.Tensor):
-        v = v.detach()
-        if v.dtype == torch.bfloat16 or v.dtype == torch.float16:
-            v = v.to(torch.float32)
-        return v.cpu().numpy()
+    if torch_input.is_tensor(v):
+        return torch_input.tensor_to_numpy(v, copy=False)
     try:
         return np.asarray(v)
     except Exception as exc:  # noqa: BLE001 - ragged lists and the like
@@ -124,7 +120,6 @@ def collect(batches: Any, memory_limit: int) -> tuple[np.ndarray, np.ndarray]:
         _check_loader(batches)
     xs = _Sink(memory_limit)
     ys: list[np.ndarray] = []
-    n = 0
     for i, batch in enumerate(batches):
         if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(f"X: batch {i} must be an (inputs, targets) pair; got {type(batch).__name__}"
@@ -144,8 +139,7 @@ def collect(batches: Any, memory_limit: int) -> tuple[np.ndarray, np.ndarray]:
                              f"{ys[0].shape[1:]}")
         xs.add(np.asarray(xb, dtype=xs.dtype))
         ys.append(yb)
-        n += xb.shape[0]
-    if n == 0:
+    if xs.rows == 0:
         raise ValueError("X: the loader gave no samples")
     return xs.array(), np.concatenate(ys, axis=0)
 

@@ -14,6 +14,7 @@ over every element).  mse and bce are the *diagonal* losses: their A is diagonal
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,18 +43,12 @@ class Loss(NamedTuple):
     ignore_index: int | None = None
 
     @property
-    def code(self) -> int:
-        return LOSS_CODES[self.name]
-
-    @property
     def diagonal(self) -> bool:
         return self.name in DIAGONAL_LOSSES
 
 
 def _torch_nn() -> Any:
-    import sys
-
-    torch = sys.modules.get("torch")
+    torch = sys.modules.get("torch")  # a torch module can exist only once torch is imported
     return None if torch is None else torch.nn
 
 

@@ -95,10 +95,6 @@ class Problem:
         """Parameters of the whole model (the engine's products work on all of them)."""
         return n_params(self.weights, self.biases)
 
-    def selected(self, layer: int) -> bool:
-        """Whether layer ``layer`` (0-based) is in the parameter set."""
-        return self.layers_in is None or self.layers_in[layer]
-
     @property
     def diagonal(self) -> bool:
         """Whether the loss's output curvature A is diagonal (mse, bce)."""
