@@ -15,7 +15,7 @@ from .._backends.numpy import ARRAYS
 from .._engine.data import HostData
 from .._engine.features import block_features
 from .._engine.namespace import Weights
-from .._problem import loaders, torch_input
+from .._problem.inputs import adapt_inputs
 from .._problem.validate import validate
 
 #: Largest P for which dense_hessian builds the matrix (P^2 float64 = 3.2 GB at the limit).
@@ -40,9 +40,8 @@ def dense_hessian(layers: Any, X: Any, y: Any = None, *, activation: Any = None,
     Takes the same inputs as :func:`bound` (a torch module and tensors too); with ``params``
     (or a module's frozen layers) it is the principal submatrix of the selected parameters.
     """
-    params = torch_input.selected_params(layers, params)
-    X, y = loaders.resolve(X, y, None)
-    layers, X, y, activation = torch_input.adapt(layers, X, y, activation, loss=loss)
+    layers, X, y, activation, params = adapt_inputs(layers, X, y, activation, loss=loss, params=params,
+                                                    memory_limit=None)
     # The explicit blocks need the generic features (dense G_lm for every l <= m).
     prob = replace(validate(layers, X, y, activation=activation, curvature=curvature, reduction=reduction,
                             loss=loss, params=params), structured=False)

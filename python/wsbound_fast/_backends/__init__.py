@@ -20,7 +20,8 @@ import numpy as np
 
 from .._engine.schedule import Moments, ProgressFn
 from .._planning.blocks import moments_plan, plan_hvp
-from .._problem import loaders, torch_input
+from .._problem import torch_input
+from .._problem.inputs import adapt_inputs
 from .._problem.problem import PART_ALL, PART_BIAS, PART_WEIGHT, Problem
 from .._problem.validate import compute_dtype, validate
 from . import compiled, distributed, numpy
@@ -38,7 +39,7 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
                  batch_size: Any = None, threads: Any = None, memory_limit: Any = None, device: Any = None,
                  dtype: Any = None, moments: bool = True, loss: Any = "cross_entropy", params: Any = None,
                  client: Any = None) -> Problem:
-    """:func:`torch_input.adapt` then validation for ``backend``, shared by bound(), hvp() and eigsh().
+    """:func:`adapt_inputs` then validation for ``backend``, shared by bound(), hvp() and eigsh().
 
     backend="torch": X and y stay tensors on their device and ``validate_torch`` resolves
     ``device``, ``dtype`` and the device's memory budget (importing torch).  Any other
@@ -58,10 +59,8 @@ def validate_for(backend: str, layers: Any, X: Any, y: Any, *, activation: Any, 
     with moments_plan(moments):
         if backend == "torch" and device is None and torch_input.is_module(layers):
             device = _module_device(layers, X)
-        params = torch_input.selected_params(layers, params)
-        X, y = loaders.resolve(X, y, memory_limit if isinstance(memory_limit, int) else None)
-        layers, X, y, activation = torch_input.adapt(layers, X, y, activation, keep_tensors=backend == "torch",
-                                                     loss=loss)
+        layers, X, y, activation, params = adapt_inputs(layers, X, y, activation, loss=loss, params=params,
+                                                        memory_limit=memory_limit, keep_tensors=backend == "torch")
         kw = dict(activation=activation, curvature=curvature, reduction=reduction,
                   batch_size=batch_size, threads=threads, memory_limit=memory_limit, loss=loss, params=params)
         if backend == "torch":

@@ -49,7 +49,7 @@ from .._engine.products import block_hvp, offsets
 from .._engine.schedule import Moments, ProgressFn, Reduction, block_ranges
 from .._planning.blocks import moments_plan, plan_python
 from .._planning.tiles import PRODUCT_TASK_SAMPLES, plan_tiles, product_groups
-from .._problem import loaders, torch_input
+from .._problem.inputs import adapt_inputs
 from .._problem.problem import Problem
 from .._problem.validate import check_X_shape, compute_dtype, validate, validate_X
 from . import compiled
@@ -155,11 +155,8 @@ def validate_cluster(backend: str, layers: Any, X: Any, y: Any, *, client: Any, 
     copied to NumPy."""
     check_client(client)
     with moments_plan(moments):
-        kw["params"] = torch_input.selected_params(layers, kw.get("params"))
-        if not is_dask_array(X):
-            X, y = loaders.resolve(X, y, kw.get("memory_limit") if isinstance(kw.get("memory_limit"), int) else None)
-        layers, X, y, activation = torch_input.adapt(layers, X, y, kw.pop("activation"), keep_tensors=False,
-                                                     loss=kw["loss"])
+        layers, X, y, activation, kw["params"] = adapt_inputs(layers, X, y, kw.pop("activation"), loss=kw["loss"],
+                                                              params=kw.get("params"), memory_limit=kw.get("memory_limit"))
         if is_dask_array(y):
             y = client.compute(y).result()  # O(N) values, validated here; scattered in blocks below
         kw["activation"] = activation
