@@ -311,20 +311,16 @@ def block_pair_flops(dims: Sequence[int], has_bias: Sequence[bool], hessian: boo
     na = [0] + [d[l - 1] + int(has_bias[l - 1]) for l in range(1, L + 1)]  # len(at[l])
     pq = 2 * bI * bJ
     f = 0
-    if structured and not hessian and diagonal:  # kroute._pair_sum_ggn, A = diag(h)
-        f += pq * (sum(na[1:]) + C)  # alpha_l; h . h'
-        if L >= 2:
-            f += pq * (C * (C + 1) // 2) * d[L - 1]  # packed K_{L-1}
-        f += pq * C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
-        f += pq * sum(_tr_hkhk_madds(C, l == L, m == L) for l in range(1, L + 1) for m in range(l, L + 1))
-        return int(f)
     if structured and not hessian:  # kroute._pair_sum_ggn
-        f += pq * (sum(na[1:]) + 2 * C)  # alpha_l; pn . pn', phat . phat' (S_I's terms)
+        # alpha_l; then h . h' (diagonal A), or pn . pn' and phat . phat' (S_I's terms)
+        f += pq * (sum(na[1:]) + (C if diagonal else 2 * C))
         if L >= 2:
             f += pq * (C * (C + 1) // 2) * d[L - 1]  # packed K_{L-1}
         f += pq * C * C * sum(d[1:L - 1])  # K_l = T_l T_l'^T, l <= L - 2
-        f += pq * (L - 1) * _k_terms_madds(C)  # K p', K^T p, p^T K p' of every K but K_L = I
-        f += pq * sum(_tr_akak_madds(C, l == L, m == L) for l in range(1, L + 1) for m in range(l, L + 1))
+        if not diagonal:
+            f += pq * (L - 1) * _k_terms_madds(C)  # K p', K^T p, p^T K p' of every K but K_L = I
+        trace_madds = _tr_hkhk_madds if diagonal else _tr_akak_madds
+        f += pq * sum(trace_madds(C, l == L, m == L) for l in range(1, L + 1) for m in range(l, L + 1))
         return int(f)
     kroute = structured and L >= 2
     if kroute:  # kroute._pair_sum_last
@@ -378,10 +374,8 @@ def _tr_akak_madds(C: int, k_is_identity: bool, kt_is_identity: bool) -> int:
 
 def _tr_hkhk_madds(C: int, k_is_identity: bool, kt_is_identity: bool) -> int:
     """Multiply-adds per pair of kroute._tr_hkhk(k, kt) (diagonal A; elementwise products left out)."""
-    if k_is_identity and kt_is_identity:
-        return C  # h . h'
     if kt_is_identity:
-        return C  # sum_i h_i h'_i K_ii
+        return C  # h . h' (K = I too), or sum_i h_i h'_i K_ii
     return C * C + C  # (K * Kt) h', then h^T
 
 
