@@ -168,9 +168,7 @@ def validate_cluster(backend: str, layers: Any, X: Any, y: Any, *, client: Any, 
                 batch, group, chunks = plan_python(prob, kw.get("batch_size"), prob.memory_limit, accelerator=True,
                                                    **tmod.GPU_PLAN)
                 prob = dataclasses.replace(prob, batch_size=batch, group_blocks=group, chunks=chunks)
-            fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
-            prob = tmod.TorchProblem(**fields, device=tmod.torch.device("cpu"), dtype=tmod.resolve_dtype(dtype),
-                                     host_memory_limit=prob.memory_limit)
+            prob = tmod.TorchProblem.of(prob, tmod.torch.device("cpu"), tmod.resolve_dtype(dtype))
         elif device is not None:
             raise ValueError(f"device= applies to backend='torch' only; got backend={backend!r}")
     return prob
@@ -279,8 +277,7 @@ def cpp_tile(spec: Problem, variant: str, threads: int, pairs: list[tuple[int, i
 def _torch_setup(spec: Problem, device: Any, dtype: Any) -> tuple[Any, Any, Any, Any]:
     tmod = importlib.import_module(f"{__package__}.torch")
     dev = tmod.resolve_device(device, None, None, None)
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(Problem)}
-    tp = tmod.TorchProblem(**fields, device=dev, dtype=tmod.resolve_dtype(dtype), host_memory_limit=spec.memory_limit)
+    tp = tmod.TorchProblem.of(spec, dev, tmod.resolve_dtype(dtype))
     return tmod, tp, tmod.arrays(tp), dev
 
 

@@ -100,6 +100,14 @@ class TorchProblem(Problem):
     #: or on the device when it fits in DEVICE_BASIS_SHARE of memory_limit there).
     host_memory_limit: int = 0
 
+    @classmethod
+    def of(cls, prob: Problem, device: torch.device, dtype: torch.dtype, **changes: Any) -> TorchProblem:
+        """``prob`` on ``device`` in ``dtype``, with ``changes`` to its fields; the host budget is
+        ``prob``'s memory_limit."""
+        fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
+        fields.update(changes)
+        return cls(**fields, device=device, dtype=dtype, host_memory_limit=prob.memory_limit)
+
 
 # --------------------------------------------------------------------------------------
 # validation (same errors as _problem.validate; tensors are checked where they live)
@@ -222,9 +230,7 @@ def validate_torch(layers: Any, X: Any, y: Any, *, activation: Any, curvature: A
     # K-route chunks (few, large kernels) and larger blocks
     batch, group, chunks = plan_python(prob, None if batch_size is None else prob.batch_size, budget,
                                        accelerator=accel, **(GPU_PLAN if accel else {}))
-    fields = {f.name: getattr(prob, f.name) for f in dataclasses.fields(Problem)}
-    fields.update(batch_size=batch, group_blocks=group, memory_limit=budget, chunks=chunks)
-    return TorchProblem(**fields, device=dev, dtype=cdt, host_memory_limit=prob.memory_limit)
+    return TorchProblem.of(prob, dev, cdt, batch_size=batch, group_blocks=group, memory_limit=budget, chunks=chunks)
 
 
 # --------------------------------------------------------------------------------------
