@@ -240,15 +240,6 @@ def _cancel_poll() -> Callable[[int, int], None] | None:
     return poll
 
 
-def _canonical(a: Any) -> np.ndarray:
-    """``a`` with its dtype's own descriptor: an array that came from another worker may carry an
-    equal but distinct dtype object, which the compiled core's identity check of float32 /
-    float64 (bind_common.hpp, ``dtype().is``) refuses."""
-    a = np.asarray(a)
-    t = np.dtype(a.dtype.type)
-    return a.view(t) if a.dtype.isnative else a.astype(t)
-
-
 def _local_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
     used = sorted({k for ij in pairs for k in ij})
     where = {k: n for n, k in enumerate(used)}
@@ -268,7 +259,7 @@ def cpp_tile(spec: Problem, variant: str, threads: int, pairs: list[tuple[int, i
     core = compiled.load_core(variant)
     out = core.pair_sums(
         list(spec.weights), list(spec.biases), [a.code for a in spec.activations], [a.param for a in spec.activations],
-        [_canonical(x) for x in X_blocks], [_canonical(y) for y in label_blocks], np.asarray(local, dtype=np.int64), spec.hessian, spec.structured, threads,
+        list(X_blocks), list(label_blocks), np.asarray(local, dtype=np.int64), spec.hessian, spec.structured, threads,
         _cancel_poll(), spec.f32, loss=spec.loss_code, parts=list(spec.parts or ()))
     _, tr, ta, nu, po = out
     return used, tr, ta, nu, po
@@ -331,7 +322,7 @@ def product_task(spec: Problem, engine: str, variant: str, threads: int, device:
         args = (list(spec.weights), list(spec.biases), [a.code for a in spec.activations],
                 [a.param for a in spec.activations])
         for x, y in zip(X_blocks, label_blocks):
-            out += core.hvp(*args, _canonical(x), _canonical(y), _canonical(V), spec.hessian, x.shape[0], threads, loss=spec.loss_code)
+            out += core.hvp(*args, x, y, V, spec.hessian, x.shape[0], threads, loss=spec.loss_code)
         return out
     off = offsets(spec)
     if engine == "numpy":
