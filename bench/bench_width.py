@@ -7,7 +7,11 @@ noisy machine:
   the cost a peer pays for a lambda_max that is a lower estimate only;
 * wsb.bound(certify=True, rtol=r) for r in 0.1, 0.01, 0.001: the whole call (moments +
   block Lanczos + certificate), the width it reached and the products it used;
+* the same with dtype="float32" (float32 moments with their rounding allowances; the
+  products and the certificate stay float64);
 * wsb.bound(certify=k) for a few k (the fixed-k certificate): time and width.
+
+Where rtol cannot be met, the row gives the width reached and the reason certify=True gave.
 
     python bench/bench_width.py [--quick] [--workloads W1 D W3] [--threads T] [--repeats R]
 
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rtols", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 10, 30])
+    parser.add_argument("--f32-rtols", type=float, nargs="*", default=[0.01],
+                        help='rtols also run with dtype="float32" moments')
+    parser.add_argument("--out", default=None, help="JSON file name under bench/results (default width.json)")
     args = parser.parse_args(argv)
     table = quick_workloads() if args.quick else full_workloads()
     table["D"] = DEEP
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         layers, info = trained_layers(w, X, y)
         act = w.activation
         kw = dict(activation=act, threads=args.threads)
-        peer_t, peer = _best(lambda: curvlinops_eigsh(layers, X, y, act, "hessian", dtype="float64"), args.repeats)
+        peer_t, peer = _best(lambda: curvlinops_eigsh(layers, X, y, act, "hessian", dtype="float64"),
+                             max(2, args.repeats))  # at least twice: the first call also imports and warms up
         print(f"\n{name}: {w.description}, P = {w.n_params}, N = {X.shape[0]}; train loss {info.get('loss', float('nan')):.3g}")
         print(f"curvlinops eigsh lambda_max (float64, uncertified): {peer_t:.3f} s, {peer.get('matvecs')} products, "
               f"estimate {peer.get('lambda_max_est')}")
@@ -79,21 +87,30 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"workload": name, "n_params": w.n_params, "n_samples": int(X.shape[0]), "peer_eigsh_s": peer_t,
                  "peer_matvecs": peer.get("matvecs"), "moments_only_s": t_plain, "runs": []}
         calls = [(f"certify=True, rtol={r:g}", dict(certify=True, rtol=r)) for r in args.rtols]
+        calls += [(f"certify=True, rtol={r:g}, float32 moments", dict(certify=True, rtol=r, dtype="float32"))
+                  for r in args.f32_rtols]
         calls += [(f"certify={k}", dict(certify=k)) for k in args.ks]
+        notes = []
         for label, extra in calls:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
                 t, res = _best(lambda: wsb.bound(layers, X, y, **kw, **extra), args.repeats)
+            why = next((str(w.message) for w in caught if "certify=True" in str(w.message)), "")
             lo, hi = res.lambda_max_bracket
             width = hi / lo - 1 if lo > 0 else float("inf")
-            print(f"| {label} | {t:.3f} | {t / peer_t:.2f} | [{lo:.8g}, {hi:.8g}] | {width:.3g} | "
+            mark = "" if res.certify_met in (True, None) else " (not met)"
+            print(f"| {label} | {t:.3f} | {t / peer_t:.2f} | [{lo:.8g}, {hi:.8g}] | {width:.3g}{mark} | "
                   f"{res.lanczos_iterations} |")
+            if why:
+                notes.append(f"{label}: {why}")
             entry["runs"].append({"call": label, "time_s": t, "ratio_to_peer": t / peer_t, "lo": lo, "hi": hi,
                                   "width": width, "products": res.lanczos_iterations, "met": res.certify_met,
-                                  "moments_s": res.elapsed_s, "lanczos_s": res.lanczos_s})
+                                  "moments_s": res.elapsed_s, "lanczos_s": res.lanczos_s, "why": why})
+        for line in notes:
+            print(f"- {line}")
         rows.append(entry)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("width-quick.json" if args.quick else "width.json")
+    out = RESULTS / (args.out or ("width-quick.json" if args.quick else "width.json"))
     out.write_text(json.dumps({"versions": versions(), "load_average": os.getloadavg()[0], "rows": rows}, indent=1))
     print(f"\nwrote {out}")
     return 0

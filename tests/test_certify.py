@@ -446,7 +446,14 @@ def test_bound_bad_exact_arguments(kwargs, exc, match):
 
 
 def _width(lo: float, hi: float, radius: float) -> float:
-    return (hi - lo) / max(abs(lo), abs(hi), 1e-6 * radius)  # an eigenvalue ~0: against the spectral radius
+    """hi/lo - 1 (lo/hi - 1 below 0); a bracket around 0 against its larger end, and an
+    eigenvalue ~0 against 1e-6 of the spectral radius."""
+    floor = 1e-6 * radius
+    if lo > floor:
+        return (hi - lo) / lo  # hi/lo - 1, without its cancellation
+    if hi < -floor:
+        return (hi - lo) / -hi
+    return (hi - lo) / (max(abs(lo), abs(hi), floor) if lo <= 0 <= hi else floor)
 
 
 @pytest.mark.parametrize("spec", NET_SPECS, ids=lambda s: f"{s.activation}-d{s.depth}")

@@ -95,7 +95,9 @@ def bound(layers: Any, X: Any, y: Any = None, *, activation: Any = None, curvatu
         pass over the data) runs until the certified bracket of lambda_max (``which``) is at most
         ``rtol`` wide relative to it (hi/lo - 1 <= rtol), choosing k itself; the result reports
         ``certify_width`` and ``certify_met``, and a RuntimeWarning says what stopped it short
-        (``lanczos_maxiter``, or the memory budget that bounds the Lanczos basis).
+        (``lanczos_maxiter``, the memory budget that bounds the Lanczos basis, or a spectrum
+        whose unresolved bulk holds so much of tr(H^2) that the moments cannot certify rtol:
+        then it stops early, docs/certificates.md section 8).
     rtol : certify=True only: the relative width to reach (default 1e-2).
     which : certify=True only: "LA" (lambda_max, default), "SA" (lambda_min) or "BE" (both).
     lanczos_tol, lanczos_maxiter, seed : Lanczos options (see :func:`eigsh`); the default

@@ -274,9 +274,11 @@ WIDTH_FLOOR = 1e-6
 
 
 def relative_width(lo: float, hi: float, radius: float = 0.0) -> float:
-    """(hi - lo) / max(|lo|, |hi|, WIDTH_FLOOR radius): hi/lo - 1 to first order for a positive
-    bracket; 0 for [0, 0]."""
-    den = max(abs(lo), abs(hi), WIDTH_FLOOR * radius)
+    """hi/lo - 1 for a positive bracket, lo/hi - 1 for a negative one: (hi - lo) / min(|lo|, |hi|).
+    A bracket that contains 0 is measured against its larger end, and every bracket against at
+    least WIDTH_FLOOR radius; 0 for [0, 0]."""
+    ends = (abs(lo), abs(hi))
+    den = max(min(ends) if lo > 0 or hi < 0 else max(ends), WIDTH_FLOOR * radius)
     return 0.0 if den == 0.0 else max(hi - lo, 0.0) / den
 
 
@@ -297,6 +299,67 @@ def _predicted(theta: np.ndarray, res: np.ndarray, trace: float, trace_sq: float
         if w < best:
             best, best_j = w, j
     return best, best_j
+
+
+#: certify=True gives up early on an end whose bracket the moments cannot bring to rtol: judged
+#: over the last STALL_BLOCKS block steps (see :func:`_stalled`).
+STALL_BLOCKS = 4
+
+
+def _contraction(lo: float, hi: float, radius: float) -> float:
+    """(hi - lo) / max(|lo|, |hi|, WIDTH_FLOOR radius), in [0, 2]: 1 - lo/hi for a positive bracket.
+    Unlike hi/lo - 1 it changes at a steady pace as the upper end falls, which is what the stall
+    rule extrapolates; r = hi/lo - 1 corresponds to r / (1 + r)."""
+    den = max(abs(lo), abs(hi), WIDTH_FLOOR * radius)
+    return 0.0 if den == 0.0 else max(hi - lo, 0.0) / den
+
+
+def _floor(theta: np.ndarray, usable: int, trace: float, trace_sq: float, n: int, rank: int | None,
+           allowance: Allowance, end: str, other: tuple[float, float]) -> tuple[float, float, float]:
+    """(width, contraction, unresolved share of tr(H^2)): the width the certificate would have if
+    every usable Ritz pair had converged (residual 0), with the bounds already known, the same
+    as a contraction (:func:`_contraction`), and the part of tr(H^2) that those Ritz values leave
+    to the rest of the spectrum.  Lanczos lowers it only by finding more of the spectrum; it is
+    an effort estimate, never part of a certificate."""
+    order = np.argsort(-np.abs(theta), kind="stable")[:usable]
+    th = theta[order]
+    d = deflated_bounds(trace, trace_sq, n, th, 0.0, rank, trace_err=allowance.trace,
+                        trace_sq_err=allowance.trace_sq)
+    radius = max(abs(float(theta[-1])), abs(float(theta[0])))
+    lo0, hi0 = other
+    if end == "max":
+        lo, hi = max(lo0, float(theta[-1])), min(hi0, d.max_upper)
+    else:
+        lo, hi = max(lo0, d.min_lower), min(hi0, float(theta[0]))
+    share = max(trace_sq - float(np.sum(th * th)), 0.0) / trace_sq if trace_sq > 0 else 0.0
+    return relative_width(lo, hi, radius), _contraction(lo, hi, radius), share
+
+
+def _stalled(history: list[tuple[int, float, float]], rtol: float, maxiter: int, block: int) -> str:
+    """Why the end whose floors per step are ``history`` [(products, width, contraction)] cannot
+    reach rtol within maxiter products, or "" while it may.
+
+    Given up when the floor (:func:`_floor`) is wider than rtol and, at twice the pace its
+    contraction fell over the last STALL_BLOCKS block steps, would still be wider than rtol
+    after maxiter products.  This is the case where most of tr(H^2) beyond the converged pairs
+    lies in a bulk of many small eigenvalues: Lanczos resolves it a few eigenvalues per block,
+    and two moments cannot tell a spread-out bulk from one large eigenvalue
+    (docs/certificates.md, section 8)."""
+    m, w, c = history[-1]
+    if w <= rtol:
+        return ""
+    past = [h for h in history if h[0] <= m - STALL_BLOCKS * block]
+    if not past:
+        return ""
+    mo, wo, co = past[-1]
+    pace = max(co - c, 0.0) / (m - mo)
+    if c - 2.0 * pace * (maxiter - m) <= rtol / (1.0 + rtol):
+        return ""
+    later = max(c - pace * (maxiter - m), 0.0)
+    later_w = later / (1.0 - later) if later < 1.0 and w < math.inf else later
+    return (f"even if every Ritz pair found so far had converged, the bracket would be {w:.3g} wide, and it narrowed "
+            f"from {wo:.3g} over the last {m - mo} products: at that pace it would still be about "
+            f"{later_w:.3g} wide after lanczos_maxiter = {maxiter} products")
 
 
 @dataclass(frozen=True)
@@ -327,6 +390,8 @@ def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank
     certs: dict = {}
     widths: dict = {}
     retry_at = 0
+    floors: dict = {e: [] for e in ends}  # end -> [(products, floor width, contraction)]
+    can_span = lz.maxiter >= n  # Lanczos may reach the whole space (then the remainder vanishes): never give up
 
     def combined(end: str, cert: RitzCertificate) -> float:
         lo0, hi0 = other[end]
@@ -343,10 +408,20 @@ def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank
         theta, S, res = lz.ritz()
         usable = max(1, lz.m - (0 if done else lz.b))  # the newest block's Ritz pairs are rough
         pending = [e for e in ends if e not in certs or widths[e] > rtol]
+        stalled = ""
+        if not done and not can_span:
+            for e in pending:
+                w, c, share = _floor(theta, usable, trace, trace_sq, n, rank, allowance, e, other[e])
+                floors[e].append((lz.m, w, c))
+                why_e = _stalled(floors[e], rtol, lz.maxiter, lz.b)
+                if why_e and not stalled:
+                    name = "lambda_max" if e == "max" else "lambda_min"
+                    stalled = (f"the moments cannot certify {name} to rtol: the spectrum Lanczos has not resolved "
+                               f"still holds {share:.1%} of tr(H^2); {why_e}")
         met = False
-        if done or lz.m >= retry_at:
+        if done or stalled or lz.m >= retry_at:
             pred = {e: _predicted(theta, res, trace, trace_sq, n, rank, allowance, e, usable) for e in pending}
-            if done or all(w <= 0.5 * rtol for w, _ in pred.values()):
+            if done or stalled or all(w <= 0.5 * rtol for w, _ in pred.values()):
                 for e in pending:
                     order = np.argsort(-np.abs(theta), kind="stable")[: min(usable, pred[e][1] + lz.b)]
                     ext = int(np.argmax(theta)) if e == "max" else int(np.argmin(theta))
@@ -355,8 +430,15 @@ def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank
                     widths[e] = combined(e, certs[e])
                 met = all(widths[e] <= rtol for e in ends)
                 retry_at = lz.m + 2 * lz.b
-        if met or done:
-            why = "" if met else ("the Krylov space spans every direction" if lz.m >= n else
-                                  f"lanczos_maxiter = {maxiter} products were used")
+        if met or done or stalled:
+            if met:
+                why = ""
+            elif stalled:
+                why = stalled
+            elif lz.m >= n:
+                why = "the Krylov space spans every direction"
+            else:
+                why = (f"lanczos_maxiter = {lz.maxiter} products were used; raise lanczos_maxiter (or memory_limit, "
+                       "which bounds the Lanczos basis)")
             ext = lz.vectors(S[:, [int(np.argmax(theta)), int(np.argmin(theta))]])
             return WidthCertificate(certs, lz.products, widths, met, why, ext)

@@ -191,8 +191,7 @@ def refine(res: Bound, prob: Problem, backend: str, layer_trace: np.ndarray, blo
             if not met:
                 names = " and ".join("lambda_max" if e == "max" else "lambda_min" for e in opts.ends)
                 warnings.warn(f"certify=True: the certified bracket of {names} is {width:.3g} wide (relative), "
-                              f"not rtol={opts.rtol:g}: {wc.why or 'the certificate could not tighten further'}; "
-                              "raise lanczos_maxiter (or memory_limit, which bounds the Lanczos basis)",
+                              f"not rtol={opts.rtol:g}: {wc.why or 'the certificate could not tighten further'}",
                               RuntimeWarning, stacklevel=3)
         extra["lanczos_s"] = time.perf_counter() - t0
     max_b = (float(max(max_lo)), float(min(max_hi)))
