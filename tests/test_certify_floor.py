@@ -15,10 +15,9 @@ import warnings
 
 import numpy as np
 import pytest
+import reference as R
 import wsbound_fast as wsb
 from wsbound_fast._spectral import certify
-
-import reference as R
 
 MAXITER = 240
 
