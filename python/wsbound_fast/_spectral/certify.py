@@ -423,9 +423,14 @@ def certify_to_width(matvec: Matvec, n: int, trace: float, trace_sq: float, rank
             pred = {e: _predicted(theta, res, trace, trace_sq, n, rank, allowance, e, usable) for e in pending}
             if done or stalled or all(w <= 0.5 * rtol for w, _ in pred.values()):
                 for e in pending:
-                    order = np.argsort(-np.abs(theta), kind="stable")[: min(usable, pred[e][1] + lz.b)]
+                    # the predicted pairs and the extreme one, in whole passes of the product: the
+                    # leading pairs fill the rest of the last pass (the certificate picks its j among them)
                     ext = int(np.argmax(theta)) if e == "max" else int(np.argmin(theta))
-                    Y = lz.vectors(S[:, np.union1d(order, [ext])])
+                    count = min(usable, lz.b * math.ceil((pred[e][1] + 1) / lz.b))
+                    order = np.argsort(-np.abs(theta), kind="stable")[:count]
+                    if ext not in order:
+                        order = np.append(order[: max(count - 1, pred[e][1])], ext)
+                    Y = lz.vectors(S[:, np.sort(order)])
                     certs[e] = ritz_certificate(matvec, Y, trace, trace_sq, n, rank, allowance, end=e)
                     widths[e] = combined(e, certs[e])
                 met = all(widths[e] <= rtol for e in ends)
