@@ -173,6 +173,33 @@ def forward(layers, acts, X):
     raise AssertionError  # pragma: no cover
 
 
+def activation_errors(layers, activation, X):
+    """The activations' error bounds of docs/numerics.md section 4, written out per sample:
+    (ea, na, c) with ea[:, l] >= |error of a~_{l-1}|_2 (0 for l = 1), na[:, l] = |a~_{l-1}|_2
+    (N, L+1) and the fold factor c = 1 / (u sum_l 3 (d_{l-1} + d_l + 1)).  z_l[i] is in error by
+    E = gamma_{d_{l-1}+2} (r_i |a_{l-1}| + |b_i|) + r_i ea_l with r_i = |W_l[i, :]|_2, and
+    a_l[i] = sigma(z_l[i]) by |sigma'(z_l[i])| E + 8 u |a_l[i]|."""
+    u = 2.0 ** -53
+    acts = per_layer_activations(activation, len(layers) - 1)
+    a = np.asarray(X, dtype=float)
+    L, N = len(layers), a.shape[0]
+    ea, na = np.zeros((N, L + 1)), np.zeros((N, L + 1))
+    for l, (W, b) in enumerate(layers, start=1):
+        na[:, l] = np.sqrt(np.sum(a * a, axis=1) + (0.0 if b is None else 1.0))
+        if l == L:
+            break
+        z = a @ W.T + (0.0 if b is None else b)
+        s, ds = act_value_grad(*acts[l - 1], z)
+        k = (W.shape[1] + 2) * u
+        r = np.linalg.norm(W, axis=1)
+        E = k / (1 - k) * (np.outer(np.linalg.norm(a, axis=1), r) + (0.0 if b is None else np.abs(b)))
+        E = E + np.outer(ea[:, l], r)
+        ea[:, l + 1] = np.linalg.norm(np.abs(ds) * E + 8 * u * np.abs(s), axis=1)
+        a = s
+    c = 1.0 / (u * sum(3 * (W.shape[1] + W.shape[0] + 1) for W, _ in layers))
+    return ea, na, c
+
+
 def hidden_preactivations(layers, acts, X) -> list[np.ndarray]:
     a = np.asarray(X, dtype=float)
     out = []

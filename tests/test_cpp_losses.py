@@ -485,15 +485,18 @@ ADDITION_CASES = {"mse-d3": (4, MSE), "bce-d3": (4, BCE), "mse-d2-C1": (3, MSE),
 
 @pytest.mark.parametrize("case", list(ADDITION_CASES))
 def test_rounding_addition_in_trace_abs_and_norms(case):
-    """Hessian: trace_abs[l] = sum_n |a~_{l-1}|^2 (sum_k |(M_l)_kk| + sqrt(d_l) dM_l / u) with M_l from
-    autograd, and norms[l, m] >= sum_n (|H_n^{lm}|_F + dnu^{lm} / u) with H_n from autograd.  The GGN
-    takes no addition (trace_abs = trace)."""
+    """Hessian: trace_abs[l] = sum_n (|a~_{l-1}|^2 (sum_k |(M_l)_kk| + sqrt(d_l) dM_l / u)
+    + c (2 |a~_{l-1}| ea + ea^2) sum_k |(M_l)_kk|) with M_l from autograd (the second term: the
+    activations' errors, docs/numerics.md section 4), and norms[l, m] >= sum_n (|H_n^{lm}|_F (1 + c ea_l
+    / |a~_{l-1}|) + dnu^{lm} / u) with H_n from autograd.  The GGN takes the activations' term only
+    (trace_abs > trace, equal for one layer)."""
     spec_i, loss = ADDITION_CASES[case]
     key = _problem(spec_i, loss)
     layers, acts, X, y, _ = key.unpack()
     L = len(layers)
     Hn, Md = torch_per_sample(layers, acts, X, y, loss)
     dtr, dnu = spec_addition(layers, acts, X, y, loss)
+    ea, _, c = R.activation_errors(layers, list(acts) if acts else "tanh", X)
     at, _, _, _ = numpy_forward(layers, acts, X)
     sl = param_slices(layers)
     core = load_core()
@@ -501,15 +504,19 @@ def test_rounding_addition_in_trace_abs_and_norms(case):
         _, _, trace_abs, norms = moments(core, layers, acts, X, y, loss, True, structured)
         for l in range(1, L + 1):
             a2 = np.sum(at[l] ** 2, axis=1)
-            want = sum(a2[n] * (np.abs(Md[n][l]).sum() + dtr[n, l]) for n in range(X.shape[0]))
+            na = np.sqrt(a2)
+            want = sum(a2[n] * (np.abs(Md[n][l]).sum() + dtr[n, l])
+                       + c * (2 * na[n] + ea[n, l]) * ea[n, l] * np.abs(Md[n][l]).sum() for n in range(X.shape[0]))
             assert trace_abs[l - 1] == pytest.approx(want, rel=1e-10)
             for m in range(l, L + 1):
-                low = sum(np.linalg.norm(Hn[n][sl[l - 1], sl[m - 1]]) + dnu[n, l, m] for n in range(X.shape[0]))
+                low = sum(np.linalg.norm(Hn[n][sl[l - 1], sl[m - 1]]) * (1 + c * ea[n, l] / na[n]) + dnu[n, l, m]
+                          for n in range(X.shape[0]))
                 assert norms[l - 1, m - 1] >= low * (1 - 1e-12)
         if L > 1:
-            assert dnu[:, 1:, L].sum() > 0  # the addition is there to be checked
+            assert dnu[:, 1:, L].sum() > 0 and ea[:, 2:].min() > 0  # both additions are there to be checked
         tr, _, ta, _ = moments(core, layers, acts, X, y, loss, False, structured)
-        assert np.allclose(ta, tr, rtol=1e-14)
+        assert np.all(ta >= tr * (1 - 1e-14))
+        assert np.allclose(ta, tr, rtol=1e-14) if L == 1 else np.all(ta[1:] > tr[1:])
 
 
 # --------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def _blocks(H, layers):
 @pytest.mark.parametrize("structured", [False, True])
 def test_magnitudes_bound_the_per_sample_blocks(dims, act, curvature, structured):
     """nu_n^{lm} >= |H_n^{lm}|_F (one-sample problems against the dense references) and
-    trace_abs[l] >= |trace[l]| (equal for the GGN)."""
+    trace_abs[l] >= |trace[l]|; for the GGN trace_abs[l] = trace[l] (1 + c (2 |a~| ea + ea^2) / |a~|^2),
+    the activations' error term of docs/numerics.md section 4 (tests/reference.py)."""
     rng = np.random.default_rng(len(dims) * 11 + len(act))
     # O(1) logits: the dense references are float64 without the shifted forms
     layers = [(rng.normal(size=(o, i)) / np.sqrt(i), 0.5 * rng.normal(size=o)) for i, o in zip(dims[:-1], dims[1:])]
@@ -189,10 +190,13 @@ def test_magnitudes_bound_the_per_sample_blocks(dims, act, curvature, structured
             H = R.ggn_reference(layers, act, X, y, reduction="sum")
         Hb = _blocks(H, layers)
         t, _, ta, nu = _core_moments(layers, X, y, curvature == "hessian", structured, acts=[code] * (L - 1))
+        ea, na, c = R.activation_errors(layers, act, X)
         for l in range(L):
             assert ta[l] >= abs(t[l]) * (1 - 1e-12)
             if curvature == "ggn":
-                assert ta[l] == pytest.approx(t[l], rel=1e-12, abs=1e-300)
+                grow = 1 + c * (2 * na[0, l + 1] + ea[0, l + 1]) * ea[0, l + 1] / na[0, l + 1] ** 2
+                assert ta[l] == pytest.approx(t[l] * grow, rel=1e-12, abs=1e-300)
+                assert (grow > 1) == (l > 0)  # the inputs are exact
             for m in range(L):
                 if m < l:
                     assert nu[l, m] == 0

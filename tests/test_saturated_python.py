@@ -25,6 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import reference as R
 
 import wsbound_fast as wsb
 from wsbound_fast import _backends as backends
@@ -169,9 +170,11 @@ def test_everything_underflows(backend):
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_magnitudes_against_per_sample_hessians(backend, curvature):
-    """trace_abs[l] = sum_n sum_k |(H_n^{ll})_kk| on every path; norms[l, l] = sum_n |H_n^{ll}|_F
-    where G_ll is formed (the generic path; all l <= m for the generic GGN), = the trace share
-    on the GGN's K route; nu_n^{lm} >= |H_n^{lm}|_F summed, on every path; zero below the diagonal."""
+    """trace_abs[l] = sum_n sum_k |(H_n^{ll})_kk| (1 + c (2 |a~| ea + ea^2) / |a~|^2) on every path, the
+    activations' error term of docs/numerics.md section 4 (tests/reference.py); norms[l, l] = sum_n
+    |H_n^{ll}|_F (1 + c (r_l + (1 + r_l) r_m)), r = ea / |a~|, where G_ll is formed (the generic path;
+    all l <= m for the generic GGN), = the trace share on the GGN's K route; nu_n^{lm} >= |H_n^{lm}|_F
+    summed, on every path; zero below the diagonal."""
     for depth in (2, 3):
         for margin in (0.0, 40.0, 300.0):
             layers, X, y = _saturated(depth, margin, "smooth") if margin else _saturated(depth, 100.0, "smooth")
@@ -181,21 +184,29 @@ def test_magnitudes_against_per_sample_hessians(backend, curvature):
             off = np.concatenate([[0], np.cumsum(sizes)])
             L = depth
             diag_abs, fro = np.zeros(L), np.zeros((L, L))
+            diag_want, fro_want = np.zeros(L), np.zeros((L, L))
+            ea, na, c = R.activation_errors(layers, "tanh", X)
+            r = np.divide(ea, na, out=np.zeros_like(ea), where=na > 0)  # column 0 is unused
             for n in range(len(X)):
                 Hn = dense_hessian(layers, X[n:n + 1], y[n:n + 1], activation="tanh", curvature=curvature,
                                    reduction="sum")
                 for l in range(L):
-                    diag_abs[l] += np.abs(np.diag(Hn)[off[l]:off[l + 1]]).sum()
+                    d = np.abs(np.diag(Hn)[off[l]:off[l + 1]]).sum()
+                    diag_abs[l] += d
+                    diag_want[l] += d * (1 + c * (2 + r[n, l + 1]) * r[n, l + 1])
                     for m in range(l, L):
-                        fro[l, m] += np.linalg.norm(Hn[off[l]:off[l + 1], off[m]:off[m + 1]])
+                        f = np.linalg.norm(Hn[off[l]:off[l + 1], off[m]:off[m + 1]])
+                        fro[l, m] += f
+                        fro_want[l, m] += f * (1 + c * (r[n, l + 1] + (1 + r[n, l + 1]) * r[n, m + 1]))
             for structured in (False, True):
                 trace, _, trace_abs, norms = _moments(backend, layers, X, y, curvature, structured)
-                np.testing.assert_allclose(trace_abs, diag_abs, rtol=1e-12)
+                np.testing.assert_allclose(trace_abs, diag_want, rtol=1e-12)
+                assert np.all(diag_want[1:] > diag_abs[1:])  # the addition is there to be checked
                 assert np.all(np.tril(norms, -1) == 0)
                 iu = np.triu_indices(L)
                 assert np.all(norms[iu] >= (1 - 1e-12) * fro[iu]), (structured, norms, fro)
                 if not structured:
                     exact = iu if curvature == "ggn" else np.diag_indices(L)
-                    np.testing.assert_allclose(norms[exact], fro[exact], rtol=1e-12)
-                elif curvature == "ggn":
-                    np.testing.assert_allclose(np.diag(norms), trace, rtol=1e-12)
+                    np.testing.assert_allclose(norms[exact], fro_want[exact], rtol=1e-12)
+                elif curvature == "ggn":  # nu_n^{ll} = the trace share, with the activations' term
+                    np.testing.assert_allclose(np.diag(norms), diag_want, rtol=1e-12)

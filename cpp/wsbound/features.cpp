@@ -66,16 +66,23 @@ void dense_q(const Model& model, BlockFeatures& F) {
 // for the GGN nu = |a~_{l-1}| |a~_{m-1}| (tau_l tau_m)^{1/2}.  Summed over the block in order.
 // extra (B, (L+1)^2; diagonal losses, Hessian; else null) is added to each nu_n^{lm}: the rounding
 // addition dnu^{lm} / u of docs/numerics.md section 5.
-void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool hessian, const RowMat* extra) {
+// ea (B, L+1): ea(n, l) >= |error of a~_{l-1}|_2 (activation_errors); each nu also gets
+// fold * dnu, dnu = nu with |a~| + ea in place of |a~|, less nu (docs/numerics.md section 4).
+void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool hessian, const RowMat* extra,
+                const RowMat& ea, double fold) {
     const Index L = F.L;
     for (Index n = 0; n < F.B; ++n)
         for (Index l = 1; l <= L; ++l) {
             const double al = F.at[l].row(n).stableNorm();
+            const double el = ea(n, l);
             for (Index m = l; m <= L; ++m) {
                 const double am = F.at[m].row(n).stableNorm();
-                double nu;
+                const double em = ea(n, m);
+                double nu, dnu;
                 if (!hessian) {
+                    const double s = std::sqrt(dabs(n, l)) * std::sqrt(dabs(n, m));
                     nu = (al * std::sqrt(dabs(n, l))) * (am * std::sqrt(dabs(n, m)));
+                    dnu = el * (s * am) + (al + el) * (s * em);
                 } else {
                     double cross = 0.0;
                     if (m == l + 1) {
@@ -83,12 +90,80 @@ void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool 
                     } else if (m > l + 1) {
                         cross = F.delta[m].row(n).stableNorm() * F.Q[F.pair(l, m)].row(n).stableNorm();
                     }
-                    nu = al * (gnorm(n, F.pair(l, m)) * am + cross);
+                    const double g = gnorm(n, F.pair(l, m));
+                    nu = al * (g * am + cross);
+                    dnu = el * (g * am + cross) + (al + el) * (g * em);
                 }
                 if (extra != nullptr) nu += (*extra)(n, F.pair(l, m));
+                nu += fold * dnu;
                 F.norms[static_cast<size_t>(F.pair(l, m))] += nu;
             }
         }
+}
+
+// ea(n, l) >= |error of a~_{l-1}|_2 per sample (docs/numerics.md section 4; 0 for l = 1: x is exact),
+// by a recursion with the rows' norms r_i = |W_l[i, :]|_2 (no |W| copy): z_l[i] is in error by at most
+// E = gam(d_{l-1} + 2) (r_i |a_{l-1}| + |b_i|) + r_i ea(n, l), and a_l[i] = sigma(z_l[i]) by
+// |sigma'_l[i]| E + 8 u |a_l[i]|.  Relative to |a~_{l-1}| it is unbounded where z_{l-1} cancels (a
+// hidden unit near its zero), which the relative error chain of section 4 cannot cover.
+void activation_errors(const Model& model, const BlockFeatures& F, RowMat& ea) {
+    constexpr double u = 0x1p-53;
+    const Index L = F.L, B = F.B;
+    ea.setZero(B, L + 1);
+    for (Index l = 1; l < L; ++l) {
+        const auto li = static_cast<size_t>(l - 1);
+        const RowMat& W = model.W[li];
+        const Index d_in = W.cols(), d_out = W.rows();
+        const double g = static_cast<double>(d_in + 2) * u / (1.0 - static_cast<double>(d_in + 2) * u);
+        const Vec r = W.rowwise().norm();
+        for (Index n = 0; n < B; ++n) {
+            const double na = F.at[l].row(n).head(d_in).stableNorm(), e_in = ea(n, l);
+            double scale = 0.0, sum = 0.0;  // |err|_2 as scale * sqrt(sum), without underflow
+            for (Index i = 0; i < d_out; ++i) {
+                const double bi = model.has_bias[li] ? std::abs(model.b[li](i)) : 0.0;
+                const double E = g * (r(i) * na + bi) + r(i) * e_in;
+                const double v = std::abs(F.sp[l](n, i)) * E + 8.0 * u * std::abs(F.at[l + 1](n, i));
+                if (v > scale) {
+                    sum = 1.0 + sum * (scale / v) * (scale / v);
+                    scale = v;
+                } else if (v > 0.0) {
+                    sum += (v / scale) * (v / scale);
+                }
+            }
+            ea(n, l + 1) = scale * std::sqrt(sum);
+        }
+    }
+}
+
+// The forward error bound E_L of z_L (docs/numerics.md section 5): E_1 = gam(d_0 + 2) m_1,
+// E_l = gam(d_{l-1} + 2) m_l + (|sigma'_{l-1}| o E_{l-1} + 8 u |a_{l-1}|) |W_l|^T, m_l = |a~_{l-1}| |W~_l|^T.
+void output_forward_error(const Model& model, const BlockFeatures& F, RowMat& E) {
+    constexpr double u = 0x1p-53;
+    const auto gam = [](double k) { return k * u / (1.0 - k * u); };
+    RowMat m, err;
+    for (Index l = 1; l <= F.L; ++l) {
+        const auto li = static_cast<size_t>(l - 1);
+        const RowMat absW = model.W[li].cwiseAbs();
+        const Index d_in = absW.cols();
+        m.noalias() = F.at[l].leftCols(d_in).cwiseAbs() * absW.transpose();
+        if (model.has_bias[li]) m.rowwise() += model.b[li].cwiseAbs().transpose();
+        if (l == 1) {
+            E = gam(static_cast<double>(d_in + 2)) * m;
+        } else {
+            err = F.sp[l - 1].cwiseAbs().cwiseProduct(E) + (8.0 * u) * F.at[l].leftCols(d_in).cwiseAbs();
+            E = gam(static_cast<double>(d_in + 2)) * m;
+            E.noalias() += err * absW.transpose();
+        }
+    }
+}
+
+// The factor of the activation errors' addition: fold * dnu joins nu and fold * (2 |a~| ea + ea^2)
+// |M| joins trace_abs; sound because both gammas of the error model are at least
+// 1 / fold = u sum_l 3 (d_{l-1} + d_l + 1), the forward chain's share of k_chain (docs/numerics.md section 4).
+double activation_fold(const Model& model) {
+    double k = 0.0;
+    for (const auto& W : model.W) k += 3.0 * static_cast<double>(W.cols() + W.rows() + 1);
+    return 1.0 / (0x1p-53 * k);
 }
 
 // Parameter subset (Options::parts: 0 all, 1 the weights, 2 the bias, 3 none): |a~_{l-1}|^2 over
@@ -128,30 +203,13 @@ void select_parts(const Model& model, const std::vector<int>& parts, bool hessia
 // backward scalar recursion for the errors e_l of delta_l and dM_l of M_l (Frobenius), and
 //   dnu(n, pair(l, m)) = |a~_{l-1}| (tau_{m,l} dM_m |a~_{m-1}| + [l < m] e_m qn_{l,m}) / u
 //   dtr(n, l)          = sqrt(d_l) dM_l / u      (trace_abs[l] adds |a~_{l-1}|^2 dtr)
-// z: z_L of the block (B, C); Yb the targets; spp: sigma''(z_l).
+// z: z_L of the block (B, C); Yb the targets; spp: sigma''(z_l); E: E_L (output_forward_error).
 void rounding_addition(const Model& model, const BlockFeatures& F, const std::vector<RowMat>& spp, const RowMat& z,
-                       const RowMat& Yb, Loss loss, RowMat& dnu, RowMat& dtr) {
+                       const RowMat& Yb, Loss loss, const RowMat& E, RowMat& dnu, RowMat& dtr) {
     constexpr double u = 0x1p-53;
-    const auto gam = [](double k) { return k * u / (1.0 - k * u); };
     const Index L = F.L, B = F.B, C = F.C;
     const auto nL = static_cast<size_t>(L + 1);
-    // 1. Forward error bounds: E_1 = gam(d_0 + 2) m_1, E_l = gam(d_{l-1} + 2) m_l
-    //    + (|sigma'_{l-1}| o E_{l-1} + 8 u |a_{l-1}|) |W_l|^T, with m_l = |a~_{l-1}| |W~_l|^T.
-    RowMat E, m, err;
-    for (Index l = 1; l <= L; ++l) {
-        const auto li = static_cast<size_t>(l - 1);
-        const RowMat absW = model.W[li].cwiseAbs();
-        const Index d_in = absW.cols();
-        m.noalias() = F.at[l].leftCols(d_in).cwiseAbs() * absW.transpose();
-        if (model.has_bias[li]) m.rowwise() += model.b[li].cwiseAbs().transpose();
-        if (l == 1) {
-            E = gam(static_cast<double>(d_in + 2)) * m;
-        } else {
-            err = F.sp[l - 1].cwiseAbs().cwiseProduct(E) + (8.0 * u) * F.at[l].leftCols(d_in).cwiseAbs();
-            E = gam(static_cast<double>(d_in + 2)) * m;
-            E.noalias() += err * absW.transpose();
-        }
-    }
+    // 1. E = E_L, the forward error bound of z_L (output_forward_error).
     std::vector<double> wn(nL, 0.0);  // wn[l] = |W_l|_F (no bias)
     for (Index l = 1; l <= L; ++l) wn[static_cast<size_t>(l)] = model.W[static_cast<size_t>(l - 1)].norm();
     dnu.setZero(B, (L + 1) * (L + 1));
@@ -302,6 +360,12 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     F.trace.assign(nL, 0.0);
     F.trace_abs.assign(nL, 0.0);
     F.norms.assign(nL * nL, 0.0);
+    // The activations' errors (docs/numerics.md section 4), and for the diagonal losses' Hessian the
+    // forward error of z_L too (section 5).
+    const bool addition = diagonal && hessian;
+    RowMat ea;
+    activation_errors(model, F, ea);
+    const double fold = activation_fold(model);
     if (kroute_ggn) {
         // GGN through K_l = T_l T_l'^T (docs/structured.md); tr(G_ll) share = sum_n |a~_{l-1}|^2 tau_l
         // with tau_l = tr(T_l^T A T_l) >= 0 (the shifted quadratic forms); nu_n^{lm} = |a~_{l-1}| |a~_{m-1}|
@@ -336,12 +400,15 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         for (Index n = 0; n < B; ++n) {
             for (Index l = 1; l <= L; ++l) {
                 const double a2 = F.at[l].row(n).squaredNorm();
+                const double el = ea(n, l);
                 F.trace[static_cast<size_t>(l)] += selected_sq(l, n) * tau(n, l);
-                F.trace_abs[static_cast<size_t>(l)] += a2 * tau(n, l);
+                F.trace_abs[static_cast<size_t>(l)] += a2 * tau(n, l) + fold * ((2.0 * std::sqrt(a2) + el) * el) * tau(n, l);
                 const double gl = std::sqrt(a2) * std::sqrt(tau(n, l));
-                for (Index m = l; m <= L; ++m)
-                    F.norms[static_cast<size_t>(F.pair(l, m))] +=
-                        gl * (F.at[m].row(n).stableNorm() * std::sqrt(tau(n, m)));
+                for (Index m = l; m <= L; ++m) {
+                    const double am = F.at[m].row(n).stableNorm(), s = std::sqrt(tau(n, l)) * std::sqrt(tau(n, m));
+                    const double dnu = el * (s * am) + (std::sqrt(a2) + el) * (s * ea(n, m));
+                    F.norms[static_cast<size_t>(F.pair(l, m))] += gl * (am * std::sqrt(tau(n, m))) + fold * dnu;
+                }
             }
         }
         F.u2 = RowMat();  // only the trace shares and the magnitudes use it
@@ -380,9 +447,12 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     // (dabs(n, l); for the GGN that is tau_l = tr(T_l^T A T_l) of docs/numerics.md section 4).
     // Diagonal losses, Hessian: the rounding addition (docs/numerics.md section 5) joins trace_abs
     // and, below, the norms.
-    const bool addition = diagonal && hessian;
     RowMat dnu, dtr;
-    if (addition) rounding_addition(model, F, spp, z, Yb, opt.loss, dnu, dtr);
+    if (addition) {
+        RowMat E;
+        output_forward_error(model, F, E);
+        rounding_addition(model, F, spp, z, Yb, opt.loss, E, dnu, dtr);
+    }
     RowMat dabs = RowMat::Zero(B, L + 1);
     for (Index l = 1; l <= L; ++l) {
         const Index d = model.d(l);
@@ -400,6 +470,8 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             }
             t += selected_sq(l, n) * tn;
             ta += a2 * (addition ? dabs(n, l) + dtr(n, l) : dabs(n, l));
+            const double el = ea(n, l);
+            ta += fold * ((2.0 * std::sqrt(a2) + el) * el) * dabs(n, l);
         }
         F.trace[static_cast<size_t>(l)] = t;
         F.trace_abs[static_cast<size_t>(l)] = ta;
@@ -449,7 +521,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         F.G[F.pair(L - 1, L)] = RowMat();
     }
     if (hessian) dense_q(model, F);
-    magnitudes(F, dabs, gnorm, hessian, addition ? &dnu : nullptr);
+    magnitudes(F, dabs, gnorm, hessian, addition ? &dnu : nullptr, ea, fold);
     if (!opt.parts.empty()) select_parts(model, opt.parts, hessian, F);
 }
 

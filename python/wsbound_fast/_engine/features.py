@@ -66,8 +66,11 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
     delta: list[Any] = [none] * (L + 1)
     a = Xb
     z = Xb
-    fwd_err = None  # diagonal losses, Hessian: the forward error bound of z_l (docs/numerics.md)
+    u_feat = 2.0 ** -24 if arr.dtype == xp.float32 else _U  # the unit roundoff of the features
+    fwd_err = None  # diagonal losses, Hessian: the forward error bound of z_l (docs/numerics.md section 5)
     track = prob.diagonal and prob.hessian and L >= 2
+    ea: list[Any] = [none] * (L + 1)  # ea[l] >= |error of a~_{l-1}|_2 per sample (section 4; 0 for l = 1)
+    ea[1] = xp.zeros((B,), dtype=arr.dtype, device=arr.device)  # x is exact
     for l in range(1, L + 1):
         b = bias[l - 1]
         at[l] = a if b is None else xp.concat([a, xp.ones((B, 1), dtype=a.dtype, device=arr.device)], axis=1)
@@ -78,6 +81,8 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             z += b
         if l < L:
             a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z, arr)
+            ea[l + 1] = _activation_error(W[l - 1], b, at[l], ea[l], sp[l], a, u_feat, xp)
+    c_fold = _fold(W)
     out = output(prob, z, Yb, xp)
     sm, w = out.sm, out.w
     p = None if sm is None else sm.p
@@ -104,9 +109,11 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             tr_m[l], tr_abs[l] = xp.sum(dg, axis=1), xp.sum(xp.abs(dg), axis=1)
             if l <= L - 2:
                 T[l] = Tl
-        norms = _sum_nu(nu_ggn(at_sq, tr_m, xp), L, arr)
+        nu, dnu = nu_ggn(at_sq, tr_m, xp, ea)
+        norms = _sum_nu({k: v + c_fold * dnu[k] for k, v in nu.items()}, L, arr)
+        trace_abs = _layer_traces(at_sq, tr_abs, arr) + _layer_traces(_sq_error(at_sq, ea, c_fold, xp), tr_abs, arr)
         return BlockFeatures(at_sel, delta, sp, {}, {}, _layer_traces(sq_sel, tr_m, arr), p=p, w=w, W=W[L - 1], T=T,
-                             r=r, q=q, h=out.h, trace_abs=_layer_traces(at_sq, tr_abs, arr), norms=norms)
+                             r=r, q=q, h=out.h, trace_abs=trace_abs, norms=norms)
     M: list[Any] = [none] * (L + 1)
     M[L] = a_dense(out, xp)
     kroute = prob.structured and L >= 2  # Hessian blocks (L-1, L-1) and (L-1, L) by the K route
@@ -129,7 +136,7 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
         tr_m[L - 1] = xp.sum(u, axis=1) + xp.sum(rho, axis=1)
         tr_abs[L - 1] = xp.sum(xp.abs(u + rho), axis=1)
     trace = _layer_traces(sq_sel, tr_m, arr)
-    trace_abs = _layer_traces(at_sq, tr_abs, arr)
+    trace_abs = _layer_traces(at_sq, tr_abs, arr) + _layer_traces(_sq_error(at_sq, ea, c_fold, xp), tr_abs, arr)
     G: dict[tuple[int, int], Any] = {}
     for m in range(1, L + 1):
         Gc = M[m]
@@ -149,7 +156,8 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
             for m in range(l + 3, L + 1):
                 Q[l, m] = Qc = sp[m - 1][:, :, None] * (W[m - 2] @ Qc)
     last = (xp.sum(u, axis=1), rho, tr_m[L]) if kroute else None
-    nu = nu_formed(prob, at_sq, G, Q, delta, sp, last, xp)
+    nu, dnu_a = nu_formed(prob, at_sq, G, Q, delta, sp, last, xp, ea)
+    nu = {k: v + c_fold * dnu_a[k] for k, v in nu.items()}
     if track:  # the error of delta_L, folded into the magnitudes (docs/numerics.md section 5)
         dnu, dtr = _delta_error_terms(W, at_sq, sp, spp, delta_error(prob, out, z, Yb, fwd_err, xp), xp)
         nu = {k: v + dnu[k] for k, v in nu.items()}
@@ -209,17 +217,22 @@ def _row_norm(x: Any, xp: Any) -> Any:
     return m * xp.sqrt(xp.einsum("ni,ni->n", g, g))
 
 
+Nu = dict[tuple[int, int], Any]
+
+
 def nu_formed(prob: Problem, at_sq: list[Any], G: dict[tuple[int, int], Any], Q: dict[tuple[int, int], Any],
               delta: list[Any], sp: list[Any], last: tuple[Any, Any, Any] | None,
-              xp: Any) -> dict[tuple[int, int], Any]:
-    """nu_n^{lm} (docs/numerics.md section 4) per sample, {(l, m): (B,)} for l <= m, wherever the
-    G_lm are formed (g_lm = |G_lm|_F), except on the Hessian's K route (``last`` = (sum_k u_k,
-    rho, tr A) per sample): g_{L-1,L-1} = sum_k u_k + |rho|, g_{L-1,L} = (sum_k u_k tr A)^{1/2}.
+              xp: Any, ea: list[Any]) -> tuple[Nu, Nu]:
+    """(nu_n^{lm}, dnu_n^{lm}) (docs/numerics.md section 4) per sample, {(l, m): (B,)} for l <= m,
+    wherever the G_lm are formed (g_lm = |G_lm|_F), except on the Hessian's K route (``last`` =
+    (sum_k u_k, rho, tr A) per sample): g_{L-1,L-1} = sum_k u_k + |rho|, g_{L-1,L} = (sum_k u_k tr A)^{1/2}.
 
-    nu = |a~_{l-1}| (g_lm |a~_{m-1}| + [l < m] |delta_m| |Q_lm|_F), |Q_{l,l+1}|_F = |sigma'(z_l)|."""
+    nu = |a~_{l-1}| (g_lm |a~_{m-1}| + [l < m] |delta_m| |Q_lm|_F), |Q_{l,l+1}|_F = |sigma'(z_l)|;
+    dnu bounds what errors ea[l], ea[m] of a~_{l-1}, a~_{m-1} move the block: nu with |a~| + ea in
+    place of |a~|, less nu."""
     L = prob.n_layers
     na = [None] + [xp.sqrt(at_sq[l]) for l in range(1, L + 1)]
-    nu = {}
+    nu, dnu = {}, {}
     for l in range(1, L + 1):
         for m in range(l, L + 1):
             if last is not None and l == L - 1:
@@ -231,15 +244,35 @@ def nu_formed(prob: Problem, at_sq: list[Any], G: dict[tuple[int, int], Any], Q:
             if prob.hessian and m > l:
                 v = v + _row_norm(delta[m], xp) * _row_norm(sp[l] if m == l + 1 else Q[l, m], xp)
             nu[l, m] = na[l] * v
-    return nu
+            dnu[l, m] = ea[l] * v + (na[l] + ea[l]) * (g * ea[m])
+    return nu, dnu
 
 
-def nu_ggn(at_sq: list[Any], tau: list[Any], xp: Any) -> dict[tuple[int, int], Any]:
-    """nu_n^{lm} of the GGN's K route: |a~_{l-1}| |a~_{m-1}| (tau_l tau_m)^{1/2}, tau_l = tr(T_l^T A T_l)
-    per sample (tau_L = tr A)."""
+def nu_ggn(at_sq: list[Any], tau: list[Any], xp: Any, ea: list[Any]) -> tuple[Nu, Nu]:
+    """(nu_n^{lm}, dnu_n^{lm}) of the GGN's K route: nu = |a~_{l-1}| |a~_{m-1}| (tau_l tau_m)^{1/2},
+    tau_l = tr(T_l^T A T_l) per sample (tau_L = tr A); dnu as in :func:`nu_formed`."""
     L = len(at_sq) - 1
     na = [None] + [xp.sqrt(at_sq[l]) for l in range(1, L + 1)]
-    return {(l, m): na[l] * (xp.sqrt(tau[l] * tau[m]) * na[m]) for l in range(1, L + 1) for m in range(l, L + 1)}
+    nu, dnu = {}, {}
+    for l in range(1, L + 1):
+        for m in range(l, L + 1):
+            s = xp.sqrt(tau[l] * tau[m])
+            nu[l, m] = na[l] * (s * na[m])
+            dnu[l, m] = ea[l] * (s * na[m]) + (na[l] + ea[l]) * (s * ea[m])
+    return nu, dnu
+
+
+def _fold(W: list[Any]) -> float:
+    """The factor c of the activation errors' addition (docs/numerics.md section 4): dnu c joins
+    nu and the trace term c joins trace_abs, sound because both gammas of the error model are at
+    least 1 / c = u sum_l 3 (d_{l-1} + d_l + 1), the forward chain's share of k_chain."""
+    return 1.0 / (_U * sum(3 * (Wl.shape[1] + Wl.shape[0] + 1) for Wl in W))
+
+
+def _sq_error(at_sq: list[Any], ea: list[Any], c: float, xp: Any) -> list[Any]:
+    """(2 |a~| ea + ea^2) c per sample and layer: how far the errors ea of a~_{l-1} move |a~_{l-1}|^2,
+    for trace_abs (docs/numerics.md section 4)."""
+    return [at_sq[0]] + [(2.0 * xp.sqrt(at_sq[l]) + ea[l]) * ea[l] * c for l in range(1, len(at_sq))]
 
 
 def _sum_nu(nu: dict[tuple[int, int], Any], L: int, arr: Arrays) -> Any:
@@ -249,6 +282,23 @@ def _sum_nu(nu: dict[tuple[int, int], Any], L: int, arr: Arrays) -> Any:
     for (l, m), v in nu.items():
         out[l - 1, m - 1] = arr.total(v)
     return out
+
+
+def _activation_error(Wl: Any, bl: Any, at_l: Any, ea_l: Any, sp_l: Any, a_l: Any, u: float, xp: Any) -> Any:
+    """ea_{l+1} >= |error of a~_l|_2 per sample (B,) (docs/numerics.md section 4), from ea_l for
+    a~_{l-1} and the rows' norms r_i = |W_l[i, :]|_2: z_l[i] is in error by at most
+    E = gamma(d_{l-1} + 2) (r_i |a_{l-1}| + |b_i|) + r_i ea_l, and a_l[i] = sigma(z_l[i]) by
+    |sigma'_l[i]| E + 8 u |a_l[i]|.  Relative to |a~_l| it is unbounded where z_l cancels (a hidden
+    unit near its zero), which the relative error chain of section 4 cannot cover."""
+    d_in = Wl.shape[1]
+    k = (d_in + 2) * u
+    r = xp.sqrt(xp.sum(Wl * Wl, axis=1))
+    na = _row_norm(at_l[:, :d_in], xp)
+    mag = na[:, None] * r[None, :]
+    if bl is not None:
+        mag = mag + xp.abs(bl)
+    E = (k / (1.0 - k)) * mag + ea_l[:, None] * r[None, :]
+    return _row_norm(xp.abs(sp_l) * E + 8.0 * u * xp.abs(a_l), xp)
 
 
 def _forward_error(Wl: Any, bl: Any, at_l: Any, sp_prev: Any, err_prev: Any, xp: Any) -> Any:
