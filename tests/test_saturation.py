@@ -36,6 +36,7 @@ import wsbound_fast as wsb
 from wsbound_fast import _backends as backends
 from wsbound_fast._engine import schedule as engine_schedule
 from wsbound_fast._problem import validate as validation
+from wsbound_fast._spectral.rounding import moment_allowance
 
 RTOL = 1e-12
 TINY = 1e-290
@@ -162,9 +163,10 @@ def grid(dims, activation, margin, labels) -> Sat:
 # --------------------------------------------------------------------------------------
 
 
-def engine_moments(layers, X, y, activation, curvature, reduction, engine, structured):
+def engine_moments(layers, X, y, activation, curvature, reduction, engine, structured, allowance=False):
     """(tr, tr^2) normalised as bound() normalises them, from the backend's moment pass
-    (_backends.moments) with the contraction path forced."""
+    (_backends.moments) with the contraction path forced; ``allowance``: and the rounding
+    allowance of tr^2 on that path (absolute, same normalisation)."""
     kw = dict(activation=activation, curvature=curvature, reduction=reduction)
     if engine == "torch":
         prob = backends.torch_backend().validate_torch(layers, X, y, **kw)
@@ -176,6 +178,8 @@ def engine_moments(layers, X, y, activation, curvature, reduction, engine, struc
     if reduction == "mean":
         N = X.shape[0]
         tr, tr2 = tr / N, tr2 / (N * N)
+    if allowance:
+        return tr, tr2, moment_allowance(prob, mom[2], mom[3]).trace_sq
     return tr, tr2
 
 

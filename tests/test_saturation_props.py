@@ -117,13 +117,24 @@ def test_bound_never_raises_and_brackets_hold(case, curvature, engine):
 @PROPS_MOMENTS
 @given(saturated_models(), st.sampled_from(["hessian", "ggn"]), st.sampled_from(ENGINES), st.booleans())
 def test_moments_of_saturated_models(case, curvature, engine, structured):
+    """tr and tr^2 to RTOL of the 60-digit reference.  On the Hessian's K route tr^2 is held to its
+    rounding allowance instead where that is wider: its (L-1, L-1) block expands <M, M'> of
+    M_{L-1} = V V^T + diag(rho) into four sums, which cancel when M_{L-1} is small against |V|^2 +
+    |rho| (hypothesis found 4e-12 for one GELU unit with output weights near 50); the magnitudes
+    g_{L-1,L-1} = sum u + |rho| of docs/numerics.md section 4 count that, the relative RTOL does not."""
     if engine == "torch":
         pytest.importorskip("torch")
     layers, activation, X, y, reduction = case
-    tr, tr2 = engine_moments(layers, X, y, activation, curvature, reduction, engine, structured)
+    tr, tr2, e2_abs = engine_moments(layers, X, y, activation, curvature, reduction, engine, structured,
+                                     allowance=True)
     assert math.isfinite(tr) and math.isfinite(tr2)
     if curvature == "ggn":
         assert tr >= 0 and tr2 >= 0
     if _hidden_max(layers, activation, X) <= HIDDEN_MAX:
-        e1, e2 = moment_errors(tr, tr2, _mp(case), curvature)
-        assert e1 <= RTOL and e2 <= RTOL, f"relative errors tr {e1:.3g}, tr^2 {e2:.3g}"
+        ref = _mp(case)
+        e1, e2 = moment_errors(tr, tr2, ref, curvature)
+        tol2 = RTOL
+        if structured and curvature == "hessian" and len(layers) >= 2:
+            t2_ref = float(ref.moments(curvature)[1])
+            tol2 = max(RTOL, e2_abs / t2_ref if t2_ref > 0 else RTOL)
+        assert e1 <= RTOL and e2 <= tol2, f"relative errors tr {e1:.3g}, tr^2 {e2:.3g} (tolerance {tol2:.3g})"
