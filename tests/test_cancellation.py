@@ -42,3 +42,18 @@ def test_bounds_hold_where_a_hidden_preactivation_cancels(case, curvature, backe
     ref = MP.reference(layers, "tanh", X, y, "mean")
     res = wsb.bound(layers, X, y, activation="tanh", curvature=curvature, backend=backend, exact=True, certify=2)
     check_bound(res, ref, curvature)
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=lambda c: f"s{c[0]}-gap{c[1]:g}-h{c[2]}-d{c[3]}")
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_float32_moments_hold_where_a_hidden_preactivation_cancels(case, backend, request):
+    """dtype="float32": float32 Grams (cpp) or float32 features and Grams (torch); the activations'
+    term is folded with the factors of that precision (docs/numerics.md section 4)."""
+    if backend == "torch":
+        request.getfixturevalue("torch")
+    layers, X, y = _cancelling(*case)
+    ref = MP.reference(layers, "tanh", X, y, "mean")
+    for curvature in ("hessian", "ggn"):
+        res = wsb.bound(layers, X, y, activation="tanh", curvature=curvature, backend=backend, dtype="float32",
+                        exact=True, certify=2)
+        check_bound(res, ref, curvature)

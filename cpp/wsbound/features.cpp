@@ -67,7 +67,7 @@ void dense_q(const Model& model, BlockFeatures& F) {
 // extra (B, (L+1)^2; diagonal losses, Hessian; else null) is added to each nu_n^{lm}: the rounding
 // addition dnu^{lm} / u of docs/numerics.md section 5.
 // ea (B, L+1): ea(n, l) >= |error of a~_{l-1}|_2 (activation_errors); each nu also gets
-// fold * dnu, dnu = nu with |a~| + ea in place of |a~|, less nu (docs/numerics.md section 4).
+// fold * dnu (Fold::pair), dnu = nu with |a~| + ea in place of |a~|, less nu (docs/numerics.md section 4).
 void magnitudes(BlockFeatures& F, const RowMat& dabs, const RowMat& gnorm, bool hessian, const RowMat* extra,
                 const RowMat& ea, double fold) {
     const Index L = F.L;
@@ -157,13 +157,24 @@ void output_forward_error(const Model& model, const BlockFeatures& F, RowMat& E)
     }
 }
 
-// The factor of the activation errors' addition: fold * dnu joins nu and fold * (2 |a~| ea + ea^2)
-// |M| joins trace_abs; sound because both gammas of the error model are at least
-// 1 / fold = u sum_l 3 (d_{l-1} + d_l + 1), the forward chain's share of k_chain (docs/numerics.md section 4).
-double activation_fold(const Model& model) {
-    double k = 0.0;
-    for (const auto& W : model.W) k += 3.0 * static_cast<double>(W.cols() + W.rows() + 1);
-    return 1.0 / (0x1p-53 * k);
+// The factors of the activation errors' addition (docs/numerics.md section 4): pair * dnu joins nu,
+// trace * (2 |a~| ea + ea^2) |M| joins trace_abs.  Each is 1 over a lower bound of its gamma in the
+// error model: gamma_pair >= max(u K0, 3 gamma_{d_max + 1} in the pair phase's precision) and
+// gamma_trace >= u K0, with K0 = sum_l 3 (d_{l-1} + d_l + 1) the forward chain's share of k_chain and
+// d_max the widest layer input (the features are float64 here, f32 or not).
+struct Fold {
+    double pair, trace;
+};
+
+Fold activation_fold(const Model& model, bool f32) {
+    constexpr double u = 0x1p-53;
+    double k0 = 0.0, d_max = 0.0;
+    for (const auto& W : model.W) {
+        k0 += 3.0 * static_cast<double>(W.cols() + W.rows() + 1);
+        d_max = std::max(d_max, static_cast<double>(W.cols()));
+    }
+    const double u_pair = f32 ? 0x1p-24 : u;
+    return {1.0 / std::max(u * k0, 3.0 * u_pair * (d_max + 1.0)), 1.0 / (u * k0)};
 }
 
 // Parameter subset (Options::parts: 0 all, 1 the weights, 2 the bias, 3 none): |a~_{l-1}|^2 over
@@ -365,7 +376,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
     const bool addition = diagonal && hessian;
     RowMat ea;
     activation_errors(model, F, ea);
-    const double fold = activation_fold(model);
+    const Fold fold = activation_fold(model, opt.f32);
     if (kroute_ggn) {
         // GGN through K_l = T_l T_l'^T (docs/structured.md); tr(G_ll) share = sum_n |a~_{l-1}|^2 tau_l
         // with tau_l = tr(T_l^T A T_l) >= 0 (the shifted quadratic forms); nu_n^{lm} = |a~_{l-1}| |a~_{m-1}|
@@ -402,12 +413,12 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
                 const double a2 = F.at[l].row(n).squaredNorm();
                 const double el = ea(n, l);
                 F.trace[static_cast<size_t>(l)] += selected_sq(l, n) * tau(n, l);
-                F.trace_abs[static_cast<size_t>(l)] += a2 * tau(n, l) + fold * ((2.0 * std::sqrt(a2) + el) * el) * tau(n, l);
+                F.trace_abs[static_cast<size_t>(l)] += a2 * tau(n, l) + fold.trace * ((2.0 * std::sqrt(a2) + el) * el) * tau(n, l);
                 const double gl = std::sqrt(a2) * std::sqrt(tau(n, l));
                 for (Index m = l; m <= L; ++m) {
                     const double am = F.at[m].row(n).stableNorm(), s = std::sqrt(tau(n, l)) * std::sqrt(tau(n, m));
                     const double dnu = el * (s * am) + (std::sqrt(a2) + el) * (s * ea(n, m));
-                    F.norms[static_cast<size_t>(F.pair(l, m))] += gl * (am * std::sqrt(tau(n, m))) + fold * dnu;
+                    F.norms[static_cast<size_t>(F.pair(l, m))] += gl * (am * std::sqrt(tau(n, m))) + fold.pair * dnu;
                 }
             }
         }
@@ -471,7 +482,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
             t += selected_sq(l, n) * tn;
             ta += a2 * (addition ? dabs(n, l) + dtr(n, l) : dabs(n, l));
             const double el = ea(n, l);
-            ta += fold * ((2.0 * std::sqrt(a2) + el) * el) * dabs(n, l);
+            ta += fold.trace * ((2.0 * std::sqrt(a2) + el) * el) * dabs(n, l);
         }
         F.trace[static_cast<size_t>(l)] = t;
         F.trace_abs[static_cast<size_t>(l)] = ta;
@@ -521,7 +532,7 @@ void block_features(const Model& model, const RowMat& Xb, const RowMat& Yb, cons
         F.G[F.pair(L - 1, L)] = RowMat();
     }
     if (hessian) dense_q(model, F);
-    magnitudes(F, dabs, gnorm, hessian, addition ? &dnu : nullptr, ea, fold);
+    magnitudes(F, dabs, gnorm, hessian, addition ? &dnu : nullptr, ea, fold.pair);
     if (!opt.parts.empty()) select_parts(model, opt.parts, hessian, F);
 }
 

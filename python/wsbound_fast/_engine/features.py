@@ -82,7 +82,8 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
         if l < L:
             a, sp[l], spp[l] = evaluate(prob.activations[l - 1], z, arr)
             ea[l + 1] = _activation_error(W[l - 1], b, at[l], ea[l], sp[l], a, u_feat, xp)
-    c_fold = _fold(W)
+    u_pair = 2.0 ** -24 if getattr(prob, "f32", False) or arr.dtype == xp.float32 else _U
+    c_fold, c_trace = _fold(W, u_feat, u_pair)
     out = output(prob, z, Yb, xp)
     sm, w = out.sm, out.w
     p = None if sm is None else sm.p
@@ -111,7 +112,7 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
                 T[l] = Tl
         nu, dnu = nu_ggn(at_sq, tr_m, xp, ea)
         norms = _sum_nu({k: v + c_fold * dnu[k] for k, v in nu.items()}, L, arr)
-        trace_abs = _layer_traces(at_sq, tr_abs, arr) + _layer_traces(_sq_error(at_sq, ea, c_fold, xp), tr_abs, arr)
+        trace_abs = _layer_traces(at_sq, tr_abs, arr) + _layer_traces(_sq_error(at_sq, ea, c_trace, xp), tr_abs, arr)
         return BlockFeatures(at_sel, delta, sp, {}, {}, _layer_traces(sq_sel, tr_m, arr), p=p, w=w, W=W[L - 1], T=T,
                              r=r, q=q, h=out.h, trace_abs=trace_abs, norms=norms)
     M: list[Any] = [none] * (L + 1)
@@ -136,7 +137,7 @@ def block_features(prob: Problem, arr: Arrays, net: Weights, Xb: Any, Yb: Any) -
         tr_m[L - 1] = xp.sum(u, axis=1) + xp.sum(rho, axis=1)
         tr_abs[L - 1] = xp.sum(xp.abs(u + rho), axis=1)
     trace = _layer_traces(sq_sel, tr_m, arr)
-    trace_abs = _layer_traces(at_sq, tr_abs, arr) + _layer_traces(_sq_error(at_sq, ea, c_fold, xp), tr_abs, arr)
+    trace_abs = _layer_traces(at_sq, tr_abs, arr) + _layer_traces(_sq_error(at_sq, ea, c_trace, xp), tr_abs, arr)
     G: dict[tuple[int, int], Any] = {}
     for m in range(1, L + 1):
         Gc = M[m]
@@ -262,11 +263,15 @@ def nu_ggn(at_sq: list[Any], tau: list[Any], xp: Any, ea: list[Any]) -> tuple[Nu
     return nu, dnu
 
 
-def _fold(W: list[Any]) -> float:
-    """The factor c of the activation errors' addition (docs/numerics.md section 4): dnu c joins
-    nu and the trace term c joins trace_abs, sound because both gammas of the error model are at
-    least 1 / c = u sum_l 3 (d_{l-1} + d_l + 1), the forward chain's share of k_chain."""
-    return 1.0 / (_U * sum(3 * (Wl.shape[1] + Wl.shape[0] + 1) for Wl in W))
+def _fold(W: list[Any], u_feat: float, u_pair: float) -> tuple[float, float]:
+    """The factors (pair, trace) of the activation errors' addition (docs/numerics.md section 4):
+    dnu pair joins nu, the trace term times trace joins trace_abs.  Each is 1 over a lower bound of
+    its gamma in the error model: gamma_pair >= max(u_feat K0, 3 gamma_{d_max + 1} in u_pair) and
+    gamma_trace >= u_feat K0, K0 = sum_l 3 (d_{l-1} + d_l + 1) (the forward chain's share of k_chain),
+    d_max the widest layer input."""
+    k0 = sum(3 * (Wl.shape[1] + Wl.shape[0] + 1) for Wl in W)
+    d_max = max(Wl.shape[1] for Wl in W)
+    return 1.0 / max(u_feat * k0, 3.0 * u_pair * (d_max + 1)), 1.0 / (u_feat * k0)
 
 
 def _sq_error(at_sq: list[Any], ea: list[Any], c: float, xp: Any) -> list[Any]:
