@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import wsbound_fast as wsb
+from _timing import best_of
 
 
 def w3(n: int, seed: int = 0):
@@ -28,15 +29,6 @@ def w3(n: int, seed: int = 0):
     X = np.clip(rng.normal(0.13, 0.3, size=(n, 784)), 0.0, 1.0)  # pixel-like inputs in [0, 1]
     y = rng.integers(0, 10, size=n)
     return layers, X, y
-
-
-def timed(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def transfer_bytes(client) -> int:
@@ -59,14 +51,14 @@ def main() -> None:
     batch = wsb.plan(layers, args.n, threads=2).batch_size  # the same blocks everywhere
     rows: dict[str, dict] = {}
     for cores in (1, 2):
-        t_loc, loc = timed(lambda: wsb.bound(layers, X, y, activation="tanh", batch_size=batch, threads=cores), args.repeats)
+        t_loc, loc = best_of(lambda: wsb.bound(layers, X, y, activation="tanh", batch_size=batch, threads=cores), args.repeats)
         rows[f"local {cores} thread(s)"] = {"seconds": t_loc, "trace_sq": loc.trace_sq}
         print(f"local engine, {cores} thread(s): {t_loc:.2f} s", flush=True)
         with LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0",
                           silence_logs=40) as cluster, Client(cluster) as client:
             wsb.bound(layers, X[:64], y[:64], activation="tanh", client=client)  # the workers import the package once
             moved0, cpu0 = transfer_bytes(client), time.process_time()
-            t_cl, res = timed(lambda: wsb.bound(layers, X, y, activation="tanh", batch_size=batch, client=client), args.repeats)
+            t_cl, res = best_of(lambda: wsb.bound(layers, X, y, activation="tanh", batch_size=batch, client=client), args.repeats)
             client_cpu = (time.process_time() - cpu0) / args.repeats  # the client and the scheduler (one process)
             moved = (transfer_bytes(client) - moved0) / args.repeats
             kw = dict(activation="tanh", curvature="hessian", reduction="mean", batch_size=batch, threads=None,
@@ -74,7 +66,7 @@ def main() -> None:
             prob = validate_for("cpp", layers, X, y, client=client, **kw)
             with Cluster(client, prob, "cpp") as cl:
                 tiles = cl.tile_plan().tiles
-                t_setup = timed(lambda: Cluster(client, prob, "cpp").close(), 1)[0]
+                t_setup = best_of(lambda: Cluster(client, prob, "cpp").close(), 1)[0]
         L = 2
         n_tasks = len(tiles)
         used = [len({k for ij in t for k in ij}) for t in tiles]

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -33,21 +32,12 @@ sys.path.insert(0, str(HERE))
 
 import wsbound_fast as wsb  # noqa: E402
 from _peers import curvlinops_eigsh, versions  # noqa: E402
+from _timing import best_of  # noqa: E402
 from _workloads import RESULTS, Workload, full_workloads, make_data, quick_workloads, trained_layers  # noqa: E402
 
 #: A deep model whose moment pass takes seconds, not minutes (W2's takes ~110 s here).
 DEEP = Workload("D", "deep: digits, 64-64-64-64-10 tanh trained by the demo's gradient descent", "digits", 1797,
                 (64, 64, 64, 64, 10), "tanh", ("hessian",), "demo", 1000, 0.5)
-
-
-def _best(fn, repeats: int):
-    """(best time, last result) over repeats."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         layers, info = trained_layers(w, X, y)
         act = w.activation
         kw = dict(activation=act, threads=args.threads)
-        peer_t, peer = _best(lambda: curvlinops_eigsh(layers, X, y, act, "hessian", dtype="float64"),
+        peer_t, peer = best_of(lambda: curvlinops_eigsh(layers, X, y, act, "hessian", dtype="float64"),
                              max(2, args.repeats))  # at least twice: the first call also imports and warms up
         print(f"\n{name}: {w.description}, P = {w.n_params}, N = {X.shape[0]}; train loss {info.get('loss', float('nan')):.3g}")
         print(f"curvlinops eigsh lambda_max (float64, uncertified): {peer_t:.3f} s, {peer.get('matvecs')} products, "
               f"estimate {peer.get('lambda_max_est')}")
         print("| call | time s | x curvlinops eigsh | bracket | width hi/lo-1 | products |")
         print("|---|---|---|---|---|---|")
-        t_plain, plain = _best(lambda: wsb.bound(layers, X, y, **kw), args.repeats)
+        t_plain, plain = best_of(lambda: wsb.bound(layers, X, y, **kw), args.repeats)
         print(f"| bound() (moments only, WS) | {t_plain:.3f} | {t_plain / peer_t:.2f} | "
               f"[{plain.lambda_max_bracket[0]:.6g}, {plain.lambda_max_bracket[1]:.6g}] | "
               f"{plain.lambda_max_bracket[1] / plain.lambda_max_bracket[0] - 1:.3g} | 0 |")
@@ -94,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, extra in calls:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", RuntimeWarning)
-                t, res = _best(lambda: wsb.bound(layers, X, y, **kw, **extra), args.repeats)
+                t, res = best_of(lambda: wsb.bound(layers, X, y, **kw, **extra), args.repeats)
             why = next((str(w.message) for w in caught if "certify=True" in str(w.message)), "")
             lo, hi = res.lambda_max_bracket
             width = hi / lo - 1 if lo > 0 else float("inf")
