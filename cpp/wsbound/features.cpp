@@ -116,21 +116,15 @@ void activation_errors(const Model& model, const BlockFeatures& F, RowMat& ea) {
         const Index d_in = W.cols(), d_out = W.rows();
         const double g = static_cast<double>(d_in + 2) * u / (1.0 - static_cast<double>(d_in + 2) * u);
         const Vec r = W.rowwise().norm();
+        Vec err(d_out);
         for (Index n = 0; n < B; ++n) {
             const double na = F.at[l].row(n).head(d_in).stableNorm(), e_in = ea(n, l);
-            double scale = 0.0, sum = 0.0;  // |err|_2 as scale * sqrt(sum), without underflow
             for (Index i = 0; i < d_out; ++i) {
                 const double bi = model.has_bias[li] ? std::abs(model.b[li](i)) : 0.0;
                 const double E = g * (r(i) * na + bi) + r(i) * e_in;
-                const double v = std::abs(F.sp[l](n, i)) * E + 8.0 * u * std::abs(F.at[l + 1](n, i));
-                if (v > scale) {
-                    sum = 1.0 + sum * (scale / v) * (scale / v);
-                    scale = v;
-                } else if (v > 0.0) {
-                    sum += (v / scale) * (v / scale);
-                }
+                err(i) = std::abs(F.sp[l](n, i)) * E + 8.0 * u * std::abs(F.at[l + 1](n, i));
             }
-            ea(n, l + 1) = scale * std::sqrt(sum);
+            ea(n, l + 1) = err.stableNorm();  // without underflow, as every other norm of the magnitudes
         }
     }
 }
